@@ -1,0 +1,206 @@
+"""Service model and validation shared by dpd and policyd (pure Python, no bcc, no root).
+
+A service is identified by (vip, port, protocol). Endpoints are kept sorted by
+(address, port) so that the same service always produces the same datapath entry,
+on every node, whatever order a client sent them in.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Protocol as TypingProtocol
+
+MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
+MAX_WEIGHT = 1000
+DEFAULT_WEIGHT = 1
+
+
+class ValidationError(ValueError):
+    """Input that the datapath cannot accept. The message names the field."""
+
+
+class Proto(enum.IntEnum):
+    """IP protocol numbers; the API enum maps onto these."""
+
+    TCP = 6
+    UDP = 17
+
+
+class Algorithm(enum.IntEnum):
+    """Values match the ALGORITHM_* enums of both API packages."""
+
+    ROUND_ROBIN = 1
+    HASH = 2
+
+
+class Mode(enum.IntEnum):
+    DNAT = 1
+
+
+# API enum value -> model value (same numbers in xlb.dpd.v1 and xlb.policy.v1).
+_API_PROTO = {1: Proto.TCP, 2: Proto.UDP}
+_PROTO_API = {v: k for k, v in _API_PROTO.items()}
+
+
+@dataclass(frozen=True, order=True)
+class EndpointSpec:
+    address: str
+    port: int
+    weight: int = DEFAULT_WEIGHT
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    vip: str
+    port: int
+    proto: Proto
+
+    def __str__(self) -> str:
+        return f"{self.proto.name.lower()}://{self.vip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    vip: str
+    port: int
+    proto: Proto
+    algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    mode: Mode = Mode.DNAT
+    endpoints: tuple[EndpointSpec, ...] = ()
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.vip, self.port, self.proto)
+
+
+def parse_ipv4(value: str, field: str, *, unicast: bool = True) -> str:
+    """Return the canonical dotted quad or raise ValidationError naming `field`."""
+    try:
+        addr = ipaddress.IPv4Address(value.strip())
+    except (ipaddress.AddressValueError, ValueError, AttributeError):
+        raise ValidationError(f"{field}: {value!r} is not an IPv4 address") from None
+    if unicast and (
+        addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr == _BROADCAST
+    ):
+        raise ValidationError(f"{field}: {addr} is not a usable unicast address")
+    return str(addr)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def parse_port(value: int, field: str) -> int:
+    if not 1 <= value <= 65535:
+        raise ValidationError(f"{field}: port {value} is out of range 1..65535")
+    return value
+
+
+def parse_proto(api_value: int, field: str = "protocol") -> Proto:
+    try:
+        return _API_PROTO[api_value]
+    except KeyError:
+        raise ValidationError(
+            f"{field}: unknown protocol {api_value}; use PROTOCOL_TCP or PROTOCOL_UDP"
+        ) from None
+
+
+def proto_to_api(proto: Proto) -> int:
+    return _PROTO_API[proto]
+
+
+def parse_algorithm(api_value: int) -> Algorithm:
+    if api_value == 0:
+        return Algorithm.ROUND_ROBIN
+    try:
+        return Algorithm(api_value)
+    except ValueError:
+        raise ValidationError(f"algorithm: unknown algorithm {api_value}") from None
+
+
+def parse_mode(api_value: int) -> Mode:
+    if api_value == 0:
+        return Mode.DNAT
+    try:
+        return Mode(api_value)
+    except ValueError:
+        raise ValidationError(f"mode: unknown mode {api_value}") from None
+
+
+class _EndpointMsg(TypingProtocol):
+    address: str
+    port: int
+    weight: int
+
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf API)
+
+
+def parse_endpoints(msgs: Any, field: str = "endpoints") -> tuple[EndpointSpec, ...]:
+    eps: list[EndpointSpec] = []
+    for i, ep in enumerate(msgs):
+        where = f"{field}[{i}]"
+        weight = ep.weight if ep.HasField("weight") else DEFAULT_WEIGHT
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise ValidationError(f"{where}.weight: {weight} is out of range 0..{MAX_WEIGHT}")
+        eps.append(
+            EndpointSpec(
+                parse_ipv4(ep.address, f"{where}.address"),
+                parse_port(ep.port, f"{where}.port"),
+                weight,
+            )
+        )
+    if not eps:
+        raise ValidationError(f"{field}: a service needs at least one endpoint")
+    if len(eps) > MAX_ENDPOINTS:
+        raise ValidationError(f"{field}: {len(eps)} endpoints, at most {MAX_ENDPOINTS} allowed")
+    seen: set[tuple[str, int]] = set()
+    for ep_spec in eps:
+        if (ep_spec.address, ep_spec.port) in seen:
+            raise ValidationError(f"{field}: {ep_spec.address}:{ep_spec.port} is listed twice")
+        seen.add((ep_spec.address, ep_spec.port))
+    return tuple(sorted(eps))
+
+
+def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
+    """From any message with vip, port and protocol fields."""
+    prefix = f"{field}." if field else ""
+    return ServiceKey(
+        parse_ipv4(msg.vip, f"{prefix}vip"),
+        parse_port(msg.port, f"{prefix}port"),
+        parse_proto(msg.protocol, f"{prefix}protocol"),
+    )
+
+
+def parse_service(msg: Any, field: str = "") -> ServiceSpec:
+    """From an xlb.dpd.v1.Service or xlb.policy.v1.Service (the shared fields)."""
+    prefix = f"{field}." if field else ""
+    key = parse_service_key(msg, field)
+    return ServiceSpec(
+        vip=key.vip,
+        port=key.port,
+        proto=key.proto,
+        algorithm=parse_algorithm(msg.algorithm),
+        mode=parse_mode(msg.mode),
+        endpoints=parse_endpoints(msg.endpoints, f"{prefix}endpoints"),
+    )
+
+
+def fill_service(msg: Any, spec: ServiceSpec) -> Any:
+    """Write `spec` into an xlb.dpd.v1.Service or xlb.policy.v1.Service message."""
+    msg.vip = spec.vip
+    msg.port = spec.port
+    msg.protocol = proto_to_api(spec.proto)
+    msg.algorithm = int(spec.algorithm)
+    msg.mode = int(spec.mode)
+    del msg.endpoints[:]
+    for ep in spec.endpoints:
+        msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight)
+    return msg
+
+
+def fill_service_key(msg: Any, key: ServiceKey) -> Any:
+    msg.vip = key.vip
+    msg.port = key.port
+    msg.protocol = proto_to_api(key.proto)
+    return msg
