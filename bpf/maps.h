@@ -1,0 +1,38 @@
+/* Every map of the datapath, pinned by name under XLB_BPF_ROOT (a bpffs mount).
+ * BPF_TABLE_PINNED reuses a pinned map when it exists, so a restarted dpd keeps
+ * services and conntrack. Sizes are settings passed by dpd as -D macros. */
+#ifndef XLB_MAPS_H
+#define XLB_MAPS_H
+
+#include "xlb_abi.h"
+
+#ifndef XLB_BPF_ROOT
+#error "XLB_BPF_ROOT must be defined by the loader"
+#endif
+#ifndef XLB_MAX_SERVICES
+#define XLB_MAX_SERVICES 131072
+#endif
+#ifndef XLB_MAX_BACKENDS
+#define XLB_MAX_BACKENDS 262144
+#endif
+#ifndef XLB_CT_SIZE
+#define XLB_CT_SIZE 262144
+#endif
+
+#define XLB_PIN(name) XLB_BPF_ROOT "/" #name
+
+BPF_TABLE_PINNED("prog", int, int, pgm_tbl, 8, XLB_PIN(pgm_tbl));
+BPF_TABLE_PINNED("hash", struct xlb_nat_key, struct xlb_nat_val, nat_v4_map,
+                 XLB_MAX_SERVICES, XLB_PIN(nat_v4_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
+                 XLB_CT_SIZE, XLB_PIN(ct_v4_map));
+BPF_TABLE_PINNED("percpu_array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,
+                 XLB_PIN(svc_stats_map));
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, ep_stats_map, XLB_MAX_BACKENDS,
+                 XLB_PIN(ep_stats_map));
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, stats_map, XLB_STAT_MAX,
+                 XLB_PIN(stats_map));
+BPF_TABLE_PINNED("array", u32, struct xlb_cfg, cfg_map, 1, XLB_PIN(cfg_map));
+
+#endif

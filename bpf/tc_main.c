@@ -1,0 +1,27 @@
+/* tc_packet_func: TC ingress entry. Established flows are rewritten and forwarded
+ * here from a single conntrack lookup; everything else (new flows, TCP handshakes
+ * and teardowns, packets that are not ours) tail-calls tc_packet_func_slow. */
+
+int tc_packet_func(struct __sk_buff *skb)
+{
+    struct xlb_pkt p;
+    if (xlb_parse(skb, &p) < 0) {
+        xlb_count(XLB_STAT_PASS);
+        return TC_ACT_OK;
+    }
+    struct xlb_ct_key k;
+    xlb_ct_key_of(&k, &p);
+    struct xlb_ct_val *v = ct_v4_map.lookup(&k);
+    if (v && v->state == XLB_CT_EST &&
+        !(p.tcp_flags & (XLB_TCP_SYN | XLB_TCP_FIN | XLB_TCP_RST))) {
+        v->last_ns = bpf_ktime_get_ns();
+        xlb_count(XLB_STAT_FAST);
+        xlb_count_flow(skb, v->svc_id, v->stat_id);
+        xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port);
+        return xlb_forward(skb, &p);
+    }
+    pgm_tbl.call(skb, XLB_PGM_SLOW);
+    /* Only reached when the slot is empty (no dpd ever loaded it): stay harmless. */
+    xlb_count(XLB_STAT_TAILCALL_FAIL);
+    return TC_ACT_OK;
+}

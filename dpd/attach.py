@@ -1,0 +1,100 @@
+"""TC attachment through pyroute2: a clsact qdisc and one direct-action bpf filter on
+ingress per interface, named FILTER_NAME so a restarted dpd finds its attachments."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = structlog.get_logger("dpd.attach")
+
+FILTER_NAME = "xlb_tc_packet_func"
+INGRESS = 0xFFFFFFF2
+PRIO = 0xC000 - 0x100  # below tc's default auto priority, so ours runs first
+HANDLE = 1
+
+
+class InterfaceMissing(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str
+    ifindex: int
+    attached: bool
+
+
+def _ifindex(ipr: IPRoute, name: str) -> int:
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise InterfaceMissing(f"interface {name!r} does not exist in this network namespace")
+    return int(idx[0])
+
+
+def _our_filters(ipr: IPRoute, ifindex: int) -> list[object]:
+    try:
+        filters = ipr.get_filters(index=ifindex, parent=INGRESS)
+    except NetlinkError as e:
+        if e.code in (errno.EINVAL, errno.ENOENT):
+            return []  # no clsact qdisc
+        raise
+    return [f for f in filters if f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == FILTER_NAME]
+
+
+def attach(name: str, prog_fd: int) -> Attachment:
+    """Attach (or atomically replace) the ingress program on `name`."""
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, name)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            idx,
+            HANDLE,
+            fd=prog_fd,
+            name=FILTER_NAME,
+            parent=INGRESS,
+            prio=PRIO,
+            classid=1,
+            direct_action=True,
+        )
+    log.info("interface_attached", interface=name, ifindex=idx)
+    return Attachment(name, idx, True)
+
+
+def detach(name: str) -> Attachment:
+    """Remove our filter; remove the clsact qdisc too when nothing else uses it."""
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, name)
+        if _our_filters(ipr, idx):
+            ipr.tc("del-filter", "bpf", idx, HANDLE, parent=INGRESS, prio=PRIO)
+            log.info("interface_detached", interface=name, ifindex=idx)
+        others = ipr.get_filters(index=idx, parent=INGRESS) if _has_clsact(ipr, idx) else []
+        egress = ipr.get_filters(index=idx, parent=0xFFFFFFF3) if _has_clsact(ipr, idx) else []
+        if _has_clsact(ipr, idx) and not others and not egress:
+            ipr.tc("del", "clsact", idx)
+    return Attachment(name, idx, False)
+
+
+def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
+
+
+def attached() -> list[Attachment]:
+    """Every interface of this network namespace carrying our filter."""
+    out = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            idx = link["index"]
+            if _our_filters(ipr, idx):
+                out.append(Attachment(link.get_attr("IFLA_IFNAME"), idx, True))
+    return out

@@ -1,0 +1,171 @@
+"""Thin ctypes layer over libbpf.so.1 for what bcc does not offer: pinning program
+fds, reading object info (program tags, map layouts) and BPF_PROG_TEST_RUN."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+
+_lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+BPF_OBJ_NAME_LEN = 16
+BPF_TAG_SIZE = 8
+
+MAP_TYPES = {
+    1: "hash",
+    2: "array",
+    3: "prog_array",
+    5: "percpu_hash",
+    6: "percpu_array",
+    9: "lru_hash",
+    10: "lru_percpu_hash",
+    11: "lpm_trie",
+}
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ctypes.get_errno() or -rc
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("_rest", ctypes.c_uint8 * 128),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * BPF_TAG_SIZE),
+        ("_rest", ctypes.c_uint8 * 512),
+    ]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+_lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+_lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+_lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; the caller closes the fd."""
+    return _check(_lib.bpf_obj_get(path.encode()), f"open pin {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return MapInfo(
+        MAP_TYPES.get(info.type, str(info.type)),
+        info.key_size,
+        info.value_size,
+        info.max_entries,
+        info.map_flags,
+        info.name.decode(errors="replace"),
+    )
+
+
+def pinned_map_info(path: str) -> MapInfo:
+    fd = obj_get(path)
+    try:
+        return map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def prog_tag(fd: int) -> str:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    return bytes(info.tag).hex()
+
+
+def prog_tag_by_id(prog_id: int) -> str | None:
+    fd = _lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        return prog_tag(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class TestRunResult:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> TestRunResult:
+    """Run a loaded program on `packet` (BPF_PROG_TEST_RUN); duration is the mean ns/run."""
+    buf_in = ctypes.create_string_buffer(packet, len(packet))
+    out_size = len(packet) + 256
+    buf_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts(
+        sz=ctypes.sizeof(_TestRunOpts),
+        data_in=ctypes.cast(buf_in, ctypes.c_void_p),
+        data_out=ctypes.cast(buf_out, ctypes.c_void_p),
+        data_size_in=len(packet),
+        data_size_out=out_size,
+        repeat=repeat,
+    )
+    rc = _lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
+    if rc < 0:
+        err = ctypes.get_errno() or errno.EINVAL
+        raise BpfError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    return TestRunResult(opts.retval, buf_out.raw[: opts.data_size_out], opts.duration)

@@ -1,0 +1,147 @@
+"""xlb-dpd: load xlb's eBPF datapath on this node and serve xlb.dpd.v1.Datapath.
+
+Stopping dpd (SIGTERM, SIGINT, even SIGKILL) leaves the datapath running: programs stay
+attached and maps stay pinned, and the next dpd picks them up. `--cleanup` removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dpd.loader import LoaderError, Settings
+from policyd.logging_setup import FORMATS, LEVELS, configure_logging
+from policyd.server import StartupError, _prepare_unix_socket
+from policyd.validation import parse_address
+
+log = structlog.get_logger("dpd")
+
+DATAPATH_SERVICE = "xlb.dpd.v1.Datapath"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xlb-dpd", description=__doc__)
+    p.add_argument("--name", required=True, help="node name; pins go under BPF_ROOT/NAME")
+    p.add_argument("--listen", default="127.0.0.1:50161", help="HOST:PORT or unix:PATH")
+    p.add_argument("--bpf-root", default="/opt/xlb/dp/bpf",
+                   help="bpffs mount for the pins (created if missing)")
+    p.add_argument("--attach", default="", help="comma-separated interfaces to attach to")
+    p.add_argument("--netns", default="",
+                   help="run in this named network namespace (only the network namespace "
+                        "changes, so the bpffs mount outlives dpd)")
+    p.add_argument("--max-services", type=int, default=Settings.max_services)
+    p.add_argument("--max-backends", type=int, default=Settings.max_backends,
+                   help="endpoint counter slots, shared by all services")
+    p.add_argument("--ct-size", type=int, default=Settings.ct_size,
+                   help="conntrack entries (two per flow)")
+    p.add_argument("--no-redirect", action="store_true",
+                   help="hand NATed packets to the kernel to route instead of bpf_redirect")
+    p.add_argument("--ct-aging-interval", type=float, default=5.0,
+                   help="seconds between conntrack aging sweeps (0: off)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="detach from every interface, remove the pins and exit")
+    p.add_argument("--log-format", choices=FORMATS, default="kv")
+    p.add_argument("--log-level", choices=LEVELS, default="info")
+    return p
+
+
+def _enter_netns(name: str) -> None:
+    from pyroute2.netns import setns
+
+    setns(name)  # before any thread exists, so every later thread inherits it
+
+
+def serve(node: object, listen: str) -> tuple[grpc.Server, health.HealthServicer, str]:
+    from dpd.servicer import DatapathServicer
+    from xlb.dpd.v1 import datapath_pb2_grpc
+
+    addr = parse_address(listen, "listen", allow_port_zero=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    datapath_pb2_grpc.add_DatapathServicer_to_server(DatapathServicer(node), server)  # type: ignore[arg-type]
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection(
+        (DATAPATH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if addr.is_unix:
+        _prepare_unix_socket(addr.path)
+    try:
+        port = server.add_insecure_port(addr.text)
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {addr.text}: {e}") from None
+    server.start()
+    for svc in ("", DATAPATH_SERVICE):
+        hs.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    return server, hs, addr.text if addr.is_unix else f"{addr.host}:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    if args.netns:
+        _enter_netns(args.netns)
+    settings = Settings(
+        name=args.name,
+        bpf_root=args.bpf_root,
+        max_services=args.max_services,
+        max_backends=args.max_backends,
+        ct_size=args.ct_size,
+        redirect=not args.no_redirect,
+    )
+    from dpd.attach import InterfaceMissing
+    from dpd.node import Node, cleanup
+
+    if args.cleanup:
+        cleanup(settings)
+        return 0
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("dpd_signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        node = Node(settings, ct_aging_interval=args.ct_aging_interval)
+    except LoaderError as e:
+        log.error("dpd_start_failed", error=str(e))
+        return 1
+    try:
+        for ifname in filter(None, (s.strip() for s in args.attach.split(","))):
+            node.attach(ifname)
+        server, hs, address = serve(node, args.listen)
+    except (InterfaceMissing, StartupError, ValueError) as e:
+        log.error("dpd_start_failed", error=str(e))
+        node.close()
+        return 1
+    log.info("dpd_started", name=settings.name, listen=address, pin_dir=settings.pin_dir,
+             services=node.services.count(), interfaces=[a.name for a in node.interfaces()])
+    try:
+        stop.wait()
+    finally:
+        hs.enter_graceful_shutdown()
+        server.stop(2).wait()
+        if address.startswith("unix:"):
+            import contextlib
+            import os
+
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address[len("unix:"):])
+        node.close()
+        log.info("dpd_stopped", note="datapath left running; --cleanup removes it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Packet builders and checks for datapath tests (scapy)."""
+
+from __future__ import annotations
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from dpd import bpfsys
+
+CLIENT = "198.18.0.2"
+VIP = "198.19.0.10"
+EP1 = "198.18.1.2"
+EP2 = "198.18.2.2"
+MAC_C = "02:00:00:00:00:01"
+MAC_L = "02:00:00:00:00:02"
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"") -> bytes:
+    return bytes(
+        Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst, ttl=64)
+        / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 1)
+        / payload
+    )
+
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"hello") -> bytes:
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport)
+                 / payload)
+
+
+def run(node: object, packet: bytes) -> tuple[int, Ether]:
+    res = bpfsys.prog_test_run(node.dp.fast_fd, packet)  # type: ignore[attr-defined]
+    return res.retval, Ether(res.data)
+
+
+def checksums_valid(pkt: Ether) -> bool:
+    """Recompute IP and L4 checksums with scapy and compare with what the datapath wrote."""
+    fresh = Ether(bytes(pkt))
+    ip = fresh[IP]
+    got_ip = ip.chksum
+    l4 = fresh[TCP] if TCP in fresh else fresh[UDP]
+    got_l4 = l4.chksum
+    del ip.chksum
+    del l4.chksum
+    rebuilt = Ether(bytes(fresh))
+    want_l4 = (rebuilt[TCP] if TCP in rebuilt else rebuilt[UDP]).chksum
+    return got_ip == rebuilt[IP].chksum and got_l4 == want_l4
