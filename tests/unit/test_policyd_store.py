@@ -1,0 +1,145 @@
+"""The SQLite store: persistence, uniqueness, generations."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from dpd.model import EndpointSpec, Proto, ServiceSpec
+from policyd.errors import ConflictError, NotFoundError
+from policyd.store import Store
+
+
+def spec(vip: str = "198.19.0.10", port: int = 80, proto: Proto = Proto.TCP, weight: int = 1):
+    return ServiceSpec(vip, port, proto, endpoints=(EndpointSpec("198.18.1.2", 8080, weight),))
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "state.db") as s:
+        yield s
+
+
+def test_new_store_is_empty_at_generation_zero(store):
+    assert store.generation == 0
+    assert store.list_services() == []
+    assert store.list_nodes() == []
+    snap = store.snapshot()
+    assert (snap.generation, snap.services) == (0, {})
+
+
+def test_every_change_bumps_generation_once(store):
+    web, changed = store.apply_service("web", spec())
+    assert changed and web.generation == store.generation == 1
+    node, changed = store.register_node("n1", "127.0.0.1:1")
+    assert changed and store.generation == 2
+    dns, _ = store.apply_service("dns", spec(port=53, proto=Proto.UDP))
+    assert dns.generation == 3
+    web2, changed = store.apply_service("web", spec(weight=4))
+    assert changed and web2.generation == 4
+    assert store.get_service("dns").generation == 3  # untouched service keeps its own
+    assert store.delete_service("dns") == 5
+    assert store.deregister_node("n1") == 6
+    assert store.generation == 6
+
+
+def test_unchanged_apply_and_register_bump_nothing(store):
+    first, _ = store.apply_service("web", spec())
+    again, changed = store.apply_service("web", spec())
+    assert not changed
+    assert again == first
+    node, _ = store.register_node("n1", "127.0.0.1:1")
+    same, changed = store.register_node("n1", "127.0.0.1:1")
+    assert not changed and same == node
+    assert store.generation == 2
+
+
+def test_reregister_updates_address(store):
+    store.register_node("n1", "127.0.0.1:1")
+    moved, changed = store.register_node("n1", "unix:/run/n1.sock")
+    assert changed and moved.address == "unix:/run/n1.sock"
+    assert [(n.name, n.address) for n in store.list_nodes()] == [("n1", "unix:/run/n1.sock")]
+
+
+def test_key_conflict_raises_and_writes_nothing(store):
+    store.apply_service("web", spec())
+    with pytest.raises(ConflictError, match="'web' already uses tcp://198.19.0.10:80"):
+        store.apply_service("other", spec(weight=9))
+    assert store.generation == 1
+    assert [s.name for s in store.list_services()] == ["web"]
+    # different protocol or port: no conflict
+    store.apply_service("other", spec(proto=Proto.UDP))
+    store.apply_service("third", spec(port=81))
+
+
+def test_renaming_key_of_a_service_frees_the_old_key(store):
+    store.apply_service("web", spec())
+    store.apply_service("web", spec(port=8080))
+    store.apply_service("other", spec())  # port 80 is free again
+    assert {s.name: s.spec.port for s in store.list_services()} == {"web": 8080, "other": 80}
+
+
+def test_missing_objects_are_not_found(store):
+    with pytest.raises(NotFoundError, match="service 'x' not found"):
+        store.get_service("x")
+    with pytest.raises(NotFoundError):
+        store.delete_service("x")
+    with pytest.raises(NotFoundError, match="node 'x' not found"):
+        store.deregister_node("x")
+    with pytest.raises(NotFoundError):
+        store.get_node("x")
+    assert store.generation == 0
+
+
+def test_state_survives_reopen(tmp_path):
+    path = tmp_path / "sub" / "state.db"
+    with Store(path) as s:
+        web, _ = s.apply_service("web", spec(weight=3))
+        s.apply_service("dns", spec(port=53, proto=Proto.UDP))
+        s.delete_service("dns")
+        node, _ = s.register_node("n1", "127.0.0.1:9")
+        generation = s.generation
+    with Store(path) as s:
+        assert s.generation == generation == 4
+        assert s.list_services() == [web]
+        assert s.get_node("n1") == node
+        assert s.snapshot().services == {web.spec.key: web.spec}
+        assert s.apply_service("x", spec(port=1))[0].generation == 5
+
+
+def test_wal_mode_on_disk(tmp_path):
+    Store(tmp_path / "s.db").close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store(tmp_path / "s.db").close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(tmp_path / "s.db")
+
+
+def test_concurrent_applies_get_distinct_generations(store):
+    generations: list[int] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for j in range(20):
+            stored, _ = store.apply_service(f"s{i}-{j}", spec(vip=f"198.19.{i}.{j + 1}"))
+            with lock:
+                generations.append(stored.generation)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(generations) == list(range(1, 161))
+    assert store.generation == 160
+    assert len(store.snapshot().services) == 160
