@@ -1,0 +1,162 @@
+"""xlb.policy.v1.Policy servicer: messages in, domain calls, messages out.
+
+Domain errors become gRPC status codes in ``_abort_for`` and nowhere else. Anything
+unexpected is logged with its traceback and answered INTERNAL with a short message.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import grpc
+import structlog
+
+from policyd import messages
+from policyd.errors import ConflictError, NotFoundError, ValidationError
+from policyd.reconciler import Reconciler
+from policyd.store import Store
+from policyd.validation import validate_name, validate_node, validate_service
+from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+
+log = structlog.get_logger()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
+)
+
+
+def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    for kind, code in _STATUS_FOR:
+        if isinstance(exc, kind):
+            log.info("rpc.rejected", method=method, code=code.name, reason=str(exc))
+            context.abort(code, str(exc))
+    if isinstance(exc, sqlite3.Error):
+        log.error("rpc.store_error", method=method, error=str(exc))
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"policyd store error: {exc}")
+    log.exception("rpc.internal_error", method=method)
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method} ({type(exc).__name__}); see the policyd log",
+    )
+
+
+def rpc(method: F) -> F:
+    """Map domain errors of a unary or server-streaming handler to status codes."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                _abort_for(exc, context, name)
+
+        return cast(F, stream)
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort_for(exc, context, name)
+
+    return cast(F, unary)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+        self._store = store
+        self._reconciler = reconciler
+
+    # -- services ----------------------------------------------------------------------
+
+    @rpc
+    def ApplyService(  # noqa: N802 (gRPC method name)
+        self, request: policy_pb2.ApplyServiceRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.Service:
+        name, spec = validate_service(request.service)
+        stored, changed = self._store.apply_service(name, spec)
+        if changed:
+            self._reconciler.wake_all()
+            log.info(
+                "service.applied",
+                name=name,
+                key=str(spec.key),
+                endpoints=len(spec.endpoints),
+                generation=stored.generation,
+            )
+        return messages.service_to_proto(stored)
+
+    @rpc
+    def DeleteService(  # noqa: N802
+        self, request: policy_pb2.DeleteServiceRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteServiceResponse:
+        name = validate_name(request.name)
+        generation = self._store.delete_service(name)
+        self._reconciler.wake_all()
+        log.info("service.deleted", name=name, generation=generation)
+        return policy_pb2.DeleteServiceResponse()
+
+    @rpc
+    def GetService(  # noqa: N802
+        self, request: policy_pb2.GetServiceRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.Service:
+        return messages.service_to_proto(self._store.get_service(validate_name(request.name)))
+
+    @rpc
+    def ListServices(  # noqa: N802
+        self, request: policy_pb2.ListServicesRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.Service]:
+        for stored in self._store.list_services():
+            yield messages.service_to_proto(stored)
+
+    # -- nodes -------------------------------------------------------------------------
+
+    @rpc
+    def RegisterNode(  # noqa: N802
+        self, request: policy_pb2.RegisterNodeRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.Node:
+        name, address = validate_node(request.node.name, request.node.address)
+        node, changed = self._store.register_node(name, address)
+        self._reconciler.refresh_nodes()
+        if changed:
+            log.info("node.registered", node=name, address=address)
+        return messages.node_to_proto(node)
+
+    @rpc
+    def DeregisterNode(  # noqa: N802
+        self, request: policy_pb2.DeregisterNodeRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeregisterNodeResponse:
+        name = validate_name(request.name)
+        self._store.deregister_node(name)
+        self._reconciler.refresh_nodes()
+        log.info("node.deregistered", node=name, datapath="left as is")
+        return policy_pb2.DeregisterNodeResponse()
+
+    @rpc
+    def ListNodes(  # noqa: N802
+        self, request: policy_pb2.ListNodesRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.Node]:
+        for node in self._store.list_nodes():
+            yield messages.node_to_proto(node)
+
+    # -- status ------------------------------------------------------------------------
+
+    @rpc
+    def GetSyncStatus(  # noqa: N802
+        self, request: policy_pb2.GetSyncStatusRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.GetSyncStatusResponse:
+        name = validate_name(request.node, "node") if request.node else ""
+        generation, statuses = self._reconciler.status(name)
+        return policy_pb2.GetSyncStatusResponse(
+            generation=generation, nodes=[messages.status_to_proto(s) for s in statuses]
+        )

@@ -1,0 +1,200 @@
+"""Fixtures for the policyd unit tests: an in-memory fake dpd and an in-process policyd.
+
+The fake implements only ListServices/PutServices/DeleteServices of xlb.dpd.v1.Datapath
+over a dict; it exists for this layer alone (the real dpd is tested elsewhere).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import grpc
+import pytest
+
+from policyd.client import PolicyClient
+from policyd.logging_setup import configure_logging
+from policyd.reconciler import ReconcilerSettings
+from policyd.server import PolicydConfig, PolicyServer
+from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+
+FAST = ReconcilerSettings(
+    resync_interval=0.2, backoff_initial=0.05, backoff_max=0.3, rpc_timeout=2.0, coalesce=0.01
+)
+
+ServiceTuple = tuple[str, int, int]
+
+
+def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class FakeDatapath(datapath_pb2_grpc.DatapathServicer):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.services: dict[ServiceTuple, datapath_pb2.Service] = {}
+        self.calls: dict[str, int] = {"ListServices": 0, "PutServices": 0, "DeleteServices": 0}
+        self.gate = threading.Event()  # cleared: ListServices hangs until it is set again
+        self.gate.set()
+
+    @staticmethod
+    def key(msg: Any) -> ServiceTuple:
+        return (msg.vip, msg.port, msg.protocol)
+
+    def ListServices(self, request: Any, context: Any) -> Iterator[datapath_pb2.Service]:  # noqa: N802
+        with self.lock:
+            self.calls["ListServices"] += 1
+        self.gate.wait(30)
+        with self.lock:
+            items = [
+                datapath_pb2.Service.FromString(s.SerializeToString())
+                for s in self.services.values()
+            ]
+        yield from items
+
+    def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
+        with self.lock:
+            self.calls["PutServices"] += 1
+            for svc in request.services:
+                copy = datapath_pb2.Service()
+                copy.CopyFrom(svc)
+                self.services[self.key(svc)] = copy
+        return datapath_pb2.PutServicesResponse(written=len(request.services))
+
+    def DeleteServices(self, request: Any, context: Any) -> datapath_pb2.DeleteServicesResponse:  # noqa: N802
+        deleted = 0
+        with self.lock:
+            self.calls["DeleteServices"] += 1
+            for key in request.keys:
+                deleted += self.services.pop(self.key(key), None) is not None
+        return datapath_pb2.DeleteServicesResponse(deleted=deleted)
+
+    def snapshot(self) -> dict[ServiceTuple, datapath_pb2.Service]:
+        with self.lock:
+            return dict(self.services)
+
+
+class FakeNode:
+    """A fake dpd on a unix socket that can be stopped and started again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.address = f"unix:{path}"
+        self.datapath = FakeDatapath()
+        self._server: grpc.Server | None = None
+
+    def start(self, *, empty: bool = False) -> FakeNode:
+        if empty:
+            self.datapath = FakeDatapath()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        datapath_pb2_grpc.add_DatapathServicer_to_server(self.datapath, server)
+        server.add_insecure_port(self.address)
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        self.datapath.gate.set()
+        if self._server is not None:
+            self._server.stop(0).wait()
+            self._server = None
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now (pytest swaps it per test to capture it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _log_to_stderr() -> None:
+    """Daemon logs go to stderr, as in production, so stdout stays the CLI's."""
+    configure_logging("kv", "debug", stream=cast(TextIO, _CurrentStderr()))
+
+
+@pytest.fixture
+def fast() -> ReconcilerSettings:
+    """Reconciler settings the policyd fixture uses by default (short intervals)."""
+    return FAST
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """wait_for(predicate, timeout=10, what=...) -> the predicate's first truthy value."""
+    return poll_until
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="xlbt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_node(sockdir: Path) -> Iterator[Callable[[str], FakeNode]]:
+    """fake_node(name) -> a FakeNode (not started) whose socket lives in sockdir."""
+    nodes: list[FakeNode] = []
+
+    def make(name: str) -> FakeNode:
+        node = FakeNode(sockdir / f"{name}.sock")
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def policyd(sockdir: Path, tmp_path: Path) -> Iterator[Callable[..., PolicyServer]]:
+    """policyd(db=None, settings=FAST) -> a started in-process PolicyServer."""
+    servers: list[PolicyServer] = []
+
+    def start(db: Path | None = None, settings: ReconcilerSettings = FAST) -> PolicyServer:
+        config = PolicydConfig(
+            listen=f"unix:{sockdir}/policyd.sock",
+            db_path=str(db or tmp_path / "policyd.db"),
+            reconciler=settings,
+        )
+        server = PolicyServer(config).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def client_for() -> Iterator[Callable[[PolicyServer], PolicyClient]]:
+    clients: list[PolicyClient] = []
+
+    def make(server: PolicyServer) -> PolicyClient:
+        client = PolicyClient(server.address, timeout=5.0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
