@@ -50,7 +50,7 @@ class StartupError(RuntimeError):
     """policyd cannot start (bad listen address, socket in use, unusable store)."""
 
 
-def _prepare_unix_socket(path: str) -> None:
+def prepare_unix_socket(path: str) -> None:
     """Refuse a path another process listens on; remove a stale socket file."""
     try:
         mode = os.lstat(path).st_mode
@@ -70,6 +70,9 @@ def _prepare_unix_socket(path: str) -> None:
     finally:
         probe.close()
     raise StartupError(f"{path}: another process is listening there")
+
+
+_prepare_unix_socket = prepare_unix_socket  # the name dpd.main imports
 
 
 class PolicyServer:
@@ -119,7 +122,7 @@ class PolicyServer:
             (POLICY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         if self._listen.is_unix:
-            _prepare_unix_socket(self._listen.path)
+            prepare_unix_socket(self._listen.path)
         try:
             port = server.add_insecure_port(self._listen.text)
         except RuntimeError as exc:
