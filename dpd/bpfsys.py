@@ -81,7 +81,9 @@ class _TestRunOpts(ctypes.Structure):
 
 _lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
 _lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-_lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+_lib.bpf_obj_get_info_by_fd.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+]
 _lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
 _lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dpd.loader import LoaderError, Settings
 from policyd.logging_setup import FORMATS, LEVELS, configure_logging
-from policyd.server import StartupError, _prepare_unix_socket
+from policyd.server import StartupError, prepare_unix_socket
 from policyd.validation import parse_address
 
 log = structlog.get_logger("dpd")
@@ -73,7 +73,7 @@ def serve(node: object, listen: str) -> tuple[grpc.Server, health.HealthServicer
         (DATAPATH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     if addr.is_unix:
-        _prepare_unix_socket(addr.path)
+        prepare_unix_socket(addr.path)
     try:
         port = server.add_insecure_port(addr.text)
     except RuntimeError as e:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from dpd import attach, bpfsys
+from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
 from dpd.model import ServiceKey, ServiceSpec
@@ -39,16 +40,16 @@ class Node:
                 attach.attach(a.name, self.dp.fast_fd)
 
     # interfaces
-    def attach(self, name: str) -> attach.Attachment:
+    def attach(self, name: str) -> Attachment:
         for a in attach.attached():
             if a.name == name and self.dp.unchanged:
                 return a  # already carries this program
         return attach.attach(name, self.dp.fast_fd)
 
-    def detach(self, name: str) -> attach.Attachment:
+    def detach(self, name: str) -> Attachment:
         return attach.detach(name)
 
-    def interfaces(self) -> list[attach.Attachment]:
+    def interfaces(self) -> list[Attachment]:
         return attach.attached()
 
     @property
@@ -67,7 +68,7 @@ class Node:
         return n
 
     def list_services(self) -> list[ServiceSpec]:
-        return self.services.list()
+        return self.services.specs()
 
     # conntrack
     def list_conntrack(self) -> list[CtEntry]:

@@ -135,13 +135,13 @@ class DatapathServicer(pb_grpc.DatapathServicer):
     def ListConntrack(self, request: Any, context: Any) -> Iterator[pb.ConntrackEntry]:  # noqa: N802
         for e in self.node.list_conntrack():
             msg = pb.ConntrackEntry(
-                protocol=proto_to_api(e.proto),
+                protocol=pb.Protocol.ValueType(proto_to_api(e.proto)),
                 src=e.src,
                 src_port=e.src_port,
                 dst=e.dst,
                 dst_port=e.dst_port,
-                direction=e.direction,
-                state=e.state,
+                direction=pb.Direction.ValueType(e.direction),
+                state=pb.ConntrackState.ValueType(e.state),
                 nat_address=e.nat_address,
                 nat_port=e.nat_port,
                 idle_ns=e.idle_ns,

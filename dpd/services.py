@@ -15,8 +15,14 @@ from typing import Any
 import structlog
 
 from dpd import abi
-from dpd.codec import be16_to_port, be32_to_ip, ip_to_be32, nat_key_fields, port_to_be16
-from dpd.codec import service_key_of
+from dpd.codec import (
+    be16_to_port,
+    be32_to_ip,
+    ip_to_be32,
+    nat_key_fields,
+    port_to_be16,
+    service_key_of,
+)
 from dpd.ids import Exhausted, IdPool
 from dpd.model import Algorithm, EndpointSpec, Mode, ServiceKey, ServiceSpec
 from dpd.slots import build_slots
@@ -84,7 +90,7 @@ class ServiceTable:
             return None
         return self._decode(k, v)
 
-    def list(self) -> list[ServiceSpec]:
+    def specs(self) -> list[ServiceSpec]:
         return [e.spec for e in self._read_all().values()]
 
     def count(self) -> int:

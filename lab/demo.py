@@ -98,8 +98,8 @@ def run(backends: int, requests: int) -> int:
                 out()
                 out("datapath counters (both directions, from per-CPU maps):")
                 for s in stats.services:
-                    proto = "tcp" if s.service.protocol == dpb.PROTOCOL_TCP else "udp"
-                    out(f"  {s.service.vip}:{s.service.port}/{proto}: "
+                    pname = "tcp" if s.service.protocol == dpb.PROTOCOL_TCP else "udp"
+                    out(f"  {s.service.vip}:{s.service.port}/{pname}: "
                         f"{s.counters.packets} packets, {s.counters.bytes} bytes")
                     for e in s.endpoints:
                         out(f"    {e.endpoint.address}:{e.endpoint.port} "

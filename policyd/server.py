@@ -72,7 +72,6 @@ def prepare_unix_socket(path: str) -> None:
     raise StartupError(f"{path}: another process is listening there")
 
 
-_prepare_unix_socket = prepare_unix_socket  # the name dpd.main imports
 
 
 class PolicyServer:

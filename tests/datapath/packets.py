@@ -19,7 +19,9 @@ TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"") -> bytes:
+def tcp(
+    src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b""
+) -> bytes:
     return bytes(
         Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst, ttl=64)
         / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 1)

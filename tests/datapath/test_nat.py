@@ -11,7 +11,16 @@ from scapy.layers.inet import IP, TCP, UDP
 from dpd import abi
 from dpd.model import Algorithm, EndpointSpec, Proto, ServiceSpec
 from tests.datapath.packets import (
-    CLIENT, EP1, EP2, TC_ACT_OK, TC_ACT_SHOT, VIP, checksums_valid, run, tcp, udp,
+    CLIENT,
+    EP1,
+    EP2,
+    TC_ACT_OK,
+    TC_ACT_SHOT,
+    VIP,
+    checksums_valid,
+    run,
+    tcp,
+    udp,
 )
 
 pytestmark = pytest.mark.root
