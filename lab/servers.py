@@ -107,10 +107,31 @@ def serve(name: str, bind: str, tcp_port: int | None, udp_port: int | None) -> N
     log.info("servers.stopped", name=name)
 
 
-def _listening(topo: Topology, ns: str, proto: str, port: int) -> bool:
+def is_listening(topo: Topology, ns: str, proto: str, port: int) -> bool:
+    """Whether something in ``ns`` listens on ``proto`` (tcp/udp) ``port`` (per ``ss``)."""
     flag = "-ltnH" if proto == "tcp" else "-lunH"
     out = topo.run(ns, ["ss", flag, f"sport = :{port}"], check=False, timeout=10).stdout
     return bool(out.strip())
+
+
+def wait_listening(
+    topo: Topology,
+    ns: str,
+    port: int,
+    proto: str = "tcp",
+    proc: subprocess.Popen[str] | None = None,
+    deadline: float = 15.0,
+    what: str = "server",
+) -> None:
+    """Poll ``ss`` in ``ns`` until ``port`` listens; fail early if ``proc`` exits."""
+    end = time.monotonic() + deadline
+    while not is_listening(topo, ns, proto, port):
+        if proc is not None and proc.poll() is not None:
+            raise netns.NetnsError(f"{what} in {ns} exited {proc.returncode} before listening")
+        if time.monotonic() > end:
+            raise netns.NetnsError(f"{what} in {ns} not listening on {proto}/{port} "
+                                   f"after {deadline}s")
+        time.sleep(0.05)
 
 
 def start_backends(
@@ -135,16 +156,15 @@ def start_backends(
             logf.close()
     end = time.monotonic() + deadline
     for i, (ns, proc) in enumerate(zip(topo.backend_ns, procs, strict=True), start=1):
-        while True:
-            if proc.poll() is not None:
-                err = (topo.workdir / f"be{i}.log").read_text()[-2000:]
-                raise netns.NetnsError(f"server be{i} in {ns} exited {proc.returncode}: {err}")
-            ok = _listening(topo, ns, "tcp", port) and (not udp or _listening(topo, ns, "udp", udp))
-            if ok:
-                break
-            if time.monotonic() > end:
-                raise netns.NetnsError(f"server be{i} in {ns} not listening after {deadline}s")
-            time.sleep(0.05)
+        try:
+            left = max(0.1, end - time.monotonic())
+            wait_listening(topo, ns, port, "tcp", proc, left, f"server be{i}")
+            if udp:
+                left = max(0.1, end - time.monotonic())
+                wait_listening(topo, ns, udp, "udp", proc, left, f"server be{i}")
+        except netns.NetnsError as exc:
+            err = (topo.workdir / f"be{i}.log").read_text()[-2000:]
+            raise netns.NetnsError(f"{exc}; log: {err}") from exc
     log.info("servers.backends_ready", count=len(procs), port=port, udp_port=udp)
     return procs
 

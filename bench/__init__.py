@@ -1,0 +1,1 @@
+"""xlb benchmarks: real traffic through xlb and the baselines it is compared with."""
