@@ -1,5 +1,5 @@
-/* Endpoint selection for a new flow: weighted round-robin (a per-CPU cursor over
- * the service's slot table) or a weighted 5-tuple hash. dpd fills the slot table
+/* Endpoint selection for a new flow: weighted round-robin (one atomically advanced
+ * cursor per service over its slot table, shared by all CPUs) or a weighted 5-tuple hash. dpd fills the slot table
  * from the weights (dpd/slots.py). */
 #ifndef XLB_LB_H
 #define XLB_LB_H
@@ -37,8 +37,10 @@ static __always_inline struct xlb_ep *xlb_select(struct xlb_nat_val *svc, struct
         __u32 *cur = rr_map.lookup(&id);
         if (!cur)
             return NULL;
+        /* bcc's LLVM cannot use a fetch-add's result (no -mcpu=v3), so read, then
+         * add atomically: two CPUs picking in the same instant may share a slot. */
         pos = *cur % n;
-        *cur = pos + 1;
+        __sync_fetch_and_add(cur, 1);
     }
     __u8 idx = svc->slots[pos & (XLB_SLOTS - 1)];
     if (idx >= svc->n_eps)

@@ -26,7 +26,8 @@ BPF_TABLE_PINNED("hash", struct xlb_nat_key, struct xlb_nat_val, nat_v4_map,
                  XLB_MAX_SERVICES, XLB_PIN(nat_v4_map), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
                  XLB_CT_SIZE, XLB_PIN(ct_v4_map));
-BPF_TABLE_PINNED("percpu_array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
+/* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
+BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,
                  XLB_PIN(svc_stats_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, ep_stats_map, XLB_MAX_BACKENDS,

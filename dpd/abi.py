@@ -54,7 +54,7 @@ def expected_maps(s: Settings) -> dict[str, tuple[str, int, int, int]]:
         "pgm_tbl": ("prog_array", 4, 4, 8),
         "nat_v4_map": ("hash", NAT_KEY_SIZE, NAT_VAL_SIZE, s.max_services),
         "ct_v4_map": ("lru_hash", CT_KEY_SIZE, CT_VAL_SIZE, s.ct_size),
-        "rr_map": ("percpu_array", 4, 4, s.max_services),
+        "rr_map": ("array", 4, 4, s.max_services),
         "svc_stats_map": ("percpu_array", 4, COUNTER_SIZE, s.max_services),
         "ep_stats_map": ("percpu_array", 4, COUNTER_SIZE, s.max_backends),
         "stats_map": ("percpu_array", 4, COUNTER_SIZE, STAT_MAX),

@@ -4,6 +4,7 @@ backends) in its own namespaces; programmed only through policyd's API."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -79,7 +80,11 @@ def cluster() -> Iterator[Cluster]:
                 node=ppb.Node(name=name, address=c.nodes[name].address)), timeout=5)
         yield c
     finally:
+        # shown by pytest only when the test failed
+        sys.stderr.write(f"--- policyd log ---\n{policyd.log_text()[-6000:]}\n")
         if c is not None:
+            for name, dpd in c.nodes.items():
+                sys.stderr.write(f"--- dpd {name} log ---\n{dpd.log_text()[-3000:]}\n")
             for ch in c.channels:
                 ch.close()
             for dpd in c.nodes.values():

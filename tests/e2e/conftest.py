@@ -3,6 +3,7 @@ interfaces, test servers on the backends. Everything is removed afterwards."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ def lab() -> Iterator[Lab]:
         channel = grpc.insecure_channel(dpd.address)
         yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
     finally:
+        if dpd is not None:  # shown by pytest only when the test failed
+            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
         if channel is not None:
             channel.close()
         if dpd is not None:

