@@ -4,6 +4,17 @@
 #ifndef XLB_CT_H
 #define XLB_CT_H
 
+/* Refresh the last-seen time at most every XLB_CT_TOUCH_NS: aging needs seconds, and
+ * not writing the entry on every packet keeps its cache line clean across CPUs. */
+#define XLB_CT_TOUCH_NS 500000000ULL
+
+static __always_inline void xlb_ct_touch(struct xlb_ct_val *v)
+{
+    __u64 now = bpf_ktime_get_coarse_ns();
+    if (now - v->last_ns > XLB_CT_TOUCH_NS)
+        v->last_ns = now;
+}
+
 static __always_inline void xlb_ct_key_of(struct xlb_ct_key *k, struct xlb_pkt *p)
 {
     k->saddr = p->saddr;

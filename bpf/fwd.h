@@ -36,20 +36,24 @@ static __always_inline int xlb_forward(struct __sk_buff *skb, struct xlb_pkt *p)
     if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
         goto stack;
 
-    /* TTL and the header checksum: the TTL is the high byte of a 16-bit word. */
-    __u32 ttl_off = p->l3_off + offsetof(struct iphdr, ttl);
-    __be16 old_word = bpf_htons(((__u16)p->ttl) << 8 | p->proto);
-    __be16 new_word = bpf_htons(((__u16)(p->ttl - 1)) << 8 | p->proto);
-    __u8 new_ttl = p->ttl - 1;
-    bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old_word, new_word,
-                        sizeof(new_word));
-    bpf_skb_store_bytes(skb, ttl_off, &new_ttl, 1, 0);
+    /* Decrement the TTL (the high byte of the TTL/protocol word) and set the MACs,
+     * writing the packet directly. */
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end)
+        goto stack;
+    __u32 from = bpf_htons(((__u16)p->ttl) << 8);
+    __u32 to = bpf_htons(((__u16)(p->ttl - 1)) << 8);
+    ip->ttl = p->ttl - 1;
+    xlb_ip_csum_add(ip, (~from & 0xffff) + to);
 
     xlb_count(XLB_STAT_REDIRECT);
     if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
         return xlb_redirect_neigh(fib.ifindex, NULL, 0, 0);
-    bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0);
-    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0);
+    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
     return bpf_redirect(fib.ifindex, 0);
 
 stack:

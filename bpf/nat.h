@@ -1,49 +1,76 @@
-/* NAT rewrite with incremental IP and L4 checksum updates. The kernel helpers keep
- * CHECKSUM_PARTIAL packets (veth, GSO) correct as well as fully checksummed ones. */
+/* NAT rewrite. Addresses and ports are written directly into the packet and the IPv4
+ * header checksum is updated incrementally (RFC 1624). The L4 checksum goes through
+ * bpf_l4_csum_replace, the only place that knows whether the packet is CHECKSUM_PARTIAL
+ * (veth, GSO: the field holds the pseudo-header sum, so port changes must not touch it)
+ * or fully checksummed. Two helper calls at most, one when the port is unchanged. */
 #ifndef XLB_NAT_H
 #define XLB_NAT_H
 
-/* ORIG rewrites the destination, REPLY the source. */
-static __always_inline void xlb_nat(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
-                                    __be32 new_addr, __be16 new_port)
+static __always_inline __u16 xlb_fold(__u32 s)
 {
-    __u32 addr_off, port_off, csum_off;
-    __be32 old_addr;
-    __be16 old_port;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    return (__u16)s;
+}
+
+/* One's-complement sum of ~from + to over 16-bit words: the checksum delta. */
+static __always_inline __u32 xlb_delta4(__be32 from, __be32 to)
+{
+    __u32 nf = ~from;
+    return (nf & 0xffff) + (nf >> 16) + (to & 0xffff) + (to >> 16);
+}
+
+static __always_inline void xlb_ip_csum_add(struct iphdr *ip, __u32 delta)
+{
+    ip->check = ~xlb_fold((__u16)~ip->check + delta);
+}
+
+/* ORIG rewrites the destination, REPLY the source. */
+static __always_inline int xlb_nat(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
+                                   __be32 new_addr, __be16 new_port)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + sizeof(struct ethhdr);
+    __u32 l4_off = p->l4_off & 0x7f; /* 14 + at most 60 */
+    __u16 *ports = data + l4_off;    /* [0] source, [1] destination */
+    __u32 csum_off;
     __u64 l4flags = 0;
 
+    if ((void *)(ip + 1) > data_end || (void *)(ports + 2) > data_end)
+        return -1;
+    __be32 old_addr;
+    __be16 old_port;
     if (dir == XLB_DIR_ORIG) {
-        addr_off = p->l3_off + offsetof(struct iphdr, daddr);
-        port_off = p->l4_off + 2;
-        old_addr = p->daddr;
-        old_port = p->dport;
+        old_addr = ip->daddr;
+        old_port = ports[1];
+        ip->daddr = new_addr;
+        ports[1] = new_port;
         p->daddr = new_addr;
         p->dport = new_port;
     } else {
-        addr_off = p->l3_off + offsetof(struct iphdr, saddr);
-        port_off = p->l4_off;
-        old_addr = p->saddr;
-        old_port = p->sport;
+        old_addr = ip->saddr;
+        old_port = ports[0];
+        ip->saddr = new_addr;
+        ports[0] = new_port;
         p->saddr = new_addr;
         p->sport = new_port;
     }
+    __u32 delta = xlb_delta4(old_addr, new_addr);
+    xlb_ip_csum_add(ip, delta);
+
     if (p->proto == IPPROTO_TCP) {
-        csum_off = p->l4_off + offsetof(struct tcphdr, check);
+        csum_off = l4_off + offsetof(struct tcphdr, check);
     } else {
-        csum_off = p->l4_off + offsetof(struct udphdr, check);
+        csum_off = l4_off + offsetof(struct udphdr, check);
         l4flags = BPF_F_MARK_MANGLED_0;
     }
-    if (old_addr != new_addr) {
-        bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-                            l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr));
-        bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old_addr,
-                            new_addr, sizeof(new_addr));
-        bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
-    }
-    if (old_port != new_port) {
+    /* size 0: `to` is a precomputed delta; pseudo header: addresses are in it */
+    if (old_addr != new_addr)
+        bpf_l4_csum_replace(skb, csum_off, 0, delta, l4flags | BPF_F_PSEUDO_HDR);
+    if (old_port != new_port)
         bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | sizeof(new_port));
-        bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0);
-    }
+    return 0;
 }
 
 #endif

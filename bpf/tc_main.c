@@ -14,10 +14,10 @@ int tc_packet_func(struct __sk_buff *skb)
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
     if (v && v->state == XLB_CT_EST &&
         !(p.tcp_flags & (XLB_TCP_SYN | XLB_TCP_FIN | XLB_TCP_RST))) {
-        v->last_ns = bpf_ktime_get_ns();
-        xlb_count(XLB_STAT_FAST);
+        xlb_ct_touch(v);
         xlb_count_flow(skb, v->svc_id, v->stat_id);
-        xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port);
+        if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
+            return TC_ACT_OK;
         return xlb_forward(skb, &p);
     }
     pgm_tbl.call(skb, XLB_PGM_SLOW);

@@ -22,7 +22,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         xlb_count(XLB_STAT_NO_EP);
         return TC_ACT_SHOT;
     }
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = bpf_ktime_get_coarse_ns();
     struct xlb_ct_key k;
     struct xlb_ct_val v = {};
     xlb_ct_key_of(&k, p);
@@ -53,7 +53,8 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     }
     xlb_count(XLB_STAT_NEW_FLOW);
     xlb_count_flow(skb, v.svc_id, v.stat_id);
-    xlb_nat(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port);
+    if (xlb_nat(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port) < 0)
+        return TC_ACT_OK;
     return xlb_forward(skb, p);
 }
 
@@ -74,10 +75,11 @@ int tc_packet_func_slow(struct __sk_buff *skb)
                      !(p.tcp_flags & XLB_TCP_ACK) &&
                      (v->state == XLB_CT_CLOSING || v->state == XLB_CT_CLOSED);
         if (!reopen) {
-            v->last_ns = bpf_ktime_get_ns();
+            xlb_ct_touch(v);
             xlb_ct_update(&p, v);
             xlb_count_flow(skb, v->svc_id, v->stat_id);
-            xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port);
+            if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
+                return TC_ACT_OK;
             return xlb_forward(skb, &p);
         }
     }

@@ -34,7 +34,7 @@
 
 /* global counters (index into stats_map) */
 #define XLB_STAT_PASS 0          /* not ours: handed to the kernel untouched */
-#define XLB_STAT_FAST 1          /* established flow handled by tc_packet_func */
+#define XLB_STAT_FAST 1          /* unused: fast path = packets - slow path */
 #define XLB_STAT_SLOW 2          /* packets that took the tail call */
 #define XLB_STAT_NEW_FLOW 3      /* conntrack entries created */
 #define XLB_STAT_NO_EP 4         /* dropped: service has no endpoint with weight > 0 */

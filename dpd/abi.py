@@ -30,7 +30,7 @@ CFG_REDIRECT = 1
 
 STAT_NAMES = (
     "pass",
-    "fast_path",
+    "unused_1",
     "slow_path",
     "new_flow",
     "drop_no_endpoint",
