@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METRICS = ("RR", "CRR")
-DEFAULT_TARGETS = ("plain", "xlb", "iptables", "nftables")
+DEFAULT_TARGETS = ("plain", "xlb", "xlb-policyd", "iptables", "nftables")
 VIP_CLIENT_SRC = "198.18.0.3"  # client source address for VIP traffic (see prepare_client)
 VIP_ROUTE = "198.19.0.0/16"
 FAKE_CP_ENDPOINTS = [Endpoint(f"198.19.255.{i}", 80) for i in range(1, 5)]
@@ -149,7 +149,7 @@ def _measure(topo: Topology, target: Target, cfg: Config, rnd: int, services: in
 def traffic_phase(topo: Topology, cfg: Config, backends: list[Endpoint]) -> list[Sample]:
     samples: list[Sample] = []
     scales = [1, cfg.others + 1] if cfg.others > 0 else [1]
-    names = [t for t in cfg.targets if t in TARGETS]
+    names = [t for t in cfg.targets if t in TARGETS and TARGETS[t].traffic]
     for rnd in range(cfg.rounds):
         order = names[rnd % len(names):] + names[: rnd % len(names)]
         for services in scales:
@@ -263,6 +263,7 @@ def table(summary: dict[str, Any], cfg: Config) -> str:
         ratio = f"{cp['xlb']['median'] / cp['nftables']['median']:.2f}"
     rows.append([f"program {cfg.cp_services:,} services x {cfg.cp_endpoints} endpoints",
                  secs("xlb"), secs("iptables"), secs("nftables"), "-", ratio])
+    rows.append(["  same, through policyd until SYNCED", secs("xlb-policyd"), "-", "-", "-", "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):

@@ -45,6 +45,8 @@ class Target(ABC):
     uses_vip: ClassVar[bool] = True
     #: whether the control-plane phase times this target
     control_plane: ClassVar[bool] = True
+    #: whether the traffic phase measures this target
+    traffic: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.topo: Topology | None = None

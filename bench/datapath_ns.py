@@ -1,0 +1,153 @@
+"""Datapath cost per packet with BPF_PROG_TEST_RUN, in ns, against the number of services.
+
+Cases (each through tc_packet_func, the attached entry program):
+- floor:       a parse-only program (same parser, returns TC_ACT_OK): the cost of any TC
+               program that looks at the headers;
+- pass:        a packet to no VIP (conntrack miss, tail call, service miss);
+- established: a packet of an established flow (conntrack hit, NAT rewrite, counters);
+- new_flow:    a flow's first packet (tail call, service lookup, endpoint selection,
+               conntrack create for both directions, DNAT).
+
+The programs rewrite packets, so a repeat count > 1 would feed a rewritten packet back
+in; like Katran's tester, each measurement is a run with repeat=1 on a fresh copy, and
+the figure is the mean of the kernel-measured durations. Forwarding is set to hand
+packets to the stack (no FIB lookup), so the numbers are the datapath's own work.
+
+Run: python -m bench.datapath_ns [--runs N] [--services 1,1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from dpd import bpfsys
+from dpd.loader import BPF_DIR, Settings
+from dpd.model import EndpointSpec, Proto, ServiceSpec
+
+CLIENT = "198.18.0.2"
+VIP_BASE = (198 << 24) | (19 << 16)  # 198.19.0.0/16, one VIP per service
+
+
+def vip(i: int) -> str:
+    n = VIP_BASE + i + 1
+    return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+
+
+def pkt(dst: str, sport: int, flags: str = "S", payload: bytes = b"") -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                 / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=80, flags=flags) / payload)
+
+
+def mean_ns(fd: int, packets: list[bytes], runs: int) -> float:
+    total = 0
+    n = len(packets)
+    for i in range(runs):
+        total += bpfsys.prog_test_run(fd, packets[i % n]).duration_ns
+    return total / runs
+
+
+def floor_fd() -> tuple[object, int]:
+    from bcc import BPF
+
+    text = "\n".join([
+        "#include <uapi/linux/bpf.h>", "#include <uapi/linux/pkt_cls.h>",
+        "#include <uapi/linux/if_ether.h>", "#include <uapi/linux/ip.h>",
+        "#include <uapi/linux/in.h>", "#include <uapi/linux/tcp.h>",
+        "#include <uapi/linux/udp.h>",
+        (BPF_DIR / "parse.h").read_text(),
+        "int parse_only(struct __sk_buff *skb) { struct xlb_pkt p;"
+        " if (xlb_parse(skb, &p) < 0) return TC_ACT_OK;"
+        " return p.proto == 255 ? TC_ACT_SHOT : TC_ACT_OK; }",
+    ])
+    b = BPF(text=text)
+    return b, b.load_func("parse_only", BPF.SCHED_CLS).fd
+
+
+@dataclass
+class Row:
+    services: int
+    floor: float
+    pass_: float
+    established: float
+    new_flow: float
+
+
+def measure(services_counts: list[int], runs: int) -> list[Row]:
+    from dpd.node import Node, cleanup
+
+    root = tempfile.mkdtemp(prefix="xlb-bench-")
+    top = max(services_counts)
+    settings = Settings(name="bench", bpf_root=root, max_services=max(top, 16),
+                        max_backends=max(4 * top, 64), ct_size=1 << 20, redirect=False)
+    node = Node(settings, ct_aging_interval=0)
+    bcc_floor, ffd = floor_fd()
+    rows = []
+    try:
+        fd = node.dp.fast_fd
+        have = 0
+        eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
+        for count in sorted(services_counts):
+            batch = [ServiceSpec(vip(i), 80, Proto.TCP, endpoints=eps) for i in range(have, count)]
+            for k in range(0, len(batch), 5000):
+                node.put_services(batch[k:k + 5000])
+            have = count
+            node.flush_conntrack()
+            target = vip(count - 1)  # the last service programmed
+            miss = [pkt("198.19.255.254", 1000 + i % 50000) for i in range(64)]
+            new = [pkt(target, 1024 + i) for i in range(min(runs, 60000))]
+            t_floor = mean_ns(ffd, miss, runs)
+            t_pass = mean_ns(fd, miss, runs)
+            t_new = mean_ns(fd, new, min(runs, len(new)))
+            # one flow, handshake completed: then its data packets take the fast path
+            sport = 65000
+            bpfsys.prog_test_run(fd, pkt(target, sport, "S"))
+            ep = next(e for e in node.list_conntrack() if e.src_port == sport)
+            reply = bytes(Ether() / IP(src=ep.nat_address, dst=CLIENT)
+                          / TCP(sport=ep.nat_port, dport=sport, flags="SA"))
+            bpfsys.prog_test_run(fd, reply)
+            bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
+            t_est = mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
+            rows.append(Row(count, t_floor, t_pass, t_est, t_new))
+    finally:
+        bcc_floor.cleanup()  # type: ignore[attr-defined]
+        node.close()
+        cleanup(settings)
+        os.rmdir(root)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| services | floor (parse only) | pass (no VIP) | established | new flow | "
+             "established / floor |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.services:,} | {r.floor:.0f} | {r.pass_:.0f} | {r.established:.0f} "
+                     f"| {r.new_flow:.0f} | {r.established / r.floor:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.datapath_ns", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=1_000_000)
+    p.add_argument("--services", default="1,1000,10000,100000")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    rows = measure([int(s) for s in args.services.split(",")], args.runs)
+    sys.stdout.write(f"ns per packet (BPF_PROG_TEST_RUN, mean of {args.runs:,} runs, "
+                     f"kernel {os.uname().release})\n{table(rows)}\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
