@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
@@ -171,3 +172,37 @@ def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> TestRunResult:
         err = ctypes.get_errno() or errno.EINVAL
         raise BpfError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
     return TestRunResult(opts.retval, buf_out.raw[: opts.data_size_out], opts.duration)
+
+
+_lib.bpf_map_lookup_batch.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p,
+]
+
+
+def lookup_batch(
+    fd: int, key_size: int, value_size: int, chunk: int = 4096
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map as raw bytes, `chunk` entries per syscall
+    (BPF_MAP_LOOKUP_BATCH). Entries changed during the walk may be seen or not."""
+    token_in = ctypes.create_string_buffer(max(key_size, 8))
+    token_out = ctypes.create_string_buffer(max(key_size, 8))
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        rc = _lib.bpf_map_lookup_batch(
+            fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), None
+        )
+        err = ctypes.get_errno() if rc < 0 else 0
+        kraw, vraw = keys.raw, values.raw
+        for i in range(count.value):
+            yield (kraw[i * key_size:(i + 1) * key_size],
+                   vraw[i * value_size:(i + 1) * value_size])
+        if rc < 0:
+            if err == errno.ENOENT:
+                return
+            raise BpfError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False

@@ -10,13 +10,29 @@ class Exhausted(Exception):
 
 
 class IdPool:
-    """Integers 0..size-1. Reservations are tentative until commit() or rollback()."""
+    """Integers 0..size-1. Reservations are tentative until commit() or rollback().
 
-    def __init__(self, size: int, used: Iterable[int] = ()) -> None:
+    Ids index counter slots, so a released id is "dirty" (its slot holds old counts) and
+    must be zeroed before reuse. With `assume_dirty` (maps reused from an earlier dpd)
+    every free id is dirty until it has been zeroed once."""
+
+    def __init__(self, size: int, used: Iterable[int] = (), assume_dirty: bool = False) -> None:
         self.size = size
         self._used = set(used)
         self._next = 0
         self._pending: list[int] = []
+        self._dirty: set[int] = set()
+        self._assume_dirty = assume_dirty
+        self._clean: set[int] = set()
+
+    def take_dirty(self, ids: Iterable[int]) -> list[int]:
+        """Those of `ids` whose slots must be zeroed; they count as clean afterwards."""
+        out = [i for i in ids
+               if i in self._dirty or (self._assume_dirty and i not in self._clean)]
+        self._dirty.difference_update(out)
+        if self._assume_dirty:
+            self._clean.update(out)
+        return out
 
     @property
     def free(self) -> int:
@@ -51,3 +67,4 @@ class IdPool:
     def release(self, ids: Iterable[int]) -> None:
         for i in ids:
             self._used.discard(i)
+            self._dirty.add(i)

@@ -107,6 +107,7 @@ class Datapath:
         os.makedirs(settings.pin_dir, exist_ok=True)
         check_pins(settings)
         reused = [n for n in abi.expected_maps(settings) if os.path.exists(self.pin(n))]
+        self.reused_maps = reused
         cflags = [
             f'-DXLB_BPF_ROOT="{settings.pin_dir}"',
             f"-DXLB_MAX_SERVICES={settings.max_services}",

@@ -8,7 +8,8 @@ on every node, whatever order a client sent them in.
 from __future__ import annotations
 
 import enum
-import ipaddress
+import functools
+import socket
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -76,20 +77,26 @@ class ServiceSpec:
         return ServiceKey(self.vip, self.port, self.proto)
 
 
+@functools.lru_cache(maxsize=65536)
+def _ipv4(value: str) -> tuple[str, int] | None:
+    """(canonical dotted quad, integer) or None; strict: exactly four decimal octets."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, value)
+    except (OSError, TypeError, ValueError):
+        return None
+    return socket.inet_ntoa(packed), int.from_bytes(packed, "big")
+
+
 def parse_ipv4(value: str, field: str, *, unicast: bool = True) -> str:
     """Return the canonical dotted quad or raise ValidationError naming `field`."""
-    try:
-        addr = ipaddress.IPv4Address(value.strip())
-    except (ipaddress.AddressValueError, ValueError, AttributeError):
-        raise ValidationError(f"{field}: {value!r} is not an IPv4 address") from None
-    if unicast and (
-        addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr == _BROADCAST
-    ):
-        raise ValidationError(f"{field}: {addr} is not a usable unicast address")
-    return str(addr)
-
-
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+    parsed = _ipv4(value.strip()) if isinstance(value, str) else None
+    if parsed is None:
+        raise ValidationError(f"{field}: {value!r} is not an IPv4 address")
+    text, n = parsed
+    top = n >> 24
+    if unicast and (n == 0 or top == 127 or 224 <= top <= 239 or n == 0xFFFFFFFF):
+        raise ValidationError(f"{field}: {text} is not a usable unicast address")
+    return text
 
 
 def parse_port(value: int, field: str) -> int:

@@ -7,25 +7,33 @@ refuses a write part-way."""
 
 from __future__ import annotations
 
+import functools
+import socket
+import struct
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from dpd import abi
+from dpd import abi, bpfsys
 from dpd.codec import (
-    be16_to_port,
-    be32_to_ip,
-    ip_to_be32,
     nat_key_fields,
-    port_to_be16,
-    service_key_of,
 )
 from dpd.ids import Exhausted, IdPool
-from dpd.model import Algorithm, EndpointSpec, Mode, ServiceKey, ServiceSpec
+from dpd.model import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
 from dpd.slots import build_slots
+
+# struct xlb_nat_val: header, endpoints[XLB_MAX_EPS], slots[XLB_SLOTS]
+_HEAD = struct.Struct("=IBBBBH")
+_EP = struct.Struct("=4sHHI")  # addr bytes; port given as htons(port): network order
+_EPS_OFF = 16
+_SLOTS_OFF = _EPS_OFF + abi.MAX_EPS * 12
+
+
+@functools.lru_cache(maxsize=4096)
+def slot_table(weights: tuple[int, ...]) -> bytes:
+    return bytes(build_slots(weights))
 
 log = structlog.get_logger("dpd.services")
 
@@ -35,6 +43,24 @@ class _Entry:
     spec: ServiceSpec
     svc_id: int
     stat_ids: dict[tuple[str, int], int]
+
+
+_KEY = struct.Struct("=4sHBx")
+
+
+def _decode_raw(kraw: bytes, vraw: bytes) -> _Entry:
+    vip, port, proto = _KEY.unpack(kraw)
+    svc_id, algo, mode, n_eps, _flags, _n_slots = _HEAD.unpack_from(vraw, 0)
+    eps: list[EndpointSpec] = []
+    stat_ids: dict[tuple[str, int], int] = {}
+    for i in range(min(n_eps, abi.MAX_EPS)):
+        addr, eport, weight, stat_id = _EP.unpack_from(vraw, _EPS_OFF + i * _EP.size)
+        ep = EndpointSpec(socket.inet_ntoa(addr), socket.ntohs(eport), weight)
+        eps.append(ep)
+        stat_ids[(ep.address, ep.port)] = stat_id
+    spec = ServiceSpec(socket.inet_ntoa(vip), socket.ntohs(port), Proto(proto),
+                       Algorithm(algo), Mode(mode), tuple(sorted(eps)))
+    return _Entry(spec, svc_id, stat_ids)
 
 
 @dataclass(frozen=True)
@@ -52,33 +78,24 @@ class ServiceTable:
         self.max_services = dp.settings.max_services
         self._lock = threading.Lock()
         entries = self._read_all()
-        self.svc_ids = IdPool(dp.settings.max_services, (e.svc_id for e in entries.values()))
+        reused = bool(dp.reused_maps)
+        self.svc_ids = IdPool(dp.settings.max_services, (e.svc_id for e in entries.values()),
+                              assume_dirty=reused)
         self.stat_ids = IdPool(
             dp.settings.max_backends,
             (sid for e in entries.values() for sid in e.stat_ids.values()),
+            assume_dirty=reused,
         )
         log.info("services_restored", services=len(entries))
 
     # -- reading back from the map ------------------------------------------------
 
-    def _decode(self, k: Any, v: Any) -> _Entry:
-        key = service_key_of(k.vip, k.port, k.proto)
-        eps: list[EndpointSpec] = []
-        stat_ids: dict[tuple[str, int], int] = {}
-        for i in range(min(v.n_eps, abi.MAX_EPS)):
-            e = v.eps[i]
-            ep = EndpointSpec(be32_to_ip(e.addr), be16_to_port(e.port), e.weight)
-            eps.append(ep)
-            stat_ids[(ep.address, ep.port)] = e.stat_id
-        spec = ServiceSpec(
-            key.vip, key.port, key.proto, Algorithm(v.algo), Mode(v.mode), tuple(sorted(eps))
-        )
-        return _Entry(spec, v.svc_id, stat_ids)
-
     def _read_all(self) -> dict[ServiceKey, _Entry]:
+        """Every service, read back from nat_v4_map with batched lookups."""
         out = {}
-        for k, v in self.nat.items():
-            e = self._decode(k, v)
+        for kraw, vraw in bpfsys.lookup_batch(self.nat.map_fd, abi.NAT_KEY_SIZE,
+                                              abi.NAT_VAL_SIZE):
+            e = _decode_raw(kraw, vraw)
             out[e.spec.key] = e
         return out
 
@@ -88,7 +105,7 @@ class ServiceTable:
             v = self.nat[k]
         except KeyError:
             return None
-        return self._decode(k, v)
+        return _decode_raw(bytes(k), bytes(v))
 
     def specs(self) -> list[ServiceSpec]:
         return [e.spec for e in self._read_all().values()]
@@ -98,27 +115,33 @@ class ServiceTable:
 
     # -- writing --------------------------------------------------------------------
 
-    def _leaf(self, spec: ServiceSpec, svc_id: int, stat_ids: dict[tuple[str, int], int]) -> Any:
-        leaf = self.nat.Leaf()
-        leaf.svc_id = svc_id
-        leaf.algo = int(spec.algorithm)
-        leaf.mode = int(spec.mode)
-        leaf.n_eps = len(spec.endpoints)
-        for i, ep in enumerate(spec.endpoints):
-            e = leaf.eps[i]
-            e.addr = ip_to_be32(ep.address)
-            e.port = port_to_be16(ep.port)
-            e.weight = ep.weight
-            e.stat_id = stat_ids[(ep.address, ep.port)]
-        table = build_slots([ep.weight for ep in spec.endpoints])
-        leaf.n_slots = len(table)
-        for i, idx in enumerate(table):
-            leaf.slots[i] = idx
-        return leaf
+    def _write(self, entries: list[_Entry]) -> None:
+        """Write entries with one BPF_MAP_UPDATE_BATCH: keys and xlb_nat_val values are
+        packed straight into the arrays handed to the kernel."""
+        if not entries:
+            return
+        n = len(entries)
+        keys = (self.nat.Key * n)(*(self.nat.Key(*nat_key_fields(e.spec.key)) for e in entries))
+        buf = bytearray(n * abi.NAT_VAL_SIZE)
+        for j, e in enumerate(entries):
+            base = j * abi.NAT_VAL_SIZE
+            spec = e.spec
+            table = slot_table(tuple(ep.weight for ep in spec.endpoints))
+            _HEAD.pack_into(buf, base, e.svc_id, int(spec.algorithm), int(spec.mode),
+                            len(spec.endpoints), 0, len(table))
+            for i, ep in enumerate(spec.endpoints):
+                _EP.pack_into(buf, base + _EPS_OFF + i * _EP.size, socket.inet_aton(ep.address),
+                              socket.htons(ep.port), ep.weight,
+                              e.stat_ids[(ep.address, ep.port)])
+            slots = base + _SLOTS_OFF
+            buf[slots:slots + len(table)] = table
+        self.nat.items_update_batch(keys, (self.nat.Leaf * n).from_buffer(buf))
 
-    def _zero(self, table: Any, ids: Iterable[int]) -> None:
-        for i in ids:
-            table[table.Key(i)] = table.Leaf()
+    @staticmethod
+    def _zero(table: Any, ids: list[int]) -> None:
+        if ids:
+            keys = (table.Key * len(ids))(*(table.Key(i) for i in ids))
+            table.items_update_batch(keys, (table.Leaf * len(ids))())
 
     def put(self, specs: list[ServiceSpec]) -> int:
         """Upsert all of `specs` or none. Raises Exhausted when there is no room."""
@@ -154,21 +177,18 @@ class ServiceTable:
                 freed = [sid for ek, sid in have.items() if ek not in stat_ids]
                 svc_id = prev.svc_id if prev else next(svc_ids)
                 plan.append((k, _Entry(spec, svc_id, stat_ids), freed))
-            self._zero(self.ep_stats, fresh_stats)
-            self._zero(self.svc_stats, (e.svc_id for k, e, _ in plan if old[k] is None))
-            self._zero(self.rr, (e.svc_id for k, e, _ in plan if old[k] is None))
-            written: list[ServiceKey] = []
+            self._zero(self.ep_stats, self.stat_ids.take_dirty(fresh_stats))
+            fresh_svc = self.svc_ids.take_dirty(e.svc_id for k, e, _ in plan if old[k] is None)
+            self._zero(self.svc_stats, fresh_svc)
+            self._zero(self.rr, fresh_svc)
             try:
-                for k, e, _ in plan:
-                    self.nat[self.nat.Key(*nat_key_fields(k))] = self._leaf(
-                        e.spec, e.svc_id, e.stat_ids
-                    )
-                    written.append(k)
+                self._write([e for _, e, _ in plan])
             except Exception as err:
-                self._restore(written, old)
+                self._restore([k for k, _, _ in plan], old)
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
-                if "No space" in str(err) or "Argument list too long" in str(err):
+                if any(t in str(err) for t in ("No space", "Argument list too long",
+                                               "Cannot allocate")):
                     raise Exhausted(f"nat_v4_map is full: {err}") from err
                 raise
             self.svc_ids.commit()
@@ -178,13 +198,11 @@ class ServiceTable:
             return len(plan)
 
     def _restore(self, written: list[ServiceKey], old: dict[ServiceKey, _Entry | None]) -> None:
+        """Put back what `written` held before: delete new keys, rewrite replaced ones."""
         for k in written:
-            prev = old[k]
-            nk = self.nat.Key(*nat_key_fields(k))
-            if prev is None:
-                self.nat.pop(nk, None)
-            else:
-                self.nat[nk] = self._leaf(prev.spec, prev.svc_id, prev.stat_ids)
+            if old[k] is None:
+                self.nat.pop(self.nat.Key(*nat_key_fields(k)), None)
+        self._write([e for k in written if (e := old[k]) is not None])
         log.warning("services_rolled_back", count=len(written))
 
     def delete(self, keys: list[ServiceKey]) -> int:
