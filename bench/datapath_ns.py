@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import struct
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -106,15 +109,7 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
             t_floor = mean_ns(ffd, miss, runs)
             t_pass = mean_ns(fd, miss, runs)
             t_new = mean_ns(fd, new, min(runs, len(new)))
-            # one flow, handshake completed: then its data packets take the fast path
-            sport = 65000
-            bpfsys.prog_test_run(fd, pkt(target, sport, "S"))
-            ep = next(e for e in node.list_conntrack() if e.src_port == sport)
-            reply = bytes(Ether() / IP(src=ep.nat_address, dst=CLIENT)
-                          / TCP(sport=ep.nat_port, dport=sport, flags="SA"))
-            bpfsys.prog_test_run(fd, reply)
-            bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
-            t_est = mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
+            t_est = _established_ns(node, fd, target, runs)
             rows.append(Row(count, t_floor, t_pass, t_est, t_new))
     finally:
         bcc_floor.cleanup()  # type: ignore[attr-defined]
@@ -122,6 +117,70 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
         cleanup(settings)
         os.rmdir(root)
     return rows
+
+
+def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 65000) -> float:
+    """Make one flow established (SYN, SYN-ACK, ACK), then time its data packets."""
+    bpfsys.prog_test_run(fd, pkt(target, sport, "S"))
+    ct = node.dp.table("ct_v4_map")  # type: ignore[attr-defined]
+    key = ct.Key()
+    key.saddr, key.daddr = (int.from_bytes(socket.inet_aton(a), "little") for a in (CLIENT, target))
+    key.sport, key.dport, key.proto = socket.htons(sport), socket.htons(80), 6
+    orig = ct[key]
+    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig.nat_addr.to_bytes(4, "little")),
+                               dst=CLIENT)
+                  / TCP(sport=socket.ntohs(orig.nat_port), dport=sport, flags="SA"))
+    bpfsys.prog_test_run(fd, reply)
+    bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
+    return mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
+
+
+def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
+    """Fast-path ns and conntrack map memory with `count` entries present."""
+    from dpd.node import Node, cleanup
+
+    out = []
+    for count in counts:
+        root = tempfile.mkdtemp(prefix="xlb-bench-ct-")
+        settings = Settings(name="benchct", bpf_root=root, max_services=16, max_backends=64,
+                            ct_size=count + 1024, redirect=False)
+        node = Node(settings, ct_aging_interval=0)
+        try:
+            eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
+            node.put_services([ServiceSpec(vip(0), 80, Proto.TCP, endpoints=eps)])
+            fill_conntrack(node, count)
+            est = _established_ns(node, node.dp.fast_fd, vip(0), runs)
+            path = node.dp.pin("ct_v4_map")
+            mem = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned", path],
+                                            capture_output=True, text=True,
+                                            check=True).stdout)["bytes_memlock"]
+            out.append({"entries": count, "established_ns": est, "ct_map_mb": mem / 2**20})
+        finally:
+            node.close()
+            cleanup(settings)
+            os.rmdir(root)
+    return out
+
+
+def fill_conntrack(node: object, count: int) -> None:
+    """`count` established ORIG entries from distinct clients (198.18.128.0/17 x ports),
+    written with one batched update."""
+    ct = node.dp.table("ct_v4_map")  # type: ignore[attr-defined]
+    kfmt, vfmt = struct.Struct("=IIHHBxxx"), struct.Struct("=IHBBIII4xQ8x")
+    kbuf, vbuf = bytearray(kfmt.size * count), bytearray(vfmt.size * count)
+    vip0 = int.from_bytes(socket.inet_aton(vip(0)), "little")
+    ep = int.from_bytes(socket.inet_aton("198.18.1.2"), "little")
+    base = (198 << 24) | (18 << 16) | (128 << 8)
+    for i in range(count):
+        client = socket.htonl(base + i // 50000)
+        kfmt.pack_into(kbuf, i * kfmt.size, client, vip0, socket.htons(1024 + i % 50000),
+                       socket.htons(80), 6)
+        vfmt.pack_into(vbuf, i * vfmt.size, ep, socket.htons(8080), 1, 3, 0, 0, 0, 0)
+    for k in range(0, count, 65536):
+        n = min(65536, count - k)
+        keys = (ct.Key * n).from_buffer(kbuf, k * kfmt.size)
+        vals = (ct.Leaf * n).from_buffer(vbuf, k * vfmt.size)
+        ct.items_update_batch(keys, vals)
 
 
 def table(rows: list[Row]) -> str:
@@ -133,19 +192,35 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def ct_table(rows: list[dict[str, float]]) -> str:
+    lines = ["| conntrack entries | established ns/packet | ct_v4_map memory |",
+             "|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {int(r['entries']):,} | {r['established_ns']:.0f} | "
+                     f"{r['ct_map_mb']:.0f} MiB |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.datapath_ns", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=1_000_000)
     p.add_argument("--services", default="1,1000,10000,100000")
+    p.add_argument("--conntrack", default="100000,1000000",
+                   help="conntrack fill levels for the scale table ('' to skip)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     rows = measure([int(s) for s in args.services.split(",")], args.runs)
     sys.stdout.write(f"ns per packet (BPF_PROG_TEST_RUN, mean of {args.runs:,} runs, "
                      f"kernel {os.uname().release})\n{table(rows)}\n")
+    ct_rows = []
+    if args.conntrack:
+        ct_rows = conntrack_scale([int(c) for c in args.conntrack.split(",")], args.runs)
+        sys.stdout.write(ct_table(ct_rows) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=1)
+            json.dump({"per_packet": [r.__dict__ for r in rows], "conntrack": ct_rows}, f,
+                      indent=1)
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from bench import xlb_report
 from bench.nginx import start_nginx
 from bench.services import Endpoint
 from bench.targets import TARGETS, Target
@@ -61,6 +62,11 @@ class Config:
     targets: list[str]
     streams: int  # concurrent single-threaded wrk processes (default: one per backend)
     warmup: bool = True
+    ns_runs: int = 1_000_000  # BPF_PROG_TEST_RUN runs per per-packet figure
+    ns_services: list[int] = field(default_factory=lambda: [1, 1000, 10_000, 100_000])
+    ct_counts: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    changes: int = 200  # service changes timed for the change latency
+    mem_counts: list[int] = field(default_factory=lambda: [10_000, 100_000])
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -288,7 +294,8 @@ def _config(args: argparse.Namespace) -> Config:
         rounds=args.rounds or (3 if quick else 5),
         duration=args.duration or (2.0 if quick else 10.0),
         others=args.services if args.services is not None else (1000 if quick else 10_000),
-        cp_services=args.cp_services if args.cp_services is not None else 10_000,
+        cp_services=(args.cp_services if args.cp_services is not None
+                     else (5_000 if quick else 10_000)),
         cp_endpoints=4,
         cp_reps=args.cp_reps or (1 if quick else 3),
         connections=args.connections,
@@ -297,6 +304,11 @@ def _config(args: argparse.Namespace) -> Config:
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
         streams=args.streams or args.backends,
         warmup=not quick,
+        ns_runs=50_000 if quick else 1_000_000,
+        ns_services=[1, 1000, 10_000] if quick else [1, 1000, 10_000, 100_000],
+        ct_counts=[100_000] if quick else [100_000, 1_000_000],
+        changes=20 if quick else 200,
+        mem_counts=[10_000] if quick else [10_000, 100_000],
     )
 
 
@@ -341,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: one per backend; plain sends stream i to backend i)")
     p.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--no-xlb-extra", action="store_true",
+                   help="skip per-packet ns, conntrack scale, change latency and memory")
     args = p.parse_args(argv)
     configure(args.log_level)
     if os.geteuid() != 0:
@@ -362,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     samples: list[Sample] = []
     cp: dict[str, list[float]] = {}
+    xlb_extra: dict[str, Any] = {}
     with Topology(backends=cfg.backends, vip=DEFAULT_VIP) as topo:
         prepare_client(topo)
         start_nginx(topo, port=cfg.port)
@@ -369,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         samples = traffic_phase(topo, cfg, backends)
         if cfg.cp_services:
             cp = control_plane_phase(topo, cfg)
+        if "xlb" in cfg.targets and not args.no_xlb_extra:
+            xlb_extra = xlb_report.run_in_topology(topo, backends, cfg.changes, cfg.others,
+                                                   cfg.mem_counts)
+    if "xlb" in cfg.targets and not args.no_xlb_extra:
+        xlb_extra.update(xlb_report.run_datapath(cfg.ns_services, cfg.ns_runs, cfg.ct_counts))
     elapsed = time.monotonic() - started
     summary = summarize(samples, cp, cfg)
     result = {
@@ -377,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": host_info(),
         "config": asdict(cfg),
         "summary": summary,
+        "xlb": xlb_extra,
         "samples": [asdict(s) for s in samples],
     }
     out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}.json"
@@ -384,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(out)
+    png = xlb_report.plot(summary, xlb_extra, out.with_suffix(".png"))
     print(table(summary, cfg))  # noqa: T201 - the report table
+    if xlb_extra:
+        print("\n" + xlb_report.tables(xlb_extra))  # noqa: T201
     print(f"\n{'quick' if cfg.quick else 'full'} run, {elapsed:.0f} s; "  # noqa: T201
-          f"results: {out}")
+          f"results: {out}" + (f", plot: {png}" if png else ""))
     log.info("bench.done", seconds=round(elapsed, 1), results=str(out))
     return 0
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import structlog
@@ -53,7 +53,7 @@ class Daemon:
         self.logfile = logfile
         self.proc: subprocess.Popen[Any] | None = None
 
-    def start(self, timeout: float = 60.0) -> Daemon:
+    def start(self, timeout: float = 60.0) -> Self:
         with open(self.logfile, "a") as logf:
             self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
                                          env=netns.python_env(), start_new_session=True)

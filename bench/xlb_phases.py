@@ -1,0 +1,147 @@
+"""xlb-only measurements of issue 3: one change's latency from the API call to the first
+packet forwarded by it, and resident memory of dpd and policyd holding many services."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from bench.services import Endpoint, filler_services
+from bench.target_xlb import dpd_service, policy_service, start_dpd, wait_synced
+from lab import netns
+from lab.daemons import Policyd
+from lab.topology import Topology
+from xlb.dpd.v1 import datapath_pb2 as dpb
+from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
+from xlb.policy.v1 import policy_pb2 as ppb
+from xlb.policy.v1 import policy_pb2_grpc as pgrpc
+
+CHANGE_VIP = "198.19.200.1"
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def map_mb(path: str) -> float:
+    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out).get("bytes_memlock", 0)) / 2**20
+
+
+def _one_change(topo: Topology, port: int, apply: Callable[[int], None]) -> float:
+    """Latency (ms) from calling `apply(port)` to the first connect through CHANGE_VIP:port."""
+    probe = topo.popen(topo.client_ns, [sys.executable, "-m", "bench.probe", CHANGE_VIP,
+                                        str(port), "10"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=netns.python_env())
+    assert probe.stdin is not None and probe.stdout is not None
+    try:
+        if probe.stdout.readline().strip() != "ready":
+            raise RuntimeError("probe did not start")
+        probe.stdin.write("go\n")
+        probe.stdin.flush()
+        t0 = time.monotonic_ns()
+        apply(port)
+        line = probe.stdout.readline().strip()
+        probe.wait(timeout=15)
+    finally:
+        topo.stop(probe)
+    if not line.isdigit():
+        raise RuntimeError(f"change on port {port} never carried traffic ({line!r})")
+    return (int(line) - t0) / 1e6
+
+
+def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
+                   fillers: int) -> dict[str, list[float]]:
+    """`changes` new services, each measured alone, on a node already holding `fillers`."""
+    specs = filler_services(fillers)
+    out: dict[str, list[float]] = {"dpd": [], "policyd": []}
+    dpd = start_dpd(topo, fillers + 2 * changes + 16)
+    policyd = None
+    try:
+        with grpc.insecure_channel(dpd.address) as dch:
+            dstub = dgrpc.DatapathStub(dch)
+            for k in range(0, len(specs), 5000):
+                dstub.PutServices(dpb.PutServicesRequest(
+                    services=[dpd_service(s) for s in specs[k:k + 5000]]), timeout=300)
+
+            def put(port: int) -> None:
+                dstub.PutServices(dpb.PutServicesRequest(services=[dpb.Service(
+                    vip=CHANGE_VIP, port=port, protocol=dpb.PROTOCOL_TCP,
+                    endpoints=[dpb.Endpoint(address=b.ip, port=b.port) for b in backends])]),
+                    timeout=10)
+
+            for i in range(changes):
+                out["dpd"].append(_one_change(topo, 20000 + i, put))
+
+            # through policyd: it first takes over the node's fillers, then applies changes
+            policyd = Policyd(topo.workdir, db=topo.workdir / "latency-policyd.db",
+                              resync_interval=30.0).start()
+            with grpc.insecure_channel(policyd.address) as pch:
+                policy = pgrpc.PolicyStub(pch)
+                for i, s in enumerate(specs):
+                    policy.ApplyService(ppb.ApplyServiceRequest(
+                        service=policy_service(i, s)), timeout=30)
+                policy.RegisterNode(ppb.RegisterNodeRequest(
+                    node=ppb.Node(name="bench", address=dpd.address)), timeout=10)
+                wait_synced(policy, 1, 600)
+
+                def apply(port: int) -> None:
+                    policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
+                        name=f"change-{port}", vip=CHANGE_VIP, port=port,
+                        protocol=ppb.PROTOCOL_TCP,
+                        endpoints=[ppb.Endpoint(address=b.ip, port=b.port)
+                                   for b in backends])), timeout=10)
+
+                for i in range(changes):
+                    out["policyd"].append(_one_change(topo, 30000 + i, apply))
+    finally:
+        if policyd is not None:
+            policyd.stop()
+            (topo.workdir / "latency-policyd.db").unlink(missing_ok=True)
+        dpd.cleanup()
+    return out
+
+
+def memory(topo: Topology, counts: list[int]) -> list[dict[str, Any]]:
+    """RSS of dpd and policyd, and kernel memory of nat_v4_map, holding `counts` services
+    (4 endpoints each) programmed through policyd."""
+    rows = []
+    for count in counts:
+        specs = filler_services(count)
+        dpd = start_dpd(topo, count)
+        policyd = Policyd(topo.workdir, db=topo.workdir / "mem-policyd.db",
+                          resync_interval=30.0).start()
+        try:
+            with grpc.insecure_channel(policyd.address) as pch:
+                policy = pgrpc.PolicyStub(pch)
+                policy.RegisterNode(ppb.RegisterNodeRequest(
+                    node=ppb.Node(name="bench", address=dpd.address)), timeout=10)
+                svc = None
+                for i, s in enumerate(specs):
+                    svc = policy.ApplyService(ppb.ApplyServiceRequest(
+                        service=policy_service(i, s)), timeout=30)
+                assert svc is not None
+                wait_synced(policy, svc.generation, 1800)
+            assert dpd.proc is not None and policyd.proc is not None
+            rows.append({
+                "services": count,
+                "dpd_rss_mb": rss_mb(dpd.proc.pid),
+                "policyd_rss_mb": rss_mb(policyd.proc.pid),
+                "nat_map_mb": map_mb(f"{dpd.bpf_root}/bench/nat_v4_map"),
+            })
+        finally:
+            policyd.stop()
+            (topo.workdir / "mem-policyd.db").unlink(missing_ok=True)
+            dpd.cleanup()
+    return rows
