@@ -12,6 +12,10 @@ def _order(key: ServiceKey) -> tuple[str, int, int]:
     return (key.vip, key.port, int(key.proto))
 
 
+def _spec_order(spec: ServiceSpec) -> tuple[str, int, int]:
+    return (spec.vip, spec.port, int(spec.proto))
+
+
 class ServiceDiff(NamedTuple):
     to_put: list[ServiceSpec]  # missing on the node, or different there
     to_delete: list[ServiceKey]  # on the node but not desired
@@ -28,8 +32,17 @@ def diff_services(
     """Compare by value; `actual` may map a key to None for an entry the node reported
     but that could not be read back as a valid service (it is replaced or deleted).
 
-    Both lists come out sorted by (vip, port, protocol), so a plan is deterministic.
+    One dict lookup per desired and per actual entry; only what changes is sorted, by
+    (vip, port, protocol), so a plan is deterministic.
     """
-    to_put = [desired[k] for k in sorted(desired, key=_order) if actual.get(k) != desired[k]]
-    to_delete = sorted((k for k in actual if k not in desired), key=_order)
+    if desired is actual:  # an incremental pass with nothing new
+        return ServiceDiff([], [])
+    to_put = [
+        spec
+        for key, spec in desired.items()
+        if (held := actual.get(key)) is not spec and held != spec
+    ]
+    to_put.sort(key=_spec_order)
+    to_delete = [key for key in actual if key not in desired]
+    to_delete.sort(key=_order)
     return ServiceDiff(to_put, to_delete)

@@ -1,22 +1,28 @@
 """Reconcile the desired services onto every registered node's dpd.
 
 One worker thread per node, each with its own gRPC channel to the node's
-``xlb.dpd.v1.Datapath``. A pass is level-triggered and idempotent:
+``xlb.dpd.v1.Datapath``. A pass is idempotent:
 
 1. take a snapshot of the desired state (generation + services, read atomically),
-2. read what the node holds (``ListServices``),
+2. know what the node holds: a *full* pass reads it (``ListServices``); an
+   *incremental* pass takes what the node held after the previous successful pass
+   (the desired services of that pass),
 3. diff, then ``DeleteServices`` and ``PutServices`` the difference in batches,
 4. record the snapshot's generation as the node's observed generation.
 
 A change made while a pass runs bumps the generation past the snapshot's, so the node
 shows PENDING until the next pass (which the change's wake-up triggers) picks it up.
 
-A pass runs when the worker starts, when woken (every change to the desired state;
-bursts coalesce into one pass), and every ``resync_interval`` seconds, which repairs
-drift (a node that restarted empty, a hand edit through dpd's API). A failed pass sets
-the node to ERROR with the error's text and is retried with exponential backoff
-(``backoff_initial`` doubling up to ``backoff_max``, reset by a success); wake-ups do
-not cut a backoff short.
+A pass runs when the worker starts, when woken (every change to the desired state; the
+pass starts at once, and changes that land while it runs make one more pass), and every
+``resync_interval`` seconds. Passes are full when the worker starts, after a failed
+pass, and once ``resync_interval`` has passed since the last full one; the others are
+incremental, so a change costs what it changes, not a read-back of every service on the
+node (10,000 services stream back in about a second). Full passes repair drift (a node
+that restarted empty, a hand edit through dpd's API) within ``resync_interval``. A
+failed pass sets the node to ERROR with the error's text and is retried with
+exponential backoff (``backoff_initial`` doubling up to ``backoff_max``, reset by a
+success); wake-ups do not cut a backoff short.
 
 Deregistering a node stops its worker and leaves the node's datapath as it is: policyd
 no longer manages it, and its services keep serving until someone deletes them through
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -38,13 +44,13 @@ from dpd.model import (
     ServiceKey,
     ServiceSpec,
     ValidationError,
+    fill_service,
     fill_service_key,
     parse_service,
     parse_service_key,
 )
 from policyd.diff import diff_services
 from policyd.errors import NotFoundError
-from policyd.messages import spec_to_dpd
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import NodeRecord, Store
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
@@ -54,14 +60,20 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 
+# dpd's gRPC server takes messages up to grpc's default 4 MiB; stay well below it (a
+# service with 64 endpoints is ~1.2 KiB, so 5000 of them would not fit in one call).
+BATCH_BYTES = 3 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ReconcilerSettings:
     resync_interval: float = 10.0  # seconds between passes when nothing happens
     backoff_initial: float = 0.2  # first retry delay after a failed pass
     backoff_max: float = 10.0  # retry delay cap
-    batch_size: int = 1000  # services per PutServices / keys per DeleteServices
+    batch_size: int = 5000  # services per PutServices / keys per DeleteServices
+    batch_bytes: int = BATCH_BYTES  # and at most this many bytes per PutServices
     rpc_timeout: float = 10.0  # deadline of each call to dpd
-    coalesce: float = 0.05  # after a wake-up, wait this long for more changes
+    coalesce: float = 0.0  # after a wake-up, wait this long for more changes (0: none)
 
     def __post_init__(self) -> None:
         for name in ("resync_interval", "backoff_initial", "backoff_max", "rpc_timeout"):
@@ -69,6 +81,10 @@ class ReconcilerSettings:
                 raise ValueError(f"{name} must be positive")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.batch_bytes < 1:
+            raise ValueError("batch_bytes must be at least 1")
+        if self.coalesce < 0:
+            raise ValueError("coalesce must not be negative")
 
 
 # -- decisions (pure) -------------------------------------------------------------------
@@ -111,6 +127,13 @@ class SyncResult:
     services: int  # services the node holds now
     put: int
     deleted: int
+    full: bool = True  # the node was read back (ListServices)
+    calls: int = 0  # PutServices + DeleteServices calls made
+    # seconds spent: ListServices (and reading it), diff, building requests, in the calls
+    list_s: float = 0.0
+    diff_s: float = 0.0
+    convert_s: float = 0.0
+    rpc_s: float = 0.0
 
 
 def read_actual(stub: Any, timeout: float) -> dict[ServiceKey, ServiceSpec | None]:
@@ -131,28 +154,76 @@ def read_actual(stub: Any, timeout: float) -> dict[ServiceKey, ServiceSpec | Non
     return actual
 
 
+def put_requests(
+    specs: Iterable[ServiceSpec], max_count: int = 5000, max_bytes: int = BATCH_BYTES
+) -> Iterator[datapath_pb2.PutServicesRequest]:
+    """PutServices requests for `specs`, in order, each with at most `max_count`
+    services and (unless one service alone is bigger) at most `max_bytes` bytes."""
+    request = datapath_pb2.PutServicesRequest()
+    size = 0
+    for spec in specs:
+        msg = fill_service(request.services.add(), spec)
+        grown = msg.ByteSize() + 8  # + tag and length prefix (generously)
+        if len(request.services) > 1 and (
+            len(request.services) > max_count or size + grown > max_bytes
+        ):
+            del request.services[-1]
+            yield request
+            request = datapath_pb2.PutServicesRequest()
+            fill_service(request.services.add(), spec)
+            size = 0
+        size += grown
+    if request.services:
+        yield request
+
+
 def sync_node(
     stub: Any,
     desired: Mapping[ServiceKey, ServiceSpec],
     *,
-    batch_size: int = 1000,
+    known: Mapping[ServiceKey, ServiceSpec | None] | None = None,
+    batch_size: int = 5000,
+    batch_bytes: int = BATCH_BYTES,
     timeout: float = 10.0,
 ) -> SyncResult:
     """Make the node behind `stub` (a Datapath stub or a stand-in with the same three
-    methods) hold exactly `desired`. Raises grpc.RpcError when a call fails."""
-    actual = read_actual(stub, timeout)
+    methods) hold exactly `desired`. `known`: what the node holds, when the caller knows
+    (an incremental pass); None reads it with ListServices. Raises grpc.RpcError when a
+    call fails."""
+    clock = time.perf_counter
+    started = clock()
+    actual = read_actual(stub, timeout) if known is None else known
+    listed = clock()
     plan = diff_services(desired, actual)
+    diffed = clock()
+    rpc = 0.0
+    calls = 0
+
+    def call(method: Callable[..., Any], request: Any) -> None:
+        nonlocal rpc, calls
+        before = clock()
+        method(request, timeout=timeout)
+        rpc += clock() - before
+        calls += 1
+
     for keys in batches(plan.to_delete, batch_size):
         request = datapath_pb2.DeleteServicesRequest()
         for key in keys:
             fill_service_key(request.keys.add(), key)
-        stub.DeleteServices(request, timeout=timeout)
-    for specs in batches(plan.to_put, batch_size):
-        stub.PutServices(
-            datapath_pb2.PutServicesRequest(services=[spec_to_dpd(s) for s in specs]),
-            timeout=timeout,
-        )
-    return SyncResult(services=len(desired), put=len(plan.to_put), deleted=len(plan.to_delete))
+        call(stub.DeleteServices, request)
+    for put in put_requests(plan.to_put, batch_size, batch_bytes):
+        call(stub.PutServices, put)
+    return SyncResult(
+        services=len(desired),
+        put=len(plan.to_put),
+        deleted=len(plan.to_delete),
+        full=known is None,
+        calls=calls,
+        list_s=listed - started,
+        diff_s=diffed - listed,
+        convert_s=clock() - diffed - rpc,
+        rpc_s=rpc,
+    )
 
 
 # -- threads ----------------------------------------------------------------------------
@@ -191,6 +262,10 @@ class NodeWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress = NodeProgress()
+        # What the node held after the last successful pass (None: unknown, read it) and
+        # when the next full pass is due (time.monotonic()); used by this thread only.
+        self._known: Mapping[ServiceKey, ServiceSpec] | None = None
+        self._full_due = 0.0
         self._log = log.bind(node=node.name, address=node.address)
         self._thread = threading.Thread(
             target=self._run, name=f"reconcile-{node.name}", daemon=True
@@ -238,22 +313,30 @@ class NodeWorker:
             if self._stop.is_set():
                 break
             failures = 0 if ok else failures + 1
-            delay = next_wait(failures, self._settings)
             if failures:
-                self._stop.wait(delay)
-            elif self._wake.wait(delay) and not self._stop.is_set():
+                self._stop.wait(next_wait(failures, self._settings))
+                continue
+            delay = max(0.0, self._full_due - time.monotonic())  # until the next full pass
+            if self._wake.wait(delay) and self._settings.coalesce and not self._stop.is_set():
                 self._stop.wait(self._settings.coalesce)  # let a burst of changes land
         self._log.info("node.worker_stopped")
 
     def reconcile_once(self) -> bool:
         """One pass; records the outcome. True on success."""
         self._record(last_attempt_ns=time.time_ns())
+        now = time.monotonic()
+        full = self._known is None or now >= self._full_due
+        known, self._known = self._known, None  # unknown until this pass succeeds
         try:
+            started = time.perf_counter()
             snapshot = self._store.snapshot()
+            snapshot_s = time.perf_counter() - started
             result = sync_node(
                 self._stub,
                 snapshot.services,
+                known=None if full else known,
                 batch_size=self._settings.batch_size,
+                batch_bytes=self._settings.batch_bytes,
                 timeout=self._settings.rpc_timeout,
             )
         except Exception as exc:
@@ -268,6 +351,9 @@ class NodeWorker:
             else:
                 self._log.debug("node.sync_failed", error=message)
             return False
+        self._known = snapshot.services
+        if full:
+            self._full_due = now + self._settings.resync_interval
         previous = self._record(
             observed_generation=snapshot.generation,
             error="",
@@ -281,6 +367,14 @@ class NodeWorker:
             services=result.services,
             put=result.put,
             deleted=result.deleted,
+            full=result.full,
+            calls=result.calls,
+            seconds=round(time.perf_counter() - started, 4),
+            snapshot_s=round(snapshot_s, 4),
+            list_s=round(result.list_s, 4),
+            diff_s=round(result.diff_s, 4),
+            convert_s=round(result.convert_s, 4),
+            rpc_s=round(result.rpc_s, 4),
         )
         return True
 

@@ -13,6 +13,7 @@ from policyd.reconciler import (
     backoff_delay,
     describe_error,
     next_wait,
+    put_requests,
     sync_node,
 )
 from policyd.status import NodeProgress, SyncState, node_status, sync_state
@@ -139,3 +140,51 @@ def test_sync_propagates_rpc_errors():
 
     with pytest.raises(grpc.RpcError):
         sync_node(Down(), {spec(0).key: spec(0)})
+
+
+def test_put_requests_split_by_count_and_bytes():
+    specs = [spec(i) for i in range(10)]
+    assert [len(r.services) for r in put_requests(specs, max_count=4)] == [4, 4, 2]
+    one = next(put_requests(specs[:1])).services[0].ByteSize()
+    sizes = [len(r.services) for r in put_requests(specs, max_count=100, max_bytes=3 * one + 30)]
+    assert sizes == [3, 3, 3, 1]
+    # a service bigger than the byte budget still goes, alone
+    assert [len(r.services) for r in put_requests(specs[:3], max_bytes=1)] == [1, 1, 1]
+    sent = [s for r in put_requests(specs, max_count=3) for s in r.services]
+    assert [(s.vip, s.port, s.endpoints[0].weight) for s in sent] == [
+        (x.vip, x.port, 1) for x in specs
+    ]
+
+
+def test_default_batches_fit_dpd_message_limit():
+    big = [
+        ServiceSpec(
+            f"198.19.{i // 250}.{i % 250 + 1}",
+            80,
+            Proto.TCP,
+            endpoints=tuple(
+                EndpointSpec(f"198.18.{j // 250}.{j % 250 + 1}", 80) for j in range(64)
+            ),
+        )
+        for i in range(3000)
+    ]
+    requests = list(put_requests(big))
+    assert len(requests) > 1
+    assert all(r.ByteSize() <= 4 * 1024 * 1024 for r in requests)
+    assert sum(len(r.services) for r in requests) == 3000
+
+
+def test_sync_with_known_state_skips_listing():
+    class NoList(StubDatapath):
+        def ListServices(self, request: Any, timeout: float) -> list[datapath_pb2.Service]:  # noqa: N802
+            raise AssertionError("an incremental pass must not list the node")
+
+    a, b, c = spec(1), spec(2), spec(3)
+    stub = NoList()
+    result = sync_node(stub, {a.key: a, c.key: c}, known={a.key: a, b.key: b})
+    assert (result.full, result.put, result.deleted) == (False, 1, 1)
+    assert stub.puts == [1]
+    assert stub.deletes == [[(b.vip, b.port, 1)]]
+    desired = {a.key: a}
+    nothing = sync_node(stub, desired, known=desired)
+    assert (nothing.put, nothing.deleted, nothing.calls) == (0, 0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dpd.model import EndpointSpec, Proto, ServiceSpec
 from policyd.client import PolicyClient, make_service
+from tests.unit.conftest import FakeDatapath
 from xlb.dpd.v1 import datapath_pb2
 from xlb.policy.v1 import policy_pb2
 
@@ -222,25 +224,47 @@ def test_changes_are_pushed_without_waiting_for_resync(
     wait_for(lambda: node.datapath.snapshot() == {}, timeout=5, what="delete wake-up")
 
 
+class PutGatedDatapath(FakeDatapath):
+    """A fake dpd whose PutServices hangs while `put_gate` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.put_gate = threading.Event()
+        self.put_gate.set()
+        self.puts_started = 0
+
+    def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
+        with self.lock:
+            self.puts_started += 1
+        self.put_gate.wait(30)
+        return super().PutServices(request, context)
+
+
 def test_change_during_a_pass_leaves_node_pending(fast, wait_for, policyd, fake_node, client_for):
-    node = fake_node("a").start()
+    node = fake_node("a")
+    datapath = node.datapath = PutGatedDatapath()
+    node.start()
     server = policyd(settings=replace(fast, resync_interval=120))
     client = client_for(server)
     client.register_node("node-a", node.address)
     wait_for(lambda: synced_at(client, "node-a", 1), what="first pass")
 
-    node.datapath.gate.clear()  # the next ListServices hangs
-    web = client.apply_service(**WEB)
-    wait_for(lambda: node.datapath.calls["ListServices"] >= 2, what="pass started")
-    status = node_status(client, "node-a")
-    assert status.state == policy_pb2.SYNC_STATE_PENDING
-    assert (status.observed_generation, status.desired_generation) == (1, web.generation)
+    datapath.put_gate.clear()  # the next PutServices hangs
+    try:
+        web = client.apply_service(**WEB)
+        wait_for(lambda: datapath.puts_started >= 1, what="pass started")
+        status = node_status(client, "node-a")
+        assert status.state == policy_pb2.SYNC_STATE_PENDING
+        assert (status.observed_generation, status.desired_generation) == (1, web.generation)
 
-    # A change lands while the pass is in flight; its wake-up is held back here.
-    assert server.store is not None and server.reconciler is not None
-    dns = ServiceSpec("198.19.0.53", 53, Proto.UDP, endpoints=(EndpointSpec("198.18.1.53", 53),))
-    server.store.apply_service("dns", dns)
-    node.datapath.gate.set()
+        # A change lands while the pass is in flight; its wake-up is held back here.
+        assert server.store is not None and server.reconciler is not None
+        dns = ServiceSpec(
+            "198.19.0.53", 53, Proto.UDP, endpoints=(EndpointSpec("198.18.1.53", 53),)
+        )
+        server.store.apply_service("dns", dns)
+    finally:
+        datapath.put_gate.set()
     wait_for(lambda: node_status(client, "node-a").observed_generation == web.generation)
     status = node_status(client, "node-a")
     assert status.state == policy_pb2.SYNC_STATE_PENDING  # synced to web's generation only
