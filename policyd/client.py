@@ -6,6 +6,10 @@
         pc.apply_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:8080", "198.18.1.3:8080@2"])
         pc.wait_synced(timeout=30)      # every node SYNCED at the current generation
 
+        # many services at once: one call, one transaction, one generation
+        reply = pc.apply_services([make_service(f"s{i}", ...) for i in range(10_000)])
+        pc.wait_synced(generation=reply.generation)
+
 Errors are the server's: grpc.RpcError with code() and details().
 """
 
@@ -18,6 +22,10 @@ from typing import Any
 import grpc
 
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+
+# Replies of ApplyServices / ListServices for many services exceed grpc's default 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 PROTOCOLS = {"tcp": policy_pb2.PROTOCOL_TCP, "udp": policy_pb2.PROTOCOL_UDP}
 ALGORITHMS = {
@@ -67,7 +75,7 @@ class PolicyClient:
     def __init__(self, target: str, timeout: float = 10.0) -> None:
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = policy_pb2_grpc.PolicyStub(self.channel)
 
     def close(self) -> None:
@@ -102,8 +110,25 @@ class PolicyClient:
     ) -> policy_pb2.Service:
         return self.apply(make_service(name, vip, port, protocol, endpoints, algorithm))
 
+    def apply_services(
+        self, services: Iterable[policy_pb2.Service]
+    ) -> policy_pb2.ApplyServicesResponse:
+        """Create or replace all `services` atomically; the reply holds them as stored
+        and the generation to wait for."""
+        result: policy_pb2.ApplyServicesResponse = self.stub.ApplyServices(
+            policy_pb2.ApplyServicesRequest(services=services), timeout=self.timeout
+        )
+        return result
+
     def delete_service(self, name: str) -> None:
         self.stub.DeleteService(policy_pb2.DeleteServiceRequest(name=name), timeout=self.timeout)
+
+    def delete_services(self, names: Iterable[str]) -> int:
+        """Delete all `names` atomically; returns the new generation."""
+        result: policy_pb2.DeleteServicesResponse = self.stub.DeleteServices(
+            policy_pb2.DeleteServicesRequest(names=names), timeout=self.timeout
+        )
+        return result.generation
 
     def get_service(self, name: str) -> policy_pb2.Service:
         result: policy_pb2.Service = self.stub.GetService(

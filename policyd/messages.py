@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dpd.model import ServiceSpec, fill_service
+from dpd.model import fill_service
 from policyd.status import NodeStatus
 from policyd.store import NodeRecord, StoredService
-from xlb.dpd.v1 import datapath_pb2
 from xlb.policy.v1 import policy_pb2
 
 
@@ -19,22 +18,28 @@ def timestamp(ns: int | None) -> Timestamp | None:
     return ts
 
 
-def service_to_proto(stored: StoredService) -> policy_pb2.Service:
-    msg = policy_pb2.Service(name=stored.name, generation=stored.generation)
-    fill_service(msg, stored.spec)
-    msg.update_time.FromNanoseconds(stored.update_time_ns)
+def fill_service_proto(msg: policy_pb2.Service, stored: StoredService) -> policy_pb2.Service:
+    """Write `stored` into an empty xlb.policy.v1.Service (e.g. ``response.services.add()``)."""
+    if stored.blob:  # the stored canonical bytes: parsing them beats setting each field
+        msg.MergeFromString(stored.blob)
+    else:
+        msg.name = stored.name
+        fill_service(msg, stored.spec)
+    msg.generation = stored.generation
+    seconds, nanos = divmod(stored.update_time_ns, 1_000_000_000)
+    msg.update_time.seconds = seconds
+    msg.update_time.nanos = nanos
     return msg
+
+
+def service_to_proto(stored: StoredService) -> policy_pb2.Service:
+    return fill_service_proto(policy_pb2.Service(), stored)
 
 
 def node_to_proto(node: NodeRecord) -> policy_pb2.Node:
     msg = policy_pb2.Node(name=node.name, address=node.address)
     msg.register_time.FromNanoseconds(node.register_time_ns)
     return msg
-
-
-def spec_to_dpd(spec: ServiceSpec) -> datapath_pb2.Service:
-    result: datapath_pb2.Service = fill_service(datapath_pb2.Service(), spec)
-    return result
 
 
 def status_to_proto(status: NodeStatus) -> policy_pb2.NodeSyncStatus:

@@ -36,6 +36,10 @@ log = structlog.get_logger()
 
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
 DEFAULT_LISTEN = "127.0.0.1:50151"
+# An ApplyServices of 10,000 services with many endpoints each is well over grpc's
+# default 4 MiB; replies are not limited on the sending side.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,6 @@ def prepare_unix_socket(path: str) -> None:
     finally:
         probe.close()
     raise StartupError(f"{path}: another process is listening there")
-
-
 
 
 class PolicyServer:
@@ -113,7 +115,10 @@ class PolicyServer:
 
     def _start_server(self, store: Store) -> None:
         self.reconciler = Reconciler(store, self.config.reconciler)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.max_workers))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.max_workers),
+            options=SERVER_OPTIONS,
+        )
         policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(store, self.reconciler), server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

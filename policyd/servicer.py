@@ -19,7 +19,13 @@ from policyd import messages
 from policyd.errors import ConflictError, NotFoundError, ValidationError
 from policyd.reconciler import Reconciler
 from policyd.store import Store
-from policyd.validation import validate_name, validate_node, validate_service
+from policyd.validation import (
+    validate_name,
+    validate_names,
+    validate_node,
+    validate_service,
+    validate_services,
+)
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger()
@@ -95,6 +101,36 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                 generation=stored.generation,
             )
         return messages.service_to_proto(stored)
+
+    @rpc
+    def ApplyServices(  # noqa: N802
+        self, request: policy_pb2.ApplyServicesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.ApplyServicesResponse:
+        items = validate_services(request.services)
+        result = self._store.apply_services(items)
+        if result.changed:
+            self._reconciler.wake_all()  # before building the reply: the pass starts now
+            log.info(
+                "services.applied",
+                services=len(items),
+                changed=result.changed,
+                generation=result.generation,
+            )
+        response = policy_pb2.ApplyServicesResponse(generation=result.generation)
+        for stored in result.services:
+            messages.fill_service_proto(response.services.add(), stored)
+        return response
+
+    @rpc
+    def DeleteServices(  # noqa: N802
+        self, request: policy_pb2.DeleteServicesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteServicesResponse:
+        names = validate_names(request.names)
+        result = self._store.delete_services(names)
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("services.deleted", services=result.changed, generation=result.generation)
+        return policy_pb2.DeleteServicesResponse(generation=result.generation)
 
     @rpc
     def DeleteService(  # noqa: N802

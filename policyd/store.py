@@ -4,12 +4,17 @@
   or a node bumps it by one, in the same transaction as the change; a service records
   the generation it was last changed at. Re-applying an identical service, or
   re-registering a node at the same address, is not a change and bumps nothing.
+- A batch (``apply_services``, ``delete_services``) is one transaction and one bump:
+  all of it is written, at one new generation, or none of it.
 - A service name is unique, and so is (vip, port, protocol) across services: applying
   a second name for the same key raises ConflictError and writes nothing.
 - Services are stored as their canonical ``xlb.policy.v1.Service`` bytes (what
   ``dpd.model.fill_service`` writes), with the key in columns for the uniqueness rule.
 - One connection, one lock: safe to share between the gRPC threads and the reconcilers.
   WAL journal, synchronous=FULL: a change that returned is on disk.
+- The store is the only writer of its file. It reads the services once when it opens
+  and keeps them parsed in memory, updated after each commit, so reads and snapshots
+  never decode or re-validate a stored service again.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from dpd.model import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
-from policyd.errors import ConflictError, NotFoundError
+from policyd.errors import ConflictError, NotFoundError, ValidationError
 from xlb.policy.v1 import policy_pb2
 
 SCHEMA_VERSION = 1
@@ -58,6 +64,8 @@ class StoredService:
     spec: ServiceSpec
     generation: int
     update_time_ns: int
+    # encode_spec(name, spec), as stored; lets replies skip building the message
+    blob: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,23 @@ class NodeRecord:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The desired services and the generation they are at, read atomically."""
+    """The desired services and the generation they are at, read atomically.
+
+    ``services`` is read-only and shared: snapshots taken while no service changes
+    (node changes bump the generation too) return the same mapping object.
+    """
 
     generation: int
-    services: dict[ServiceKey, ServiceSpec]
+    services: Mapping[ServiceKey, ServiceSpec]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What ``apply_services`` / ``delete_services`` did."""
+
+    services: list[StoredService]  # apply: as stored, in the order given; delete: empty
+    generation: int  # the store's generation afterwards
+    changed: int  # services written or deleted (0: nothing changed, no bump)
 
 
 def encode_spec(name: str, spec: ServiceSpec) -> bytes:
@@ -110,6 +131,20 @@ class Store:
                     cur.execute(statement)
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._closed = False
+        # In-memory copy of the services table (see the module docstring).
+        self._generation = int(
+            self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        )
+        self._services: dict[str, StoredService] = {}
+        self._holders: dict[ServiceKey, str] = {}
+        self._desired: Mapping[ServiceKey, ServiceSpec] | None = None
+        rows = self._conn.execute(
+            "SELECT name, spec, generation, update_time_ns FROM services"
+        ).fetchall()
+        for row in rows:
+            stored = self._service_row(row)
+            self._services[stored.name] = stored
+            self._holders[stored.spec.key] = stored.name
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -121,13 +156,16 @@ class Store:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
+                cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self._conn.in_transaction:  # COMMIT itself may have failed
+                    cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
 
     @staticmethod
     def _bump(cur: sqlite3.Cursor) -> int:
+        """Bump the generation inside the transaction `cur`. The caller sets
+        ``_generation`` to the result once the transaction has committed."""
         cur.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
         return int(cur.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
 
@@ -148,15 +186,14 @@ class Store:
     @property
     def generation(self) -> int:
         with self._lock:
-            row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-            return int(row[0])
+            return self._generation
 
     # -- services -------------------------------------------------------------------
 
     @staticmethod
     def _service_row(row: tuple[str, bytes, int, int]) -> StoredService:
         name, blob, generation, update_ns = row
-        return StoredService(name, decode_spec(blob), int(generation), int(update_ns))
+        return StoredService(name, decode_spec(blob), int(generation), int(update_ns), blob)
 
     def apply_service(self, name: str, spec: ServiceSpec) -> tuple[StoredService, bool]:
         """Create or replace service `name`. Returns (stored, changed).
@@ -164,98 +201,168 @@ class Store:
         Raises ConflictError when another service already holds spec's (vip, port,
         protocol); nothing is written then.
         """
-        protocol = proto_to_api(spec.proto)
-        with self._tx() as cur:
-            row = cur.execute(
-                "SELECT name, spec, generation, update_time_ns FROM services WHERE name = ?",
-                (name,),
-            ).fetchone()
-            if row is not None:
-                current = self._service_row(row)
-                if current.spec == spec:
-                    return current, False
-            holder = cur.execute(
-                "SELECT name FROM services WHERE vip = ? AND port = ? AND protocol = ?"
-                " AND name != ?",
-                (spec.vip, spec.port, protocol, name),
-            ).fetchone()
-            if holder is not None:
-                raise ConflictError(
-                    f"service {holder[0]!r} already uses {spec.key}; delete it or change"
-                    " the vip, port or protocol"
-                )
-            generation = self._bump(cur)
+        result = self.apply_services([(name, spec)], field="")
+        return result.services[0], bool(result.changed)
+
+    def apply_services(
+        self, items: Sequence[tuple[str, ServiceSpec]], *, field: str = "services"
+    ) -> BatchResult:
+        """Create or replace every (name, spec) of `items`, all or nothing.
+
+        Names and keys must be unique within `items` (ValidationError otherwise; the
+        servicer checks this first with better words). A service whose key another
+        stored service keeps (one not in `items`) raises ConflictError, naming
+        ``field[i]``. Services equal to their stored form are left as they are, with
+        their generation; the others are written in one transaction at one new
+        generation. Nothing changed: no transaction, no bump.
+        """
+        names = {name for name, _ in items}
+        keys = [spec.key for _, spec in items]  # a ServiceKey is built on each .key
+        if len(names) != len(items) or len(set(keys)) != len(items):
+            raise ValidationError(f"{field or 'services'}: names and keys must be unique")
+        with self._lock:
+            changed: list[int] = []
+            for i, (name, spec) in enumerate(items):
+                current = self._services.get(name)
+                if current is not None and current.spec == spec:
+                    continue
+                holder = self._holders.get(keys[i])
+                if holder is not None and holder != name and holder not in names:
+                    where = f"{field}[{i}]: " if field else ""
+                    raise ConflictError(
+                        f"{where}service {holder!r} already uses {keys[i]}; delete it or"
+                        " change the vip, port or protocol"
+                    )
+                changed.append(i)
+            if not changed:
+                return BatchResult([self._services[name] for name, _ in items], self._generation, 0)
             now = time.time_ns()
-            cur.execute(
-                "INSERT INTO services"
-                " (name, vip, port, protocol, spec, generation, update_time_ns)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET vip = excluded.vip, port = excluded.port,"
-                " protocol = excluded.protocol, spec = excluded.spec,"
-                " generation = excluded.generation, update_time_ns = excluded.update_time_ns",
-                (name, spec.vip, spec.port, protocol, encode_spec(name, spec), generation, now),
+            with self._tx() as cur:
+                generation = self._bump(cur)
+                # Delete first, then insert: keys may move between services of the batch
+                # (a swap), which row-by-row upserts would trip on UNIQUE.
+                cur.executemany(
+                    "DELETE FROM services WHERE name = ?",
+                    [(items[i][0],) for i in changed if items[i][0] in self._services],
+                )
+                blobs = {i: encode_spec(*items[i]) for i in changed}
+                rows = [
+                    (
+                        items[i][0],
+                        items[i][1].vip,
+                        items[i][1].port,
+                        proto_to_api(items[i][1].proto),
+                        blobs[i],
+                        generation,
+                        now,
+                    )
+                    for i in changed
+                ]
+                cur.executemany(
+                    "INSERT INTO services"
+                    " (name, vip, port, protocol, spec, generation, update_time_ns)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            # Committed: bring the in-memory copy along.
+            for i in changed:
+                old = self._services.get(items[i][0])
+                if old is not None and self._holders.get(old.spec.key) == old.name:
+                    del self._holders[old.spec.key]
+            for i in changed:
+                name, spec = items[i]
+                self._services[name] = StoredService(name, spec, generation, now, blobs[i])
+                self._holders[keys[i]] = name
+            self._generation = generation
+            self._desired = None
+            return BatchResult(
+                [self._services[name] for name, _ in items], generation, len(changed)
             )
-            return StoredService(name, spec, generation, now), True
 
     def delete_service(self, name: str) -> int:
         """Delete service `name`; returns the new generation. NotFoundError if missing."""
-        with self._tx() as cur:
-            cur.execute("DELETE FROM services WHERE name = ?", (name,))
-            if cur.rowcount == 0:
-                raise NotFoundError(f"service {name!r} not found")
-            return self._bump(cur)
+        return self.delete_services([name]).generation
+
+    def delete_services(self, names: Sequence[str]) -> BatchResult:
+        """Delete every service of `names` (unique) in one transaction at one new
+        generation; NotFoundError, deleting nothing, if any is missing."""
+        if len(set(names)) != len(names):
+            raise ValidationError("names: a name is listed twice")
+        with self._lock:
+            missing = [name for name in names if name not in self._services]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise NotFoundError(f"service {missing[0]!r} not found{more}")
+            if not names:
+                return BatchResult([], self._generation, 0)
+            with self._tx() as cur:
+                generation = self._bump(cur)
+                cur.executemany("DELETE FROM services WHERE name = ?", [(n,) for n in names])
+            for name in names:
+                old = self._services.pop(name)
+                if self._holders.get(old.spec.key) == name:
+                    del self._holders[old.spec.key]
+            self._generation = generation
+            self._desired = None
+            return BatchResult([], generation, len(names))
 
     def get_service(self, name: str) -> StoredService:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT name, spec, generation, update_time_ns FROM services WHERE name = ?",
-                (name,),
-            ).fetchone()
-        if row is None:
+            stored = self._services.get(name)
+        if stored is None:
             raise NotFoundError(f"service {name!r} not found")
-        return self._service_row(row)
+        return stored
 
     def list_services(self) -> list[StoredService]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT name, spec, generation, update_time_ns FROM services ORDER BY name"
-            ).fetchall()
-        return [self._service_row(r) for r in rows]
+            services = list(self._services.values())
+        services.sort(key=lambda s: s.name)
+        return services
 
     def snapshot(self) -> Snapshot:
-        """The generation and the desired services at that generation, in one read."""
+        """The generation and the desired services at that generation, in one read.
+
+        The services mapping is built once per change of the services and shared."""
         with self._lock:
-            generation = self.generation
-            services = self.list_services()
-        return Snapshot(generation, {s.spec.key: s.spec for s in services})
+            if self._desired is None:
+                services = self._services
+                self._desired = MappingProxyType(
+                    {key: services[name].spec for key, name in self._holders.items()}
+                )
+            return Snapshot(self._generation, self._desired)
 
     # -- nodes ----------------------------------------------------------------------
 
     def register_node(self, name: str, address: str) -> tuple[NodeRecord, bool]:
         """Add node `name` or move it to `address`. Returns (record, changed)."""
-        with self._tx() as cur:
-            row = cur.execute(
-                "SELECT name, address, register_time_ns FROM nodes WHERE name = ?", (name,)
-            ).fetchone()
-            if row is not None and row[1] == address:
-                return NodeRecord(row[0], row[1], int(row[2])), False
-            self._bump(cur)
-            now = time.time_ns()
-            cur.execute(
-                "INSERT INTO nodes (name, address, register_time_ns) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET address = excluded.address,"
-                " register_time_ns = excluded.register_time_ns",
-                (name, address, now),
-            )
+        with self._lock:
+            with self._tx() as cur:
+                row = cur.execute(
+                    "SELECT name, address, register_time_ns FROM nodes WHERE name = ?", (name,)
+                ).fetchone()
+                if row is not None and row[1] == address:
+                    return NodeRecord(row[0], row[1], int(row[2])), False
+                generation = self._bump(cur)
+                now = time.time_ns()
+                cur.execute(
+                    "INSERT INTO nodes (name, address, register_time_ns) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET address = excluded.address,"
+                    " register_time_ns = excluded.register_time_ns",
+                    (name, address, now),
+                )
+            self._generation = generation
             return NodeRecord(name, address, now), True
 
     def deregister_node(self, name: str) -> int:
         """Remove node `name`; returns the new generation. NotFoundError if missing."""
-        with self._tx() as cur:
-            cur.execute("DELETE FROM nodes WHERE name = ?", (name,))
-            if cur.rowcount == 0:
-                raise NotFoundError(f"node {name!r} not found")
-            return self._bump(cur)
+        with self._lock:
+            with self._tx() as cur:
+                cur.execute("DELETE FROM nodes WHERE name = ?", (name,))
+                if cur.rowcount == 0:
+                    raise NotFoundError(f"node {name!r} not found")
+                generation = self._bump(cur)
+            self._generation = generation
+            return generation
 
     def get_node(self, name: str) -> NodeRecord:
         with self._lock:

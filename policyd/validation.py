@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,4 +112,44 @@ def validate_service(msg: Any, field: str = "service") -> tuple[str, ServiceSpec
     """
     prefix = f"{field}." if field else ""
     name = validate_name(msg.name, f"{prefix}name")
-    return name, parse_service(msg, field)
+    try:
+        return name, parse_service(msg, field)
+    except ValidationError as exc:
+        # The shared model names some fields without the prefix (e.g. "algorithm: ...").
+        if prefix and not str(exc).startswith(prefix):
+            raise ValidationError(f"{prefix}{exc}") from None
+        raise
+
+
+def validate_services(
+    msgs: Sequence[Any], field: str = "services"
+) -> list[tuple[str, ServiceSpec]]:
+    """Validate a batch: every service (errors name ``services[i]``), then uniqueness of
+    names and of (vip, port, protocol) within the batch. Returns (name, spec) in order."""
+    items: list[tuple[str, ServiceSpec]] = []
+    names: dict[str, int] = {}
+    keys: dict[tuple[str, int, int], int] = {}  # cheaper to build than a ServiceKey
+    for i, msg in enumerate(msgs):
+        where = f"{field}[{i}]"
+        name, spec = validate_service(msg, where)
+        first = names.setdefault(name, i)
+        if first != i:
+            raise ValidationError(f"{where}.name: {name!r} is also {field}[{first}]")
+        first = keys.setdefault((spec.vip, spec.port, spec.proto), i)
+        if first != i:
+            raise ValidationError(
+                f"{where}: {spec.key} is also used by {field}[{first}] ({items[first][0]!r})"
+            )
+        items.append((name, spec))
+    return items
+
+
+def validate_names(values: Sequence[str], field: str = "names") -> list[str]:
+    """A batch of service names: each valid, none listed twice."""
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        validate_name(value, f"{field}[{i}]")
+        first = seen.setdefault(value, i)
+        if first != i:
+            raise ValidationError(f"{field}[{i}]: {value!r} is also {field}[{first}]")
+    return list(values)

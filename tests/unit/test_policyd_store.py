@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import replace
 
 import pytest
 
 from dpd.model import EndpointSpec, Proto, ServiceSpec
 from policyd.errors import ConflictError, NotFoundError
+from policyd.messages import service_to_proto
 from policyd.store import Store
 
 
@@ -143,3 +145,91 @@ def test_concurrent_applies_get_distinct_generations(store):
     assert sorted(generations) == list(range(1, 161))
     assert store.generation == 160
     assert len(store.snapshot().services) == 160
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+def test_apply_services_is_one_transaction_and_one_bump(store):
+    result = store.apply_services([("a", spec(port=1)), ("b", spec(port=2)), ("c", spec(port=3))])
+    assert (result.generation, result.changed) == (1, 3)
+    assert [(s.name, s.generation) for s in result.services] == [("a", 1), ("b", 1), ("c", 1)]
+    assert len({s.update_time_ns for s in result.services}) == 1
+
+    again = store.apply_services([("c", spec(port=3)), ("a", spec(port=1))])
+    assert (again.generation, again.changed) == (1, 0)
+    assert again.services == [result.services[2], result.services[0]]
+
+    mixed = store.apply_services([("a", spec(port=1)), ("b", spec(port=2, weight=5))])
+    assert (mixed.generation, mixed.changed) == (2, 1)
+    assert [s.generation for s in mixed.services] == [1, 2]
+    assert store.get_service("c").generation == 1
+
+
+def test_apply_services_conflict_writes_nothing(store):
+    store.apply_service("web", spec(port=80))
+    with pytest.raises(ConflictError, match=r"^services\[1\]: service 'web' already uses"):
+        store.apply_services([("a", spec(port=1)), ("b", spec(port=80))])
+    assert store.generation == 1
+    assert [s.name for s in store.list_services()] == ["web"]
+
+
+def test_apply_services_refuses_duplicates_within_the_batch(store):
+    with pytest.raises(ValueError, match="unique"):
+        store.apply_services([("a", spec(port=1)), ("a", spec(port=2))])
+    with pytest.raises(ValueError, match="unique"):
+        store.apply_services([("a", spec(port=1)), ("b", spec(port=1))])
+    assert store.generation == 0 and store.list_services() == []
+
+
+def test_keys_can_swap_within_a_batch_and_survive_reopen(tmp_path):
+    path = tmp_path / "state.db"
+    with Store(path) as s:
+        s.apply_services([("a", spec(port=1)), ("b", spec(port=2))])
+        swapped = s.apply_services([("a", spec(port=2)), ("b", spec(port=1))]).services
+        s.apply_service("c", spec(port=3))
+        s.delete_services(["c"])
+        snapshot = s.snapshot()
+    with Store(path) as s:
+        assert s.list_services() == swapped
+        assert [x.blob for x in s.list_services()] == [x.blob for x in swapped]
+        assert s.snapshot() == snapshot
+        with pytest.raises(ConflictError, match="'b' already uses"):
+            s.apply_service("d", spec(port=1))
+
+
+def test_delete_services_all_or_nothing(store):
+    store.apply_services([("a", spec(port=1)), ("b", spec(port=2)), ("c", spec(port=3))])
+    with pytest.raises(NotFoundError, match=r"service 'x' not found \(and 1 more\)"):
+        store.delete_services(["a", "x", "y"])
+    assert len(store.list_services()) == 3 and store.generation == 1
+    result = store.delete_services(["c", "a"])
+    assert (result.generation, result.changed) == (2, 2)
+    assert [s.name for s in store.list_services()] == ["b"]
+    store.apply_service("a2", spec(port=1))  # the deleted key is free again
+    assert store.delete_services([]).generation == store.generation == 3
+
+
+def test_snapshot_is_shared_until_services_change(store):
+    store.apply_service("a", spec(port=1))
+    first = store.snapshot()
+    store.register_node("n1", "127.0.0.1:1")  # bumps the generation, not the services
+    second = store.snapshot()
+    assert second.generation == first.generation + 1
+    assert second.services is first.services
+    with pytest.raises(TypeError):
+        second.services[spec(port=9).key] = spec(port=9)  # type: ignore[index]
+    store.apply_service("a", spec(port=1))  # unchanged
+    assert store.snapshot().services is first.services
+    store.apply_service("b", spec(port=2))
+    assert store.snapshot().services is not first.services
+    assert set(store.snapshot().services) == {spec(port=1).key, spec(port=2).key}
+
+
+def test_reply_from_stored_bytes_equals_reply_from_fields(store):
+    stored, _ = store.apply_service("web", spec(weight=3))
+    assert stored.blob
+    from_blob = service_to_proto(stored)
+    assert from_blob == service_to_proto(replace(stored, blob=b""))
+    assert (from_blob.name, from_blob.generation, from_blob.endpoints[0].weight) == ("web", 1, 3)
+    assert from_blob.update_time.ToNanoseconds() == stored.update_time_ns

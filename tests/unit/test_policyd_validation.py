@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from dpd.model import Proto, ValidationError
-from policyd.validation import parse_address, validate_name, validate_node, validate_service
+from policyd.validation import (
+    parse_address,
+    validate_name,
+    validate_names,
+    validate_node,
+    validate_service,
+    validate_services,
+)
 from xlb.policy.v1 import policy_pb2
 
 
@@ -108,3 +115,41 @@ def test_validate_service_checks_name_first():
     msg.name = "ok"
     with pytest.raises(ValidationError, match="^service.vip: "):
         validate_service(msg)
+
+
+def _svc(name: str, port: int, **fields: object) -> policy_pb2.Service:
+    return policy_pb2.Service(
+        name=name,
+        vip="198.19.0.10",
+        port=port,
+        protocol=policy_pb2.PROTOCOL_TCP,
+        endpoints=[policy_pb2.Endpoint(address="198.18.1.2", port=80)],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def test_validate_services_names_the_index():
+    assert [n for n, _ in validate_services([_svc("a", 1), _svc("b", 2)])] == ["a", "b"]
+    with pytest.raises(ValidationError, match=r"^services\[1\]\.port: "):
+        validate_services([_svc("a", 1), _svc("b", 0)])
+    with pytest.raises(ValidationError, match=r"^services\[0\]\.mode: "):
+        validate_services([_svc("a", 1, mode=7)])
+    with pytest.raises(ValidationError, match=r"^services\[2\]\.name: 'a' is also services\[0\]"):
+        validate_services([_svc("a", 1), _svc("b", 2), _svc("a", 3)])
+    with pytest.raises(
+        ValidationError, match=r"^services\[1\]: tcp://198.19.0.10:1 is also used by services\[0\]"
+    ):
+        validate_services([_svc("a", 1), _svc("b", 1)])
+
+
+def test_validate_service_prefixes_every_field():
+    with pytest.raises(ValidationError, match=r"^service\.algorithm: "):
+        validate_service(_svc("a", 1, algorithm=9))
+
+
+def test_validate_names():
+    assert validate_names(["a", "b"]) == ["a", "b"]
+    with pytest.raises(ValidationError, match=r"^names\[1\]: 'a' is also names\[0\]"):
+        validate_names(["a", "a"])
+    with pytest.raises(ValidationError, match=r"^names\[0\]: "):
+        validate_names(["A"])
