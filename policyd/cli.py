@@ -3,9 +3,14 @@
     xlbctl --server unix:/run/xlb/policyd.sock service apply --name web \\
         --vip 198.19.0.10 --port 80 --protocol tcp \\
         --endpoint 198.18.1.2:8080 --endpoint 198.18.1.3:8080@2
-    xlbctl service list | get NAME | delete NAME
+    xlbctl service list | get NAME | delete NAME [NAME...]
+    xlbctl service apply-file FILE.json     # many services in one call (FILE - : stdin)
     xlbctl node register NAME ADDR | deregister NAME | list
     xlbctl status [NODE] [--wait [--timeout S]]
+
+apply-file takes a JSON list of services as ``service list`` prints them (or an object
+with a "services" list); all are applied in one ApplyServices call, all or nothing.
+Several names to ``delete`` are deleted in one DeleteServices call, all or nothing.
 
 Results are printed as JSON on stdout. On error the gRPC status and its message go to
 stderr and the exit code is 1 (2 for a bad command line).
@@ -18,6 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +32,7 @@ from google.protobuf.message import Message
 
 from policyd.client import ALGORITHMS, PROTOCOLS, PolicyClient, is_synced, make_service
 from policyd.server import DEFAULT_LISTEN
+from xlb.policy.v1 import policy_pb2
 
 ENV_SERVER = "XLB_POLICYD"
 
@@ -71,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR:PORT[@WEIGHT]",
         help="an endpoint; repeat for several",
     )
-    svc.add_parser("delete", help="delete a service").add_argument("name")
+    apply_file = svc.add_parser(
+        "apply-file", help="create or replace every service of a JSON file, atomically"
+    )
+    apply_file.add_argument("file", help='JSON: a list of services, or {"services": [...]}')
+    apply_file.add_argument(
+        "--full", action="store_true", help="print every stored service, not a summary"
+    )
+    svc.add_parser("delete", help="delete services (several: atomically)").add_argument(
+        "name", nargs="+"
+    )
     svc.add_parser("get", help="show a service").add_argument("name")
     svc.add_parser("list", help="list services")
 
@@ -92,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_services(path: str) -> list[policy_pb2.Service]:
+    """Services from a JSON file (``-``: stdin); ValueError naming what is wrong."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        data = json.loads(text)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from None
+    if isinstance(data, dict) and set(data) <= {"services", "generation"}:
+        data = data.get("services", [])
+    if not isinstance(data, list):
+        raise ValueError(f'{path}: expected a list of services or {{"services": [...]}}')
+    services = []
+    for i, item in enumerate(data):
+        try:
+            services.append(json_format.ParseDict(item, policy_pb2.Service()))
+        except (json_format.ParseError, AttributeError, TypeError) as exc:
+            raise ValueError(f"{path}: services[{i}]: {exc}") from None
+    return services
+
+
 def run(args: argparse.Namespace, client: PolicyClient) -> int:
     if args.group == "service":
         if args.verb == "apply":
@@ -99,9 +137,19 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
                 args.name, args.vip, args.port, args.protocol, args.endpoint, args.algorithm
             )
             _print(_json(client.apply(service)))
+        elif args.verb == "apply-file":
+            reply = client.apply_services(read_services(args.file))
+            if args.full:
+                _print(_json(reply))
+            else:
+                _print({"generation": str(reply.generation), "services": len(reply.services)})
         elif args.verb == "delete":
-            client.delete_service(args.name)
-            _print({"deleted": args.name})
+            if len(args.name) == 1:
+                client.delete_service(args.name[0])
+                _print({"deleted": args.name[0]})
+            else:
+                generation = client.delete_services(args.name)
+                _print({"deleted": args.name, "generation": str(generation)})
         elif args.verb == "get":
             _print(_json(client.get_service(args.name)))
         else:

@@ -90,3 +90,47 @@ def test_unreachable_server(capsys, sockdir):
     rc = cli.main(["--server", f"unix:{sockdir}/none.sock", "--rpc-timeout", "1", "node", "list"])
     assert rc == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_apply_file_and_delete_several(capsys, policyd, tmp_path):
+    server = policyd()
+    services = [
+        {"name": "web", "vip": "198.19.0.10", "port": 80, "protocol": "PROTOCOL_TCP",
+         "endpoints": [{"address": "198.18.1.3", "port": 8080, "weight": 2},
+                       {"address": "198.18.1.2", "port": 8080}]},
+        {"name": "dns", "vip": "198.19.0.53", "port": 53, "protocol": "PROTOCOL_UDP",
+         "endpoints": [{"address": "198.18.1.53", "port": 53}]},
+    ]  # fmt: skip
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps(services))
+    rc, out, _ = run(capsys, server, "service", "apply-file", str(path))
+    assert rc == 0 and out == {"generation": "1", "services": 2}
+
+    # what `service list` prints can be applied again: nothing changes
+    _, listed, _ = run(capsys, server, "service", "list")
+    assert [s["name"] for s in listed] == ["dns", "web"]
+    path.write_text(json.dumps({"services": listed}))
+    rc, out, _ = run(capsys, server, "service", "apply-file", "--full", str(path))
+    assert rc == 0 and out["generation"] == "1"
+    assert [s["name"] for s in out["services"]] == ["dns", "web"]
+
+    rc, out, _ = run(capsys, server, "service", "delete", "web", "dns")
+    assert rc == 0 and out == {"deleted": ["web", "dns"], "generation": "2"}
+
+
+def test_apply_file_errors(capsys, policyd, tmp_path):
+    server = policyd()
+    path = tmp_path / "bad.json"
+    for text, words in [
+        ("{", "not JSON"),
+        ('{"name": "x"}', "expected a list"),
+        ('[{"name": "x", "colour": "red"}]', "services[0]"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--server", server.address, "service", "apply-file", str(path)])
+        assert info.value.code == 2
+        assert words in capsys.readouterr().err
+    path.write_text('[{"name": "x", "vip": "198.19.0.1", "port": 80, "protocol": 1}]')
+    rc, _, err = run(capsys, server, "service", "apply-file", str(path))
+    assert rc == 1 and "INVALID_ARGUMENT: services[0].endpoints" in err
