@@ -206,3 +206,31 @@ def lookup_batch(
             raise BpfError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
         ctypes.memmove(token_in, token_out, len(token_out))
         first = False
+
+
+_lib.bpf_map_delete_batch.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p,
+]
+
+
+def delete_batch(fd: int, keys: list[bytes], chunk: int = 8192) -> int:
+    """Delete `keys` (raw bytes, all one size) in batches; keys already gone are skipped.
+    Returns how many were deleted."""
+    deleted = 0
+    for k in range(0, len(keys), chunk):
+        part = keys[k:k + chunk]
+        buf = ctypes.create_string_buffer(b"".join(part), len(part) * len(part[0]))
+        count = ctypes.c_uint32(len(part))
+        rc = _lib.bpf_map_delete_batch(fd, buf, ctypes.byref(count), None)
+        deleted += count.value
+        if rc < 0 and ctypes.get_errno() == errno.ENOENT:
+            # stopped at a key that is gone (evicted meanwhile): delete the rest one by one
+            for key in part[count.value + 1:]:
+                kb = ctypes.create_string_buffer(key, len(key))
+                one = ctypes.c_uint32(1)
+                if _lib.bpf_map_delete_batch(fd, kb, ctypes.byref(one), None) == 0:
+                    deleted += 1
+        elif rc < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
+    return deleted

@@ -7,6 +7,8 @@ its most recently used direction."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -14,8 +16,7 @@ from typing import Any
 
 import structlog
 
-from dpd import abi
-from dpd.codec import be16_to_port, be32_to_ip, service_key_of
+from dpd import abi, bpfsys
 from dpd.model import Proto, ServiceKey
 
 log = structlog.get_logger("dpd.conntrack")
@@ -64,98 +65,87 @@ class CtEntry:
     idle_ns: int
 
 
-def peer_key_fields(k: Any, v: Any) -> tuple[int, int, int, int, int]:
-    """(saddr, daddr, sport, dport, proto) of the other direction's entry."""
-    if v.dir == abi.DIR_ORIG:
-        return v.nat_addr, k.saddr, v.nat_port, k.sport, k.proto
-    return k.daddr, v.nat_addr, k.dport, v.nat_port, k.proto
+# struct xlb_ct_key / struct xlb_ct_val (bpf/xlb_abi.h), raw
+_KEY = struct.Struct("=4s4sHHBxxx")
+_VAL = struct.Struct("=4sHBBIII4xQ4sHBx")
+
+
+def peer_key(key: bytes, val: tuple[Any, ...]) -> bytes:
+    """The other direction's key, from an entry's raw key and unpacked value."""
+    saddr, daddr, sport, dport, proto = _KEY.unpack(key)
+    nat_addr, nat_port, direction = val[0], val[1], val[2]
+    if direction == abi.DIR_ORIG:  # reply: endpoint -> client
+        return _KEY.pack(nat_addr, saddr, nat_port, sport, proto)
+    return _KEY.pack(daddr, nat_addr, dport, nat_port, proto)  # original: client -> VIP
 
 
 class Conntrack:
     def __init__(self, dp: Any, timeouts: Timeouts | None = None) -> None:
-        self.ct = dp.table("ct_v4_map")
+        self.fd = dp.table("ct_v4_map").map_fd
         self.timeouts = timeouts or Timeouts()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _key(self, fields: tuple[int, int, int, int, int]) -> Any:
-        k = self.ct.Key()
-        k.saddr, k.daddr, k.sport, k.dport, k.proto = fields
-        return k
+    def _raw(self) -> dict[bytes, tuple[Any, ...]]:
+        return {k: _VAL.unpack(v) for k, v in
+                bpfsys.lookup_batch(self.fd, abi.CT_KEY_SIZE, abi.CT_VAL_SIZE)}
 
     def entries(self) -> list[CtEntry]:
         now = time.monotonic_ns()
         out = []
-        for k, v in self.ct.items():
-            out.append(
-                CtEntry(
-                    Proto(k.proto),
-                    be32_to_ip(k.saddr),
-                    be16_to_port(k.sport),
-                    be32_to_ip(k.daddr),
-                    be16_to_port(k.dport),
-                    v.dir,
-                    v.state,
-                    be32_to_ip(v.nat_addr),
-                    be16_to_port(v.nat_port),
-                    service_key_of(v.svc.vip, v.svc.port, v.svc.proto),
-                    max(0, now - v.last_ns),
-                )
-            )
+        for k, v in self._raw().items():
+            saddr, daddr, sport, dport, proto = _KEY.unpack(k)
+            nat_addr, nat_port, direction, state, _sid, _eid, _fl, last, vip, vport, vproto = v
+            out.append(CtEntry(
+                Proto(proto), socket.inet_ntoa(saddr), socket.ntohs(sport),
+                socket.inet_ntoa(daddr), socket.ntohs(dport), direction, state,
+                socket.inet_ntoa(nat_addr), socket.ntohs(nat_port),
+                ServiceKey(socket.inet_ntoa(vip), socket.ntohs(vport), Proto(vproto)),
+                max(0, now - last),
+            ))
         return out
 
     def flush(self) -> int:
-        n = 0
-        for k in list(self.ct.keys()):
-            try:
-                del self.ct[k]
-                n += 1
-            except KeyError:
-                pass
-        return n
+        return bpfsys.delete_batch(self.fd, list(self._raw()))
 
     def age_once(self) -> int:
-        """Delete expired flows (both entries); returns the number of entries removed."""
+        """Delete expired flows (both entries); returns the number of entries removed.
+        A flow is as idle as its most recently used direction; a REPLY entry whose ORIG
+        entry is gone (LRU eviction) goes on its own idle time."""
         now = time.monotonic_ns()
-        items = {bytes(k): (k, v) for k, v in self.ct.items()}
-        doomed: set[bytes] = set()
-        for raw, (k, v) in items.items():
-            if raw in doomed or v.dir != abi.DIR_ORIG:
-                continue
-            peer = self._key(peer_key_fields(k, v))
-            pv = items.get(bytes(peer), (None, None))[1]
-            last = max(v.last_ns, pv.last_ns) if pv is not None else v.last_ns
-            if expired(k.proto, v.state, now - last, self.timeouts):
-                doomed.add(raw)
-                doomed.add(bytes(peer))
-        # REPLY entries whose ORIG entry is gone (LRU eviction) go once they are idle.
-        for raw, (k, v) in items.items():
-            if v.dir == abi.DIR_REPLY and raw not in doomed:
-                orig = self._key(peer_key_fields(k, v))
-                if bytes(orig) not in items and expired(k.proto, v.state, now - v.last_ns,
-                                                         self.timeouts):
-                    doomed.add(raw)
-        removed = 0
-        for raw in doomed:
-            entry = items.get(raw)
-            if entry is None:
-                continue
-            try:
-                del self.ct[entry[0]]
-                removed += 1
-            except KeyError:
-                pass
+        items = self._raw()
+        doomed: list[bytes] = []
+        for k, v in items.items():
+            direction, state, last = v[2], v[3], v[7]
+            peer = peer_key(k, v)
+            pv = items.get(peer)
+            if direction == abi.DIR_ORIG:
+                if pv is not None:
+                    last = max(last, pv[7])
+                if expired(k[12], state, now - last, self.timeouts):
+                    doomed.append(k)
+                    if pv is not None:
+                        doomed.append(peer)
+            elif pv is None and expired(k[12], state, now - last, self.timeouts):
+                doomed.append(k)
+        removed = bpfsys.delete_batch(self.fd, doomed) if doomed else 0
         if removed:
             log.info("conntrack_aged", removed=removed, remaining=len(items) - removed)
         return removed
 
     def start_aging(self, interval: float) -> None:
+        """Sweep every `interval` seconds, or every 4x the last sweep's duration if longer,
+        so that a huge table costs at most a quarter of a core (1M entries: ~3 s)."""
+
         def loop() -> None:
-            while not self._stop.wait(interval):
+            wait = interval
+            while not self._stop.wait(wait):
+                t0 = time.monotonic()
                 try:
                     self.age_once()
                 except Exception as e:  # keep aging alive; report and retry next tick
                     log.error("conntrack_aging_failed", error=str(e))
+                wait = max(interval, 4 * (time.monotonic() - t0))
 
         self._thread = threading.Thread(target=loop, name="ct-aging", daemon=True)
         self._thread.start()

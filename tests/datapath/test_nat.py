@@ -165,3 +165,21 @@ def test_counters_per_service_and_endpoint(node):
     assert total.packets == 2 and total.bytes == 2 * len(pkt)
     assert sorted(c.packets for _, c in eps) == [1, 1]
 
+
+
+def test_aging_removes_both_entries_of_an_expired_flow_only(node):
+    from dpd.conntrack import SECOND, Conntrack, Timeouts
+
+    node.put_services([web(EndpointSpec(EP1, 8080))])
+    run(node, tcp(CLIENT, VIP, 47000, 80, "S"))  # handshake never finishes
+    run(node, tcp(CLIENT, VIP, 47001, 80, "S"))
+    run(node, tcp(EP1, CLIENT, 8080, 47001, "SA"))
+    run(node, tcp(CLIENT, VIP, 47001, 80, "A"))  # established
+    patient = Conntrack(node.dp, Timeouts(tcp_syn=3600 * SECOND))
+    assert patient.age_once() == 0
+    strict = Conntrack(node.dp, Timeouts(tcp_syn=0))
+    assert strict.age_once() == 2
+    left = node.list_conntrack()
+    assert {(e.src_port, e.dst_port) for e in left} == {(47001, 80), (8080, 47001)}
+    assert node.flush_conntrack() == 2
+    assert node.list_conntrack() == []
