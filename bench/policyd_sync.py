@@ -1,0 +1,392 @@
+"""Time programming N services through policyd until the node reports SYNCED.
+
+policyd runs in this process (a real gRPC server on a unix socket, its SQLite store on
+disk); the node is a fake dpd (ListServices/PutServices/DeleteServices over a dict) in a
+child process by default, so that, like a real dpd, it does not share policyd's GIL.
+``--dpd ADDRESS`` points policyd at a running dpd instead: every service it holds is
+deleted before each run.
+
+    .venv/bin/python -m bench.policyd_sync                  # ApplyServices(10k) -> SYNCED
+    .venv/bin/python -m bench.policyd_sync --mode single    # 10k x ApplyService (old way)
+    .venv/bin/python -m bench.policyd_sync --services 1000 --repeat 5 --dpd inproc
+
+Prints the phases of each run: the client's call(s), policyd's validation and store write
+(inside the call), then each reconciler pass that ran (snapshot, ListServices, diff,
+building the requests, the PutServices/DeleteServices calls), and when the client saw
+SYNCED. Needs no root and no network namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import policyd.reconciler as reconciler_mod
+import policyd.servicer as servicer_mod
+from bench.services import Endpoint, service_set
+from policyd.client import PolicyClient
+from policyd.logging_setup import configure_logging
+from policyd.reconciler import ReconcilerSettings, SyncResult
+from policyd.server import PolicydConfig, PolicyServer
+from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+from xlb.policy.v1 import policy_pb2
+
+NODE = "bench"
+
+
+# -- the fake node ------------------------------------------------------------------------
+
+
+class FakeDatapath(datapath_pb2_grpc.DatapathServicer):
+    """As cheap as a dpd can be: keeps the request's messages as they are."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.services: dict[tuple[str, int, int], datapath_pb2.Service] = {}
+
+    def ListServices(self, request: Any, context: Any) -> Iterator[datapath_pb2.Service]:  # noqa: N802
+        with self.lock:
+            items = list(self.services.values())
+        yield from items
+
+    def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
+        with self.lock:
+            for svc in request.services:
+                self.services[(svc.vip, svc.port, svc.protocol)] = svc
+        return datapath_pb2.PutServicesResponse(written=len(request.services))
+
+    def DeleteServices(self, request: Any, context: Any) -> datapath_pb2.DeleteServicesResponse:  # noqa: N802
+        with self.lock:
+            gone = sum(
+                self.services.pop((k.vip, k.port, k.protocol), None) is not None
+                for k in request.keys
+            )
+        return datapath_pb2.DeleteServicesResponse(deleted=gone)
+
+
+def serve_fake(address: str) -> grpc.Server:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    datapath_pb2_grpc.add_DatapathServicer_to_server(FakeDatapath(), server)
+    server.add_insecure_port(address)
+    server.start()
+    return server
+
+
+class FakeNode:
+    """The fake dpd in a child process (``subprocess``) or a thread pool here (``inproc``)."""
+
+    def __init__(self, workdir: Path, where: str) -> None:
+        self.address = f"unix:{workdir}/dpd.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._server: grpc.Server | None = None
+        if where == "inproc":
+            self._server = serve_fake(self.address)
+            return
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.policyd_sync", "--serve-fake-dpd", self.address],
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        with grpc.insecure_channel(self.address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+
+# -- instrumentation ----------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    start: float
+    end: float = 0.0
+    snapshot_s: float = 0.0
+    result: SyncResult | None = None
+
+
+@dataclass
+class Probe:
+    """Times what policyd does, by wrapping a few of its functions (in this process)."""
+
+    t0: float = 0.0
+    validate_s: float = 0.0
+    store_s: float = 0.0
+    stored_at: float = 0.0
+    passes: list[Pass] = field(default_factory=list)
+    _undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def _patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        original = getattr(owner, name, None)
+        if original is None:  # an older policyd without it: not timed
+            return
+        had = name in vars(owner)  # a module's function; not a method of an instance
+        setattr(owner, name, make(original))
+        self._undo.append(
+            (lambda: setattr(owner, name, original)) if had else (lambda: delattr(owner, name))
+        )
+
+    def install(self, server: PolicyServer) -> None:
+        store = server.store
+        assert store is not None
+        local = threading.local()
+
+        def timed(attr: str) -> Callable[[Any], Any]:
+            def make(original: Any) -> Any:
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    began = time.perf_counter()
+                    try:
+                        return original(*args, **kwargs)
+                    finally:
+                        now = time.perf_counter()
+                        setattr(self, attr, getattr(self, attr) + now - began)
+                        if attr == "store_s":
+                            self.stored_at = now
+
+                return wrapper
+
+            return make
+
+        def snapshot(original: Any) -> Any:
+            def wrapper() -> Any:
+                began = time.perf_counter()
+                result = original()
+                local.snapshot_s = time.perf_counter() - began
+                local.snapshot_at = began
+                return result
+
+            return wrapper
+
+        def sync_node(original: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> SyncResult:
+                record = Pass(start=getattr(local, "snapshot_at", time.perf_counter()))
+                record.snapshot_s = getattr(local, "snapshot_s", 0.0)
+                try:
+                    record.result = original(*args, **kwargs)
+                    return record.result
+                finally:
+                    record.end = time.perf_counter()
+                    self.passes.append(record)
+
+            return wrapper
+
+        self._patch(servicer_mod, "validate_services", timed("validate_s"))
+        self._patch(servicer_mod, "validate_service", timed("validate_s"))
+        if hasattr(store, "apply_services"):
+            self._patch(store, "apply_services", timed("store_s"))
+        else:  # a policyd before ApplyServices
+            self._patch(store, "apply_service", timed("store_s"))
+        self._patch(store, "snapshot", snapshot)
+        self._patch(reconciler_mod, "sync_node", sync_node)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.validate_s = self.store_s = 0.0
+        self.passes.clear()
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+def policy_services(count: int, endpoints: int) -> list[policy_pb2.Service]:
+    backends = [Endpoint(f"198.18.1.{2 + i}", 8080) for i in range(endpoints)]
+    specs = service_set(count, "198.19.0.10", 80, backends, endpoints_per=endpoints)
+    return [
+        policy_pb2.Service(
+            name=f"svc-{i}",
+            vip=s.vip,
+            port=s.port,
+            protocol=policy_pb2.PROTOCOL_TCP if s.proto == "tcp" else policy_pb2.PROTOCOL_UDP,
+            endpoints=[policy_pb2.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
+        )
+        for i, s in enumerate(specs)
+    ]
+
+
+@dataclass
+class Run:
+    services: int
+    call_s: float  # the client's ApplyServices (or all its ApplyService calls)
+    synced_s: float  # from the first call to SYNCED seen by the client
+    validate_s: float
+    store_s: float
+    passes: list[Pass]
+    began: float  # perf_counter at the first call, the origin of the times below
+    stored_at: float  # when the (last) store write returned
+
+    def at(self, t: float) -> float:
+        return t - self.began
+
+
+def empty_node(address: str) -> None:
+    """Delete every service of the dpd at `address` (a benchmark's own node)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = datapath_pb2_grpc.DatapathStub(channel)
+        keys = [
+            datapath_pb2.ServiceKey(vip=s.vip, port=s.port, protocol=s.protocol)
+            for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=120)
+        ]
+        for k in range(0, len(keys), 5000):
+            stub.DeleteServices(datapath_pb2.DeleteServicesRequest(keys=keys[k : k + 5000]))
+
+
+def one_run(args: argparse.Namespace, services: list[policy_pb2.Service]) -> Run:
+    workdir = Path(tempfile.mkdtemp(prefix="xlbps-", dir="/tmp"))
+    db_dir = Path(args.db_dir) if args.db_dir else workdir
+    db = db_dir / f"policyd-{os.getpid()}-{time.monotonic_ns()}.db"
+    node = None if args.dpd not in ("subprocess", "inproc") else FakeNode(workdir, args.dpd)
+    address = node.address if node else args.dpd
+    if node is None:
+        empty_node(address)
+    settings = ReconcilerSettings(resync_interval=600.0, rpc_timeout=120.0)
+    server = PolicyServer(
+        PolicydConfig(listen=f"unix:{workdir}/policyd.sock", db_path=str(db), reconciler=settings)
+    ).start()
+    probe = Probe()
+    probe.install(server)
+    try:
+        with PolicyClient(server.address, timeout=300.0) as client:
+            client.register_node(NODE, address)
+            client.wait_synced([NODE], timeout=30)
+            probe.reset()
+            began = time.perf_counter()
+            if args.mode == "batch":
+                generation = client.apply_services(services).generation
+            else:
+                generation = 0
+                for svc in services:
+                    generation = client.apply(svc).generation
+            called = time.perf_counter()
+            client.wait_synced([NODE], timeout=600, generation=generation, poll=0.005)
+            synced = time.perf_counter()
+        passes = [p for p in probe.passes if p.end >= began]
+        return Run(
+            services=len(services),
+            call_s=called - began,
+            synced_s=synced - began,
+            validate_s=probe.validate_s,
+            store_s=probe.store_s,
+            passes=passes,
+            began=began,
+            stored_at=probe.stored_at,
+        )
+    finally:
+        probe.remove()
+        server.stop(grace=0)
+        if node is not None:
+            node.stop()
+        db.unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(run: Run) -> None:
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:8.1f} ms"
+
+    out = sys.stdout.write
+    out(f"{run.services} services: SYNCED after {ms(run.synced_s).strip()} (client's view)\n")
+    if run.passes and run.stored_at:
+        first, last = run.passes[0], run.passes[-1]
+        out(
+            f"  timeline: (last) stored +{ms(run.at(run.stored_at)).strip()}, first pass"
+            f" +{ms(run.at(first.start)).strip()}, reply +{ms(run.call_s).strip()},"
+            f" node synced +{ms(run.at(last.end)).strip()}\n"
+        )
+    out(f"  client call(s)          {ms(run.call_s)}\n")
+    out(f"    validate              {ms(run.validate_s)}\n")
+    out(f"    store write (1 tx)    {ms(run.store_s)}\n")
+    rest = run.call_s - run.validate_s - run.store_s
+    out(f"    transport + reply     {ms(rest)}\n")
+    total = [0.0] * 6
+    for p in run.passes:
+        r = p.result
+        if r is None:
+            continue
+        parts = (
+            p.snapshot_s,
+            *(getattr(r, f, 0.0) for f in ("list_s", "diff_s", "convert_s", "rpc_s")),
+            p.end - p.start,
+        )
+        total = [a + b for a, b in zip(total, parts, strict=True)]
+    results = [p.result for p in run.passes if p.result is not None]
+    put = sum(r.put for r in results)
+    calls = sum(getattr(r, "calls", 0) for r in results)
+    out(f"  reconciler passes: {len(run.passes)} (services put {put}, calls {calls})\n")
+    for label, value in zip(
+        ("snapshot", "ListServices", "diff", "build requests", "Put/DeleteServices", "pass total"),
+        total,
+        strict=True,
+    ):
+        out(f"    {label:<22}{ms(value)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="bench.policyd_sync",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--endpoints", type=int, default=4, help="per service (default 4)")
+    p.add_argument(
+        "--mode",
+        choices=("batch", "single"),
+        default="batch",
+        help="one ApplyServices, or one ApplyService per service",
+    )
+    p.add_argument(
+        "--dpd",
+        default="subprocess",
+        help="subprocess | inproc (fake dpd) or a running dpd's ADDRESS",
+    )
+    p.add_argument("--db-dir", default="", help="where the store lives (default: /tmp)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--serve-fake-dpd", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_fake_dpd:
+        serve_fake(args.serve_fake_dpd).wait_for_termination()
+        return 0
+    configure_logging("kv", "warning")
+    services = policy_services(args.services, args.endpoints)
+    runs = []
+    for i in range(args.repeat):
+        sys.stdout.write(f"-- run {i + 1}/{args.repeat} ({args.mode}, dpd {args.dpd})\n")
+        run = one_run(args, services)
+        report(run)
+        runs.append(run)
+    if len(runs) > 1:
+        sys.stdout.write(
+            f"median SYNCED after {statistics.median(r.synced_s for r in runs) * 1000:.1f} ms"
+            f" (min {min(r.synced_s for r in runs) * 1000:.1f})\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
