@@ -17,6 +17,8 @@ from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
 
 BATCH = 5000
+BIG = [("grpc.max_receive_message_length", 64 << 20),
+       ("grpc.max_send_message_length", 64 << 20)]
 
 
 def dpd_service(s: ServiceSpec) -> dpb.Service:
@@ -74,7 +76,7 @@ class XlbTarget(Target):
 
 @register
 class XlbPolicydTarget(XlbTarget):
-    """ApplyService to policyd for every service, then wait until the node is SYNCED."""
+    """One ApplyServices to policyd with every service, then wait until the node is SYNCED."""
 
     name = "xlb-policyd"
     traffic = False
@@ -89,18 +91,16 @@ class XlbPolicydTarget(XlbTarget):
         self.dpd = start_dpd(topo, services)
         self.policyd = Policyd(topo.workdir, db=topo.workdir / "bench-policyd.db",
                                resync_interval=30.0).start()
-        with grpc.insecure_channel(self.policyd.address) as ch:
+        with grpc.insecure_channel(self.policyd.address, options=BIG) as ch:
             policy = pgrpc.PolicyStub(ch)
             policy.RegisterNode(ppb.RegisterNodeRequest(
                 node=ppb.Node(name="bench", address=self.dpd.address)), timeout=10)
             wait_synced(policy, 0, 60)
+            services = [policy_service(i, s) for i, s in enumerate(specs)]
             t0 = time.monotonic()
-            svc = None
-            for i, s in enumerate(specs):
-                svc = policy.ApplyService(ppb.ApplyServiceRequest(
-                    service=policy_service(i, s)), timeout=30)
-            assert svc is not None
-            wait_synced(policy, svc.generation, 600)
+            reply = policy.ApplyServices(ppb.ApplyServicesRequest(services=services),
+                                         timeout=300)
+            wait_synced(policy, reply.generation, 600)
             self.program_seconds = time.monotonic() - t0
 
     def teardown(self) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from bench.services import Endpoint, filler_services
-from bench.target_xlb import dpd_service, policy_service, start_dpd, wait_synced
+from bench.services import Endpoint, ServiceSpec, filler_services
+from bench.target_xlb import BIG, dpd_service, policy_service, start_dpd, wait_synced
 from lab import netns
 from lab.daemons import Policyd
 from lab.topology import Topology
@@ -37,6 +37,17 @@ def map_mb(path: str) -> float:
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path],
                          capture_output=True, text=True, check=True).stdout
     return int(json.loads(out).get("bytes_memlock", 0)) / 2**20
+
+
+def apply_all(policy: pgrpc.PolicyStub, specs: list[ServiceSpec]) -> int:
+    """ApplyServices in chunks of 20,000; returns the last generation."""
+    gen = 0
+    for k in range(0, len(specs), 20_000):
+        reply = policy.ApplyServices(ppb.ApplyServicesRequest(
+            services=[policy_service(k + i, s) for i, s in enumerate(specs[k:k + 20_000])]),
+            timeout=600)
+        gen = reply.generation
+    return gen
 
 
 def _one_change(topo: Topology, port: int, apply: Callable[[int], None]) -> float:
@@ -87,11 +98,9 @@ def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
             # through policyd: it first takes over the node's fillers, then applies changes
             policyd = Policyd(topo.workdir, db=topo.workdir / "latency-policyd.db",
                               resync_interval=30.0).start()
-            with grpc.insecure_channel(policyd.address) as pch:
+            with grpc.insecure_channel(policyd.address, options=BIG) as pch:
                 policy = pgrpc.PolicyStub(pch)
-                for i, s in enumerate(specs):
-                    policy.ApplyService(ppb.ApplyServiceRequest(
-                        service=policy_service(i, s)), timeout=30)
+                apply_all(policy, specs)
                 policy.RegisterNode(ppb.RegisterNodeRequest(
                     node=ppb.Node(name="bench", address=dpd.address)), timeout=10)
                 wait_synced(policy, 1, 600)
@@ -123,16 +132,11 @@ def memory(topo: Topology, counts: list[int]) -> list[dict[str, Any]]:
         policyd = Policyd(topo.workdir, db=topo.workdir / "mem-policyd.db",
                           resync_interval=30.0).start()
         try:
-            with grpc.insecure_channel(policyd.address) as pch:
+            with grpc.insecure_channel(policyd.address, options=BIG) as pch:
                 policy = pgrpc.PolicyStub(pch)
                 policy.RegisterNode(ppb.RegisterNodeRequest(
                     node=ppb.Node(name="bench", address=dpd.address)), timeout=10)
-                svc = None
-                for i, s in enumerate(specs):
-                    svc = policy.ApplyService(ppb.ApplyServiceRequest(
-                        service=policy_service(i, s)), timeout=30)
-                assert svc is not None
-                wait_synced(policy, svc.generation, 1800)
+                wait_synced(policy, apply_all(policy, specs), 1800)
             assert dpd.proc is not None and policyd.proc is not None
             rows.append({
                 "services": count,
