@@ -19,11 +19,11 @@ def main() -> int:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.005)
+            s.settimeout(0.002)
             try:
                 s.connect((vip, port))
             except OSError:
-                time.sleep(0.0002)
+                time.sleep(0.0001)
                 continue
             sys.stdout.write(f"{time.monotonic_ns()}\n")
             return 0

@@ -291,11 +291,11 @@ def _config(args: argparse.Namespace) -> Config:
     quick = bool(args.quick)
     return Config(
         quick=quick,
-        rounds=args.rounds or (3 if quick else 5),
+        rounds=args.rounds or (2 if quick else 5),
         duration=args.duration or (2.0 if quick else 10.0),
         others=args.services if args.services is not None else (1000 if quick else 10_000),
         cp_services=(args.cp_services if args.cp_services is not None
-                     else (5_000 if quick else 10_000)),
+                     else (2_000 if quick else 10_000)),
         cp_endpoints=4,
         cp_reps=args.cp_reps or (1 if quick else 3),
         connections=args.connections,
@@ -304,11 +304,11 @@ def _config(args: argparse.Namespace) -> Config:
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
         streams=args.streams or args.backends,
         warmup=not quick,
-        ns_runs=50_000 if quick else 1_000_000,
-        ns_services=[1, 1000, 10_000] if quick else [1, 1000, 10_000, 100_000],
+        ns_runs=20_000 if quick else 1_000_000,
+        ns_services=[1, 10_000] if quick else [1, 1000, 10_000, 100_000],
         ct_counts=[100_000] if quick else [100_000, 1_000_000],
-        changes=20 if quick else 200,
-        mem_counts=[10_000] if quick else [10_000, 100_000],
+        changes=10 if quick else 200,
+        mem_counts=[] if quick else [0, 10_000, 100_000],
     )
 
 

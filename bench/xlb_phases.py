@@ -77,6 +77,11 @@ def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
     """`changes` new services, each measured alone, on a node already holding `fillers`."""
     specs = filler_services(fillers)
     out: dict[str, list[float]] = {"dpd": [], "policyd": []}
+    # Until a change lands the lb node answers each probe SYN with an ICMP unreachable;
+    # without the rate limit every probe fails at once, so the first success is timely.
+    netns.sysctl(topo.lb_ns, {"net.ipv4.icmp_ratelimit": 0,
+                              "net.ipv4.icmp_msgs_per_sec": 1_000_000,
+                              "net.ipv4.icmp_msgs_burst": 1_000_000})
     dpd = start_dpd(topo, fillers + 2 * changes + 16)
     policyd = None
     try:
