@@ -116,7 +116,7 @@ class Datapath:
         ]
         try:
             self.bpf = BPF(text=source_text(), cflags=cflags)
-            self.fns = {p: self.bpf.load_func(p, BPF.SCHED_CLS) for p in PROGRAMS}
+            self.fns = {p: self.bpf.load_func(p.encode(), BPF.SCHED_CLS) for p in PROGRAMS}
         except Exception as e:
             raise LoaderError(f"loading the datapath failed: {e}") from e
         self.tags = {p: bpfsys.prog_tag(fn.fd) for p, fn in self.fns.items()}
