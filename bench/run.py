@@ -34,8 +34,8 @@ from bench.services import Endpoint
 from bench.targets import TARGETS, Target
 from bench.wrk import WrkResult, run_wrk_multi
 from lab import netns
-from lab.logsetup import configure
 from lab.topology import DEFAULT_VIP, Topology
+from policyd.logging_setup import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-xlb-extra", action="store_true",
                    help="skip per-packet ns, conntrack scale, change latency and memory")
     args = p.parse_args(argv)
-    configure(args.log_level)
+    configure_logging("kv", args.log_level)
     if os.geteuid() != 0:
         log.error("bench.needs_root")
         return 2

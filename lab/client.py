@@ -156,7 +156,7 @@ def tcp_long(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lab.logsetup import configure
+    from policyd.logging_setup import configure_logging
 
     p = argparse.ArgumentParser(prog="python -m lab.client")
     sub = p.add_subparsers(dest="mode", required=True)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sp.add_argument("--count", type=int, default=10)
     args = p.parse_args(argv)
-    configure("info")
+    configure_logging("kv", "info")
     out: dict[str, Any]
     if args.mode == "tcp-who":
         out = dict(tcp_who(args.vip, args.port, args.count, args.timeout))

@@ -170,7 +170,7 @@ def start_backends(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lab.logsetup import configure
+    from policyd.logging_setup import configure_logging
 
     p = argparse.ArgumentParser(prog="python -m lab.servers", description=__doc__)
     p.add_argument("--name", required=True)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    configure(args.log_level)
+    configure_logging("kv", args.log_level)
     serve(args.name, args.bind, args.tcp_port or None, args.udp_port or None)
     return 0
 
