@@ -91,6 +91,7 @@ _lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpt
 
 @dataclass(frozen=True)
 class MapInfo:
+    id: int
     type: str
     key_size: int
     value_size: int
@@ -113,6 +114,7 @@ def map_info(fd: int) -> MapInfo:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
     return MapInfo(
+        info.id,
         MAP_TYPES.get(info.type, str(info.type)),
         info.key_size,
         info.value_size,

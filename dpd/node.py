@@ -31,6 +31,8 @@ class Node:
         self.settings = settings
         self.dp = Datapath(settings)
         self.services = ServiceTable(self.dp)
+        # the kernel's id of nat_v4_map: new whenever the table is created anew
+        self.datapath_id = str(bpfsys.map_info(self.dp.table("nat_v4_map").map_fd).id)
         self.conntrack = Conntrack(self.dp)
         if ct_aging_interval > 0:
             self.conntrack.start_aging(ct_aging_interval)

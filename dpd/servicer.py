@@ -90,6 +90,7 @@ class DatapathServicer(pb_grpc.DatapathServicer):
             kernel=n.kernel(),
             services=n.services.count(),
             version=VERSION,
+            datapath_id=n.datapath_id,
         )
         for m in n.maps():
             msg.maps.add(name=m.name, type=m.type, max_entries=m.max_entries, used=m.used)
@@ -119,12 +120,14 @@ class DatapathServicer(pb_grpc.DatapathServicer):
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValidationError(f"services: {dup} appears more than once in the batch")
-        return pb.PutServicesResponse(written=self.node.put_services(specs))
+        return pb.PutServicesResponse(written=self.node.put_services(specs),
+                                      datapath_id=self.node.datapath_id)
 
     @unary
     def DeleteServices(self, request: Any, context: Any) -> pb.DeleteServicesResponse:  # noqa: N802
         keys = [parse_service_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
-        return pb.DeleteServicesResponse(deleted=self.node.delete_services(keys))
+        return pb.DeleteServicesResponse(deleted=self.node.delete_services(keys),
+                                         datapath_id=self.node.datapath_id)
 
     @streaming
     def ListServices(self, request: Any, context: Any) -> Iterator[pb.Service]:  # noqa: N802

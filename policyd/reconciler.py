@@ -129,6 +129,7 @@ class SyncResult:
     deleted: int
     full: bool = True  # the node was read back (ListServices)
     calls: int = 0  # PutServices + DeleteServices calls made
+    datapath_id: str = ""  # the node's table identity, from its last reply ("" if none)
     # seconds spent: ListServices (and reading it), diff, building requests, in the calls
     list_s: float = 0.0
     diff_s: float = 0.0
@@ -198,13 +199,15 @@ def sync_node(
     diffed = clock()
     rpc = 0.0
     calls = 0
+    datapath_id = ""
 
     def call(method: Callable[..., Any], request: Any) -> None:
-        nonlocal rpc, calls
+        nonlocal rpc, calls, datapath_id
         before = clock()
-        method(request, timeout=timeout)
+        reply = method(request, timeout=timeout)
         rpc += clock() - before
         calls += 1
+        datapath_id = getattr(reply, "datapath_id", "") or datapath_id
 
     for keys in batches(plan.to_delete, batch_size):
         request = datapath_pb2.DeleteServicesRequest()
@@ -219,6 +222,7 @@ def sync_node(
         deleted=len(plan.to_delete),
         full=known is None,
         calls=calls,
+        datapath_id=datapath_id,
         list_s=listed - started,
         diff_s=diffed - listed,
         convert_s=clock() - diffed - rpc,
@@ -265,6 +269,7 @@ class NodeWorker:
         # What the node held after the last successful pass (None: unknown, read it) and
         # when the next full pass is due (time.monotonic()); used by this thread only.
         self._known: Mapping[ServiceKey, ServiceSpec] | None = None
+        self._datapath_id = ""  # the node's table identity from its last reply
         self._full_due = 0.0
         self._log = log.bind(node=node.name, address=node.address)
         self._thread = threading.Thread(
@@ -351,6 +356,12 @@ class NodeWorker:
             else:
                 self._log.debug("node.sync_failed", error=message)
             return False
+        seen, self._datapath_id = self._datapath_id, result.datapath_id or self._datapath_id
+        if not full and seen and result.datapath_id and result.datapath_id != seen:
+            # The node's table was created anew since we last looked (pins removed, node
+            # rebuilt): what we assumed it held is void. Read it back now.
+            self._log.warning("node.datapath_replaced", was=seen, now=result.datapath_id)
+            return self.reconcile_once()
         self._known = snapshot.services
         if full:
             self._full_due = now + self._settings.resync_interval

@@ -54,7 +54,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     require_root()
     from lab.daemons import Dpd, Policyd
     from lab.servers import start_backends
@@ -63,7 +63,8 @@ def cluster() -> Iterator[Cluster]:
     from xlb.policy.v1 import policy_pb2_grpc
 
     workdir = Path(tempfile.mkdtemp(prefix="xlb-cluster-"))
-    policyd = Policyd(workdir, resync_interval=1.0)
+    marker = request.node.get_closest_marker("resync")
+    policyd = Policyd(workdir, resync_interval=marker.args[0] if marker else 1.0)
     channel = None
     c: Cluster | None = None
     try:

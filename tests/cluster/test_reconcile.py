@@ -97,3 +97,20 @@ def test_bad_service_is_refused_by_policyd_and_no_node_changes(cluster):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     names = [s.name for s in cluster.policy.ListServices(ppb.ListServicesRequest(), timeout=5)]
     assert names == ["web"]
+
+
+@pytest.mark.resync(60)
+def test_rebuilt_node_is_refilled_on_the_next_change_not_the_next_resync(cluster):
+    svc = apply_web(cluster)
+    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    dpd = cluster.nodes["node1"]
+    dpd.kill()
+    dpd.wipe_pins()
+    dpd.start()
+    # policyd still believes node1 holds "web"; the next change's reply carries a new
+    # datapath id, which makes policyd read the node back instead of trusting its cache
+    other = cluster.policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
+        name="dns", vip=VIP, port=53, protocol=ppb.PROTOCOL_UDP,
+        endpoints=[ppb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
+    cluster.wait_state("node1", SYNCED, generation=other.generation, timeout=10)
+    assert sorted(s[1] for s in node_services(cluster, "node1")) == [53, 80]
