@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from dpd import attach, bpfsys
+from dpd import abi, attach, bpfsys
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
@@ -94,7 +94,8 @@ class Node:
             if name == "nat_v4_map":
                 used = self.services.count()
             elif name == "ct_v4_map":
-                used = sum(1 for _ in self.dp.table("ct_v4_map").keys())
+                used = sum(1 for _ in bpfsys.lookup_batch(
+                    self.conntrack.fd, abi.CT_KEY_SIZE, abi.CT_VAL_SIZE))
             out.append(MapFill(name, info.type, info.max_entries, used))
         return out
 

@@ -58,6 +58,9 @@ def test_tcp_and_udp_through_vip_reach_both_backends(lab):
     assert all(e.counters.packets > 0 for e in by_proto[TCP].endpoints)
     entries = list(lab.stub.ListConntrack(pb.ListConntrackRequest(), timeout=10))
     assert any(e.service.port == 53 and e.direction == pb.DIRECTION_REPLY for e in entries)
+    fill = {m.name: m for m in lab.stub.GetNode(pb.GetNodeRequest(), timeout=10).maps}
+    assert fill["nat_v4_map"].used == 2 and fill["nat_v4_map"].max_entries == 16
+    assert fill["ct_v4_map"].used == len(entries) > 0
 
 
 def test_weights_shape_the_distribution(lab):
