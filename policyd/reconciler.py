@@ -142,17 +142,33 @@ def read_actual(stub: Any, timeout: float) -> dict[ServiceKey, ServiceSpec | Non
     (it gets replaced or deleted). Entries without even a valid key are logged and
     left alone: they cannot be addressed."""
     actual: dict[ServiceKey, ServiceSpec | None] = {}
-    for msg in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=timeout):
-        try:
-            key = parse_service_key(msg)
-        except ValidationError as exc:
-            log.warning("node.unreadable_service", error=str(exc))
-            continue
-        try:
-            actual[key] = parse_service(msg)
-        except ValidationError:
-            actual[key] = None
+    call = stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=timeout)
+    # A stream whose server went away mid-call (GOAWAY during shutdown) has been seen to
+    # outlive its deadline; cancel it then, so the pass fails and is retried.
+    cancel = getattr(call, "cancel", None)
+    watchdog = threading.Timer(timeout + 2.0, cancel) if cancel else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        for msg in call:
+            _read_one(actual, msg)
+    finally:
+        if watchdog:
+            watchdog.cancel()
     return actual
+
+
+def _read_one(actual: dict[ServiceKey, ServiceSpec | None], msg: Any) -> None:
+    try:
+        key = parse_service_key(msg)
+    except ValidationError as exc:
+        log.warning("node.unreadable_service", error=str(exc))
+        return
+    try:
+        actual[key] = parse_service(msg)
+    except ValidationError:
+        actual[key] = None
 
 
 def put_requests(
