@@ -90,10 +90,11 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
     top = max(services_counts)
     settings = Settings(name="bench", bpf_root=root, max_services=max(top, 16),
                         max_backends=max(4 * top, 64), ct_size=1 << 20, redirect=False)
-    node = Node(settings, ct_aging_interval=0)
-    bcc_floor, ffd = floor_fd()
+    node = bcc_floor = None
     rows = []
     try:
+        node = Node(settings, ct_aging_interval=0)
+        bcc_floor, ffd = floor_fd()
         fd = node.dp.fast_fd
         have = 0
         eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
@@ -112,9 +113,11 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
             t_est = _established_ns(node, fd, target, runs)
             rows.append(Row(count, t_floor, t_pass, t_est, t_new))
     finally:
-        bcc_floor.cleanup()  # type: ignore[attr-defined]
-        node.close()
-        cleanup(settings)
+        if bcc_floor is not None:
+            bcc_floor.cleanup()  # type: ignore[attr-defined]
+        if node is not None:
+            node.close()
+        cleanup(settings)  # also when loading failed part-way: pins, mount
         os.rmdir(root)
     return rows
 
@@ -144,8 +147,9 @@ def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
         root = tempfile.mkdtemp(prefix="xlb-bench-ct-")
         settings = Settings(name="benchct", bpf_root=root, max_services=16, max_backends=64,
                             ct_size=count + 1024, redirect=False)
-        node = Node(settings, ct_aging_interval=0)
+        node = None
         try:
+            node = Node(settings, ct_aging_interval=0)
             eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
             node.put_services([ServiceSpec(vip(0), 80, Proto.TCP, endpoints=eps)])
             fill_conntrack(node, count)
@@ -156,7 +160,8 @@ def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
                                             check=True).stdout)["bytes_memlock"]
             out.append({"entries": count, "established_ns": est, "ct_map_mb": mem / 2**20})
         finally:
-            node.close()
+            if node is not None:
+                node.close()
             cleanup(settings)
             os.rmdir(root)
     return out
