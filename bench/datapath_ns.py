@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from dataclasses import dataclass
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from dpd import bpfsys
+from dpd import abi, bpfsys
+from dpd import conntrack as ct_layout
 from dpd.loader import BPF_DIR, Settings
 from dpd.model import EndpointSpec, Proto, ServiceSpec
 
@@ -171,16 +171,16 @@ def fill_conntrack(node: object, count: int) -> None:
     """`count` established ORIG entries from distinct clients (198.18.128.0/17 x ports),
     written with one batched update."""
     ct = node.dp.table("ct_v4_map")  # type: ignore[attr-defined]
-    kfmt, vfmt = struct.Struct("=IIHHBxxx"), struct.Struct("=IHBBIII4xQ8x")
+    kfmt, vfmt = ct_layout.KEY, ct_layout.VAL
     kbuf, vbuf = bytearray(kfmt.size * count), bytearray(vfmt.size * count)
-    vip0 = int.from_bytes(socket.inet_aton(vip(0)), "little")
-    ep = int.from_bytes(socket.inet_aton("198.18.1.2"), "little")
+    vip0, ep = socket.inet_aton(vip(0)), socket.inet_aton("198.18.1.2")
     base = (198 << 24) | (18 << 16) | (128 << 8)
     for i in range(count):
-        client = socket.htonl(base + i // 50000)
+        client = (base + i // 50000).to_bytes(4, "big")
         kfmt.pack_into(kbuf, i * kfmt.size, client, vip0, socket.htons(1024 + i % 50000),
                        socket.htons(80), 6)
-        vfmt.pack_into(vbuf, i * vfmt.size, ep, socket.htons(8080), 1, 3, 0, 0, 0, 0)
+        vfmt.pack_into(vbuf, i * vfmt.size, ep, socket.htons(8080), abi.DIR_ORIG, abi.CT_EST,
+                       0, 0, 0, 0, vip0, socket.htons(80), 6)
     for k in range(0, count, 65536):
         n = min(65536, count - k)
         keys = (ct.Key * n).from_buffer(kbuf, k * kfmt.size)

@@ -66,17 +66,17 @@ class CtEntry:
 
 
 # struct xlb_ct_key / struct xlb_ct_val (bpf/xlb_abi.h), raw
-_KEY = struct.Struct("=4s4sHHBxxx")
-_VAL = struct.Struct("=4sHBBIII4xQ4sHBx")
+KEY = struct.Struct("=4s4sHHBxxx")
+VAL = struct.Struct("=4sHBBIII4xQ4sHBx")
 
 
 def peer_key(key: bytes, val: tuple[Any, ...]) -> bytes:
     """The other direction's key, from an entry's raw key and unpacked value."""
-    saddr, daddr, sport, dport, proto = _KEY.unpack(key)
+    saddr, daddr, sport, dport, proto = KEY.unpack(key)
     nat_addr, nat_port, direction = val[0], val[1], val[2]
     if direction == abi.DIR_ORIG:  # reply: endpoint -> client
-        return _KEY.pack(nat_addr, saddr, nat_port, sport, proto)
-    return _KEY.pack(daddr, nat_addr, dport, nat_port, proto)  # original: client -> VIP
+        return KEY.pack(nat_addr, saddr, nat_port, sport, proto)
+    return KEY.pack(daddr, nat_addr, dport, nat_port, proto)  # original: client -> VIP
 
 
 class Conntrack:
@@ -87,14 +87,14 @@ class Conntrack:
         self._thread: threading.Thread | None = None
 
     def _raw(self) -> dict[bytes, tuple[Any, ...]]:
-        return {k: _VAL.unpack(v) for k, v in
+        return {k: VAL.unpack(v) for k, v in
                 bpfsys.lookup_batch(self.fd, abi.CT_KEY_SIZE, abi.CT_VAL_SIZE)}
 
     def entries(self) -> list[CtEntry]:
         now = time.monotonic_ns()
         out = []
         for k, v in self._raw().items():
-            saddr, daddr, sport, dport, proto = _KEY.unpack(k)
+            saddr, daddr, sport, dport, proto = KEY.unpack(k)
             nat_addr, nat_port, direction, state, _sid, _eid, _fl, last, vip, vport, vproto = v
             out.append(CtEntry(
                 Proto(proto), socket.inet_ntoa(saddr), socket.ntohs(sport),

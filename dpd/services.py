@@ -17,9 +17,6 @@ from typing import Any
 import structlog
 
 from dpd import abi, bpfsys
-from dpd.codec import (
-    nat_key_fields,
-)
 from dpd.ids import Exhausted, IdPool
 from dpd.model import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
 from dpd.slots import build_slots
@@ -99,8 +96,13 @@ class ServiceTable:
             out[e.spec.key] = e
         return out
 
+    def _key(self, key: ServiceKey) -> Any:
+        """The nat_v4_map key (struct xlb_nat_key) of a service."""
+        return self.nat.Key.from_buffer_copy(
+            _KEY.pack(socket.inet_aton(key.vip), socket.htons(key.port), int(key.proto)))
+
     def _read(self, key: ServiceKey) -> _Entry | None:
-        k = self.nat.Key(*nat_key_fields(key))
+        k = self._key(key)
         try:
             v = self.nat[k]
         except KeyError:
@@ -121,7 +123,7 @@ class ServiceTable:
         if not entries:
             return
         n = len(entries)
-        keys = (self.nat.Key * n)(*(self.nat.Key(*nat_key_fields(e.spec.key)) for e in entries))
+        keys = (self.nat.Key * n)(*(self._key(e.spec.key) for e in entries))
         buf = bytearray(n * abi.NAT_VAL_SIZE)
         for j, e in enumerate(entries):
             base = j * abi.NAT_VAL_SIZE
@@ -201,7 +203,7 @@ class ServiceTable:
         """Put back what `written` held before: delete new keys, rewrite replaced ones."""
         for k in written:
             if old[k] is None:
-                self.nat.pop(self.nat.Key(*nat_key_fields(k)), None)
+                self.nat.pop(self._key(k), None)
         self._write([e for k in written if (e := old[k]) is not None])
         log.warning("services_rolled_back", count=len(written))
 
@@ -212,7 +214,7 @@ class ServiceTable:
                 e = self._read(k)
                 if e is None:
                     continue
-                del self.nat[self.nat.Key(*nat_key_fields(k))]
+                del self.nat[self._key(k)]
                 self.svc_ids.release([e.svc_id])
                 self.stat_ids.release(e.stat_ids.values())
                 deleted += 1
