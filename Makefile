@@ -11,8 +11,8 @@ run: setup
 	$(PY) -m lab.demo
 
 lint: setup
-	.venv/bin/ruff check dpd policyd lab tests bench scripts
-	.venv/bin/mypy dpd policyd lab
+	.venv/bin/ruff check dpd policyd xlbcore lab tests bench scripts
+	.venv/bin/mypy dpd policyd xlbcore lab
 
 test: setup lint
 	bash scripts/run_tests.sh

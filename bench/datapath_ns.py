@@ -33,7 +33,7 @@ from scapy.layers.l2 import Ether
 from dpd import abi, bpfsys
 from dpd import conntrack as ct_layout
 from dpd.loader import BPF_DIR, Settings
-from dpd.model import EndpointSpec, Proto, ServiceSpec
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 CLIENT = "198.18.0.2"
 VIP_BASE = (198 << 24) | (19 << 16)  # 198.19.0.0/16, one VIP per service

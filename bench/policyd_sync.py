@@ -39,11 +39,11 @@ import policyd.reconciler as reconciler_mod
 import policyd.servicer as servicer_mod
 from bench.services import Endpoint, service_set
 from policyd.client import PolicyClient
-from policyd.logging_setup import configure_logging
 from policyd.reconciler import ReconcilerSettings, SyncResult
 from policyd.server import PolicydConfig, PolicyServer
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2
+from xlbcore.logs import configure_logging
 
 NODE = "bench"
 

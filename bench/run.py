@@ -35,7 +35,7 @@ from bench.targets import TARGETS, Target
 from bench.wrk import WrkResult, run_wrk_multi
 from lab import netns
 from lab.topology import DEFAULT_VIP, Topology
-from policyd.logging_setup import configure_logging
+from xlbcore.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 

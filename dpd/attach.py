@@ -10,6 +10,8 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from xlbcore.errors import PreconditionError, quote
+
 log = structlog.get_logger("dpd.attach")
 
 FILTER_NAME = "xlb_tc_packet_func"
@@ -18,8 +20,8 @@ PRIO = 0xC000 - 0x100  # below tc's default auto priority, so ours runs first
 HANDLE = 1
 
 
-class InterfaceMissing(LookupError):
-    pass
+class InterfaceMissing(PreconditionError):
+    """The interface does not exist in this network namespace."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Attachment:
 def _ifindex(ipr: IPRoute, name: str) -> int:
     idx = ipr.link_lookup(ifname=name)
     if not idx:
-        raise InterfaceMissing(f"interface {name!r} does not exist in this network namespace")
+        raise InterfaceMissing(f"interface {quote(name)} does not exist in this network namespace")
     return int(idx[0])
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from dpd import abi, bpfsys
-from dpd.model import Proto, ServiceKey
+from xlbcore.service import Proto, ServiceKey
 
 log = structlog.get_logger("dpd.conntrack")
 

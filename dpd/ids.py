@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
-class Exhausted(Exception):
-    """A datapath table is full. Nothing was written."""
+from xlbcore.errors import Exhausted
 
 
 class IdPool:

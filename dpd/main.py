@@ -10,18 +10,13 @@ import argparse
 import signal
 import sys
 import threading
-from concurrent import futures
 from types import FrameType
 
-import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dpd.loader import LoaderError, Settings
-from policyd.logging_setup import FORMATS, LEVELS, configure_logging
-from policyd.server import StartupError, prepare_unix_socket
-from policyd.validation import parse_address
+from xlbcore.logs import FORMATS, LEVELS, configure_logging
+from xlbcore.server import Server, StartupError, start_server
 
 log = structlog.get_logger("dpd")
 
@@ -60,28 +55,16 @@ def _enter_netns(name: str) -> None:
     setns(name)  # before any thread exists, so every later thread inherits it
 
 
-def serve(node: object, listen: str) -> tuple[grpc.Server, health.HealthServicer, str]:
+def serve(node: object, listen: str) -> Server:
     from dpd.servicer import DatapathServicer
     from xlb.dpd.v1 import datapath_pb2_grpc
 
-    addr = parse_address(listen, "listen", allow_port_zero=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    datapath_pb2_grpc.add_DatapathServicer_to_server(DatapathServicer(node), server)  # type: ignore[arg-type]
-    hs = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    reflection.enable_server_reflection(
-        (DATAPATH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    servicer = DatapathServicer(node)  # type: ignore[arg-type]
+    return start_server(
+        listen, DATAPATH_SERVICE,
+        lambda server: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, server),
+        max_workers=8,
     )
-    if addr.is_unix:
-        prepare_unix_socket(addr.path)
-    try:
-        port = server.add_insecure_port(addr.text)
-    except RuntimeError as e:
-        raise StartupError(f"cannot listen on {addr.text}: {e}") from None
-    server.start()
-    for svc in ("", DATAPATH_SERVICE):
-        hs.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    return server, hs, addr.text if addr.is_unix else f"{addr.host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,24 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for ifname in filter(None, (s.strip() for s in args.attach.split(","))):
             node.attach(ifname)
-        server, hs, address = serve(node, args.listen)
+        server = serve(node, args.listen)
     except (InterfaceMissing, StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
         node.close()
         return 1
-    log.info("dpd_started", name=settings.name, listen=address, pin_dir=settings.pin_dir,
+    log.info("dpd_started", name=settings.name, listen=server.address, pin_dir=settings.pin_dir,
              services=node.services.count(), interfaces=[a.name for a in node.interfaces()])
     try:
         stop.wait()
     finally:
-        hs.enter_graceful_shutdown()
-        server.stop(2).wait()
-        if address.startswith("unix:"):
-            import contextlib
-            import os
-
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address[len("unix:"):])
+        server.stop(1.0)
         node.close()
         log.info("dpd_stopped", note="datapath left running; --cleanup removes it")
     return 0

@@ -12,8 +12,8 @@ from dpd import abi, attach, bpfsys
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
-from dpd.model import ServiceKey, ServiceSpec
 from dpd.services import ServiceTable
+from xlbcore.service import ServiceKey, ServiceSpec
 
 log = structlog.get_logger("dpd.node")
 

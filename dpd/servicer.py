@@ -2,69 +2,28 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import structlog
 
 from dpd import abi
-from dpd.attach import InterfaceMissing
-from dpd.ids import Exhausted
-from dpd.model import (
-    ValidationError,
+from dpd.node import Node
+from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
+from xlbcore.errors import ValidationError
+from xlbcore.rpc import rpc
+from xlbcore.service import (
     fill_service,
     fill_service_key,
     parse_service,
     parse_service_key,
     proto_to_api,
 )
-from dpd.node import Node
-from xlb.dpd.v1 import datapath_pb2 as pb
-from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("dpd.api")
 
 VERSION = "0.1.0"
-
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InterfaceMissing, grpc.StatusCode.FAILED_PRECONDITION),
-    (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-]
-
-
-def _abort(context: grpc.ServicerContext, method: str, err: Exception) -> None:
-    for cls, code in _CODES:
-        if isinstance(err, cls):
-            log.info("request_refused", method=method, code=code.name, error=str(err))
-            context.abort(code, str(err))
-    log.exception("request_failed", method=method)
-    context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {err}")
-
-
-def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except Exception as err:  # noqa: BLE001 - mapped to a status code
-            _abort(context, fn.__name__, err)
-
-    return wrapper
-
-
-def streaming(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from fn(self, request, context)
-        except Exception as err:  # noqa: BLE001
-            _abort(context, fn.__name__, err)
-
-    return wrapper
-
 
 def _interface(a: Any, tag: str) -> pb.Interface:
     return pb.Interface(name=a.name, ifindex=a.ifindex, attached=a.attached,
@@ -81,7 +40,7 @@ class DatapathServicer(pb_grpc.DatapathServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    @unary
+    @rpc
     def GetNode(self, request: Any, context: Any) -> pb.Node:  # noqa: N802
         n = self.node
         msg = pb.Node(
@@ -99,21 +58,21 @@ class DatapathServicer(pb_grpc.DatapathServicer):
         msg.program_tags.update(n.dp.tags)
         return msg
 
-    @unary
+    @rpc
     def AttachInterface(self, request: Any, context: Any) -> pb.Interface:  # noqa: N802
         return _interface(self.node.attach(_require(request.name)), self.node.program_tag)
 
-    @unary
+    @rpc
     def DetachInterface(self, request: Any, context: Any) -> pb.DetachInterfaceResponse:  # noqa: N802
         self.node.detach(_require(request.name))
         return pb.DetachInterfaceResponse()
 
-    @streaming
+    @rpc
     def ListInterfaces(self, request: Any, context: Any) -> Iterator[pb.Interface]:  # noqa: N802
         for a in self.node.interfaces():
             yield _interface(a, self.node.program_tag)
 
-    @unary
+    @rpc
     def PutServices(self, request: Any, context: Any) -> pb.PutServicesResponse:  # noqa: N802
         specs = [parse_service(s, f"services[{i}]") for i, s in enumerate(request.services)]
         keys = [s.key for s in specs]
@@ -123,18 +82,18 @@ class DatapathServicer(pb_grpc.DatapathServicer):
         return pb.PutServicesResponse(written=self.node.put_services(specs),
                                       datapath_id=self.node.datapath_id)
 
-    @unary
+    @rpc
     def DeleteServices(self, request: Any, context: Any) -> pb.DeleteServicesResponse:  # noqa: N802
         keys = [parse_service_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
         return pb.DeleteServicesResponse(deleted=self.node.delete_services(keys),
                                          datapath_id=self.node.datapath_id)
 
-    @streaming
+    @rpc
     def ListServices(self, request: Any, context: Any) -> Iterator[pb.Service]:  # noqa: N802
         for spec in self.node.list_services():
             yield fill_service(pb.Service(), spec)
 
-    @streaming
+    @rpc
     def ListConntrack(self, request: Any, context: Any) -> Iterator[pb.ConntrackEntry]:  # noqa: N802
         for e in self.node.list_conntrack():
             msg = pb.ConntrackEntry(
@@ -152,11 +111,11 @@ class DatapathServicer(pb_grpc.DatapathServicer):
             fill_service_key(msg.service, e.service)
             yield msg
 
-    @unary
+    @rpc
     def FlushConntrack(self, request: Any, context: Any) -> pb.FlushConntrackResponse:  # noqa: N802
         return pb.FlushConntrackResponse(flushed=self.node.flush_conntrack())
 
-    @unary
+    @rpc
     def GetStats(self, request: Any, context: Any) -> pb.GetStatsResponse:  # noqa: N802
         keys = [parse_service_key(k, f"services[{i}]") for i, k in enumerate(request.services)]
         resp = pb.GetStatsResponse()

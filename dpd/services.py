@@ -17,9 +17,10 @@ from typing import Any
 import structlog
 
 from dpd import abi, bpfsys
-from dpd.ids import Exhausted, IdPool
-from dpd.model import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
+from dpd.ids import IdPool
 from dpd.slots import build_slots
+from xlbcore.errors import Exhausted
+from xlbcore.service import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
 
 # struct xlb_nat_val: header, endpoints[XLB_MAX_EPS], slots[XLB_SLOTS]
 _HEAD = struct.Struct("=IBBBBH")

@@ -156,7 +156,7 @@ def tcp_long(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from policyd.logging_setup import configure_logging
+    from xlbcore.logs import configure_logging
 
     p = argparse.ArgumentParser(prog="python -m lab.client")
     sub = p.add_subparsers(dest="mode", required=True)

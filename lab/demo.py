@@ -24,11 +24,11 @@ from lab.client import run_tcp_who, run_udp_who
 from lab.daemons import Dpd, Policyd
 from lab.servers import start_backends
 from lab.topology import Topology
-from policyd.logging_setup import configure_logging
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
+from xlbcore.logs import configure_logging
 
 VIP = "198.19.0.10"
 

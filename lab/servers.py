@@ -170,7 +170,7 @@ def start_backends(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from policyd.logging_setup import configure_logging
+    from xlbcore.logs import configure_logging
 
     p = argparse.ArgumentParser(prog="python -m lab.servers", description=__doc__)
     p.add_argument("--name", required=True)

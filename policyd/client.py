@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+from xlbcore.server import MESSAGE_OPTIONS
 
 # Replies of ApplyServices / ListServices for many services exceed grpc's default 4 MiB.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+CHANNEL_OPTIONS = MESSAGE_OPTIONS
 
 PROTOCOLS = {"tcp": policy_pb2.PROTOCOL_TCP, "udp": policy_pb2.PROTOCOL_UDP}
 ALGORITHMS = {

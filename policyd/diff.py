@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from dpd.model import ServiceKey, ServiceSpec
+from xlbcore.service import ServiceKey, ServiceSpec
 
 
 def _order(key: ServiceKey) -> tuple[str, int, int]:

@@ -9,9 +9,9 @@ from types import FrameType
 
 import structlog
 
-from policyd.logging_setup import FORMATS, LEVELS, configure_logging
 from policyd.reconciler import ReconcilerSettings
 from policyd.server import DEFAULT_LISTEN, PolicydConfig, PolicyServer, StartupError
+from xlbcore.logs import FORMATS, LEVELS, configure_logging
 
 
 def _positive(text: str) -> float:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dpd.model import fill_service
 from policyd.status import NodeStatus
 from policyd.store import NodeRecord, StoredService
 from xlb.policy.v1 import policy_pb2
+from xlbcore.service import fill_service
 
 
 def timestamp(ns: int | None) -> Timestamp | None:

@@ -40,7 +40,12 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from dpd.model import (
+from policyd.diff import diff_services
+from policyd.status import NodeProgress, NodeStatus, node_status
+from policyd.store import NodeRecord, Store
+from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+from xlbcore.errors import NotFoundError
+from xlbcore.service import (
     ServiceKey,
     ServiceSpec,
     ValidationError,
@@ -49,11 +54,6 @@ from dpd.model import (
     parse_service,
     parse_service_key,
 )
-from policyd.diff import diff_services
-from policyd.errors import NotFoundError
-from policyd.status import NodeProgress, NodeStatus, node_status
-from policyd.store import NodeRecord, Store
-from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 
 log = structlog.get_logger()
 

@@ -1,22 +1,18 @@
 """xlb.policy.v1.Policy servicer: messages in, domain calls, messages out.
 
-Domain errors become gRPC status codes in ``_abort_for`` and nowhere else. Anything
-unexpected is logged with its traceback and answered INTERNAL with a short message.
+Domain errors become gRPC status codes in ``xlbcore.rpc`` (shared with dpd); a store
+error is UNAVAILABLE.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sqlite3
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Iterator
 
 import grpc
 import structlog
 
 from policyd import messages
-from policyd.errors import ConflictError, NotFoundError, ValidationError
 from policyd.reconciler import Reconciler
 from policyd.store import Store
 from policyd.validation import (
@@ -27,58 +23,13 @@ from policyd.validation import (
     validate_services,
 )
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+from xlbcore.rpc import rpc
 
 log = structlog.get_logger()
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
-)
-
-
-def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
-    for kind, code in _STATUS_FOR:
-        if isinstance(exc, kind):
-            log.info("rpc.rejected", method=method, code=code.name, reason=str(exc))
-            context.abort(code, str(exc))
-    if isinstance(exc, sqlite3.Error):
-        log.error("rpc.store_error", method=method, error=str(exc))
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"policyd store error: {exc}")
-    log.exception("rpc.internal_error", method=method)
-    context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error in {method} ({type(exc).__name__}); see the policyd log",
-    )
-
-
-def rpc(method: F) -> F:
-    """Map domain errors of a unary or server-streaming handler to status codes."""
-    name = method.__name__
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:
-                _abort_for(exc, context, name)
-
-        return cast(F, stream)
-
-    @functools.wraps(method)
-    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            _abort_for(exc, context, name)
-
-    return cast(F, unary)
-
-
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),)
+
     def __init__(self, store: Store, reconciler: Reconciler) -> None:
         self._store = store
         self._reconciler = reconciler

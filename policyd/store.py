@@ -9,7 +9,7 @@
 - A service name is unique, and so is (vip, port, protocol) across services: applying
   a second name for the same key raises ConflictError and writes nothing.
 - Services are stored as their canonical ``xlb.policy.v1.Service`` bytes (what
-  ``dpd.model.fill_service`` writes), with the key in columns for the uniqueness rule.
+  ``xlbcore.service.fill_service`` writes), with the key in columns for the uniqueness rule.
 - One connection, one lock: safe to share between the gRPC threads and the reconcilers.
   WAL journal, synchronous=FULL: a change that returned is on disk.
 - The store is the only writer of its file. It reads the services once when it opens
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from dpd.model import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
-from policyd.errors import ConflictError, NotFoundError, ValidationError
 from xlb.policy.v1 import policy_pb2
+from xlbcore.errors import ConflictError, NotFoundError, ValidationError
+from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
 SCHEMA_VERSION = 1
 

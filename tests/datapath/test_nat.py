@@ -9,7 +9,6 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
 from dpd import abi
-from dpd.model import Algorithm, EndpointSpec, Proto, ServiceSpec
 from tests.datapath.packets import (
     CLIENT,
     EP1,
@@ -22,6 +21,7 @@ from tests.datapath.packets import (
     tcp,
     udp,
 )
+from xlbcore.service import Algorithm, EndpointSpec, Proto, ServiceSpec
 
 pytestmark = pytest.mark.root
 

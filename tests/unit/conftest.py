@@ -20,10 +20,10 @@ import grpc
 import pytest
 
 from policyd.client import PolicyClient
-from policyd.logging_setup import configure_logging
 from policyd.reconciler import ReconcilerSettings
 from policyd.server import PolicydConfig, PolicyServer
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+from xlbcore.logs import configure_logging
 
 FAST = ReconcilerSettings(
     resync_interval=0.2, backoff_initial=0.05, backoff_max=0.3, rpc_timeout=2.0, coalesce=0.01

@@ -1,8 +1,9 @@
 import pytest
 
-from dpd.ids import Exhausted, IdPool
-from dpd.model import MAX_ENDPOINTS, ValidationError, parse_ipv4, parse_service
+from dpd.ids import IdPool
 from xlb.dpd.v1 import datapath_pb2 as pb
+from xlbcore.errors import Exhausted, ValidationError
+from xlbcore.service import MAX_ENDPOINTS, parse_ipv4, parse_service
 
 
 @pytest.mark.parametrize("bad", ["0.0.0.0", "127.0.0.1", "224.0.0.1", "239.1.1.1",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpd.model import EndpointSpec, Proto, ServiceKey, ServiceSpec
 from policyd.diff import diff_services
+from xlbcore.service import EndpointSpec, Proto, ServiceKey, ServiceSpec
 
 
 def svc(

@@ -7,7 +7,6 @@ from typing import Any
 import grpc
 import pytest
 
-from dpd.model import EndpointSpec, Proto, ServiceSpec
 from policyd.reconciler import (
     ReconcilerSettings,
     backoff_delay,
@@ -18,6 +17,7 @@ from policyd.reconciler import (
 )
 from policyd.status import NodeProgress, SyncState, node_status, sync_state
 from xlb.dpd.v1 import datapath_pb2
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 
 def test_backoff_doubles_from_initial_to_cap():

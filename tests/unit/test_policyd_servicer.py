@@ -12,11 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dpd.model import EndpointSpec, Proto, ServiceSpec
 from policyd.client import PolicyClient, make_service
 from tests.unit.conftest import FakeDatapath
 from xlb.dpd.v1 import datapath_pb2
 from xlb.policy.v1 import policy_pb2
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 WEB = dict(
     name="web",

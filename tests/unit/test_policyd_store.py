@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from dpd.model import EndpointSpec, Proto, ServiceSpec
-from policyd.errors import ConflictError, NotFoundError
 from policyd.messages import service_to_proto
 from policyd.store import Store
+from xlbcore.errors import ConflictError, NotFoundError
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 
 def spec(vip: str = "198.19.0.10", port: int = 80, proto: Proto = Proto.TCP, weight: int = 1):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpd.model import Proto, ValidationError
 from policyd.validation import (
-    parse_address,
     validate_name,
     validate_names,
     validate_node,
@@ -14,6 +12,9 @@ from policyd.validation import (
     validate_services,
 )
 from xlb.policy.v1 import policy_pb2
+from xlbcore.address import parse_address
+from xlbcore.errors import ValidationError
+from xlbcore.service import Proto
 
 
 @pytest.mark.parametrize("name", ["a", "web", "web-1", "0abc", "a-", "x" * 63, "1-2-3"])

@@ -1,4 +1,4 @@
-"""Service model and validation shared by dpd and policyd (pure Python, no bcc, no root).
+"""The service model and its validation, shared by dpd and policyd (pure Python).
 
 A service is identified by (vip, port, protocol). Endpoints are kept sorted by
 (address, port) so that the same service always produces the same datapath entry,
@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from xlbcore.errors import ValidationError, quote
+
 MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
 MAX_WEIGHT = 1000
 DEFAULT_WEIGHT = 1
-
-
-class ValidationError(ValueError):
-    """Input that the datapath cannot accept. The message names the field."""
 
 
 class Proto(enum.IntEnum):
@@ -91,7 +89,7 @@ def parse_ipv4(value: str, field: str, *, unicast: bool = True) -> str:
     """Return the canonical dotted quad or raise ValidationError naming `field`."""
     parsed = _ipv4(value.strip()) if isinstance(value, str) else None
     if parsed is None:
-        raise ValidationError(f"{field}: {value!r} is not an IPv4 address")
+        raise ValidationError(f"{field}: {quote(value)} is not an IPv4 address")
     text, n = parsed
     top = n >> 24
     if unicast and (n == 0 or top == 127 or 224 <= top <= 239 or n == 0xFFFFFFFF):
