@@ -43,6 +43,7 @@ from policyd.reconciler import ReconcilerSettings, SyncResult
 from policyd.server import PolicydConfig, PolicyServer
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
 from xlbcore.logs import configure_logging
 
 NODE = "bench"
@@ -220,8 +221,8 @@ def policy_services(count: int, endpoints: int) -> list[policy_pb2.Service]:
             name=f"svc-{i}",
             vip=s.vip,
             port=s.port,
-            protocol=policy_pb2.PROTOCOL_TCP if s.proto == "tcp" else policy_pb2.PROTOCOL_UDP,
-            endpoints=[policy_pb2.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
+            protocol=types_pb2.PROTOCOL_TCP if s.proto == "tcp" else types_pb2.PROTOCOL_UDP,
+            endpoints=[types_pb2.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
         )
         for i, s in enumerate(specs)
     ]
@@ -247,7 +248,7 @@ def empty_node(address: str) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = datapath_pb2_grpc.DatapathStub(channel)
         keys = [
-            datapath_pb2.ServiceKey(vip=s.vip, port=s.port, protocol=s.protocol)
+            types_pb2.ServiceKey(vip=s.vip, port=s.port, protocol=s.protocol)
             for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=120)
         ]
         for k in range(0, len(keys), 5000):

@@ -15,6 +15,7 @@ from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
+from xlb.types.v1 import types_pb2 as tpb
 
 BATCH = 5000
 BIG = [("grpc.max_receive_message_length", 64 << 20),
@@ -24,16 +25,16 @@ BIG = [("grpc.max_receive_message_length", 64 << 20),
 def dpd_service(s: ServiceSpec) -> dpb.Service:
     return dpb.Service(
         vip=s.vip, port=s.port,
-        protocol=dpb.PROTOCOL_TCP if s.proto == "tcp" else dpb.PROTOCOL_UDP,
-        endpoints=[dpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
+        protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
+        endpoints=[tpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
     )
 
 
 def policy_service(i: int, s: ServiceSpec) -> ppb.Service:
     return ppb.Service(
         name=f"svc-{i}", vip=s.vip, port=s.port,
-        protocol=ppb.PROTOCOL_TCP if s.proto == "tcp" else ppb.PROTOCOL_UDP,
-        endpoints=[ppb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
+        protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
+        endpoints=[tpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
     )
 
 

@@ -21,6 +21,7 @@ from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
+from xlb.types.v1 import types_pb2 as tpb
 
 CHANGE_VIP = "198.19.200.1"
 
@@ -93,8 +94,8 @@ def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
 
             def put(port: int) -> None:
                 dstub.PutServices(dpb.PutServicesRequest(services=[dpb.Service(
-                    vip=CHANGE_VIP, port=port, protocol=dpb.PROTOCOL_TCP,
-                    endpoints=[dpb.Endpoint(address=b.ip, port=b.port) for b in backends])]),
+                    vip=CHANGE_VIP, port=port, protocol=tpb.PROTOCOL_TCP,
+                    endpoints=[tpb.Endpoint(address=b.ip, port=b.port) for b in backends])]),
                     timeout=10)
 
             for i in range(changes):
@@ -113,8 +114,8 @@ def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
                 def apply(port: int) -> None:
                     policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
                         name=f"change-{port}", vip=CHANGE_VIP, port=port,
-                        protocol=ppb.PROTOCOL_TCP,
-                        endpoints=[ppb.Endpoint(address=b.ip, port=b.port)
+                        protocol=tpb.PROTOCOL_TCP,
+                        endpoints=[tpb.Endpoint(address=b.ip, port=b.port)
                                    for b in backends])), timeout=10)
 
                 for i in range(changes):

@@ -11,6 +11,7 @@ from dpd import abi
 from dpd.node import Node
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
+from xlb.types.v1 import types_pb2
 from xlbcore.errors import ValidationError
 from xlbcore.rpc import rpc
 from xlbcore.service import (
@@ -97,7 +98,7 @@ class DatapathServicer(pb_grpc.DatapathServicer):
     def ListConntrack(self, request: Any, context: Any) -> Iterator[pb.ConntrackEntry]:  # noqa: N802
         for e in self.node.list_conntrack():
             msg = pb.ConntrackEntry(
-                protocol=pb.Protocol.ValueType(proto_to_api(e.proto)),
+                protocol=types_pb2.Protocol.ValueType(proto_to_api(e.proto)),
                 src=e.src,
                 src_port=e.src_port,
                 dst=e.dst,

@@ -28,6 +28,7 @@ from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
+from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.logs import configure_logging
 
 VIP = "198.19.0.10"
@@ -68,16 +69,16 @@ def run(backends: int, requests: int) -> int:
                 policy.RegisterNode(ppb.RegisterNodeRequest(
                     node=ppb.Node(name="node1", address=dpd.address)), timeout=5)
                 weights = [2] + [1] * (backends - 1)
-                for name, proto, port in (("web", ppb.PROTOCOL_TCP, 80),
-                                          ("dns", ppb.PROTOCOL_UDP, 53)):
+                for name, proto, port in (("web", tpb.PROTOCOL_TCP, 80),
+                                          ("dns", tpb.PROTOCOL_UDP, 53)):
                     svc = policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
                         name=name, vip=VIP, port=port, protocol=proto,
-                        algorithm=ppb.ALGORITHM_ROUND_ROBIN,
-                        endpoints=[ppb.Endpoint(address=ip, port=8080, weight=w)
+                        algorithm=tpb.ALGORITHM_ROUND_ROBIN,
+                        endpoints=[tpb.Endpoint(address=ip, port=8080, weight=w)
                                    for ip, w in zip(topo.backend_ips, weights, strict=True)],
                     )), timeout=5)
                     out(f"applied service {svc.name}: {VIP}:{port}/"
-                        f"{'tcp' if proto == ppb.PROTOCOL_TCP else 'udp'} -> "
+                        f"{'tcp' if proto == tpb.PROTOCOL_TCP else 'udp'} -> "
                         f"{len(svc.endpoints)} endpoints, weights {weights}, "
                         f"generation {svc.generation}")
                 t0 = time.monotonic()
@@ -98,7 +99,7 @@ def run(backends: int, requests: int) -> int:
                 out()
                 out("datapath counters (both directions, from per-CPU maps):")
                 for s in stats.services:
-                    pname = "tcp" if s.service.protocol == dpb.PROTOCOL_TCP else "udp"
+                    pname = "tcp" if s.service.protocol == tpb.PROTOCOL_TCP else "udp"
                     out(f"  {s.service.vip}:{s.service.port}/{pname}: "
                         f"{s.counters.packets} packets, {s.counters.bytes} bytes")
                     for e in s.endpoints:

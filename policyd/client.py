@@ -22,26 +22,27 @@ from typing import Any
 import grpc
 
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+from xlb.types.v1 import types_pb2
 from xlbcore.server import MESSAGE_OPTIONS
 
 # Replies of ApplyServices / ListServices for many services exceed grpc's default 4 MiB.
 CHANNEL_OPTIONS = MESSAGE_OPTIONS
 
-PROTOCOLS = {"tcp": policy_pb2.PROTOCOL_TCP, "udp": policy_pb2.PROTOCOL_UDP}
+PROTOCOLS = {"tcp": types_pb2.PROTOCOL_TCP, "udp": types_pb2.PROTOCOL_UDP}
 ALGORITHMS = {
-    "round-robin": policy_pb2.ALGORITHM_ROUND_ROBIN,
-    "rr": policy_pb2.ALGORITHM_ROUND_ROBIN,
-    "hash": policy_pb2.ALGORITHM_HASH,
+    "round-robin": types_pb2.ALGORITHM_ROUND_ROBIN,
+    "rr": types_pb2.ALGORITHM_ROUND_ROBIN,
+    "hash": types_pb2.ALGORITHM_HASH,
 }
 
 
-def parse_endpoint(text: str) -> policy_pb2.Endpoint:
+def parse_endpoint(text: str) -> types_pb2.Endpoint:
     """``ADDRESS:PORT[@WEIGHT]`` -> Endpoint (the server validates the values)."""
     where, _, weight = text.partition("@")
     address, sep, port = where.rpartition(":")
     if not sep or not address or not port.isdigit():
         raise ValueError(f"endpoint {text!r}: use ADDRESS:PORT or ADDRESS:PORT@WEIGHT")
-    ep = policy_pb2.Endpoint(address=address, port=int(port))
+    ep = types_pb2.Endpoint(address=address, port=int(port))
     if weight:
         if not weight.isdigit():
             raise ValueError(f"endpoint {text!r}: weight {weight!r} is not a number")
@@ -54,7 +55,7 @@ def make_service(
     vip: str,
     port: int,
     protocol: str = "tcp",
-    endpoints: Iterable[str | policy_pb2.Endpoint] = (),
+    endpoints: Iterable[str | types_pb2.Endpoint] = (),
     algorithm: str = "round-robin",
 ) -> policy_pb2.Service:
     if protocol.lower() not in PROTOCOLS:
@@ -105,7 +106,7 @@ class PolicyClient:
         vip: str,
         port: int,
         protocol: str = "tcp",
-        endpoints: Iterable[str | policy_pb2.Endpoint] = (),
+        endpoints: Iterable[str | types_pb2.Endpoint] = (),
         algorithm: str = "round-robin",
     ) -> policy_pb2.Service:
         return self.apply(make_service(name, vip, port, protocol, endpoints, algorithm))

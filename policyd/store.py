@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS services (
     name           TEXT PRIMARY KEY,
     vip            TEXT NOT NULL,
     port           INTEGER NOT NULL,
-    protocol       INTEGER NOT NULL,   -- xlb.policy.v1.Protocol value
+    protocol       INTEGER NOT NULL,   -- xlb.types.v1.Protocol value
     spec           BLOB NOT NULL,      -- canonical xlb.policy.v1.Service (no output fields)
     generation     INTEGER NOT NULL,
     update_time_ns INTEGER NOT NULL,

@@ -10,6 +10,7 @@ from lab.client import run_tcp_who
 from tests.cluster.conftest import VIP
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.policy.v1 import policy_pb2 as ppb
+from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
@@ -18,8 +19,8 @@ SYNCED = ppb.SYNC_STATE_SYNCED
 
 def apply_web(cluster, weights=(1, 1), port=80):
     return cluster.policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
-        name="web", vip=VIP, port=port, protocol=ppb.PROTOCOL_TCP,
-        endpoints=[ppb.Endpoint(address=f"198.18.{i}.2", port=8080, weight=w)
+        name="web", vip=VIP, port=port, protocol=tpb.PROTOCOL_TCP,
+        endpoints=[tpb.Endpoint(address=f"198.18.{i}.2", port=8080, weight=w)
                    for i, w in enumerate(weights, start=1)],
     )), timeout=5)
 
@@ -92,8 +93,8 @@ def test_bad_service_is_refused_by_policyd_and_no_node_changes(cluster):
         cluster.wait_state(name, SYNCED)
     with pytest.raises(grpc.RpcError) as err:
         cluster.policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
-            name="bad", vip="0.0.0.0", port=80, protocol=ppb.PROTOCOL_TCP,
-            endpoints=[ppb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
+            name="bad", vip="0.0.0.0", port=80, protocol=tpb.PROTOCOL_TCP,
+            endpoints=[tpb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     names = [s.name for s in cluster.policy.ListServices(ppb.ListServicesRequest(), timeout=5)]
     assert names == ["web"]
@@ -110,7 +111,7 @@ def test_rebuilt_node_is_refilled_on_the_next_change_not_the_next_resync(cluster
     # policyd still believes node1 holds "web"; the next change's reply carries a new
     # datapath id, which makes policyd read the node back instead of trusting its cache
     other = cluster.policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
-        name="dns", vip=VIP, port=53, protocol=ppb.PROTOCOL_UDP,
-        endpoints=[ppb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
+        name="dns", vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP,
+        endpoints=[tpb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
     cluster.wait_state("node1", SYNCED, generation=other.generation, timeout=10)
     assert sorted(s[1] for s in node_services(cluster, "node1")) == [53, 80]

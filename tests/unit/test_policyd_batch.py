@@ -10,6 +10,7 @@ import pytest
 
 from policyd.client import PolicyClient, make_service
 from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
 
 
 def svc(i: int, port: int = 80, endpoint: str = "") -> policy_pb2.Service:
@@ -26,7 +27,7 @@ def replace_name(msg: policy_pb2.Service, name: str) -> policy_pb2.Service:
 
 
 def with_algorithm(msg: policy_pb2.Service, value: int) -> policy_pb2.Service:
-    msg.algorithm = policy_pb2.Algorithm.ValueType(value)
+    msg.algorithm = types_pb2.Algorithm.ValueType(value)
     return msg
 
 

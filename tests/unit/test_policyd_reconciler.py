@@ -17,6 +17,7 @@ from policyd.reconciler import (
 )
 from policyd.status import NodeProgress, SyncState, node_status, sync_state
 from xlb.dpd.v1 import datapath_pb2
+from xlb.types.v1 import types_pb2
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 
@@ -114,17 +115,17 @@ def test_sync_deletes_extra_and_skips_equal():
     keep = spec(1)
     on_node = [
         datapath_pb2.Service(
-            vip=keep.vip, port=80, protocol=datapath_pb2.PROTOCOL_TCP,
-            endpoints=[datapath_pb2.Endpoint(address="198.18.1.2", port=80)],  # weight absent = 1
+            vip=keep.vip, port=80, protocol=types_pb2.PROTOCOL_TCP,
+            endpoints=[types_pb2.Endpoint(address="198.18.1.2", port=80)],  # weight absent = 1
         ),
         datapath_pb2.Service(
-            vip="198.19.9.9", port=53, protocol=datapath_pb2.PROTOCOL_UDP,
-            endpoints=[datapath_pb2.Endpoint(address="198.18.1.2", port=53)],
+            vip="198.19.9.9", port=53, protocol=types_pb2.PROTOCOL_UDP,
+            endpoints=[types_pb2.Endpoint(address="198.18.1.2", port=53)],
         ),
         # no endpoints: not a valid service, but its key is; it is not desired -> deleted
-        datapath_pb2.Service(vip="198.19.9.8", port=1, protocol=datapath_pb2.PROTOCOL_TCP),
+        datapath_pb2.Service(vip="198.19.9.8", port=1, protocol=types_pb2.PROTOCOL_TCP),
         # not even a valid key: left alone
-        datapath_pb2.Service(vip="garbage", port=1, protocol=datapath_pb2.PROTOCOL_TCP),
+        datapath_pb2.Service(vip="garbage", port=1, protocol=types_pb2.PROTOCOL_TCP),
     ]  # fmt: skip
     stub = StubDatapath(on_node)
     result = sync_node(stub, {keep.key: keep}, batch_size=1)

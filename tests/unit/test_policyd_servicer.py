@@ -16,6 +16,7 @@ from policyd.client import PolicyClient, make_service
 from tests.unit.conftest import FakeDatapath
 from xlb.dpd.v1 import datapath_pb2
 from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 WEB = dict(
@@ -30,12 +31,12 @@ WEB = dict(
 WEB_ON_NODE = datapath_pb2.Service(
     vip="198.19.0.10",
     port=80,
-    protocol=datapath_pb2.PROTOCOL_TCP,
-    algorithm=datapath_pb2.ALGORITHM_ROUND_ROBIN,
-    mode=datapath_pb2.MODE_DNAT,
+    protocol=types_pb2.PROTOCOL_TCP,
+    algorithm=types_pb2.ALGORITHM_ROUND_ROBIN,
+    mode=types_pb2.MODE_DNAT,
     endpoints=[
-        datapath_pb2.Endpoint(address="198.18.1.2", port=8080, weight=1),
-        datapath_pb2.Endpoint(address="198.18.1.3", port=8080, weight=2),
+        types_pb2.Endpoint(address="198.18.1.2", port=8080, weight=1),
+        types_pb2.Endpoint(address="198.18.1.3", port=8080, weight=2),
     ],
 )
 
@@ -298,8 +299,8 @@ def test_drift_is_repaired_by_periodic_resync(wait_for, policyd, fake_node, clie
     stray = datapath_pb2.Service(
         vip="198.19.0.99",
         port=9,
-        protocol=datapath_pb2.PROTOCOL_UDP,
-        endpoints=[datapath_pb2.Endpoint(address="198.18.9.9", port=9, weight=1)],
+        protocol=types_pb2.PROTOCOL_UDP,
+        endpoints=[types_pb2.Endpoint(address="198.18.9.9", port=9, weight=1)],
     )
     with node.datapath.lock:  # a hand edit behind policyd's back
         node.datapath.services[("198.19.0.10", 80, 1)].endpoints[0].weight = 7

@@ -12,6 +12,7 @@ from policyd.validation import (
     validate_services,
 )
 from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
 from xlbcore.address import parse_address
 from xlbcore.errors import ValidationError
 from xlbcore.service import Proto
@@ -96,10 +97,10 @@ def test_validate_service_uses_shared_model():
         name="web",
         vip="198.19.0.10",
         port=80,
-        protocol=policy_pb2.PROTOCOL_UDP,
+        protocol=types_pb2.PROTOCOL_UDP,
         endpoints=[
-            policy_pb2.Endpoint(address="198.18.1.3", port=80, weight=0),
-            policy_pb2.Endpoint(address="198.18.1.2", port=80),
+            types_pb2.Endpoint(address="198.18.1.3", port=80, weight=0),
+            types_pb2.Endpoint(address="198.18.1.2", port=80),
         ],
         generation=99,  # output only: ignored
     )
@@ -123,8 +124,8 @@ def _svc(name: str, port: int, **fields: object) -> policy_pb2.Service:
         name=name,
         vip="198.19.0.10",
         port=port,
-        protocol=policy_pb2.PROTOCOL_TCP,
-        endpoints=[policy_pb2.Endpoint(address="198.18.1.2", port=80)],
+        protocol=types_pb2.PROTOCOL_TCP,
+        endpoints=[types_pb2.Endpoint(address="198.18.1.2", port=80)],
         **fields,  # type: ignore[arg-type]
     )
 
