@@ -1,62 +1,408 @@
-"""Constants and map layouts of the datapath ABI (bpf/xlb_abi.h, bpf/maps.h).
+"""The datapath ABI as Python sees it, read from the C headers: the single source.
 
-The eBPF side is the source of truth; tests/datapath checks that the sizes here match
-what bcc built, and dpd checks pinned maps against them before reusing them."""
+``dpd/bpf/xlb_abi.h`` defines every constant and every map key/value struct;
+``dpd/bpf/maps.h`` declares every map. This module parses both (a deliberately small
+subset of C: ``#define NAME <integer expression>``, structs of fixed-size fields and
+arrays, ``BPF_TABLE_PINNED(...)`` declarations), computes each struct's layout with the
+C alignment rules of x86-64 and BPF (the same for these types), and gives codecs that
+pack and unpack values by field name. Nothing here restates a layout by hand.
+
+tests/datapath/test_abi.py checks every layout computed here against the BTF of the
+maps the kernel loaded (size and the offset of every field, recursively), as Cilium's
+alignchecker does, so a parser mistake cannot go unnoticed.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ast
+import functools
+import operator
+import re
+import socket
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from dpd.loader import Settings
-
-MAX_EPS = 64
-SLOTS = 256
-PGM_SLOW = 1
-
-DIR_ORIG = 1
-DIR_REPLY = 2
-
-CT_NEW = 1
-CT_REPLIED = 2
-CT_EST = 3
-CT_CLOSING = 4
-CT_CLOSED = 5
-
-ALGO_RR = 1
-ALGO_HASH = 2
-
-CFG_REDIRECT = 1
-
-STAT_NAMES = (
-    "pass",
-    "unused_1",
-    "slow_path",
-    "new_flow",
-    "drop_no_endpoint",
-    "redirect",
-    "to_stack",
-    "tailcall_fail",
-    "drop_ct_insert",
-)
-STAT_MAX = 16
-
-NAT_KEY_SIZE = 8
-NAT_VAL_SIZE = 16 + MAX_EPS * 12 + SLOTS
-CT_KEY_SIZE = 16
-CT_VAL_SIZE = 40
-COUNTER_SIZE = 16
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
 
 
-def expected_maps(s: Settings) -> dict[str, tuple[str, int, int, int]]:
-    """map name -> (type, key size, value size, max entries)."""
-    return {
-        "pgm_tbl": ("prog_array", 4, 4, 8),
-        "nat_v4_map": ("hash", NAT_KEY_SIZE, NAT_VAL_SIZE, s.max_services),
-        "ct_v4_map": ("lru_hash", CT_KEY_SIZE, CT_VAL_SIZE, s.ct_size),
-        "rr_map": ("array", 4, 4, s.max_services),
-        "svc_stats_map": ("percpu_array", 4, COUNTER_SIZE, s.max_services),
-        "ep_stats_map": ("percpu_array", 4, COUNTER_SIZE, s.max_backends),
-        "stats_map": ("percpu_array", 4, COUNTER_SIZE, STAT_MAX),
-        "cfg_map": ("array", 4, 8, 1),
-    }
+class AbiError(ValueError):
+    """The headers use something this parser does not understand."""
+
+
+# scalar C type -> (size, struct format char, kind)
+_SCALARS: dict[str, tuple[int, str, str]] = {
+    "__u8": (1, "B", "u"), "u8": (1, "B", "u"), "__s8": (1, "b", "s"),
+    "__u16": (2, "H", "u"), "u16": (2, "H", "u"), "__s16": (2, "h", "s"),
+    "__u32": (4, "I", "u"), "u32": (4, "I", "u"), "__s32": (4, "i", "s"), "int": (4, "i", "s"),
+    "__u64": (8, "Q", "u"), "u64": (8, "Q", "u"), "__s64": (8, "q", "s"),
+    "__be16": (2, "H", "be"), "__be32": (4, "4s", "be"), "__be64": (8, "8s", "be"),
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    ctype: str  # scalar type name, or "struct NAME"
+    count: int  # array length; 0 for a plain field
+    elem_size: int
+    struct: Layout | None = None
+
+    @property
+    def size(self) -> int:
+        return self.elem_size * max(self.count, 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    size: int
+    align: int
+    fields: tuple[Field, ...]
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"struct {self.name} has no field {name}")
+
+    def holes(self) -> list[tuple[int, int]]:
+        """(offset, length) of every implicit padding gap, trailing included."""
+        out = []
+        at = 0
+        for f in self.fields:
+            if f.offset > at:
+                out.append((at, f.offset - at))
+            at = f.offset + f.size
+        if self.size > at:
+            out.append((at, self.size - at))
+        return out
+
+    @functools.cached_property
+    def codec(self) -> Codec:
+        return Codec(self)
+
+
+@dataclass(frozen=True)
+class MapDecl:
+    name: str
+    type: str  # bcc's name: hash, lru_hash, array, percpu_array, prog
+    key: str  # "struct xlb_nat_key" or a scalar type
+    value: str
+    max_entries: str  # a constant name or a number, resolved by Abi.map_specs
+    flags: str = ""
+
+    @property
+    def kernel_type(self) -> str:
+        """The map type as the kernel's map info names it (bpfsys.MAP_TYPES)."""
+        return {"prog": "prog_array"}.get(self.type, self.type)
+
+    @property
+    def per_cpu(self) -> bool:
+        return self.type.startswith("percpu") or self.type.startswith("lru_percpu")
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A map as it must exist for one set of settings."""
+
+    name: str
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    per_cpu: bool
+    key: Layout | None = None  # None for a scalar key
+    value: Layout | None = None
+
+
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv, ast.LShift: operator.lshift,
+    ast.RShift: operator.rshift, ast.BitOr: operator.or_, ast.BitAnd: operator.and_,
+}
+
+
+def _eval(expr: str, consts: Mapping[str, int]) -> int:
+    """An integer constant expression of literals and earlier constants."""
+    text = re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\b", r"\1", expr.strip())
+    text = text.replace("/", "//")
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in consts:
+            return consts[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return int(_OPS[type(node.op)](ev(node.left), ev(node.right)))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        raise AbiError(f"not an integer constant expression: {expr!r}")
+
+    try:
+        return ev(ast.parse(text, mode="eval").body)
+    except SyntaxError:
+        raise AbiError(f"not an integer constant expression: {expr!r}") from None
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+_DEFINE = re.compile(r"^\s*#\s*define\s+([A-Za-z_]\w*)[ \t]+(.+?)\s*$", re.M)
+_STRUCT = re.compile(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", re.S)
+_MEMBER = re.compile(r"^(struct\s+\w+|\w+)\s+(\w+)\s*(?:\[\s*([^\]]+)\s*\])?$")
+_TABLE = re.compile(r"\bBPF_TABLE_PINNED\s*\((.*?)\)\s*;", re.S)
+
+
+class Abi:
+    """Constants, struct layouts and map declarations of the datapath."""
+
+    def __init__(self, abi_header: str, maps_header: str = "") -> None:
+        self.constants: dict[str, int] = {}
+        self.defaults: dict[str, int] = {}  # settings with a default in maps.h
+        self.structs: dict[str, Layout] = {}
+        self.maps: dict[str, MapDecl] = {}
+        self._parse_defines(_strip_comments(abi_header), self.constants)
+        self._parse_structs(_strip_comments(abi_header))
+        if maps_header:
+            text = _strip_comments(maps_header)
+            self._parse_defines(text, self.defaults, skip_strings=True)
+            self._parse_maps(text)
+
+    @classmethod
+    def from_dir(cls, directory: Path = BPF_DIR) -> Abi:
+        return cls((directory / "xlb_abi.h").read_text(), (directory / "maps.h").read_text())
+
+    # -- parsing -------------------------------------------------------------------------
+
+    def _parse_defines(self, text: str, into: dict[str, int], skip_strings: bool = False) -> None:
+        for name, value in _DEFINE.findall(text):
+            if name.endswith("_H") or "(" in name:
+                continue  # include guards
+            if skip_strings and ('"' in value or "#" in value):
+                continue  # XLB_PIN(name) and the like
+            into[name] = _eval(value, {**self.constants, **into})
+
+    def _parse_structs(self, text: str) -> None:
+        for name, body in _STRUCT.findall(text):
+            fields: list[Field] = []
+            offset = 0
+            align = 1
+            for decl in filter(None, (d.strip() for d in body.split(";"))):
+                m = _MEMBER.match(" ".join(decl.split()))
+                if not m:
+                    raise AbiError(f"struct {name}: cannot read member {decl!r}")
+                ctype, fname, count_expr = m.groups()
+                count = _eval(count_expr, self.constants) if count_expr else 0
+                sub: Layout | None = None
+                if ctype.startswith("struct "):
+                    sub = self.structs.get(ctype.split()[1])
+                    if sub is None:
+                        raise AbiError(f"struct {name}.{fname}: {ctype} is not defined before")
+                    size, falign = sub.size, sub.align
+                elif ctype in _SCALARS:
+                    size = falign = _SCALARS[ctype][0]
+                else:
+                    raise AbiError(f"struct {name}.{fname}: unknown type {ctype}")
+                offset = -(-offset // falign) * falign
+                fields.append(Field(fname, offset, ctype, count, size, sub))
+                offset += size * max(count, 1)
+                align = max(align, falign)
+            size = -(-offset // align) * align
+            self.structs[name] = Layout(name, size, align, tuple(fields))
+
+    def _parse_maps(self, text: str) -> None:
+        for args in _TABLE.findall(text):
+            parts = [a.strip() for a in " ".join(args.split()).split(",")]
+            if len(parts) < 6:
+                raise AbiError(f"BPF_TABLE_PINNED({args}): expected at least 6 arguments")
+            mtype, key, value, name, max_entries = parts[0].strip('"'), *parts[1:5]
+            flags = parts[6] if len(parts) > 6 else ""
+            self.maps[name] = MapDecl(name, mtype, key, value, max_entries, flags)
+
+    # -- use -----------------------------------------------------------------------------
+
+    def const(self, name: str) -> int:
+        return self.constants[name]
+
+    def prefixed(self, prefix: str) -> dict[str, int]:
+        """Constants named PREFIX<NAME>, as {name in lower case: value}."""
+        return {k[len(prefix):].lower(): v for k, v in self.constants.items()
+                if k.startswith(prefix)}
+
+    def stat_names(self) -> dict[int, str]:
+        """Global counter index -> name, from the XLB_STAT_* constants."""
+        out = {}
+        for name, index in self.prefixed("XLB_STAT_").items():
+            if name != "max" and not name.startswith("unused"):
+                out[index] = name
+        return dict(sorted(out.items()))
+
+    def _type(self, ctype: str) -> tuple[int, Layout | None]:
+        if ctype.startswith("struct "):
+            layout = self.structs[ctype.split()[1]]
+            return layout.size, layout
+        if ctype not in _SCALARS:
+            raise AbiError(f"unknown map key/value type {ctype}")
+        return _SCALARS[ctype][0], None
+
+    def map_specs(self, settings: Mapping[str, int]) -> dict[str, MapSpec]:
+        """Every map with its sizes; `settings` overrides maps.h's defaults by macro
+        name (e.g. {"XLB_CT_SIZE": 4096})."""
+        consts = {**self.constants, **self.defaults, **settings}
+        out = {}
+        for d in self.maps.values():
+            ksize, klayout = self._type(d.key)
+            vsize, vlayout = self._type(d.value)
+            out[d.name] = MapSpec(d.name, d.kernel_type, ksize, vsize,
+                                  _eval(d.max_entries, consts), d.per_cpu, klayout, vlayout)
+        return out
+
+
+@functools.cache
+def load() -> Abi:
+    """The ABI of the sources shipped with this dpd."""
+    return Abi.from_dir(BPF_DIR)
+
+
+# -- codecs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    name: str
+    kind: str  # "u", "s", "be16", "be", "bytes", "array", "struct", "structs"
+    count: int = 0
+    sub: Codec | None = None
+    elem_size: int = 0
+
+
+@dataclass
+class Codec:
+    """Packs and unpacks one struct by field name, through one precompiled
+    ``struct.Struct`` (explicit pad fields are skipped on unpack and zeroed on pack).
+
+    Values: unsigned/signed fields are ints; ``__be16`` is an int in host order (the
+    codec swaps it); ``__be32`` is the 4 raw bytes (network order, as socket.inet_aton
+    gives); ``__u8 x[N]`` is bytes; other scalar arrays are tuples; a struct field is a
+    dict and an array of structs a list of dicts (only the elements given on pack)."""
+
+    layout: Layout
+    _struct: struct.Struct = field(init=False)
+    _slots: list[_Slot] = field(init=False)
+
+    def __post_init__(self) -> None:
+        fmt = ["="]
+        slots: list[_Slot] = []
+        at = 0
+        for f in self.layout.fields:
+            if f.offset > at:
+                fmt.append(f"{f.offset - at}x")
+            at = f.offset + f.size
+            if f.name.startswith("pad"):
+                fmt.append(f"{f.size}x")
+                continue
+            if f.struct is not None:
+                fmt.append(f"{f.size}s")
+                slots.append(_Slot(f.name, "structs" if f.count else "struct", f.count,
+                                   f.struct.codec, f.elem_size))
+                continue
+            size, char, kind = _SCALARS[f.ctype]
+            if f.count and char == "B":
+                fmt.append(f"{f.count}s")
+                slots.append(_Slot(f.name, "bytes", f.count))
+            elif f.count:
+                fmt.append(f"{f.count}{char}")
+                slots.append(_Slot(f.name, "array", f.count))
+            else:
+                fmt.append(char)
+                slots.append(_Slot(f.name, "be16" if (kind, size) == ("be", 2) else kind))
+        if self.layout.size > at:
+            fmt.append(f"{self.layout.size - at}x")
+        self._struct = struct.Struct("".join(fmt))
+        self._slots = slots
+        if self._struct.size != self.layout.size:
+            raise AbiError(f"codec of struct {self.layout.name}: {self._struct.size} bytes, "
+                           f"layout says {self.layout.size}")
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._slots]
+
+    def _flat(self, values: Mapping[str, Any]) -> Iterator[Any]:
+        for s in self._slots:
+            v = values.get(s.name)
+            if s.kind == "be16":
+                yield socket.htons(v or 0)
+            elif s.kind == "be":
+                yield v or b""
+            elif s.kind == "bytes":
+                yield bytes(v or b"")
+            elif s.kind == "array":
+                vals = list(v or ())
+                yield from vals + [0] * (s.count - len(vals))
+            elif s.kind == "struct":
+                assert s.sub is not None
+                yield s.sub.pack(**(v or {}))
+            elif s.kind == "structs":
+                assert s.sub is not None
+                sub = s.sub
+                yield b"".join(sub.pack(**item) for item in (v or ()))
+            else:
+                yield v or 0
+
+    def pack(self, **values: Any) -> bytes:
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise KeyError(f"struct {self.layout.name} has no field {sorted(unknown)[0]}")
+        return self._struct.pack(*self._flat(values))
+
+    def pack_into(self, buf: bytearray | memoryview, offset: int, **values: Any) -> None:
+        self._struct.pack_into(buf, offset, *self._flat(values))
+
+    def unpack(self, data: bytes | bytearray | memoryview, offset: int = 0) -> dict[str, Any]:
+        raw = self._struct.unpack_from(data, offset)
+        out: dict[str, Any] = {}
+        i = 0
+        for s in self._slots:
+            if s.kind == "array":
+                out[s.name] = tuple(raw[i:i + s.count])
+                i += s.count
+                continue
+            v = raw[i]
+            i += 1
+            if s.kind == "be16":
+                v = socket.ntohs(v)
+            elif s.kind == "struct":
+                assert s.sub is not None
+                v = s.sub.unpack(v)
+            elif s.kind == "structs":
+                assert s.sub is not None
+                v = _Elements(s.sub, v, s.elem_size)
+            out[s.name] = v
+        return out
+
+
+class _Elements:
+    """An array-of-structs field, decoded on access (a service holds 64 endpoint slots
+    of which a few are used)."""
+
+    def __init__(self, codec: Codec, raw: bytes, elem_size: int) -> None:
+        self._codec, self._raw, self._size = codec, raw, elem_size
+
+    def __len__(self) -> int:
+        return len(self._raw) // self._size
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._codec.unpack(self._raw, i * self._size)

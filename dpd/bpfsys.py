@@ -1,5 +1,6 @@
-"""Thin ctypes layer over libbpf.so.1 for what bcc does not offer: pinning program
-fds, reading object info (program tags, map layouts) and BPF_PROG_TEST_RUN."""
+"""Thin ctypes layer over libbpf.so.1: map element and batch operations, pins, object
+info (map layouts, program tags, BTF) and BPF_PROG_TEST_RUN. dpd's daemon process uses
+this alone; bcc (and LLVM) load only in the child process that compiles the programs."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
-class _MapInfo(ctypes.Structure):
+class _MapInfo(ctypes.Structure):  # struct bpf_map_info (uapi/linux/bpf.h)
     _fields_ = [
         ("type", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
@@ -47,7 +48,25 @@ class _MapInfo(ctypes.Structure):
         ("max_entries", ctypes.c_uint32),
         ("map_flags", ctypes.c_uint32),
         ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
         ("_rest", ctypes.c_uint8 * 128),
+    ]
+
+
+class _BtfInfo(ctypes.Structure):  # struct bpf_btf_info
+    _fields_ = [
+        ("btf", ctypes.c_uint64),
+        ("btf_size", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("name", ctypes.c_uint64),
+        ("name_len", ctypes.c_uint32),
+        ("kernel_btf", ctypes.c_uint32),
     ]
 
 
@@ -98,6 +117,9 @@ class MapInfo:
     max_entries: int
     flags: int
     name: str
+    btf_id: int = 0
+    btf_key_type_id: int = 0
+    btf_value_type_id: int = 0
 
 
 def obj_get(path: str) -> int:
@@ -121,15 +143,64 @@ def map_info(fd: int) -> MapInfo:
         info.max_entries,
         info.map_flags,
         info.name.decode(errors="replace"),
+        info.btf_id,
+        info.btf_key_type_id,
+        info.btf_value_type_id,
     )
 
 
 def pinned_map_info(path: str) -> MapInfo:
     fd = obj_get(path)
     try:
+        if object_kind(fd) != "map":
+            raise BpfError(errno.EINVAL, f"{path} is a {object_kind(fd)}, not a map")
         return map_info(fd)
     finally:
         os.close(fd)
+
+
+def object_kind(fd: int) -> str:
+    """What a bpf fd refers to: "map", "prog", "link", "btf" (from its anon inode name;
+    the info call alone cannot tell, it fills whatever struct it is handed)."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    kind = target.removeprefix("anon_inode:bpf").lstrip("-_")
+    return kind or target
+
+
+def pinned_kind(path: str) -> str:
+    fd = obj_get(path)
+    try:
+        return object_kind(fd)
+    finally:
+        os.close(fd)
+
+
+_lib.bpf_btf_get_fd_by_id.argtypes = [ctypes.c_uint32]
+
+
+def btf_raw(btf_id: int) -> bytes:
+    """The raw BTF blob (header, types, strings) of a loaded BTF object."""
+    fd = _check(_lib.bpf_btf_get_fd_by_id(btf_id), f"open BTF {btf_id}")
+    try:
+        info = _BtfInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+               "BTF info")
+        buf = ctypes.create_string_buffer(info.btf_size)
+        info2 = _BtfInfo(btf=ctypes.addressof(buf), btf_size=info.btf_size)
+        size = ctypes.c_uint32(ctypes.sizeof(info2))
+        _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info2), ctypes.byref(size)),
+               "BTF info")
+        return buf.raw[: info2.btf_size]
+    finally:
+        os.close(fd)
+
+
+def prog_id(fd: int) -> int:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    return int(info.id)
 
 
 def prog_tag(fd: int) -> str:
@@ -236,3 +307,71 @@ def delete_batch(fd: int, keys: list[bytes], chunk: int = 8192) -> int:
             err = ctypes.get_errno()
             raise BpfError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
     return deleted
+
+
+# -- map elements ------------------------------------------------------------------------
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+_lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_uint64]
+_lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_lib.bpf_map_update_batch.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+    ctypes.c_void_p,
+]
+_lib.libbpf_num_possible_cpus.argtypes = []
+
+
+def possible_cpus() -> int:
+    return int(_check(_lib.libbpf_num_possible_cpus(), "possible CPUs"))
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value stored under `key`, or None when there is none."""
+    out = ctypes.create_string_buffer(value_size)
+    if _lib.bpf_map_lookup_elem(fd, key, out) < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise BpfError(err, f"map lookup: {os.strerror(err)}")
+    return out.raw
+
+
+def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    _check(_lib.bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def delete(fd: int, key: bytes) -> bool:
+    """True if `key` was there."""
+    if _lib.bpf_map_delete_elem(fd, key) < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return False
+        raise BpfError(err, f"map delete: {os.strerror(err)}")
+    return True
+
+
+def next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    out = ctypes.create_string_buffer(key_size)
+    if _lib.bpf_map_get_next_key(fd, key, out) < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise BpfError(err, f"map next key: {os.strerror(err)}")
+    return out.raw
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Write `count` packed keys and values with one BPF_MAP_UPDATE_BATCH. On failure
+    BpfError.done says how many were written (the first ones)."""
+    n = ctypes.c_uint32(count)
+    if _lib.bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None) < 0:
+        err = ctypes.get_errno()
+        exc = BpfError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+        exc.done = n.value  # type: ignore[attr-defined]
+        raise exc

@@ -3,20 +3,23 @@
 ct_v4_map is an LRU hash, so a full table evicts the least recently used flows rather
 than refusing new ones; aging removes finished and idle flows before that happens.
 A flow's two entries (ORIG and REPLY) age together: the flow is idle for as long as
-its most recently used direction."""
+its most recently used direction. Entries are decoded by field name with the ABI's
+struct xlb_ct_key / xlb_ct_val; the table works on the map seam (dpd/maps.py).
+"""
 
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from dpd import abi, bpfsys
+from dpd.abi import Abi
+from dpd.loader import Datapath
 from xlbcore.service import Proto, ServiceKey
 
 log = structlog.get_logger("dpd.conntrack")
@@ -36,14 +39,31 @@ class Timeouts:
     udp_established: int = 180 * SECOND
 
 
-def expired(proto: int, state: int, idle_ns: int, t: Timeouts = Timeouts()) -> bool:
+@dataclass(frozen=True)
+class States:
+    """The conntrack state and direction numbers of the ABI (XLB_CT_*, XLB_DIR_*)."""
+
+    est: int
+    closing: int
+    closed: int
+    orig: int
+    reply: int
+
+    @classmethod
+    def of(cls, abi: Abi) -> States:
+        c = abi.const
+        return cls(c("XLB_CT_EST"), c("XLB_CT_CLOSING"), c("XLB_CT_CLOSED"),
+                   c("XLB_DIR_ORIG"), c("XLB_DIR_REPLY"))
+
+
+def expired(proto: int, state: int, idle_ns: int, s: States, t: Timeouts) -> bool:
     if proto == Proto.UDP:
-        limit = t.udp_established if state == abi.CT_EST else t.udp_new
-    elif state == abi.CT_EST:
+        limit = t.udp_established if state == s.est else t.udp_new
+    elif state == s.est:
         limit = t.tcp_established
-    elif state == abi.CT_CLOSING:
+    elif state == s.closing:
         limit = t.tcp_closing
-    elif state == abi.CT_CLOSED:
+    elif state == s.closed:
         limit = t.tcp_closed
     else:
         limit = t.tcp_syn
@@ -65,70 +85,73 @@ class CtEntry:
     idle_ns: int
 
 
-# struct xlb_ct_key / struct xlb_ct_val (bpf/xlb_abi.h), raw
-KEY = struct.Struct("=4s4sHHBxxx")
-VAL = struct.Struct("=4sHBBIII4xQ4sHBx")
-
-
-def peer_key(key: bytes, val: tuple[Any, ...]) -> bytes:
-    """The other direction's key, from an entry's raw key and unpacked value."""
-    saddr, daddr, sport, dport, proto = KEY.unpack(key)
-    nat_addr, nat_port, direction = val[0], val[1], val[2]
-    if direction == abi.DIR_ORIG:  # reply: endpoint -> client
-        return KEY.pack(nat_addr, saddr, nat_port, sport, proto)
-    return KEY.pack(daddr, nat_addr, dport, nat_port, proto)  # original: client -> VIP
-
-
 class Conntrack:
-    def __init__(self, dp: Any, timeouts: Timeouts | None = None) -> None:
-        self.fd = dp.table("ct_v4_map").map_fd
+    def __init__(self, dp: Datapath, timeouts: Timeouts | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        """`clock`: the clock of last_ns (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC)."""
+        self.map = dp.maps["ct_v4_map"]
+        self.key = dp.abi.structs["xlb_ct_key"].codec
+        self.val = dp.abi.structs["xlb_ct_val"].codec
+        self.states = States.of(dp.abi)
         self.timeouts = timeouts or Timeouts()
+        self.clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _raw(self) -> dict[bytes, tuple[Any, ...]]:
-        return {k: VAL.unpack(v) for k, v in
-                bpfsys.lookup_batch(self.fd, abi.CT_KEY_SIZE, abi.CT_VAL_SIZE)}
+    def _decoded(self) -> list[tuple[bytes, dict[str, Any], dict[str, Any]]]:
+        return [(k, self.key.unpack(k), self.val.unpack(v)) for k, v in self.map.items()]
+
+    def peer_key(self, k: dict[str, Any], v: dict[str, Any]) -> bytes:
+        """The other direction's key, from an entry's decoded key and value."""
+        if v["dir"] == self.states.orig:  # reply: endpoint -> client
+            return self.key.pack(saddr=v["nat_addr"], daddr=k["saddr"], sport=v["nat_port"],
+                                 dport=k["sport"], proto=k["proto"])
+        return self.key.pack(saddr=k["daddr"], daddr=v["nat_addr"], sport=k["dport"],
+                             dport=v["nat_port"], proto=k["proto"])  # original: client -> VIP
 
     def entries(self) -> list[CtEntry]:
-        now = time.monotonic_ns()
+        now = self.clock()
         out = []
-        for k, v in self._raw().items():
-            saddr, daddr, sport, dport, proto = KEY.unpack(k)
-            nat_addr, nat_port, direction, state, _sid, _eid, _fl, last, vip, vport, vproto = v
+        for _, k, v in self._decoded():
+            svc = v["svc"]
             out.append(CtEntry(
-                Proto(proto), socket.inet_ntoa(saddr), socket.ntohs(sport),
-                socket.inet_ntoa(daddr), socket.ntohs(dport), direction, state,
-                socket.inet_ntoa(nat_addr), socket.ntohs(nat_port),
-                ServiceKey(socket.inet_ntoa(vip), socket.ntohs(vport), Proto(vproto)),
-                max(0, now - last),
+                Proto(k["proto"]), socket.inet_ntoa(k["saddr"]), k["sport"],
+                socket.inet_ntoa(k["daddr"]), k["dport"], v["dir"], v["state"],
+                socket.inet_ntoa(v["nat_addr"]), v["nat_port"],
+                ServiceKey(socket.inet_ntoa(svc["vip"]), svc["port"], Proto(svc["proto"])),
+                max(0, now - v["last_ns"]),
             ))
         return out
 
+    def count(self) -> int:
+        return self.map.count()
+
     def flush(self) -> int:
-        return bpfsys.delete_batch(self.fd, list(self._raw()))
+        return self.map.delete_batch([k for k, _ in self.map.items()])
 
     def age_once(self) -> int:
         """Delete expired flows (both entries); returns the number of entries removed.
         A flow is as idle as its most recently used direction; a REPLY entry whose ORIG
         entry is gone (LRU eviction) goes on its own idle time."""
-        now = time.monotonic_ns()
-        items = self._raw()
+        now = self.clock()
+        items = self._decoded()
+        last_of = {raw: v["last_ns"] for raw, _, v in items}
         doomed: list[bytes] = []
-        for k, v in items.items():
-            direction, state, last = v[2], v[3], v[7]
-            peer = peer_key(k, v)
-            pv = items.get(peer)
-            if direction == abi.DIR_ORIG:
-                if pv is not None:
-                    last = max(last, pv[7])
-                if expired(k[12], state, now - last, self.timeouts):
-                    doomed.append(k)
-                    if pv is not None:
+        for raw, k, v in items:
+            peer = self.peer_key(k, v)
+            peer_last = last_of.get(peer)
+            last = v["last_ns"]
+            if v["dir"] == self.states.orig:
+                if peer_last is not None:
+                    last = max(last, peer_last)
+                if expired(k["proto"], v["state"], now - last, self.states, self.timeouts):
+                    doomed.append(raw)
+                    if peer_last is not None:
                         doomed.append(peer)
-            elif pv is None and expired(k[12], state, now - last, self.timeouts):
-                doomed.append(k)
-        removed = bpfsys.delete_batch(self.fd, doomed) if doomed else 0
+            elif peer_last is None and expired(k["proto"], v["state"], now - last,
+                                               self.states, self.timeouts):
+                doomed.append(raw)
+        removed = self.map.delete_batch(doomed) if doomed else 0
         if removed:
             log.info("conntrack_aged", removed=removed, remaining=len(items) - removed)
         return removed
@@ -153,4 +176,4 @@ class Conntrack:
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=1)

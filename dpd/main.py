@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        node = Node(settings, ct_aging_interval=args.ct_aging_interval)
+        node = Node.load(settings, ct_aging_interval=args.ct_aging_interval)
     except LoaderError as e:
         log.error("dpd_start_failed", error=str(e))
         return 1

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from dpd import abi, attach, bpfsys
+from dpd import attach, bpfsys
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
-from dpd.services import ServiceTable
-from xlbcore.service import ServiceKey, ServiceSpec
+from dpd.services import Counter, ServiceTable, sum_counters
+from xlbcore.errors import PreconditionError
+from xlbcore.service import MAX_ENDPOINTS, ServiceKey, ServiceSpec
 
 log = structlog.get_logger("dpd.node")
 
@@ -27,36 +29,62 @@ class MapFill:
 
 
 class Node:
-    def __init__(self, settings: Settings, ct_aging_interval: float = 5.0) -> None:
-        self.settings = settings
-        self.dp = Datapath(settings)
-        self.services = ServiceTable(self.dp)
+    def __init__(self, dp: Datapath, ct_aging_interval: float = 5.0) -> None:
+        self.settings: Settings = dp.settings
+        self.dp = dp
+        if dp.abi.const("XLB_MAX_EPS") < MAX_ENDPOINTS:
+            raise PreconditionError(
+                f"the datapath holds {dp.abi.const('XLB_MAX_EPS')} endpoints per service, "
+                f"the API allows {MAX_ENDPOINTS}")
+        self.services = ServiceTable(dp)
         # the kernel's id of nat_v4_map: new whenever the table is created anew
-        self.datapath_id = str(bpfsys.map_info(self.dp.table("nat_v4_map").map_fd).id)
-        self.conntrack = Conntrack(self.dp)
+        self.datapath_id = dp.datapath_id
+        self.conntrack = Conntrack(dp)
+        self._stat_names = dp.abi.stat_names()
+        self._counter = dp.abi.structs["xlb_counter"].codec
         if ct_aging_interval > 0:
             self.conntrack.start_aging(ct_aging_interval)
-        if not self.dp.unchanged:
+        if dp.kind == "kernel" and dp.programs_changed:
             # New program code: move every existing attachment onto it (atomic replace).
             for a in attach.attached():
-                attach.attach(a.name, self.dp.fast_fd)
+                attach.attach(a.name, dp.fast_fd)
+
+    @classmethod
+    def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
+             should_stop: Callable[[], bool] = lambda: False) -> Node:
+        """A node on the kernel datapath (compiled, or reused from the pins)."""
+        from dpd.loader import KernelDatapath
+
+        dp = KernelDatapath(settings, should_stop)
+        try:
+            return cls(dp, ct_aging_interval)
+        except BaseException:
+            dp.close()
+            raise
+
+    def _kernel(self) -> None:
+        if self.dp.kind != "kernel":
+            raise PreconditionError(f"node {self.settings.name} runs a {self.dp.kind} "
+                                    "datapath: it has no programs to attach")
 
     # interfaces
     def attach(self, name: str) -> Attachment:
+        self._kernel()
         for a in attach.attached():
-            if a.name == name and self.dp.unchanged:
+            if a.name == name and not self.dp.programs_changed:
                 return a  # already carries this program
         return attach.attach(name, self.dp.fast_fd)
 
     def detach(self, name: str) -> Attachment:
+        self._kernel()
         return attach.detach(name)
 
     def interfaces(self) -> list[Attachment]:
-        return attach.attached()
+        return attach.attached() if self.dp.kind == "kernel" else []
 
     @property
     def program_tag(self) -> str:
-        return self.dp.tags["tc_packet_func"]
+        return self.dp.tags.get("tc_packet_func", "")
 
     # services
     def put_services(self, specs: list[ServiceSpec]) -> int:
@@ -81,23 +109,39 @@ class Node:
         log.info("conntrack_flushed", entries=n)
         return n
 
+    # counters
+    def global_stats(self) -> dict[str, Counter]:
+        """Every global counter (XLB_STAT_*) by name, summed over CPUs."""
+        m = self.dp.maps["stats_map"]
+        out = {}
+        for index, name in self._stat_names.items():
+            raw = m.get(index.to_bytes(4, "little"))
+            out[name] = sum_counters(self._counter, m.split(raw) if raw else [])
+        return out
+
+    def reset_global_stats(self) -> None:
+        self.dp.maps["stats_map"].zero(list(self._stat_names))
+
     # node
     def maps(self) -> list[MapFill]:
+        """Every map with its fill level: entries present in hash maps, 0 for arrays."""
         out = []
-        for name in sorted(os.listdir(self.settings.pin_dir)):
-            path = self.dp.pin(name)
-            try:
-                info = bpfsys.pinned_map_info(path)
-            except OSError:
-                continue  # a program pin
-            used = 0
+        for name, m in sorted(self.dp.maps.items()):
             if name == "nat_v4_map":
                 used = self.services.count()
-            elif name == "ct_v4_map":
-                used = sum(1 for _ in bpfsys.lookup_batch(
-                    self.conntrack.fd, abi.CT_KEY_SIZE, abi.CT_VAL_SIZE))
-            out.append(MapFill(name, info.type, info.max_entries, used))
+            elif m.spec.type in ("hash", "lru_hash"):
+                used = m.count()
+            else:
+                used = 0
+            out.append(MapFill(name, m.spec.type, m.spec.max_entries, used))
         return out
+
+    def pins(self) -> dict[str, str]:
+        """Every pin of this node by name, with what it is (map or prog)."""
+        if self.dp.kind != "kernel":
+            return {}
+        d = self.settings.pin_dir
+        return {e: bpfsys.pinned_kind(os.path.join(d, e)) for e in sorted(os.listdir(d))}
 
     @staticmethod
     def kernel() -> str:

@@ -7,7 +7,6 @@ from typing import Any
 
 import structlog
 
-from dpd import abi
 from dpd.node import Node
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
@@ -132,4 +131,3 @@ class DatapathServicer(pb_grpc.DatapathServicer):
         return resp
 
 
-assert abi.DIR_ORIG == pb.DIRECTION_ORIGINAL and abi.CT_EST == pb.CONNTRACK_STATE_ESTABLISHED

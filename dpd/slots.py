@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-SLOTS = 256  # XLB_SLOTS in bpf/xlb_abi.h
+from dpd import abi
+
+SLOTS = abi.load().const("XLB_SLOTS")  # slots per service, from the ABI header
 
 
 def slot_counts(weights: Sequence[int], size: int = SLOTS) -> list[int]:

@@ -29,7 +29,7 @@ def loaded() -> Iterator[Loaded]:
     root = tempfile.mkdtemp(prefix="xlb-dp-")
     settings = Settings(name="dptest", bpf_root=root, max_services=64, max_backends=256,
                         ct_size=4096, redirect=False)
-    node = Node(settings, ct_aging_interval=0)
+    node = Node.load(settings, ct_aging_interval=0)
     try:
         yield Loaded(node, settings)
     finally:
@@ -40,12 +40,8 @@ def loaded() -> Iterator[Loaded]:
 
 @pytest.fixture
 def node(loaded: Loaded) -> Iterator[object]:
-    from dpd import abi
-
     n = loaded.node
     n.delete_services([s.key for s in n.list_services()])  # type: ignore[attr-defined]
     n.flush_conntrack()  # type: ignore[attr-defined]
-    stats = n.dp.table("stats_map")  # type: ignore[attr-defined]
-    for i in range(abi.STAT_MAX):
-        stats[stats.Key(i)] = stats.Leaf()
+    n.reset_global_stats()  # type: ignore[attr-defined]
     yield n

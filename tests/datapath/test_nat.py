@@ -25,6 +25,8 @@ from xlbcore.service import Algorithm, EndpointSpec, Proto, ServiceSpec
 
 pytestmark = pytest.mark.root
 
+ABI = abi.load()
+
 OK_VERDICTS = (TC_ACT_OK, 7)
 
 
@@ -34,8 +36,7 @@ def web(*eps: EndpointSpec, algo: Algorithm = Algorithm.ROUND_ROBIN, proto: Prot
 
 
 def global_stat(node, name: str) -> int:
-    t = node.dp.table("stats_map")
-    return sum(c.packets for c in t.getvalue(t.Key(abi.STAT_NAMES.index(name))))
+    return node.global_stats()[name].packets
 
 
 def test_syn_to_vip_is_dnated_with_valid_checksums(node):
@@ -71,15 +72,15 @@ def test_conntrack_tracks_handshake_and_fast_path_takes_established(node):
     node.put_services([web(EndpointSpec(EP1, 8080))])
     run(node, tcp(CLIENT, VIP, 40003, 80, "S"))
     entries = {e.direction: e for e in node.list_conntrack()}
-    assert set(entries) == {abi.DIR_ORIG, abi.DIR_REPLY}
-    orig, reply = entries[abi.DIR_ORIG], entries[abi.DIR_REPLY]
+    assert set(entries) == {ABI.const("XLB_DIR_ORIG"), ABI.const("XLB_DIR_REPLY")}
+    orig, reply = entries[ABI.const("XLB_DIR_ORIG")], entries[ABI.const("XLB_DIR_REPLY")]
     assert (orig.src, orig.dst, orig.nat_address, orig.nat_port) == (CLIENT, VIP, EP1, 8080)
     assert (reply.src, reply.dst, reply.nat_address, reply.nat_port) == (EP1, CLIENT, VIP, 80)
-    assert orig.state == abi.CT_NEW
+    assert orig.state == ABI.const("XLB_CT_NEW")
     run(node, tcp(EP1, CLIENT, 8080, 40003, "SA"))
-    assert {e.state for e in node.list_conntrack()} == {abi.CT_REPLIED}
+    assert {e.state for e in node.list_conntrack()} == {ABI.const("XLB_CT_REPLIED")}
     run(node, tcp(CLIENT, VIP, 40003, 80, "A"))
-    assert {e.state for e in node.list_conntrack()} == {abi.CT_EST}
+    assert {e.state for e in node.list_conntrack()} == {ABI.const("XLB_CT_EST")}
 
     slow_before = global_stat(node, "slow_path")
     verdict, out = run(node, tcp(CLIENT, VIP, 40003, 80, "PA", b"GET / HTTP/1.0\r\n\r\n"))
@@ -89,9 +90,9 @@ def test_conntrack_tracks_handshake_and_fast_path_takes_established(node):
     assert global_stat(node, "slow_path") == slow_before  # both took the fast path
 
     run(node, tcp(CLIENT, VIP, 40003, 80, "FA"))
-    assert {e.state for e in node.list_conntrack()} == {abi.CT_CLOSING}
+    assert {e.state for e in node.list_conntrack()} == {ABI.const("XLB_CT_CLOSING")}
     run(node, tcp(EP1, CLIENT, 8080, 40003, "FA"))
-    assert {e.state for e in node.list_conntrack()} == {abi.CT_CLOSED}
+    assert {e.state for e in node.list_conntrack()} == {ABI.const("XLB_CT_CLOSED")}
 
 
 def test_udp_is_nated_both_ways(node):
@@ -100,7 +101,7 @@ def test_udp_is_nated_both_ways(node):
     assert out[IP].dst == EP2 and out[UDP].dport == 5353 and checksums_valid(out)
     verdict, out = run(node, udp(EP2, CLIENT, 5353, 40004, b"answer"))
     assert out[IP].src == VIP and out[UDP].sport == 53 and checksums_valid(out)
-    assert {e.state for e in node.list_conntrack()} == {abi.CT_EST}
+    assert {e.state for e in node.list_conntrack()} == {ABI.const("XLB_CT_EST")}
 
 
 def _spread(node, n: int, base_port: int = 41000) -> Counter:

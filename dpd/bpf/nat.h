@@ -6,6 +6,14 @@
 #ifndef XLB_NAT_H
 #define XLB_NAT_H
 
+#include <linux/stddef.h>
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "parse.h"
+
 static __always_inline __u16 xlb_fold(__u32 s)
 {
     s = (s & 0xffff) + (s >> 16);

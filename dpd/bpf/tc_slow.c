@@ -2,6 +2,16 @@
  * established, and for new flows: service lookup, endpoint selection, creation of
  * both conntrack entries, DNAT. Packets for no service pass untouched. */
 
+#include <uapi/linux/pkt_cls.h>
+
+#include "ct.h"
+#include "fwd.h"
+#include "lb.h"
+#include "maps.h"
+#include "nat.h"
+#include "parse.h"
+#include "stats.h"
+
 static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p)
 {
     struct xlb_nat_key nk = {};
@@ -19,7 +29,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     int midstream = p->proto == IPPROTO_TCP && !(p->tcp_flags & XLB_TCP_SYN);
     struct xlb_ep *ep = xlb_select(svc, p, midstream);
     if (!ep) {
-        xlb_count(XLB_STAT_NO_EP);
+        xlb_count(XLB_STAT_DROP_NO_ENDPOINT);
         return TC_ACT_SHOT;
     }
     __u64 now = bpf_ktime_get_coarse_ns();
@@ -48,7 +58,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
 
     if (ct_v4_map.update(&rk, &rv) || ct_v4_map.update(&k, &v)) {
         ct_v4_map.delete(&rk);
-        xlb_count(XLB_STAT_CT_INSERT_FAIL);
+        xlb_count(XLB_STAT_DROP_CT_INSERT);
         return TC_ACT_SHOT;
     }
     xlb_count(XLB_STAT_NEW_FLOW);
@@ -61,7 +71,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
 int tc_packet_func_slow(struct __sk_buff *skb)
 {
     struct xlb_pkt p;
-    xlb_count(XLB_STAT_SLOW);
+    xlb_count(XLB_STAT_SLOW_PATH);
     if (xlb_parse(skb, &p) < 0) {
         xlb_count(XLB_STAT_PASS);
         return TC_ACT_OK;

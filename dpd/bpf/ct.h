@@ -4,6 +4,9 @@
 #ifndef XLB_CT_H
 #define XLB_CT_H
 
+#include "maps.h"
+#include "parse.h"
+
 /* Refresh the last-seen time at most every XLB_CT_TOUCH_NS: aging needs seconds, and
  * not writing the entry on every packet keeps its cache line clean across CPUs. */
 #define XLB_CT_TOUCH_NS 500000000ULL

@@ -4,6 +4,8 @@
 #ifndef XLB_MAPS_H
 #define XLB_MAPS_H
 
+#include <uapi/linux/bpf.h>
+
 #include "xlb_abi.h"
 
 #ifndef XLB_BPF_ROOT

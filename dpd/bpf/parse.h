@@ -2,6 +2,13 @@
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
 #define XLB_TCP_FIN 0x01
 #define XLB_TCP_SYN 0x02
 #define XLB_TCP_RST 0x04

@@ -4,6 +4,9 @@
 #ifndef XLB_LB_H
 #define XLB_LB_H
 
+#include "maps.h"
+#include "parse.h"
+
 static __always_inline __u32 xlb_mix(__u32 h)
 {
     h ^= h >> 16;

@@ -6,6 +6,15 @@
 #ifndef XLB_FWD_H
 #define XLB_FWD_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "maps.h"
+#include "nat.h"
+#include "parse.h"
+#include "stats.h"
+
 #ifndef AF_INET
 #define AF_INET 2
 #endif
@@ -57,7 +66,7 @@ static __always_inline int xlb_forward(struct __sk_buff *skb, struct xlb_pkt *p)
     return bpf_redirect(fib.ifindex, 0);
 
 stack:
-    xlb_count(XLB_STAT_STACK);
+    xlb_count(XLB_STAT_TO_STACK);
     return TC_ACT_OK;
 }
 

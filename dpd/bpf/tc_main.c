@@ -2,6 +2,15 @@
  * here from a single conntrack lookup; everything else (new flows, TCP handshakes
  * and teardowns, packets that are not ours) tail-calls tc_packet_func_slow. */
 
+#include <uapi/linux/pkt_cls.h>
+
+#include "ct.h"
+#include "fwd.h"
+#include "maps.h"
+#include "nat.h"
+#include "parse.h"
+#include "stats.h"
+
 int tc_packet_func(struct __sk_buff *skb)
 {
     struct xlb_pkt p;

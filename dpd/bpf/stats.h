@@ -2,6 +2,8 @@
 #ifndef XLB_STATS_H
 #define XLB_STATS_H
 
+#include "maps.h"
+
 static __always_inline void xlb_count(u32 idx)
 {
     struct xlb_counter *c = stats_map.lookup(&idx);

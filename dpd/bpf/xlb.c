@@ -1,0 +1,4 @@
+/* The xlb TC datapath: one compilation unit (bcc compiles one text), one file per entry
+ * section. Every header includes what it uses. */
+#include "tc_main.c"
+#include "tc_slow.c"

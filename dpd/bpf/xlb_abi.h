@@ -1,0 +1,121 @@
+/* xlb datapath ABI: every map's key and value layout and every constant shared by
+ * the eBPF programs and dpd. This file is the single source: dpd reads it (dpd/abi.py
+ * parses the #defines and structs, and a datapath test checks the result against the
+ * BTF of the loaded maps), so nothing is restated in Python.
+ *
+ * Rules that keep it readable by both: one #define per constant (an integer or an
+ * expression of earlier constants), structs of fixed-size fields only, and every
+ * padding byte written out as a field named pad*, so that no layout has a hole.
+ * Addresses and ports are in network byte order (__be32, __be16), the rest host order. */
+#ifndef XLB_ABI_H
+#define XLB_ABI_H
+
+#include <linux/types.h>
+
+#define XLB_MAX_EPS 64    /* endpoints per service */
+#define XLB_SLOTS 256     /* weighted selection slots per service */
+
+/* pgm_tbl slots */
+#define XLB_PGM_SLOW 1
+
+/* conntrack direction */
+#define XLB_DIR_ORIG 1   /* client -> VIP: destination is rewritten to the endpoint */
+#define XLB_DIR_REPLY 2  /* endpoint -> client: source is rewritten to the VIP */
+
+/* conntrack state (values match the API's ConntrackState) */
+#define XLB_CT_NEW 1
+#define XLB_CT_REPLIED 2
+#define XLB_CT_EST 3
+#define XLB_CT_CLOSING 4
+#define XLB_CT_CLOSED 5
+
+/* ct flags */
+#define XLB_CTF_FIN_ORIG 1
+#define XLB_CTF_FIN_REPLY 2
+
+/* algorithms (values match the API's Algorithm) */
+#define XLB_ALGO_RR 1
+#define XLB_ALGO_HASH 2
+
+/* xlb_cfg.flags */
+#define XLB_CFG_REDIRECT 1  /* forward NATed packets with bpf_redirect after a FIB lookup */
+
+/* global counters: XLB_STAT_<NAME> indexes stats_map; dpd reports each as <name> */
+#define XLB_STAT_PASS 0             /* not ours: handed to the kernel untouched */
+#define XLB_STAT_UNUSED_1 1         /* kept free so the indexes below stay stable */
+#define XLB_STAT_SLOW_PATH 2        /* packets that took the tail call */
+#define XLB_STAT_NEW_FLOW 3         /* conntrack entries created */
+#define XLB_STAT_DROP_NO_ENDPOINT 4 /* dropped: service has no endpoint with weight > 0 */
+#define XLB_STAT_REDIRECT 5         /* forwarded with bpf_redirect / bpf_redirect_neigh */
+#define XLB_STAT_TO_STACK 6         /* NATed, then handed to the kernel to route */
+#define XLB_STAT_TAILCALL_FAIL 7    /* pgm_tbl slot empty: packet passed */
+#define XLB_STAT_DROP_CT_INSERT 8   /* dropped: a conntrack entry could not be written */
+#define XLB_STAT_MAX 16
+
+struct xlb_nat_key {
+    __be32 vip;
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct xlb_ep {
+    __be32 addr;
+    __be16 port;
+    __u16 weight;
+    __u32 stat_id; /* index into ep_stats_map */
+};
+
+struct xlb_nat_val {
+    __u32 svc_id; /* index into svc_stats_map and rr_map */
+    __u8 algo;
+    __u8 mode;
+    __u8 n_eps;
+    __u8 flags;
+    __u16 n_slots; /* 0: no endpoint takes new flows */
+    __u16 pad;
+    __u32 pad2;
+    struct xlb_ep eps[XLB_MAX_EPS];
+    __u8 slots[XLB_SLOTS]; /* slot -> index into eps */
+};
+
+struct xlb_ct_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+struct xlb_ct_val {
+    __be32 nat_addr; /* ORIG: new destination; REPLY: new source */
+    __be16 nat_port;
+    __u8 dir;
+    __u8 state;
+    __u32 svc_id;
+    __u32 stat_id;
+    __u32 flags;   /* XLB_CTF_* */
+    __u32 pad;
+    __u64 last_ns; /* bpf_ktime_get_coarse_ns() of the last packet, refreshed at most
+                    * every XLB_CT_TOUCH_NS */
+    struct xlb_nat_key svc;
+};
+
+struct xlb_counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+#define XLB_BUILD_ID_LEN 32
+
+/* cfg_map[0]: settings of the loaded programs. build_id is the SHA-256 of the program
+ * source and compile flags that dpd loaded last: a restarted dpd whose build matches
+ * reuses the pinned programs instead of compiling them again. */
+struct xlb_cfg {
+    __u32 flags; /* XLB_CFG_* */
+    __u32 pad;
+    __u8 build_id[XLB_BUILD_ID_LEN];
+};
+
+#endif
