@@ -35,12 +35,12 @@ from typing import Any
 
 import grpc
 
-import policyd.reconciler as reconciler_mod
 import policyd.servicer as servicer_mod
+import policyd.worker as worker_mod
 from bench.services import Endpoint, service_set
 from policyd.client import PolicyClient
-from policyd.reconciler import ReconcilerSettings, SyncResult
 from policyd.server import PolicydConfig, PolicyServer
+from policyd.worker import ReconcilerSettings, SyncResult
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
@@ -198,7 +198,7 @@ class Probe:
         else:  # a policyd before ApplyServices
             self._patch(store, "apply_service", timed("store_s"))
         self._patch(store, "snapshot", snapshot)
-        self._patch(reconciler_mod, "sync_node", sync_node)
+        self._patch(worker_mod, "sync_node", sync_node)
 
     def remove(self) -> None:
         while self._undo:

@@ -7,15 +7,9 @@ from typing import Any
 import grpc
 import pytest
 
-from policyd.reconciler import (
-    ReconcilerSettings,
-    backoff_delay,
-    describe_error,
-    next_wait,
-    put_requests,
-    sync_node,
-)
+from policyd.nodeclient import NodeClient, describe_error, put_requests
 from policyd.status import NodeProgress, SyncState, node_status, sync_state
+from policyd.worker import ReconcilerSettings, backoff_delay, next_wait, sync_node
 from xlb.dpd.v1 import datapath_pb2
 from xlb.types.v1 import types_pb2
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
@@ -105,7 +99,7 @@ def spec(i: int) -> ServiceSpec:
 def test_sync_batches_puts():
     desired = {s.key: s for s in (spec(i) for i in range(2500))}
     stub = StubDatapath()
-    result = sync_node(stub, desired, batch_size=1000)
+    result = sync_node(NodeClient(stub, batch_size=1000), desired)
     assert stub.puts == [1000, 1000, 500]
     assert stub.deletes == []
     assert (result.services, result.put, result.deleted) == (2500, 2500, 0)
@@ -128,7 +122,7 @@ def test_sync_deletes_extra_and_skips_equal():
         datapath_pb2.Service(vip="garbage", port=1, protocol=types_pb2.PROTOCOL_TCP),
     ]  # fmt: skip
     stub = StubDatapath(on_node)
-    result = sync_node(stub, {keep.key: keep}, batch_size=1)
+    result = sync_node(NodeClient(stub, batch_size=1), {keep.key: keep})
     assert stub.puts == []
     assert stub.deletes == [[("198.19.9.8", 1, 1)], [("198.19.9.9", 53, 2)]]
     assert (result.put, result.deleted, result.services) == (0, 2, 1)
@@ -140,7 +134,7 @@ def test_sync_propagates_rpc_errors():
             raise FakeRpcError()
 
     with pytest.raises(grpc.RpcError):
-        sync_node(Down(), {spec(0).key: spec(0)})
+        sync_node(NodeClient(Down()), {spec(0).key: spec(0)})
 
 
 def test_put_requests_split_by_count_and_bytes():
@@ -182,10 +176,10 @@ def test_sync_with_known_state_skips_listing():
 
     a, b, c = spec(1), spec(2), spec(3)
     stub = NoList()
-    result = sync_node(stub, {a.key: a, c.key: c}, known={a.key: a, b.key: b})
+    result = sync_node(NodeClient(stub), {a.key: a, c.key: c}, known={a.key: a, b.key: b})
     assert (result.full, result.put, result.deleted) == (False, 1, 1)
     assert stub.puts == [1]
     assert stub.deletes == [[(b.vip, b.port, 1)]]
     desired = {a.key: a}
-    nothing = sync_node(stub, desired, known=desired)
+    nothing = sync_node(NodeClient(stub), desired, known=desired)
     assert (nothing.put, nothing.deleted, nothing.calls) == (0, 0, 0)
