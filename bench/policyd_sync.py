@@ -36,11 +36,10 @@ from typing import Any
 import grpc
 
 import policyd.servicer as servicer_mod
-import policyd.worker as worker_mod
 from bench.services import Endpoint, service_set
 from policyd.client import PolicyClient
 from policyd.server import PolicydConfig, PolicyServer
-from policyd.worker import ReconcilerSettings, SyncResult
+from policyd.worker import PassReport, ReconcilerSettings
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
@@ -119,22 +118,16 @@ class FakeNode:
 
 
 @dataclass
-class Pass:
-    start: float
-    end: float = 0.0
-    snapshot_s: float = 0.0
-    result: SyncResult | None = None
-
-
-@dataclass
 class Probe:
-    """Times what policyd does, by wrapping a few of its functions (in this process)."""
+    """Times what policyd does in this process: its reconcile passes through the
+    reconciler's ``on_pass`` hook; validation and the store write (inside the client's
+    call) by wrapping those functions."""
 
     t0: float = 0.0
     validate_s: float = 0.0
     store_s: float = 0.0
     stored_at: float = 0.0
-    passes: list[Pass] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def _patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
@@ -147,10 +140,14 @@ class Probe:
             (lambda: setattr(owner, name, original)) if had else (lambda: delattr(owner, name))
         )
 
+    def on_pass(self, node: str, report: PassReport) -> None:
+        """ReconcilerSettings.on_pass: called in the node's worker thread."""
+        if node == NODE:
+            self.passes.append(report)
+
     def install(self, server: PolicyServer) -> None:
         store = server.store
         assert store is not None
-        local = threading.local()
 
         def timed(attr: str) -> Callable[[Any], Any]:
             def make(original: Any) -> Any:
@@ -168,37 +165,12 @@ class Probe:
 
             return make
 
-        def snapshot(original: Any) -> Any:
-            def wrapper() -> Any:
-                began = time.perf_counter()
-                result = original()
-                local.snapshot_s = time.perf_counter() - began
-                local.snapshot_at = began
-                return result
-
-            return wrapper
-
-        def sync_node(original: Any) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> SyncResult:
-                record = Pass(start=getattr(local, "snapshot_at", time.perf_counter()))
-                record.snapshot_s = getattr(local, "snapshot_s", 0.0)
-                try:
-                    record.result = original(*args, **kwargs)
-                    return record.result
-                finally:
-                    record.end = time.perf_counter()
-                    self.passes.append(record)
-
-            return wrapper
-
         self._patch(servicer_mod, "validate_services", timed("validate_s"))
         self._patch(servicer_mod, "validate_service", timed("validate_s"))
         if hasattr(store, "apply_services"):
             self._patch(store, "apply_services", timed("store_s"))
         else:  # a policyd before ApplyServices
             self._patch(store, "apply_service", timed("store_s"))
-        self._patch(store, "snapshot", snapshot)
-        self._patch(worker_mod, "sync_node", sync_node)
 
     def remove(self) -> None:
         while self._undo:
@@ -235,7 +207,7 @@ class Run:
     synced_s: float  # from the first call to SYNCED seen by the client
     validate_s: float
     store_s: float
-    passes: list[Pass]
+    passes: list[PassReport]
     began: float  # perf_counter at the first call, the origin of the times below
     stored_at: float  # when the (last) store write returned
 
@@ -263,11 +235,11 @@ def one_run(args: argparse.Namespace, services: list[policy_pb2.Service]) -> Run
     address = node.address if node else args.dpd
     if node is None:
         empty_node(address)
-    settings = ReconcilerSettings(resync_interval=600.0, rpc_timeout=120.0)
+    probe = Probe()
+    settings = ReconcilerSettings(resync_interval=600.0, rpc_timeout=120.0, on_pass=probe.on_pass)
     server = PolicyServer(
         PolicydConfig(listen=f"unix:{workdir}/policyd.sock", db_path=str(db), reconciler=settings)
     ).start()
-    probe = Probe()
     probe.install(server)
     try:
         with PolicyClient(server.address, timeout=300.0) as client:
@@ -284,7 +256,7 @@ def one_run(args: argparse.Namespace, services: list[policy_pb2.Service]) -> Run
             called = time.perf_counter()
             client.wait_synced([NODE], timeout=600, generation=generation, poll=0.005)
             synced = time.perf_counter()
-        passes = [p for p in probe.passes if p.end >= began]
+        passes = [p for p in probe.passes if p.ended >= began]
         return Run(
             services=len(services),
             call_s=called - began,
@@ -316,8 +288,8 @@ def report(run: Run) -> None:
         first, last = run.passes[0], run.passes[-1]
         out(
             f"  timeline: (last) stored +{ms(run.at(run.stored_at)).strip()}, first pass"
-            f" +{ms(run.at(first.start)).strip()}, reply +{ms(run.call_s).strip()},"
-            f" node synced +{ms(run.at(last.end)).strip()}\n"
+            f" +{ms(run.at(first.started)).strip()}, reply +{ms(run.call_s).strip()},"
+            f" node synced +{ms(run.at(last.ended)).strip()}\n"
         )
     out(f"  client call(s)          {ms(run.call_s)}\n")
     out(f"    validate              {ms(run.validate_s)}\n")
@@ -331,13 +303,16 @@ def report(run: Run) -> None:
             continue
         parts = (
             p.snapshot_s,
-            *(getattr(r, f, 0.0) for f in ("list_s", "diff_s", "convert_s", "rpc_s")),
-            p.end - p.start,
+            r.list_s,
+            r.diff_s,
+            r.convert_s,
+            r.rpc_s,
+            p.ended - p.started,
         )
         total = [a + b for a, b in zip(total, parts, strict=True)]
     results = [p.result for p in run.passes if p.result is not None]
     put = sum(r.put for r in results)
-    calls = sum(getattr(r, "calls", 0) for r in results)
+    calls = sum(r.calls for r in results)
     out(f"  reconciler passes: {len(run.passes)} (services put {put}, calls {calls})\n")
     for label, value in zip(
         ("snapshot", "ListServices", "diff", "build requests", "Put/DeleteServices", "pass total"),

@@ -20,10 +20,10 @@ import grpc
 from policyd.nodeclient import open_channel
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import Store
-from policyd.worker import NodeWorker, ReconcilerSettings, SyncResult
+from policyd.worker import NodeWorker, PassReport, ReconcilerSettings, SyncResult
 from xlbcore.errors import NotFoundError
 
-__all__ = ["Reconciler", "ReconcilerSettings", "SyncResult"]
+__all__ = ["PassReport", "Reconciler", "ReconcilerSettings", "SyncResult"]
 
 
 class Reconciler:
