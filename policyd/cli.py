@@ -31,10 +31,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from policyd.client import ALGORITHMS, PROTOCOLS, PolicyClient, is_synced, make_service
-from policyd.server import DEFAULT_LISTEN
+from policyd.defaults import DEFAULT_LISTEN, ENV_SERVER
 from xlb.policy.v1 import policy_pb2
-
-ENV_SERVER = "XLB_POLICYD"
 
 
 def _json(msg: Message) -> dict[str, Any]:

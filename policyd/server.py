@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from policyd.defaults import DEFAULT_LISTEN
 from policyd.reconciler import Reconciler, ReconcilerSettings
 from policyd.servicer import PolicyServicer
 from policyd.store import Store
@@ -31,7 +32,6 @@ __all__ = ["DEFAULT_LISTEN", "PolicyServer", "PolicydConfig", "StartupError"]
 log = structlog.get_logger()
 
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
-DEFAULT_LISTEN = "127.0.0.1:50151"
 
 
 @dataclass(frozen=True)
