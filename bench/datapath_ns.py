@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from dpd import abi, bpfsys
-from dpd import conntrack as ct_layout
-from dpd.loader import BPF_DIR, Settings
+from dpd import bpfsys
+from dpd.abi import BPF_DIR
+from dpd.loader import Settings
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 CLIENT = "198.18.0.2"
@@ -93,7 +93,7 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
     node = bcc_floor = None
     rows = []
     try:
-        node = Node(settings, ct_aging_interval=0)
+        node = Node.load(settings, ct_aging_interval=0)
         bcc_floor, ffd = floor_fd()
         fd = node.dp.fast_fd
         have = 0
@@ -125,14 +125,12 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
 def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 65000) -> float:
     """Make one flow established (SYN, SYN-ACK, ACK), then time its data packets."""
     bpfsys.prog_test_run(fd, pkt(target, sport, "S"))
-    ct = node.dp.table("ct_v4_map")  # type: ignore[attr-defined]
-    key = ct.Key()
-    key.saddr, key.daddr = (int.from_bytes(socket.inet_aton(a), "little") for a in (CLIENT, target))
-    key.sport, key.dport, key.proto = socket.htons(sport), socket.htons(80), 6
-    orig = ct[key]
-    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig.nat_addr.to_bytes(4, "little")),
-                               dst=CLIENT)
-                  / TCP(sport=socket.ntohs(orig.nat_port), dport=sport, flags="SA"))
+    ct = node.conntrack  # type: ignore[attr-defined]
+    raw = ct.map.get(ct.key.pack(saddr=socket.inet_aton(CLIENT), daddr=socket.inet_aton(target),
+                                 sport=sport, dport=80, proto=6))
+    orig = ct.val.unpack(raw)
+    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig["nat_addr"]), dst=CLIENT)
+                  / TCP(sport=orig["nat_port"], dport=sport, flags="SA"))
     bpfsys.prog_test_run(fd, reply)
     bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
     return mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
@@ -149,7 +147,7 @@ def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
                             ct_size=count + 1024, redirect=False)
         node = None
         try:
-            node = Node(settings, ct_aging_interval=0)
+            node = Node.load(settings, ct_aging_interval=0)
             eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
             node.put_services([ServiceSpec(vip(0), 80, Proto.TCP, endpoints=eps)])
             fill_conntrack(node, count)
@@ -170,22 +168,16 @@ def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
 def fill_conntrack(node: object, count: int) -> None:
     """`count` established ORIG entries from distinct clients (198.18.128.0/17 x ports),
     written with one batched update."""
-    ct = node.dp.table("ct_v4_map")  # type: ignore[attr-defined]
-    kfmt, vfmt = ct_layout.KEY, ct_layout.VAL
-    kbuf, vbuf = bytearray(kfmt.size * count), bytearray(vfmt.size * count)
+    ct = node.conntrack  # type: ignore[attr-defined]
     vip0, ep = socket.inet_aton(vip(0)), socket.inet_aton("198.18.1.2")
     base = (198 << 24) | (18 << 16) | (128 << 8)
-    for i in range(count):
-        client = (base + i // 50000).to_bytes(4, "big")
-        kfmt.pack_into(kbuf, i * kfmt.size, client, vip0, socket.htons(1024 + i % 50000),
-                       socket.htons(80), 6)
-        vfmt.pack_into(vbuf, i * vfmt.size, ep, socket.htons(8080), abi.DIR_ORIG, abi.CT_EST,
-                       0, 0, 0, 0, vip0, socket.htons(80), 6)
+    value = ct.val.pack(nat_addr=ep, nat_port=8080, dir=ct.states.orig, state=ct.states.est,
+                        svc={"vip": vip0, "port": 80, "proto": 6})
     for k in range(0, count, 65536):
-        n = min(65536, count - k)
-        keys = (ct.Key * n).from_buffer(kbuf, k * kfmt.size)
-        vals = (ct.Leaf * n).from_buffer(vbuf, k * vfmt.size)
-        ct.items_update_batch(keys, vals)
+        keys = [ct.key.pack(saddr=(base + i // 50000).to_bytes(4, "big"), daddr=vip0,
+                            sport=1024 + i % 50000, dport=80, proto=6)
+                for i in range(k, min(count, k + 65536))]
+        ct.map.put_batch(keys, [value] * len(keys))
 
 
 def table(rows: list[Row]) -> str:

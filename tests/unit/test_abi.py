@@ -1,0 +1,77 @@
+"""The ABI read from the C header (no root): constants, layouts, codecs, and the
+numbers the API shares with the datapath."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpd import abi
+from dpd.slots import SLOTS
+from xlb.dpd.v1 import datapath_pb2
+from xlb.types.v1 import types_pb2
+from xlbcore.service import Algorithm, Mode
+
+ABI = abi.load()
+
+
+def test_layouts_are_what_the_programs_index():
+    nat = ABI.structs["xlb_nat_val"]
+    assert nat.field("eps").count == ABI.const("XLB_MAX_EPS")
+    assert nat.field("slots").count == ABI.const("XLB_SLOTS") == SLOTS
+    assert nat.field("eps").struct is ABI.structs["xlb_ep"]
+    assert ABI.structs["xlb_ct_val"].field("last_ns").offset % 8 == 0
+    for name, layout in ABI.structs.items():
+        assert layout.holes() == [], name
+
+
+def test_constants_shared_with_the_api_have_the_api_numbers():
+    for state in ("NEW", "REPLIED", "ESTABLISHED", "CLOSING", "CLOSED"):
+        c = "EST" if state == "ESTABLISHED" else state
+        assert ABI.const(f"XLB_CT_{c}") == datapath_pb2.ConntrackState.Value(
+            f"CONNTRACK_STATE_{state}")
+    assert ABI.const("XLB_DIR_ORIG") == datapath_pb2.DIRECTION_ORIGINAL
+    assert ABI.const("XLB_DIR_REPLY") == datapath_pb2.DIRECTION_REPLY
+    assert ABI.const("XLB_ALGO_RR") == types_pb2.ALGORITHM_ROUND_ROBIN == Algorithm.ROUND_ROBIN
+    assert ABI.const("XLB_ALGO_HASH") == types_pb2.ALGORITHM_HASH == Algorithm.HASH
+    assert types_pb2.MODE_DNAT == Mode.DNAT
+
+
+def test_global_counter_names_come_from_the_header():
+    names = ABI.stat_names()
+    assert names[ABI.const("XLB_STAT_DROP_NO_ENDPOINT")] == "drop_no_endpoint"
+    assert "max" not in names.values() and not any(n.startswith("unused") for n in names.values())
+    assert max(names) < ABI.const("XLB_STAT_MAX")
+
+
+def test_map_specs_take_sizes_from_settings_over_defaults():
+    specs = ABI.map_specs({"XLB_CT_SIZE": 4096})
+    assert specs["ct_v4_map"].max_entries == 4096
+    assert specs["ct_v4_map"].type == "lru_hash"
+    assert specs["nat_v4_map"].max_entries == ABI.defaults["XLB_MAX_SERVICES"]
+    assert specs["svc_stats_map"].per_cpu and not specs["nat_v4_map"].per_cpu
+    assert specs["pgm_tbl"].type == "prog_array"
+    assert specs["nat_v4_map"].value is ABI.structs["xlb_nat_val"]
+
+
+def test_codec_round_trips_by_field_name():
+    codec = ABI.structs["xlb_ct_val"].codec
+    raw = codec.pack(nat_addr=b"\xc6\x12\x01\x02", nat_port=8080, dir=2, state=3,
+                     last_ns=123, svc={"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6})
+    assert len(raw) == 40
+    assert raw[4:6] == (8080).to_bytes(2, "big")  # __be16 written in network order
+    back = codec.unpack(raw)
+    assert back["nat_port"] == 8080 and back["state"] == 3 and back["last_ns"] == 123
+    assert back["svc"] == {"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6}
+    with pytest.raises(KeyError, match="no field bogus"):
+        codec.pack(bogus=1)
+
+
+def test_parser_refuses_what_it_does_not_understand():
+    with pytest.raises(abi.AbiError, match="unknown type"):
+        abi.Abi("struct s { float x; };")
+    with pytest.raises(abi.AbiError, match="not an integer constant"):
+        abi.Abi("#define X foo(1)\n")
+    parsed = abi.Abi("#define N (2 << 2)\nstruct a { __u8 b; __u32 c[N]; };")
+    layout = parsed.structs["a"]
+    assert layout.size == 36 and layout.field("c").offset == 4
+    assert layout.holes() == [(1, 3)]
