@@ -70,8 +70,8 @@ def floor_fd() -> tuple[object, int]:
         " if (xlb_parse(skb, &p) < 0) return TC_ACT_OK;"
         " return p.proto == 255 ? TC_ACT_SHOT : TC_ACT_OK; }",
     ])
-    b = BPF(text=text)
-    return b, b.load_func("parse_only", BPF.SCHED_CLS).fd
+    b = BPF(text=text.encode())
+    return b, b.load_func(b"parse_only", BPF.SCHED_CLS).fd
 
 
 @dataclass
