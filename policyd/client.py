@@ -23,6 +23,7 @@ import grpc
 
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
 from xlb.types.v1 import types_pb2
+from xlbcore.errors import quote
 from xlbcore.server import MESSAGE_OPTIONS
 
 # Replies of ApplyServices / ListServices for many services exceed grpc's default 4 MiB.
@@ -41,11 +42,11 @@ def parse_endpoint(text: str) -> types_pb2.Endpoint:
     where, _, weight = text.partition("@")
     address, sep, port = where.rpartition(":")
     if not sep or not address or not port.isdigit():
-        raise ValueError(f"endpoint {text!r}: use ADDRESS:PORT or ADDRESS:PORT@WEIGHT")
+        raise ValueError(f"endpoint {quote(text)}: use ADDRESS:PORT or ADDRESS:PORT@WEIGHT")
     ep = types_pb2.Endpoint(address=address, port=int(port))
     if weight:
         if not weight.isdigit():
-            raise ValueError(f"endpoint {text!r}: weight {weight!r} is not a number")
+            raise ValueError(f"endpoint {quote(text)}: weight {quote(weight)} is not a number")
         ep.weight = int(weight)
     return ep
 
@@ -59,9 +60,9 @@ def make_service(
     algorithm: str = "round-robin",
 ) -> policy_pb2.Service:
     if protocol.lower() not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r}: use {' or '.join(PROTOCOLS)}")
+        raise ValueError(f"protocol {quote(protocol)}: use {' or '.join(PROTOCOLS)}")
     if algorithm.lower() not in ALGORITHMS:
-        raise ValueError(f"algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        raise ValueError(f"algorithm {quote(algorithm)}: use one of {', '.join(ALGORITHMS)}")
     return policy_pb2.Service(
         name=name,
         vip=vip,

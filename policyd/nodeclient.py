@@ -22,6 +22,7 @@ import grpc
 import structlog
 
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+from xlbcore.errors import quote
 from xlbcore.service import (
     ServiceKey,
     ServiceSpec,
@@ -51,18 +52,27 @@ CHANNEL_OPTIONS = [
 ]
 
 
+DETAILS_MAX = 200  # characters of an error's text kept in a node's status and the log
+
+
+def _brief(text: str, limit: int = DETAILS_MAX) -> str:
+    """`text` itself when short, else its quoted prefix with the length noted."""
+    return text if len(text) <= limit else quote(text, limit)
+
+
 def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line, person-readable reason for a failed call (or pass)."""
+    """A one-line, person-readable reason for a failed call (or pass), cut to about
+    DETAILS_MAX characters: the text of a node's error is not policyd's to trust."""
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else None
         name = code.name if code is not None else "RPC_ERROR"
-        return f"{name}: {details or 'no details'}"
-    return f"{type(exc).__name__}: {exc}"
+        return f"{name}: {_brief(details or 'no details')}"
+    return f"{type(exc).__name__}: {_brief(str(exc))}"
 
 
 # -- requests ---------------------------------------------------------------------------

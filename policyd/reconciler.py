@@ -21,7 +21,7 @@ from policyd.nodeclient import open_channel
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import Store
 from policyd.worker import NodeWorker, PassReport, ReconcilerSettings, SyncResult
-from xlbcore.errors import NotFoundError
+from xlbcore.errors import NotFoundError, quote
 
 __all__ = ["PassReport", "Reconciler", "ReconcilerSettings", "SyncResult"]
 
@@ -85,7 +85,7 @@ class Reconciler:
             if name:
                 nodes = [n for n in nodes if n.name == name]
                 if not nodes:
-                    raise NotFoundError(f"node {name!r} not found")
+                    raise NotFoundError(f"node {quote(name)} not found")
             progress = {
                 n.name: self._workers[n.name].progress if n.name in self._workers else None
                 for n in nodes

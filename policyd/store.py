@@ -29,7 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from xlb.policy.v1 import policy_pb2
-from xlbcore.errors import ConflictError, NotFoundError, ValidationError
+from xlbcore.errors import ConflictError, NotFoundError, ValidationError, quote
 from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
 SCHEMA_VERSION = 1
@@ -230,7 +230,7 @@ class Store:
                 if holder is not None and holder != name and holder not in names:
                     where = f"{field}[{i}]: " if field else ""
                     raise ConflictError(
-                        f"{where}service {holder!r} already uses {keys[i]}; delete it or"
+                        f"{where}service {quote(holder)} already uses {keys[i]}; delete it or"
                         " change the vip, port or protocol"
                     )
                 changed.append(i)
@@ -292,7 +292,7 @@ class Store:
             missing = [name for name in names if name not in self._services]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise NotFoundError(f"service {missing[0]!r} not found{more}")
+                raise NotFoundError(f"service {quote(missing[0])} not found{more}")
             if not names:
                 return BatchResult([], self._generation, 0)
             with self._tx() as cur:
@@ -310,7 +310,7 @@ class Store:
         with self._lock:
             stored = self._services.get(name)
         if stored is None:
-            raise NotFoundError(f"service {name!r} not found")
+            raise NotFoundError(f"service {quote(name)} not found")
         return stored
 
     def list_services(self) -> list[StoredService]:
@@ -359,7 +359,7 @@ class Store:
             with self._tx() as cur:
                 cur.execute("DELETE FROM nodes WHERE name = ?", (name,))
                 if cur.rowcount == 0:
-                    raise NotFoundError(f"node {name!r} not found")
+                    raise NotFoundError(f"node {quote(name)} not found")
                 generation = self._bump(cur)
             self._generation = generation
             return generation
@@ -370,7 +370,7 @@ class Store:
                 "SELECT name, address, register_time_ns FROM nodes WHERE name = ?", (name,)
             ).fetchone()
         if row is None:
-            raise NotFoundError(f"node {name!r} not found")
+            raise NotFoundError(f"node {quote(name)} not found")
         return NodeRecord(row[0], row[1], int(row[2]))
 
     def list_nodes(self) -> list[NodeRecord]:

@@ -70,11 +70,11 @@ def validate_services(
         name, spec = validate_service(msg, where)
         first = names.setdefault(name, i)
         if first != i:
-            raise ValidationError(f"{where}.name: {name!r} is also {field}[{first}]")
+            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
         first = keys.setdefault((spec.vip, spec.port, spec.proto), i)
         if first != i:
             raise ValidationError(
-                f"{where}: {spec.key} is also used by {field}[{first}] ({items[first][0]!r})"
+                f"{where}: {spec.key} is also used by {field}[{first}] ({quote(items[first][0])})"
             )
         items.append((name, spec))
     return items
@@ -87,5 +87,5 @@ def validate_names(values: Sequence[str], field: str = "names") -> list[str]:
         validate_name(value, f"{field}[{i}]")
         first = seen.setdefault(value, i)
         if first != i:
-            raise ValidationError(f"{field}[{i}]: {value!r} is also {field}[{first}]")
+            raise ValidationError(f"{field}[{i}]: {quote(value)} is also {field}[{first}]")
     return list(values)

@@ -6,6 +6,7 @@ over a dict; it exists for this layer alone (the real dpd is tested elsewhere).
 
 from __future__ import annotations
 
+import io
 import shutil
 import sys
 import tempfile
@@ -129,6 +130,17 @@ class _CurrentStderr:
 def _log_to_stderr() -> None:
     """Daemon logs go to stderr, as in production, so stdout stays the CLI's."""
     configure_logging("kv", "debug", stream=cast(TextIO, _CurrentStderr()))
+
+
+@pytest.fixture
+def captured_log() -> Iterator[io.StringIO]:
+    """The daemons' log output (kv, debug) for one test, instead of stderr."""
+    stream = io.StringIO()
+    configure_logging("kv", "debug", stream=stream)
+    try:
+        yield stream
+    finally:
+        configure_logging("kv", "debug", stream=cast(TextIO, _CurrentStderr()))
 
 
 @pytest.fixture
