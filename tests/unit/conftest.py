@@ -1,7 +1,5 @@
-"""Fixtures for the policyd unit tests: an in-memory fake dpd and an in-process policyd.
-
-The fake implements only ListServices/PutServices/DeleteServices of xlb.dpd.v1.Datapath
-over a dict; it exists for this layer alone (the real dpd is tested elsewhere).
+"""Fixtures for the policyd unit tests: dpd nodes that serve dpd's real API (servicer,
+tables, validation) over in-memory maps (dpd.memory), and an in-process policyd.
 """
 
 from __future__ import annotations
@@ -20,11 +18,16 @@ from typing import Any, TextIO, cast
 import grpc
 import pytest
 
+from dpd.loader import Settings
+from dpd.memory import MemoryDatapath
+from dpd.node import Node
+from dpd.servicer import DatapathServicer
 from policyd.client import PolicyClient
 from policyd.reconciler import ReconcilerSettings
 from policyd.server import PolicydConfig, PolicyServer
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlbcore.logs import configure_logging
+from xlbcore.service import fill_service
 
 FAST = ReconcilerSettings(
     resync_interval=0.2, backoff_initial=0.05, backoff_max=0.3, rpc_timeout=2.0, coalesce=0.01
@@ -45,63 +48,62 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.02)
 
 
-class FakeDatapath(datapath_pb2_grpc.DatapathServicer):
+class MemoryDatapathServicer(DatapathServicer):
+    """dpd's real Datapath servicer and tables over in-memory maps (no kernel), counting
+    the calls policyd makes; clearing `gate` holds ListServices until it is set again."""
+
     def __init__(self) -> None:
+        node = Node(MemoryDatapath(Settings(name="unit", max_services=1024, max_backends=4096,
+                                            ct_size=64)), ct_aging_interval=0)
+        super().__init__(node)
         self.lock = threading.Lock()
-        self.services: dict[ServiceTuple, datapath_pb2.Service] = {}
         self.calls: dict[str, int] = {"ListServices": 0, "PutServices": 0, "DeleteServices": 0}
-        self.gate = threading.Event()  # cleared: ListServices hangs until it is set again
+        self.gate = threading.Event()
         self.gate.set()
 
-    @staticmethod
-    def key(msg: Any) -> ServiceTuple:
-        return (msg.vip, msg.port, msg.protocol)
+    def _count(self, method: str) -> None:
+        with self.lock:
+            self.calls[method] += 1
 
     def ListServices(self, request: Any, context: Any) -> Iterator[datapath_pb2.Service]:  # noqa: N802
-        with self.lock:
-            self.calls["ListServices"] += 1
+        self._count("ListServices")
         self.gate.wait(30)
-        with self.lock:
-            items = [
-                datapath_pb2.Service.FromString(s.SerializeToString())
-                for s in self.services.values()
-            ]
-        yield from items
+        yield from super().ListServices(request, context)
 
     def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
-        with self.lock:
-            self.calls["PutServices"] += 1
-            for svc in request.services:
-                copy = datapath_pb2.Service()
-                copy.CopyFrom(svc)
-                self.services[self.key(svc)] = copy
-        return datapath_pb2.PutServicesResponse(written=len(request.services))
+        self._count("PutServices")
+        return cast(datapath_pb2.PutServicesResponse, super().PutServices(request, context))
 
     def DeleteServices(self, request: Any, context: Any) -> datapath_pb2.DeleteServicesResponse:  # noqa: N802
-        deleted = 0
-        with self.lock:
-            self.calls["DeleteServices"] += 1
-            for key in request.keys:
-                deleted += self.services.pop(self.key(key), None) is not None
-        return datapath_pb2.DeleteServicesResponse(deleted=deleted)
+        self._count("DeleteServices")
+        return cast(datapath_pb2.DeleteServicesResponse, super().DeleteServices(request, context))
 
     def snapshot(self) -> dict[ServiceTuple, datapath_pb2.Service]:
-        with self.lock:
-            return dict(self.services)
+        """What the node's maps hold, as ListServices gives it, by (vip, port, protocol)."""
+        out = {}
+        for spec in self.node.list_services():
+            msg = fill_service(datapath_pb2.Service(), spec)
+            out[(msg.vip, msg.port, msg.protocol)] = msg
+        return out
+
+    def close(self) -> None:
+        self.node.close()
 
 
 class FakeNode:
-    """A fake dpd on a unix socket that can be stopped and started again."""
+    """A dpd serving its real API over in-memory maps on a unix socket; it can be
+    stopped and started again (empty: a node whose maps were recreated)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.address = f"unix:{path}"
-        self.datapath = FakeDatapath()
+        self.datapath = MemoryDatapathServicer()
         self._server: grpc.Server | None = None
 
     def start(self, *, empty: bool = False) -> FakeNode:
         if empty:
-            self.datapath = FakeDatapath()
+            self.datapath.close()
+            self.datapath = MemoryDatapathServicer()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         datapath_pb2_grpc.add_DatapathServicer_to_server(self.datapath, server)
         server.add_insecure_port(self.address)

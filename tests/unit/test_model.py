@@ -2,6 +2,7 @@ import pytest
 
 from dpd.ids import IdPool
 from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import Exhausted, ValidationError
 from xlbcore.service import MAX_ENDPOINTS, parse_ipv4, parse_service
 
@@ -19,9 +20,9 @@ def test_addresses_are_canonical():
 
 
 def svc(**kw):
-    base = dict(vip="198.19.0.10", port=80, protocol=pb.PROTOCOL_TCP,
-                endpoints=[pb.Endpoint(address="198.18.2.2", port=8080),
-                           pb.Endpoint(address="198.18.1.2", port=8080, weight=0)])
+    base = dict(vip="198.19.0.10", port=80, protocol=tpb.PROTOCOL_TCP,
+                endpoints=[tpb.Endpoint(address="198.18.2.2", port=8080),
+                           tpb.Endpoint(address="198.18.1.2", port=8080, weight=0)])
     base.update(kw)
     return pb.Service(**base)
 
@@ -37,9 +38,9 @@ def test_endpoints_are_sorted_and_weights_defaulted():
     ({"protocol": 0}, "protocol"),
     ({"algorithm": 7}, "algorithm"),
     ({"endpoints": []}, "endpoints"),
-    ({"endpoints": [pb.Endpoint(address="198.18.1.2", port=1)] * 2}, "listed twice"),
-    ({"endpoints": [pb.Endpoint(address="198.18.1.2", port=1, weight=1001)]}, "weight"),
-    ({"endpoints": [pb.Endpoint(address="198.18.1.2", port=i + 1)
+    ({"endpoints": [tpb.Endpoint(address="198.18.1.2", port=1)] * 2}, "listed twice"),
+    ({"endpoints": [tpb.Endpoint(address="198.18.1.2", port=1, weight=1001)]}, "weight"),
+    ({"endpoints": [tpb.Endpoint(address="198.18.1.2", port=i + 1)
                     for i in range(MAX_ENDPOINTS + 1)]}, "at most"),
 ])
 def test_bad_services_name_the_field(kw, field):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import IN_CI
-from tests.unit.conftest import FakeDatapath
+from tests.unit.conftest import MemoryDatapathServicer
 from xlb.dpd.v1 import datapath_pb2_grpc
 from xlbcore.server import start_server
 
@@ -63,9 +63,9 @@ def policyd_socket(policyd) -> str:
 
 @pytest.fixture
 def datapath_socket(sockdir: Path) -> Iterator[str]:
-    """A Datapath server (the unit tests' fake node) on xlbcore's server bootstrap, as
-    dpd serves it: the same generated modules, health and reflection."""
-    fake = FakeDatapath()
+    """dpd's Datapath servicer over in-memory maps on xlbcore's server bootstrap, as dpd
+    serves it: the same generated modules, health and reflection."""
+    fake = MemoryDatapathServicer()
     server = start_server(
         f"unix:{sockdir}/dpd.sock",
         "xlb.dpd.v1.Datapath",
@@ -73,6 +73,7 @@ def datapath_socket(sockdir: Path) -> Iterator[str]:
     )
     yield f"{sockdir}/dpd.sock"
     server.stop(0)
+    fake.close()
 
 
 def test_list(grpcurl, policyd_socket):

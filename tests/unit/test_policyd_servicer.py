@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from policyd.client import PolicyClient, make_service
-from tests.unit.conftest import FakeDatapath
-from xlb.dpd.v1 import datapath_pb2
+from tests.unit.conftest import MemoryDatapathServicer
+from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
@@ -27,7 +27,7 @@ WEB = dict(
     endpoints=["198.18.1.3:8080@2", "198.18.1.2:8080"],
 )
 
-# What the fake dpd must hold for WEB: endpoints sorted, absent weight written as 1.
+# What the node must hold for WEB: endpoints sorted, absent weight written as 1.
 WEB_ON_NODE = datapath_pb2.Service(
     vip="198.19.0.10",
     port=80,
@@ -225,8 +225,8 @@ def test_changes_are_pushed_without_waiting_for_resync(
     wait_for(lambda: node.datapath.snapshot() == {}, timeout=5, what="delete wake-up")
 
 
-class PutGatedDatapath(FakeDatapath):
-    """A fake dpd whose PutServices hangs while `put_gate` is clear."""
+class PutGatedDatapath(MemoryDatapathServicer):
+    """A node whose PutServices hangs while `put_gate` is clear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,7 +238,7 @@ class PutGatedDatapath(FakeDatapath):
         with self.lock:
             self.puts_started += 1
         self.put_gate.wait(30)
-        return super().PutServices(request, context)
+        return super().PutServices(request, context)  # type: ignore[no-any-return]
 
 
 def test_change_during_a_pass_leaves_node_pending(fast, wait_for, policyd, fake_node, client_for):
@@ -296,15 +296,19 @@ def test_drift_is_repaired_by_periodic_resync(wait_for, policyd, fake_node, clie
     stored = client.apply_service(**WEB)
     wait_for(lambda: synced_at(client, "node-a", stored.generation))
 
+    # a hand edit behind policyd's back, through the node's own API
+    edited = datapath_pb2.Service()
+    edited.CopyFrom(WEB_ON_NODE)
+    edited.endpoints[0].weight = 7
     stray = datapath_pb2.Service(
         vip="198.19.0.99",
         port=9,
         protocol=types_pb2.PROTOCOL_UDP,
         endpoints=[types_pb2.Endpoint(address="198.18.9.9", port=9, weight=1)],
     )
-    with node.datapath.lock:  # a hand edit behind policyd's back
-        node.datapath.services[("198.19.0.10", 80, 1)].endpoints[0].weight = 7
-        node.datapath.services[("198.19.0.99", 9, 2)] = stray
+    with grpc.insecure_channel(node.address) as channel:
+        datapath_pb2_grpc.DatapathStub(channel).PutServices(
+            datapath_pb2.PutServicesRequest(services=[edited, stray]), timeout=5)
     assert node.datapath.snapshot() != {("198.19.0.10", 80, 1): WEB_ON_NODE}
 
     wait_for(
