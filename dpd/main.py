@@ -7,14 +7,12 @@ attached and maps stay pinned, and the next dpd picks them up. `--cleanup` remov
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
-from types import FrameType
 
 import structlog
 
 from dpd.loader import LoaderError, Settings
+from xlbcore.daemon import StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
 from xlbcore.server import Server, StartupError, start_server
 
@@ -68,6 +66,7 @@ def serve(node: object, listen: str) -> Server:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopSignals()  # first, before any thread exists: see xlbcore.daemon
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     if args.netns:
@@ -84,38 +83,50 @@ def main(argv: list[str] | None = None) -> int:
     from dpd.node import Node, cleanup
 
     if args.cleanup:
+        stop.release()  # a one-shot run: SIGINT/SIGTERM act as they did before
         cleanup(settings)
         return 0
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("dpd_signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop.watch(log, prefix="dpd_")  # from here a stop ends the process within 2 s
+    stop.step("load")  # compiling (a child process) stops when a stop signal is pending
     try:
-        node = Node.load(settings, ct_aging_interval=args.ct_aging_interval)
+        node = Node.load(settings, ct_aging_interval=args.ct_aging_interval,
+                         should_stop=stop.requested)
     except LoaderError as e:
+        if stop.requested():  # cancelled by the stop signal: a stop, not a failure
+            log.info("dpd_signal", signal=stop.wait().name, during="start-up")
+            log.info("dpd_stopped", note="start-up cancelled")
+            return 0
         log.error("dpd_start_failed", error=str(e))
         return 1
+    server = None
     try:
         for ifname in filter(None, (s.strip() for s in args.attach.split(","))):
+            if stop.requested():
+                break
+            stop.step(f"attach_{ifname}")
             node.attach(ifname)
-        server = serve(node, args.listen)
+        if not stop.requested():
+            stop.step("serve")
+            server = serve(node, args.listen)
     except (InterfaceMissing, StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
         node.close()
         return 1
-    log.info("dpd_started", name=settings.name, listen=server.address, pin_dir=settings.pin_dir,
-             services=node.services.count(), interfaces=[a.name for a in node.interfaces()])
-    try:
-        stop.wait()
-    finally:
+    if server is not None:
+        log.info("dpd_started", name=settings.name, listen=server.address,
+                 pin_dir=settings.pin_dir, services=node.services.count(),
+                 interfaces=[a.name for a in node.interfaces()])
+    sig = stop.wait()  # the stop signal, taken in this thread: logging here is safe
+    stop.step("log_signal")
+    log.info("dpd_signal", signal=sig.name)
+    if server is not None:
+        stop.step("server_stop")
         server.stop(1.0)
-        node.close()
-        log.info("dpd_stopped", note="datapath left running; --cleanup removes it")
+    stop.step("node_close")
+    node.close()
+    log.info("dpd_stopped", note="datapath left running; --cleanup removes it")
+    stop.step("interpreter_exit")
     return 0
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
-from types import FrameType
 
 import structlog
 
 from policyd.reconciler import ReconcilerSettings
 from policyd.server import DEFAULT_LISTEN, PolicydConfig, PolicyServer, StartupError
+from xlbcore.daemon import STOP_LIMIT, StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
+
+# In-flight calls get at most this on shutdown, so that the whole stop (API, reconciler
+# workers, store) fits in STOP_LIMIT: Server.stop waits about grace, at most grace + 1 s.
+MAX_GRACE = STOP_LIMIT / 2
 
 
 def _positive(text: str) -> float:
@@ -52,17 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace",
         type=_positive,
-        default=5.0,
+        default=1.0,
         metavar="S",
-        help="seconds in-flight calls get on shutdown (default 5)",
+        help=f"seconds in-flight calls get on shutdown (default 1, at most {MAX_GRACE:g}: "
+        f"a stop ends within {STOP_LIMIT:g} s)",
     )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopSignals()  # first, before any thread exists: see xlbcore.daemon
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger()
+    stop.watch(log, prefix="policyd.")
+    grace = min(args.grace, MAX_GRACE)
+    if grace < args.grace:
+        log.warning("policyd.grace_capped", requested=args.grace, grace=grace)
 
     config = PolicydConfig(
         listen=args.listen,
@@ -71,23 +79,21 @@ def main(argv: list[str] | None = None) -> int:
             resync_interval=args.resync_interval, rpc_timeout=args.rpc_timeout
         ),
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("policyd.signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        server = PolicyServer(config).start()
-    except StartupError as exc:
-        log.error("policyd.start_failed", error=str(exc))
-        return 1
-    try:
-        stop.wait()
-    finally:
-        server.stop(args.grace)
+    server = None
+    if not stop.requested():
+        stop.step("server_start")
+        try:
+            server = PolicyServer(config).start()
+        except StartupError as exc:
+            log.error("policyd.start_failed", error=str(exc))
+            return 1
+    sig = stop.wait()  # the stop signal, taken in this thread: logging here is safe
+    stop.step("log_signal")
+    log.info("policyd.signal", signal=sig.name)
+    if server is not None:
+        stop.step("server_stop")
+        server.stop(grace)
+    stop.step("interpreter_exit")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""xlb-policyd as a process: starts, serves health, stops cleanly on SIGTERM/SIGINT."""
+"""xlb-policyd as a process: starts, serves health, stops cleanly on SIGTERM/SIGINT within
+STOP_LIMIT (looped, under load and with a stalled stderr: tests/unit/test_daemon_stop.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policyd.client import PolicyClient
+from xlbcore.daemon import STOP_LIMIT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +53,7 @@ def test_serves_then_stops_cleanly(sockdir, tmp_path, sig):
         with PolicyClient(address) as client:
             client.apply_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:80"])
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=STOP_LIMIT)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -61,6 +63,20 @@ def test_serves_then_stops_cleanly(sockdir, tmp_path, sig):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and all(line.startswith("{") for line in lines), err  # one JSON event a line
     assert '"event": "policyd.stopped"' in lines[-1]
+
+
+def test_grace_is_capped_to_fit_the_stop_limit(sockdir, tmp_path):
+    proc = start(sockdir, tmp_path, "--grace", "5")
+    try:
+        wait_serving(f"unix:{sockdir}/p.sock", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=STOP_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "event=policyd.grace_capped requested=5.0 grace=1.0" in err, err
 
 
 def test_bad_listen_address_fails_fast(tmp_path):
