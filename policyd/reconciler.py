@@ -13,6 +13,7 @@ dpd (or registers the node again). Stopping the reconciler closes every channel.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -94,13 +95,17 @@ class Reconciler:
             node_status(n.name, progress[n.name] or NodeProgress(), generation) for n in nodes
         ]
 
-    def stop(self) -> None:
-        """Stop every worker and close its channel. The reconciler stays stopped."""
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop every worker and close its channel (which cancels its call in flight);
+        wait at most `timeout` seconds in all for the threads to end (they are daemon
+        threads: one stuck elsewhere does not hold the process). The reconciler stays
+        stopped."""
         with self._lock:
             self._closed = True
             workers = list(self._workers.values())
             self._workers.clear()
         for worker in workers:
             worker.signal_stop()
+        deadline = time.monotonic() + timeout
         for worker in workers:
-            worker.join(self._settings.rpc_timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))
