@@ -4,7 +4,8 @@
 backends), measures keep-alive request rate (RR) and new-connection rate (CRR) with wrk
 through each target at 1 service and with N other services programmed ahead of the
 measured one, in alternating rounds, then times programming 10,000 services x 4
-endpoints. Prints one table and writes ``bench/results/<YYYY-MM-DD>.json``.
+endpoints. Prints one table and writes ``bench/results/<YYYY-MM-DD>.json`` (a quick run:
+``bench/results/quick/``, not kept in git).
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def _config(args: argparse.Namespace) -> Config:
         ns_services=[1, 10_000] if quick else [1, 1000, 10_000, 100_000],
         ct_counts=[100_000] if quick else [100_000, 1_000_000],
         changes=10 if quick else 200,
-        mem_counts=[] if quick else [0, 10_000, 100_000],
+        mem_counts=[1_000] if quick else [0, 10_000, 100_000],
     )
 
 
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int,
                    help="concurrent wrk processes, connections split between them "
                    "(default: one per backend; plain sends stream i to backend i)")
-    p.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
+    p.add_argument("--out", type=Path,
+                   help="results file (default bench/results/<date>.json; quick runs: "
+                        "bench/results/quick/<time>.json)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--no-xlb-extra", action="store_true",
                    help="skip per-packet ns, conntrack scale, change latency and memory")
@@ -400,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         "xlb": xlb_extra,
         "samples": [asdict(s) for s in samples],
     }
-    out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}.json"
+    # A full run is a record (committed); a quick run is a check and goes to quick/
+    # (git-ignored), so it never overwrites a recorded full run. A second full run on
+    # one day gets the time in its name.
+    stamp = dt.datetime.now(dt.UTC)
+    out = args.out or (RESULTS_DIR / "quick" / f"{stamp:%Y-%m-%dT%H%M%S}.json" if cfg.quick
+                       else RESULTS_DIR / f"{stamp:%Y-%m-%d}.json")
+    if not args.out and not cfg.quick and out.exists():
+        out = RESULTS_DIR / f"{stamp:%Y-%m-%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

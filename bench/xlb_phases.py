@@ -130,11 +130,15 @@ def change_latency(topo: Topology, backends: list[Endpoint], changes: int,
 
 def memory(topo: Topology, counts: list[int]) -> list[dict[str, Any]]:
     """RSS of dpd and policyd, and kernel memory of nat_v4_map, holding `counts` services
-    (4 endpoints each) programmed through policyd."""
+    (4 endpoints each) programmed through policyd; and how long dpd takes from its start
+    to serving: the first start (compiles) and a restart holding the services (reuses
+    the pinned programs)."""
     rows = []
     for count in counts:
         specs = filler_services(count)
+        t0 = time.monotonic()
         dpd = start_dpd(topo, count)
+        first_start = time.monotonic() - t0
         policyd = Policyd(topo.workdir, db=topo.workdir / "mem-policyd.db",
                           resync_interval=30.0).start()
         try:
@@ -144,12 +148,18 @@ def memory(topo: Topology, counts: list[int]) -> list[dict[str, Any]]:
                     node=ppb.Node(name="bench", address=dpd.address)), timeout=10)
                 wait_synced(policy, apply_all(policy, specs), 1800)
             assert dpd.proc is not None and policyd.proc is not None
-            rows.append({
+            row = {
                 "services": count,
                 "dpd_rss_mb": rss_mb(dpd.proc.pid),
                 "policyd_rss_mb": rss_mb(policyd.proc.pid),
                 "nat_map_mb": map_mb(f"{dpd.bpf_root}/bench/nat_v4_map"),
-            })
+                "dpd_first_start_s": first_start,
+            }
+            dpd.stop()
+            t0 = time.monotonic()
+            dpd.start()
+            row["dpd_restart_s"] = time.monotonic() - t0
+            rows.append(row)
         finally:
             policyd.stop()
             (topo.workdir / "mem-policyd.db").unlink(missing_ok=True)

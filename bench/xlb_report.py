@@ -59,11 +59,14 @@ def tables(x: dict[str, Any]) -> str:
                          f"| {len(v['samples'])} |")
         parts.append("\n".join(lines))
     if x.get("memory"):
-        lines = ["| services | dpd RSS | policyd RSS | nat_v4_map (kernel) |",
-                 "|---:|---:|---:|---:|"]
+        lines = ["| services | dpd RSS | policyd RSS | nat_v4_map (kernel) | dpd first start "
+                 "(compiles) -> serving | dpd restart -> serving |",
+                 "|---:|---:|---:|---:|---:|---:|"]
         for r in x["memory"]:
             lines.append(f"| {r['services']:,} | {r['dpd_rss_mb']:.0f} MiB | "
-                         f"{r['policyd_rss_mb']:.0f} MiB | {r['nat_map_mb']:.1f} MiB |")
+                         f"{r['policyd_rss_mb']:.0f} MiB | {r['nat_map_mb']:.1f} MiB | "
+                         f"{r.get('dpd_first_start_s', 0):.2f} s | "
+                         f"{r.get('dpd_restart_s', 0):.2f} s |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,14 +36,11 @@ def test_restart_with_unchanged_programs_reuses_them_without_compiling(settings)
         tags, ids = first.tags, bpfsys.prog_id(first.fast_fd)
     finally:
         first.close()
-    started = time.monotonic()
     second = KernelDatapath(settings)
-    took = time.monotonic() - started
     try:
         assert not second.programs_changed
         assert second.tags == tags
         assert bpfsys.prog_id(second.fast_fd) == ids  # the very program that was pinned
-        assert took < 1.0, f"reusing the pins took {took:.2f} s"
         assert not any(e.endswith("_new") for e in os.listdir(settings.pin_dir))
     finally:
         second.close()
