@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from xlb.types.v1 import types_pb2
 from xlbcore.errors import ValidationError, quote
 
 MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
@@ -29,7 +30,8 @@ class Proto(enum.IntEnum):
 
 
 class Algorithm(enum.IntEnum):
-    """Values match the ALGORITHM_* enums of both API packages."""
+    """Values match xlb.types.v1.Algorithm (and the datapath's XLB_ALGO_*: checked by
+    tests/unit/test_abi.py)."""
 
     ROUND_ROBIN = 1
     HASH = 2
@@ -39,8 +41,11 @@ class Mode(enum.IntEnum):
     DNAT = 1
 
 
-# API enum value -> model value (same numbers in xlb.dpd.v1 and xlb.policy.v1).
-_API_PROTO = {1: Proto.TCP, 2: Proto.UDP}
+# xlb.types.v1.Protocol value -> model value.
+_API_PROTO: dict[int, Proto] = {
+    types_pb2.PROTOCOL_TCP: Proto.TCP,
+    types_pb2.PROTOCOL_UDP: Proto.UDP,
+}
 _PROTO_API = {v: k for k, v in _API_PROTO.items()}
 
 
