@@ -45,8 +45,11 @@ def vip(i: int) -> str:
 
 
 def pkt(dst: str, sport: int, flags: str = "S", payload: bytes = b"") -> bytes:
+    """From the client: a SYN with ISN 0, or a packet after the handshake (seq 1, ack 1)."""
+    n = 0 if flags == "S" else 1
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-                 / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=80, flags=flags) / payload)
+                 / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=80, flags=flags, seq=n, ack=n)
+                 / payload)
 
 
 def mean_ns(fd: int, packets: list[bytes], runs: int) -> float:
@@ -67,7 +70,7 @@ def floor_fd() -> tuple[object, int]:
         "#include <uapi/linux/udp.h>",
         (BPF_DIR / "parse.h").read_text(),
         "int parse_only(struct __sk_buff *skb) { struct xlb_pkt p;"
-        " if (xlb_parse(skb, &p) < 0) return TC_ACT_OK;"
+        " if (xlb_parse(skb, &p) != XLB_P_OK) return TC_ACT_OK;"
         " return p.proto == 255 ? TC_ACT_SHOT : TC_ACT_OK; }",
     ])
     b = BPF(text=text.encode())
@@ -130,9 +133,13 @@ def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 
                                  sport=sport, dport=80, proto=6))
     orig = ct.val.unpack(raw)
     reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig["nat_addr"]), dst=CLIENT)
-                  / TCP(sport=orig["nat_port"], dport=sport, flags="SA"))
+                  / TCP(sport=orig["nat_port"], dport=sport, flags="SA", seq=0, ack=1))
     bpfsys.prog_test_run(fd, reply)
     bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
+    raw = ct.map.get(ct.key.pack(saddr=socket.inet_aton(CLIENT), daddr=socket.inet_aton(target),
+                                 sport=sport, dport=80, proto=6))
+    if raw is None or ct.val.unpack(raw)["state"] != ct.states.est:
+        raise RuntimeError("the benchmark's flow did not become established")
     return mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
 
 

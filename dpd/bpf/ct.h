@@ -1,15 +1,23 @@
 /* Conntrack: two entries per flow (ORIG keyed by the client's tuple, REPLY keyed by
  * the endpoint's), each carrying the rewrite for its direction. The state lives in
- * both so the fast path decides from one lookup. */
+ * both so the fast path decides from one lookup.
+ *
+ * TCP follows the handshake: a SYN-ACK advances NEW -> REPLIED only when it
+ * acknowledges the tracked SYN, the client's ACK advances REPLIED -> ESTABLISHED only
+ * when it acknowledges the SYN-ACK. Each entry tracks the highest sequence number its
+ * direction sent (seq_end); an RST is honoured only near it (XLB_RST_BEHIND/AHEAD). */
 #ifndef XLB_CT_H
 #define XLB_CT_H
 
 #include "maps.h"
 #include "parse.h"
+#include "stats.h"
 
 /* Refresh the last-seen time at most every XLB_CT_TOUCH_NS: aging needs seconds, and
  * not writing the entry on every packet keeps its cache line clean across CPUs. */
 #define XLB_CT_TOUCH_NS 500000000ULL
+
+#define XLB_CTF_FINS (XLB_CTF_FIN_ORIG | XLB_CTF_FIN_REPLY)
 
 static __always_inline void xlb_ct_touch(struct xlb_ct_val *v)
 {
@@ -28,68 +36,159 @@ static __always_inline void xlb_ct_key_of(struct xlb_ct_key *k, struct xlb_pkt *
     k->pad[0] = k->pad[1] = k->pad[2] = 0;
 }
 
-/* The key of the other direction's entry, from a packet that hit entry `v`. */
-static __always_inline void xlb_ct_peer_key(struct xlb_ct_key *k, struct xlb_pkt *p,
+/* The key of the other direction's entry, from the key `k` of entry `v`. */
+static __always_inline void xlb_ct_peer_key(struct xlb_ct_key *pk, struct xlb_ct_key *k,
                                             struct xlb_ct_val *v)
 {
-    k->proto = p->proto;
-    k->pad[0] = k->pad[1] = k->pad[2] = 0;
+    pk->proto = k->proto;
+    pk->pad[0] = pk->pad[1] = pk->pad[2] = 0;
     if (v->dir == XLB_DIR_ORIG) { /* client -> VIP; reply comes endpoint -> client */
-        k->saddr = v->nat_addr;
-        k->sport = v->nat_port;
-        k->daddr = p->saddr;
-        k->dport = p->sport;
+        pk->saddr = v->nat_addr;
+        pk->sport = v->nat_port;
+        pk->daddr = k->saddr;
+        pk->dport = k->sport;
     } else { /* endpoint -> client; original is client -> VIP */
-        k->saddr = p->daddr;
-        k->sport = p->dport;
-        k->daddr = v->nat_addr;
-        k->dport = v->nat_port;
+        pk->saddr = k->daddr;
+        pk->sport = k->dport;
+        pk->daddr = v->nat_addr;
+        pk->dport = v->nat_port;
     }
 }
 
-/* The next state after a packet in direction v->dir; flags collects FINs. */
-static __always_inline __u8 xlb_ct_next(struct xlb_ct_val *v, struct xlb_pkt *p, __u32 *flags)
+/* Whether `pv` (found at the peer key of entry `v` with key `k`) belongs to the same
+ * flow, i.e. rewrites back to `k`: an entry of another flow is never touched. */
+static __always_inline int xlb_ct_is_peer(struct xlb_ct_key *k, struct xlb_ct_val *v,
+                                          struct xlb_ct_val *pv)
+{
+    if (pv->dir == v->dir)
+        return 0;
+    if (v->dir == XLB_DIR_ORIG)
+        return pv->nat_addr == k->daddr && pv->nat_port == k->dport;
+    return pv->nat_addr == k->saddr && pv->nat_port == k->sport;
+}
+
+static __always_inline struct xlb_ct_val *xlb_ct_peer(struct xlb_ct_key *k,
+                                                      struct xlb_ct_val *v)
+{
+    struct xlb_ct_key pk;
+    xlb_ct_peer_key(&pk, k, v);
+    struct xlb_ct_val *pv = ct_v4_map.lookup(&pk);
+    if (pv && !xlb_ct_is_peer(k, v, pv))
+        return NULL;
+    return pv;
+}
+
+/* Delete the flow of entry `v` (key `k`): its peer first, when it is really its peer. */
+static __always_inline void xlb_ct_delete_flow(struct xlb_ct_key *k, struct xlb_ct_val *v)
+{
+    struct xlb_ct_key pk;
+    xlb_ct_peer_key(&pk, k, v);
+    struct xlb_ct_val *pv = ct_v4_map.lookup(&pk);
+    if (pv && xlb_ct_is_peer(k, v, pv))
+        ct_v4_map.delete(&pk);
+    ct_v4_map.delete(k);
+}
+
+static __always_inline __u32 xlb_seq_end(struct xlb_pkt *p)
+{
+    return p->seq + p->payload + !!(p->tcp_flags & XLB_TCP_SYN) +
+           !!(p->tcp_flags & XLB_TCP_FIN);
+}
+
+/* Advance the entry's seq_end to what this packet sent (serial number arithmetic). */
+static __always_inline void xlb_ct_track_seq(struct xlb_ct_val *v, struct xlb_pkt *p)
+{
+    __u32 end = xlb_seq_end(p);
+    if (!(v->flags & XLB_CTF_SEQ)) {
+        v->seq_end = end;
+        v->flags |= XLB_CTF_SEQ;
+    } else if ((__s32)(end - v->seq_end) > 0) {
+        v->seq_end = end;
+    }
+}
+
+/* An RST from v's direction is honoured when its sequence number is near what that
+ * direction sent; in NEW, the endpoint's RST (it refuses the connection) must
+ * acknowledge the client's SYN. A direction never seen cannot be checked. */
+static __always_inline int xlb_rst_ok(struct xlb_pkt *p, struct xlb_ct_val *v,
+                                      struct xlb_ct_val *pv)
+{
+    if (v->flags & XLB_CTF_SEQ)
+        return (__u32)(v->seq_end + XLB_RST_AHEAD - p->seq) <= XLB_RST_BEHIND + XLB_RST_AHEAD;
+    if (v->state == XLB_CT_NEW && v->dir == XLB_DIR_REPLY)
+        return (p->tcp_flags & XLB_TCP_ACK) && pv && (pv->flags & XLB_CTF_SEQ) &&
+               p->ack_seq == pv->seq_end;
+    return 1;
+}
+
+/* The slow path's conntrack step for a packet that hit entry `v` (key `k`): state
+ * transition of both entries and sequence tracking. Returns 0 to forward the packet,
+ * or the XLB_STAT_* reason to drop it for. */
+static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
+                                       struct xlb_ct_val *v)
 {
     __u8 st = v->state;
-    if (p->proto == IPPROTO_UDP) {
-        if (v->dir == XLB_DIR_REPLY && st == XLB_CT_NEW)
-            return XLB_CT_EST;
-        return st;
-    }
-    __u8 f = p->tcp_flags;
-    if (f & XLB_TCP_RST)
-        return XLB_CT_CLOSED;
-    if (f & XLB_TCP_FIN) {
-        *flags |= v->dir == XLB_DIR_ORIG ? XLB_CTF_FIN_ORIG : XLB_CTF_FIN_REPLY;
-        if ((*flags & (XLB_CTF_FIN_ORIG | XLB_CTF_FIN_REPLY)) ==
-            (XLB_CTF_FIN_ORIG | XLB_CTF_FIN_REPLY))
-            return XLB_CT_CLOSED;
-        return XLB_CT_CLOSING;
-    }
-    if (st == XLB_CT_NEW && v->dir == XLB_DIR_REPLY && (f & XLB_TCP_SYN) && (f & XLB_TCP_ACK))
-        return XLB_CT_REPLIED;
-    if (st == XLB_CT_REPLIED && v->dir == XLB_DIR_ORIG && !(f & XLB_TCP_SYN) &&
-        (f & XLB_TCP_ACK))
-        return XLB_CT_EST;
-    return st;
-}
+    __u8 next = st;
+    __u32 fins = v->flags & XLB_CTF_FINS;
 
-/* Apply a state change to both entries of the flow. */
-static __always_inline void xlb_ct_update(struct xlb_pkt *p, struct xlb_ct_val *v)
-{
-    __u32 flags = v->flags;
-    __u8 next = xlb_ct_next(v, p, &flags);
-    if (next == v->state && flags == v->flags)
-        return;
-    v->state = next;
-    v->flags = flags;
-    struct xlb_ct_key pk;
-    xlb_ct_peer_key(&pk, p, v);
-    struct xlb_ct_val *pv = ct_v4_map.lookup(&pk);
-    if (pv) {
-        pv->state = next;
-        pv->flags = flags;
+    if (p->proto != IPPROTO_TCP) {
+        if (v->dir == XLB_DIR_REPLY && st == XLB_CT_NEW)
+            next = XLB_CT_EST;
+    } else {
+        __u8 f = p->tcp_flags;
+        if (!xlb_tcp_flags_valid(f))
+            return XLB_STAT_DROP_BAD_FLAGS;
+        struct xlb_ct_val *pv = xlb_ct_peer(k, v);
+        if (f & XLB_TCP_RST) {
+            if (!xlb_rst_ok(p, v, pv))
+                return XLB_STAT_DROP_RST_WINDOW;
+            next = XLB_CT_CLOSED;
+        } else if (st == XLB_CT_NEW && v->dir == XLB_DIR_REPLY) {
+            /* only a SYN-ACK that acknowledges the tracked SYN answers it */
+            if ((f & (XLB_TCP_SYN | XLB_TCP_ACK)) == (XLB_TCP_SYN | XLB_TCP_ACK) && pv &&
+                (pv->flags & XLB_CTF_SEQ) && p->ack_seq == pv->seq_end) {
+                next = XLB_CT_REPLIED;
+                v->seq_end = xlb_seq_end(p);
+                v->flags |= XLB_CTF_SEQ;
+            } else {
+                xlb_count(XLB_STAT_CT_NO_ADVANCE);
+            }
+        } else {
+            if (st == XLB_CT_NEW && (f & XLB_TCP_SYN)) {
+                v->seq_end = xlb_seq_end(p); /* the client's SYN (again) */
+                v->flags |= XLB_CTF_SEQ;
+            } else {
+                xlb_ct_track_seq(v, p);
+            }
+            if (f & XLB_TCP_FIN) {
+                fins |= v->dir == XLB_DIR_ORIG ? XLB_CTF_FIN_ORIG : XLB_CTF_FIN_REPLY;
+                next = fins == XLB_CTF_FINS ? XLB_CT_CLOSED : XLB_CT_CLOSING;
+            } else if (st == XLB_CT_REPLIED && v->dir == XLB_DIR_ORIG &&
+                       (f & (XLB_TCP_SYN | XLB_TCP_ACK)) == XLB_TCP_ACK) {
+                /* only an ACK of the SYN-ACK establishes */
+                if (pv && (pv->flags & XLB_CTF_SEQ) && p->ack_seq == pv->seq_end)
+                    next = XLB_CT_EST;
+                else
+                    xlb_count(XLB_STAT_CT_NO_ADVANCE);
+            }
+        }
+        if (next != st || fins != (v->flags & XLB_CTF_FINS)) {
+            if (pv) {
+                pv->state = next;
+                pv->flags = (pv->flags & ~XLB_CTF_FINS) | fins;
+            }
+        }
     }
+    if (next != st || fins != (v->flags & XLB_CTF_FINS)) {
+        v->state = next;
+        v->flags = (v->flags & ~XLB_CTF_FINS) | fins;
+        if (p->proto != IPPROTO_TCP) {
+            struct xlb_ct_val *pv = xlb_ct_peer(k, v);
+            if (pv)
+                pv->state = next;
+        }
+    }
+    return 0;
 }
 
 #endif

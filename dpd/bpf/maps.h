@@ -21,6 +21,10 @@
 #define XLB_CT_SIZE 262144
 #endif
 
+#ifndef XLB_FRAG_SIZE
+#define XLB_FRAG_SIZE 8192
+#endif
+
 #define XLB_PIN(name) XLB_BPF_ROOT "/" #name
 
 BPF_TABLE_PINNED("prog", int, int, pgm_tbl, 8, XLB_PIN(pgm_tbl));
@@ -28,6 +32,8 @@ BPF_TABLE_PINNED("hash", struct xlb_nat_key, struct xlb_nat_val, nat_v4_map,
                  XLB_MAX_SERVICES, XLB_PIN(nat_v4_map), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
                  XLB_CT_SIZE, XLB_PIN(ct_v4_map));
+BPF_TABLE_PINNED("lru_hash", struct xlb_frag_key, struct xlb_frag_val, frag_v4_map,
+                 XLB_FRAG_SIZE, XLB_PIN(frag_v4_map));
 /* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
 BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,

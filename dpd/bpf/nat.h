@@ -13,6 +13,7 @@
 #include <uapi/linux/udp.h>
 
 #include "parse.h"
+#include "xlb_abi.h"
 
 static __always_inline __u16 xlb_fold(__u32 s)
 {
@@ -33,15 +34,39 @@ static __always_inline void xlb_ip_csum_add(struct iphdr *ip, __u32 delta)
     ip->check = ~xlb_fold((__u16)~ip->check + delta);
 }
 
+/* A later fragment (no L4 header): only the address and the IP checksum change; the
+ * L4 checksum, in the first fragment, was adjusted for the whole datagram there. */
+static __always_inline int xlb_nat_l3(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
+                                      __be32 new_addr)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + XLB_L3_OFF;
+    if ((void *)(ip + 1) > data_end)
+        return -1;
+    __be32 old_addr;
+    if (dir == XLB_DIR_ORIG) {
+        old_addr = ip->daddr;
+        ip->daddr = new_addr;
+        p->daddr = new_addr;
+    } else {
+        old_addr = ip->saddr;
+        ip->saddr = new_addr;
+        p->saddr = new_addr;
+    }
+    xlb_ip_csum_add(ip, xlb_delta4(old_addr, new_addr));
+    return 0;
+}
+
 /* ORIG rewrites the destination, REPLY the source. */
 static __always_inline int xlb_nat(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
                                    __be32 new_addr, __be16 new_port)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct iphdr *ip = data + sizeof(struct ethhdr);
-    __u32 l4_off = p->l4_off & 0x7f; /* 14 + at most 60 */
-    __u16 *ports = data + l4_off;    /* [0] source, [1] destination */
+    struct iphdr *ip = data + XLB_L3_OFF;
+    __u32 l4_off = XLB_L4_OFF;
+    __u16 *ports = data + l4_off; /* [0] source, [1] destination */
     __u32 csum_off;
     __u64 l4flags = 0;
 

@@ -1,4 +1,10 @@
-/* Ethernet / IPv4 / TCP / UDP parsing into struct xlb_pkt. */
+/* Ethernet / IPv4 / TCP / UDP / ICMP parsing and validation into struct xlb_pkt.
+ *
+ * Every packet is checked here, before any lookup, with what is cheap because it is in
+ * the headers already read: IP version, header length, total length against the frame,
+ * the IP header checksum, TCP data offset, UDP length. Checks that need state or are
+ * only needed before state is created (martian sources, TCP flag combinations) are the
+ * slow path's (tc_slow.c). */
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
@@ -12,11 +18,22 @@
 #define XLB_TCP_FIN 0x01
 #define XLB_TCP_SYN 0x02
 #define XLB_TCP_RST 0x04
+#define XLB_TCP_PSH 0x08
 #define XLB_TCP_ACK 0x10
+#define XLB_TCP_URG 0x20
+
+#define XLB_L3_OFF 14 /* sizeof(struct ethhdr) */
+#define XLB_L4_OFF 34 /* IPv4 without options */
+
+/* xlb_parse results */
+#define XLB_P_OK 0       /* unfragmented TCP/UDP, valid: conntrack and NAT may apply */
+#define XLB_P_NOT_OURS 1 /* not IPv4, or a protocol xlb does not handle: pass */
+#define XLB_P_BAD 2      /* malformed: pass untouched (the kernel drops it), counted */
+#define XLB_P_OPTIONS 3  /* IPv4 options: pass untouched, counted */
+#define XLB_P_FRAG 4     /* a fragment (first or later): the slow path decides */
+#define XLB_P_ICMP 5     /* ICMP: the slow path decides */
 
 struct xlb_pkt {
-    __u32 l3_off;
-    __u32 l4_off;
     __be32 saddr;
     __be32 daddr;
     __be16 sport;
@@ -26,9 +43,28 @@ struct xlb_pkt {
     __u8 ttl;
     __u8 tos;
     __u16 tot_len;
+    __u16 l4_len;  /* bytes from the L4 header to the end of the IP datagram (fragment) */
+    __u32 seq;     /* TCP, host order */
+    __u32 ack_seq; /* TCP, host order */
+    __u16 payload; /* TCP payload bytes */
+    __be16 ip_id;
+    __u16 frag;    /* frag_off & (MF | offset), host order; 0 for unfragmented */
+    __u16 pad;
 };
 
-/* 0: parsed an unfragmented IPv4 TCP/UDP packet; -1: anything else (not ours). */
+/* The IPv4 header (20 bytes, no options) sums to 0xffff when its checksum is right. */
+static __always_inline int xlb_ip_csum_ok(struct iphdr *ip)
+{
+    __u16 *w = (__u16 *)ip;
+    __u32 s = 0;
+#pragma unroll
+    for (int i = 0; i < 10; i++)
+        s += w[i];
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    return s == 0xffff;
+}
+
 static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
 {
     void *data = (void *)(long)skb->data;
@@ -36,43 +72,85 @@ static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
     struct ethhdr *eth = data;
 
     if ((void *)(eth + 1) > data_end)
-        return -1;
+        return XLB_P_NOT_OURS;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
-        return -1;
+        return XLB_P_NOT_OURS;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end)
-        return -1;
-    if (ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
-        return -1; /* fragments are left to the kernel */
-    __u32 ihl = ip->ihl * 4;
-    p->l3_off = sizeof(*eth);
-    p->l4_off = sizeof(*eth) + ihl;
+        return XLB_P_BAD;
+    __u8 vihl = *(__u8 *)ip;
+    if (vihl != 0x45) {
+        if ((vihl >> 4) != 4 || (vihl & 15) < 5)
+            return XLB_P_BAD;
+        return XLB_P_OPTIONS;
+    }
+    /* Total length within the frame; 0 only for a BIG TCP GSO packet (over 64 KiB). */
+    __u32 frame = skb->len - XLB_L3_OFF;
+    __u32 tot = bpf_ntohs(ip->tot_len);
+    if (tot == 0 && frame > 65535)
+        tot = frame;
+    if (tot < sizeof(*ip) || tot > frame || !xlb_ip_csum_ok(ip))
+        return XLB_P_BAD;
     p->saddr = ip->saddr;
     p->daddr = ip->daddr;
     p->proto = ip->protocol;
     p->ttl = ip->ttl;
     p->tos = ip->tos;
-    p->tot_len = bpf_ntohs(ip->tot_len);
+    p->tot_len = tot;
+    p->l4_len = tot - sizeof(*ip);
     p->tcp_flags = 0;
-    void *l4 = (void *)ip + ihl;
+    p->ip_id = ip->id;
+    p->frag = bpf_ntohs(ip->frag_off) & 0x3fff;
+    if (p->frag & 0x1fff) /* a later fragment: no L4 header */
+        return XLB_P_FRAG;
+    void *l4 = (void *)(ip + 1);
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *tcp = l4;
         if ((void *)(tcp + 1) > data_end)
-            return -1;
+            return XLB_P_BAD;
+        __u32 doff = ((__u8 *)tcp)[12] >> 4;
+        if (doff < 5 || doff * 4 > p->l4_len)
+            return XLB_P_BAD;
         p->sport = tcp->source;
         p->dport = tcp->dest;
         p->tcp_flags = ((__u8 *)tcp)[13];
-        return 0;
+        p->seq = bpf_ntohl(tcp->seq);
+        p->ack_seq = bpf_ntohl(tcp->ack_seq);
+        p->payload = p->l4_len - doff * 4;
+        return p->frag ? XLB_P_FRAG : XLB_P_OK;
     }
     if (p->proto == IPPROTO_UDP) {
         struct udphdr *udp = l4;
         if ((void *)(udp + 1) > data_end)
-            return -1;
+            return XLB_P_BAD;
+        __u32 ulen = bpf_ntohs(udp->len);
+        /* A first fragment's UDP length counts the whole datagram. */
+        if (ulen < sizeof(*udp) || (!p->frag && ulen > p->l4_len))
+            return XLB_P_BAD;
         p->sport = udp->source;
         p->dport = udp->dest;
-        return 0;
+        return p->frag ? XLB_P_FRAG : XLB_P_OK;
     }
-    return -1;
+    if (p->proto == IPPROTO_ICMP)
+        return p->frag ? XLB_P_NOT_OURS : XLB_P_ICMP;
+    return XLB_P_NOT_OURS;
+}
+
+/* TCP flags that a tracked flow may carry (ignoring PSH, URG, ECE, CWR): SYN, SYN+ACK,
+ * ACK, FIN+ACK, RST, RST+ACK. NULL, SYN+FIN, SYN+RST, FIN without ACK (Xmas) are not. */
+static __always_inline int xlb_tcp_flags_valid(__u8 f)
+{
+    __u8 c = f & (XLB_TCP_FIN | XLB_TCP_SYN | XLB_TCP_RST | XLB_TCP_ACK);
+    return c == XLB_TCP_ACK || c == XLB_TCP_SYN || c == (XLB_TCP_SYN | XLB_TCP_ACK) ||
+           c == (XLB_TCP_FIN | XLB_TCP_ACK) || c == XLB_TCP_RST ||
+           c == (XLB_TCP_RST | XLB_TCP_ACK);
+}
+
+/* Sources that never open a flow: 0/8, 127/8, multicast 224/4, 240/4 with broadcast. */
+static __always_inline int xlb_martian(__be32 saddr)
+{
+    __u8 a = ((__u8 *)&saddr)[0];
+    return a == 0 || a == 127 || a >= 224;
 }
 
 #endif

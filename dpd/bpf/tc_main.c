@@ -1,6 +1,7 @@
 /* tc_packet_func: TC ingress entry. Established flows are rewritten and forwarded
  * here from a single conntrack lookup; everything else (new flows, TCP handshakes
- * and teardowns, packets that are not ours) tail-calls tc_packet_func_slow. */
+ * and teardowns, fragments, ICMP, packets that are not ours) tail-calls
+ * tc_packet_func_slow. Malformed packets and IPv4 options pass untouched, counted. */
 
 #include <uapi/linux/pkt_cls.h>
 
@@ -14,21 +15,31 @@
 int tc_packet_func(struct __sk_buff *skb)
 {
     struct xlb_pkt p;
-    if (xlb_parse(skb, &p) < 0) {
-        xlb_count(XLB_STAT_PASS);
+    int rc = xlb_parse(skb, &p);
+    if (rc != XLB_P_OK) {
+        if (rc == XLB_P_FRAG || rc == XLB_P_ICMP)
+            goto slow;
+        xlb_count(rc == XLB_P_BAD       ? XLB_STAT_PASS_BAD_HEADER
+                  : rc == XLB_P_OPTIONS ? XLB_STAT_PASS_IP_OPTIONS
+                                        : XLB_STAT_PASS);
         return TC_ACT_OK;
     }
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, &p);
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
+    /* established, and TCP with ACK and none of SYN/FIN/RST (UDP has no flags) */
+    __u8 want = p.proto == IPPROTO_TCP ? XLB_TCP_ACK : 0;
     if (v && v->state == XLB_CT_EST &&
-        !(p.tcp_flags & (XLB_TCP_SYN | XLB_TCP_FIN | XLB_TCP_RST))) {
+        (p.tcp_flags & (XLB_TCP_SYN | XLB_TCP_FIN | XLB_TCP_RST | XLB_TCP_ACK)) == want) {
+        if (want)
+            xlb_ct_track_seq(v, &p);
         xlb_ct_touch(v);
         xlb_count_flow(skb, v->svc_id, v->stat_id);
         if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
             return TC_ACT_OK;
         return xlb_forward(skb, &p);
     }
+slow:
     pgm_tbl.call(skb, XLB_PGM_SLOW);
     /* Only reached when the slot is empty (no dpd ever loaded it): stay harmless. */
     xlb_count(XLB_STAT_TAILCALL_FAIL);

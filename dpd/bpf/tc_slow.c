@@ -1,18 +1,84 @@
 /* tc_packet_func_slow: conntrack state tracking for flows not yet (or no longer)
- * established, and for new flows: service lookup, endpoint selection, creation of
- * both conntrack entries, DNAT. Packets for no service pass untouched. */
+ * established, and for new flows: validation, service lookup, endpoint selection,
+ * creation of both conntrack entries (never over another flow's), DNAT. IPv4 fragments
+ * follow their first fragment; ICMP errors quoting a flow are translated. Packets for
+ * no service pass untouched. */
 
 #include <uapi/linux/pkt_cls.h>
 
 #include "ct.h"
 #include "fwd.h"
+#include "icmp.h"
 #include "lb.h"
 #include "maps.h"
 #include "nat.h"
 #include "parse.h"
 #include "stats.h"
 
-static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p)
+/* The first fragment of a NATed datagram records its ports for the later ones. */
+static __always_inline void xlb_frag_record(struct xlb_pkt *p, struct xlb_ct_key *k)
+{
+    struct xlb_frag_key fk = {};
+    struct xlb_frag_val fv = {};
+    fk.saddr = k->saddr;
+    fk.daddr = k->daddr;
+    fk.id = p->ip_id;
+    fk.proto = k->proto;
+    fv.sport = k->sport;
+    fv.dport = k->dport;
+    frag_v4_map.update(&fk, &fv);
+}
+
+/* A later fragment: the flow its first fragment belongs to, from frag_v4_map. */
+static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_pkt *p)
+{
+    struct xlb_frag_key fk = {};
+    fk.saddr = p->saddr;
+    fk.daddr = p->daddr;
+    fk.id = p->ip_id;
+    fk.proto = p->proto;
+    struct xlb_frag_val *fv = frag_v4_map.lookup(&fk);
+    if (!fv) {
+        xlb_count(XLB_STAT_PASS_FRAG);
+        return TC_ACT_OK;
+    }
+    p->sport = fv->sport;
+    p->dport = fv->dport;
+    struct xlb_ct_key k;
+    xlb_ct_key_of(&k, p);
+    struct xlb_ct_val *v = ct_v4_map.lookup(&k);
+    if (!v) {
+        xlb_count(XLB_STAT_PASS_FRAG);
+        return TC_ACT_OK;
+    }
+    xlb_ct_touch(v);
+    xlb_count(XLB_STAT_FRAG_NAT);
+    xlb_count_flow(skb, v->svc_id, v->stat_id);
+    __be16 port = v->nat_port;
+    if (xlb_nat_l3(skb, p, v->dir, v->nat_addr) < 0)
+        return TC_ACT_OK;
+    if (v->dir == XLB_DIR_ORIG)
+        p->dport = port;
+    else
+        p->sport = port;
+    return xlb_forward(skb, p);
+}
+
+/* Make room for a new flow's REPLY entry at `rk` held by another: an entry whose flow is
+ * gone (its ORIG evicted, or not pointing back) or closed is removed. 0: removed. */
+static __always_inline int xlb_ct_reclaim(struct xlb_ct_key *rk)
+{
+    struct xlb_ct_val *old = ct_v4_map.lookup(rk);
+    if (!old)
+        return 0;
+    struct xlb_ct_val *op = xlb_ct_peer(rk, old);
+    if (op && old->state != XLB_CT_CLOSED)
+        return -1; /* a live flow: never overwritten */
+    xlb_ct_delete_flow(rk, old);
+    return 0;
+}
+
+static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p, int first_frag)
 {
     struct xlb_nat_key nk = {};
     nk.vip = p->daddr;
@@ -23,10 +89,24 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         xlb_count(XLB_STAT_PASS);
         return TC_ACT_OK;
     }
-    /* A TCP packet that is not a SYN has lost its conntrack (flush, eviction, node
-     * rebuilt): pick by hash, so that every such packet of the flow lands on the
-     * same endpoint whatever the algorithm, and track it as established. */
-    int midstream = p->proto == IPPROTO_TCP && !(p->tcp_flags & XLB_TCP_SYN);
+    /* A TCP flow opens with a SYN; a bare ACK (with PSH, URG) without conntrack has lost
+     * it (flush, eviction, node rebuilt): pick by hash, so that every such packet of the
+     * flow lands on the same endpoint whatever the algorithm, and track it as
+     * established. Nothing else opens a flow. */
+    int midstream = 0;
+    if (p->proto == IPPROTO_TCP) {
+        __u8 c = p->tcp_flags & (XLB_TCP_FIN | XLB_TCP_SYN | XLB_TCP_RST | XLB_TCP_ACK);
+        if (c == XLB_TCP_ACK) {
+            midstream = 1;
+        } else if (c != XLB_TCP_SYN) {
+            xlb_count(XLB_STAT_PASS_BAD_FLAGS);
+            return TC_ACT_OK;
+        }
+    }
+    if (xlb_martian(p->saddr)) {
+        xlb_count(XLB_STAT_PASS_MARTIAN);
+        return TC_ACT_OK;
+    }
     struct xlb_ep *ep = xlb_select(svc, p, midstream);
     if (!ep) {
         xlb_count(XLB_STAT_DROP_NO_ENDPOINT);
@@ -55,14 +135,30 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     rv.nat_addr = nk.vip;
     rv.nat_port = nk.port;
     rv.dir = XLB_DIR_REPLY;
+    if (p->proto == IPPROTO_TCP) {
+        v.seq_end = xlb_seq_end(p);
+        v.flags = XLB_CTF_SEQ;
+    }
 
-    if (ct_v4_map.update(&rk, &rv) || ct_v4_map.update(&k, &v)) {
+    /* Never over another flow's entry. DNAT keeps the client's port, so two flows from
+     * one client ip:port to two VIPs sharing an endpoint ip:port would share a REPLY
+     * key: the later flow is refused (the modes that rewrite the source will remap the
+     * port instead, as the kernel's NAT does). */
+    if (ct_v4_map.insert(&rk, &rv)) {
+        if (xlb_ct_reclaim(&rk) || ct_v4_map.insert(&rk, &rv)) {
+            xlb_count(XLB_STAT_DROP_CT_CLASH);
+            return TC_ACT_SHOT;
+        }
+    }
+    if (ct_v4_map.insert(&k, &v)) {
         ct_v4_map.delete(&rk);
-        xlb_count(XLB_STAT_DROP_CT_INSERT);
+        xlb_count(XLB_STAT_DROP_CT_CLASH);
         return TC_ACT_SHOT;
     }
     xlb_count(XLB_STAT_NEW_FLOW);
     xlb_count_flow(skb, v.svc_id, v.stat_id);
+    if (first_frag)
+        xlb_frag_record(p, &k);
     if (xlb_nat(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port) < 0)
         return TC_ACT_OK;
     return xlb_forward(skb, p);
@@ -72,26 +168,47 @@ int tc_packet_func_slow(struct __sk_buff *skb)
 {
     struct xlb_pkt p;
     xlb_count(XLB_STAT_SLOW_PATH);
-    if (xlb_parse(skb, &p) < 0) {
-        xlb_count(XLB_STAT_PASS);
+    int rc = xlb_parse(skb, &p);
+    if (rc == XLB_P_ICMP)
+        return xlb_icmp(skb, &p);
+    int first_frag = 0;
+    if (rc == XLB_P_FRAG) {
+        if (p.frag & 0x1fff)
+            return xlb_later_fragment(skb, &p);
+        first_frag = 1;
+    } else if (rc != XLB_P_OK) {
+        xlb_count(rc == XLB_P_BAD       ? XLB_STAT_PASS_BAD_HEADER
+                  : rc == XLB_P_OPTIONS ? XLB_STAT_PASS_IP_OPTIONS
+                                        : XLB_STAT_PASS);
         return TC_ACT_OK;
     }
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, &p);
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
     if (v) {
-        /* A new SYN on a closed tuple starts a new flow, with a new endpoint. */
-        int reopen = v->dir == XLB_DIR_ORIG && (p.tcp_flags & XLB_TCP_SYN) &&
-                     !(p.tcp_flags & XLB_TCP_ACK) &&
+        /* A new SYN on a closing or closed tuple starts a new flow, with a new endpoint:
+         * the old flow's entries go first (both: a late packet of the old endpoint must
+         * not find an entry that leads to the new flow). */
+        int reopen = v->dir == XLB_DIR_ORIG && p.proto == IPPROTO_TCP &&
+                     (p.tcp_flags & (XLB_TCP_FIN | XLB_TCP_SYN | XLB_TCP_RST | XLB_TCP_ACK)) ==
+                         XLB_TCP_SYN &&
                      (v->state == XLB_CT_CLOSING || v->state == XLB_CT_CLOSED);
-        if (!reopen) {
+        if (reopen) {
+            xlb_ct_delete_flow(&k, v);
+        } else {
+            int drop = xlb_ct_step(&p, &k, v);
+            if (drop) {
+                xlb_count(drop);
+                return TC_ACT_SHOT;
+            }
             xlb_ct_touch(v);
-            xlb_ct_update(&p, v);
             xlb_count_flow(skb, v->svc_id, v->stat_id);
+            if (first_frag)
+                xlb_frag_record(&p, &k);
             if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
                 return TC_ACT_OK;
             return xlb_forward(skb, &p);
         }
     }
-    return xlb_new_flow(skb, &p);
+    return xlb_new_flow(skb, &p, first_frag);
 }

@@ -29,9 +29,18 @@
 #define XLB_CT_CLOSING 4
 #define XLB_CT_CLOSED 5
 
-/* ct flags */
+/* ct flags. FIN_* are the flow's (kept equal in both entries); SEQ is the entry's
+ * own: its seq_end holds the highest sequence number its direction has sent. */
 #define XLB_CTF_FIN_ORIG 1
 #define XLB_CTF_FIN_REPLY 2
+#define XLB_CTF_SEQ 4
+
+/* An RST is honoured when its sequence number lies in
+ * [seq_end - XLB_RST_BEHIND, seq_end + XLB_RST_AHEAD] of its direction (see
+ * docs/datapath.md): an RST carries the sender's next sequence number, or the
+ * acknowledgement of the segment it answers, which lies behind it by the bytes in flight. */
+#define XLB_RST_BEHIND 1048576
+#define XLB_RST_AHEAD 65536
 
 /* algorithms (values match the API's Algorithm) */
 #define XLB_ALGO_RR 1
@@ -50,7 +59,18 @@
 #define XLB_STAT_TO_STACK 6         /* NATed, then handed to the kernel to route */
 #define XLB_STAT_TAILCALL_FAIL 7    /* pgm_tbl slot empty: packet passed */
 #define XLB_STAT_DROP_CT_INSERT 8   /* dropped: a conntrack entry could not be written */
-#define XLB_STAT_MAX 16
+#define XLB_STAT_PASS_BAD_HEADER 9  /* passed untouched: IPv4/TCP/UDP header malformed */
+#define XLB_STAT_PASS_IP_OPTIONS 10 /* passed untouched: IPv4 header with options */
+#define XLB_STAT_PASS_BAD_FLAGS 11  /* passed untouched: TCP flags that cannot open a flow */
+#define XLB_STAT_PASS_MARTIAN 12    /* passed untouched: martian/multicast/broadcast source */
+#define XLB_STAT_DROP_BAD_FLAGS 13  /* dropped: invalid TCP flag combination on a flow */
+#define XLB_STAT_DROP_CT_CLASH 14   /* dropped: new flow's entry would overwrite another flow's */
+#define XLB_STAT_DROP_RST_WINDOW 15 /* dropped: RST outside the sequence window */
+#define XLB_STAT_CT_NO_ADVANCE 16   /* handshake packet that does not answer: state kept */
+#define XLB_STAT_FRAG_NAT 17        /* non-first IPv4 fragments NATed with their first */
+#define XLB_STAT_PASS_FRAG 18       /* non-first fragments of no known flow: passed */
+#define XLB_STAT_ICMP_NAT 19        /* ICMP errors quoting a flow, translated */
+#define XLB_STAT_MAX 32
 
 struct xlb_nat_key {
     __be32 vip;
@@ -96,7 +116,8 @@ struct xlb_ct_val {
     __u32 svc_id;
     __u32 stat_id;
     __u32 flags;   /* XLB_CTF_* */
-    __u32 pad;
+    __u32 seq_end; /* TCP, with XLB_CTF_SEQ: highest seq + length this direction sent
+                    * (host order; the SYN's ISN + 1 after the SYN) */
     __u64 last_ns; /* bpf_ktime_get_coarse_ns() of the last packet, refreshed at most
                     * every XLB_CT_TOUCH_NS */
     struct xlb_nat_key svc;
@@ -105,6 +126,21 @@ struct xlb_ct_val {
 struct xlb_counter {
     __u64 packets;
     __u64 bytes;
+};
+
+/* frag_v4_map: the first fragment of a NATed datagram records its ports, so that the
+ * later fragments (no L4 header) find the flow's conntrack entry. */
+struct xlb_frag_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 id;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct xlb_frag_val {
+    __be16 sport;
+    __be16 dport;
 };
 
 #define XLB_BUILD_ID_LEN 32

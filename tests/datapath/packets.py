@@ -9,6 +9,7 @@ from dpd import bpfsys
 
 CLIENT = "198.18.0.2"
 VIP = "198.19.0.10"
+VIP2 = "198.19.0.11"
 EP1 = "198.18.1.2"
 EP2 = "198.18.2.2"
 MAC_C = "02:00:00:00:00:01"
@@ -19,12 +20,27 @@ TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
 
 
+# Initial sequence numbers of the handshakes the tests play: the client's SYN carries
+# C_ISN, the endpoint's SYN-ACK S_ISN; later packets default to the next numbers.
+C_ISN = 1000
+S_ISN = 5000
+ENDPOINTS = ("198.18.1.2", "198.18.2.2")
+
+
 def tcp(
-    src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b""
+    src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"",
+    seq: int | None = None, ack: int | None = None,
 ) -> bytes:
+    """A TCP packet; seq/ack default to what a client (or, from an endpoint address,
+    the endpoint) sends right after the handshake."""
+    from_ep = src in ENDPOINTS
+    if seq is None:
+        seq = {"S": C_ISN, "SA": S_ISN}.get(flags, (S_ISN if from_ep else C_ISN) + 1)
+    if ack is None:
+        ack = 0 if flags == "S" else (C_ISN if from_ep or flags == "SA" else S_ISN) + 1
     return bytes(
         Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst, ttl=64)
-        / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 1)
+        / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
         / payload
     )
 
