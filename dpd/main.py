@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hand NATed packets to the kernel to route instead of bpf_redirect")
     p.add_argument("--ct-aging-interval", type=float, default=5.0,
                    help="seconds between conntrack aging sweeps (0: off)")
+    p.add_argument("--datapath", choices=("kernel", "memory"), default="kernel",
+                   help="kernel: load the eBPF datapath; memory: a simulated node (dpd's "
+                        "real tables and API over in-memory maps, no kernel, no root)")
+    p.add_argument("--simulate", type=int, default=1, metavar="N",
+                   help="with --datapath memory: serve N simulated nodes from this process, "
+                        "each with its own gRPC server; --listen must contain {i} (0..N-1), "
+                        "and node i is named NAME-i")
     p.add_argument("--cleanup", action="store_true",
                    help="detach from every interface, remove the pins and exit")
     p.add_argument("--log-format", choices=FORMATS, default="kv")
@@ -53,7 +60,7 @@ def _enter_netns(name: str) -> None:
     setns(name)  # before any thread exists, so every later thread inherits it
 
 
-def serve(node: object, listen: str) -> Server:
+def serve(node: object, listen: str, max_workers: int = 8) -> Server:
     from dpd.servicer import DatapathServicer
     from xlb.dpd.v1 import datapath_pb2_grpc
 
@@ -61,8 +68,52 @@ def serve(node: object, listen: str) -> Server:
     return start_server(
         listen, DATAPATH_SERVICE,
         lambda server: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, server),
-        max_workers=8,
+        max_workers=max_workers,
     )
+
+
+def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) -> int:
+    """Serve --simulate N nodes over in-memory maps from this process until stopped."""
+    from dataclasses import replace
+
+    from dpd.memory import MemoryDatapath
+    from dpd.node import Node
+
+    count = max(1, args.simulate)
+    if count > 1 and "{i}" not in args.listen:
+        log.error("dpd_start_failed", error="--simulate N needs {i} in --listen")
+        return 1
+    stop.watch(log, prefix="dpd_")
+    nodes: list[Node] = []
+    servers: list[Server] = []
+    try:
+        for i in range(count):
+            if stop.requested():
+                break
+            name = settings.name if count == 1 else f"{settings.name}-{i}"
+            node = Node(MemoryDatapath(replace(settings, name=name)), ct_aging_interval=0)
+            nodes.append(node)
+            servers.append(serve(node, args.listen.replace("{i}", str(i)),
+                                 max_workers=8 if count == 1 else 2))
+    except (StartupError, ValueError) as e:
+        log.error("dpd_start_failed", error=str(e))
+        for server in servers:
+            server.stop(0)
+        return 1
+    log.info("dpd_started", name=settings.name, datapath="memory", nodes=len(servers),
+             listen=args.listen)
+    sig = stop.wait()
+    stop.step("log_signal")
+    log.info("dpd_signal", signal=sig.name)
+    stop.step("server_stop")
+    for server in servers:
+        server.stop(0)
+    stop.step("node_close")
+    for node in nodes:
+        node.close()
+    log.info("dpd_stopped", datapath="memory")
+    stop.step("interpreter_exit")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.release()  # a one-shot run: SIGINT/SIGTERM act as they did before
         cleanup(settings)
         return 0
+
+    if args.datapath == "memory":
+        return simulate(args, settings, stop)
 
     stop.watch(log, prefix="dpd_")  # from here a stop ends the process within 2 s
     stop.step("load")  # compiling (a child process) stops when a stop signal is pending

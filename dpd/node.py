@@ -89,16 +89,24 @@ class Node:
     # services
     def put_services(self, specs: list[ServiceSpec]) -> int:
         n = self.services.put(specs)
-        log.info("services_put", count=n)
+        log.debug("services_put", count=n)
         return n
 
     def delete_services(self, keys: list[ServiceKey]) -> int:
         n = self.services.delete(keys)
-        log.info("services_deleted", requested=len(keys), deleted=n)
+        log.debug("services_deleted", requested=len(keys), deleted=n)
         return n
 
     def list_services(self) -> list[ServiceSpec]:
         return self.services.specs()
+
+    def services_page(self, after: ServiceKey | None,
+                      limit: int) -> tuple[int, list[ServiceSpec], bool]:
+        return self.services.page(after, limit)
+
+    @property
+    def instance_id(self) -> str:
+        return self.services.instance_id
 
     # conntrack
     def list_conntrack(self) -> list[CtEntry]:

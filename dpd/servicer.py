@@ -24,6 +24,8 @@ from xlbcore.service import (
 log = structlog.get_logger("dpd.api")
 
 VERSION = "0.1.0"
+PAGE_DEFAULT = 1000  # services per ListServicesPage when the request sets no limit
+PAGE_MAX = 5000
 
 def _interface(a: Any, tag: str) -> pb.Interface:
     return pb.Interface(name=a.name, ifindex=a.ifindex, attached=a.attached,
@@ -50,6 +52,8 @@ class DatapathServicer(pb_grpc.DatapathServicer):
             services=n.services.count(),
             version=VERSION,
             datapath_id=n.datapath_id,
+            services_generation=n.services.generation,
+            instance_id=n.instance_id,
         )
         for m in n.maps():
             msg.maps.add(name=m.name, type=m.type, max_entries=m.max_entries, used=m.used)
@@ -79,19 +83,42 @@ class DatapathServicer(pb_grpc.DatapathServicer):
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValidationError(f"services: {dup} appears more than once in the batch")
-        return pb.PutServicesResponse(written=self.node.put_services(specs),
-                                      datapath_id=self.node.datapath_id)
+        written = self.node.put_services(specs)
+        return pb.PutServicesResponse(written=written, datapath_id=self.node.datapath_id,
+                                      generation=self.node.services.generation,
+                                      instance_id=self.node.instance_id)
 
     @rpc
     def DeleteServices(self, request: Any, context: Any) -> pb.DeleteServicesResponse:  # noqa: N802
         keys = [parse_service_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
-        return pb.DeleteServicesResponse(deleted=self.node.delete_services(keys),
-                                         datapath_id=self.node.datapath_id)
+        deleted = self.node.delete_services(keys)
+        return pb.DeleteServicesResponse(deleted=deleted, datapath_id=self.node.datapath_id,
+                                         generation=self.node.services.generation,
+                                         instance_id=self.node.instance_id)
 
     @rpc
     def ListServices(self, request: Any, context: Any) -> Iterator[pb.Service]:  # noqa: N802
         for spec in self.node.list_services():
             yield fill_service(pb.Service(), spec)
+
+    @rpc
+    def GetServicesSummary(self, request: Any, context: Any) -> pb.ServicesSummary:  # noqa: N802
+        generation, count = self.node.services.summary()
+        return pb.ServicesSummary(datapath_id=self.node.datapath_id,
+                                  instance_id=self.node.instance_id,
+                                  generation=generation, services=count)
+
+    @rpc
+    def ListServicesPage(self, request: Any, context: Any) -> pb.ServicesPage:  # noqa: N802
+        after = parse_service_key(request.after, "after") if request.has_after else None
+        limit = min(request.limit or PAGE_DEFAULT, PAGE_MAX)
+        generation, specs, more = self.node.services_page(after, limit)
+        page = pb.ServicesPage(more=more, datapath_id=self.node.datapath_id,
+                               instance_id=self.node.instance_id, generation=generation)
+        add = page.services.add
+        for spec in specs:
+            fill_service(add(), spec)
+        return page
 
     @rpc
     def ListConntrack(self, request: Any, context: Any) -> Iterator[pb.ConntrackEntry]:  # noqa: N802

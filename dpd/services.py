@@ -6,11 +6,19 @@ A batch is checked for room before anything is written and rolled back if the ma
 refuses a write part-way. Layouts come from the ABI (struct xlb_nat_key, xlb_nat_val,
 xlb_ep); the table works on the map seam (dpd/maps.py), so it runs the same over
 kernel maps and over in-memory maps.
+
+The table keeps an index of what nat_v4_map holds (read from the map once, when dpd
+starts, then maintained by every write), so a write never reads the map back and a
+listing never decodes it. Every put/delete call with at least one item bumps
+``generation`` by one (also when nothing changed): a client compares (datapath_id,
+instance_id, generation) to know whether anyone wrote since it last looked, in O(1).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -63,10 +71,15 @@ class ServiceTable:
             (sid for e in entries.values() for sid in e.stat_ids.values()),
             assume_dirty=dp.reused,
         )
+        self._index: dict[ServiceKey, _Entry] = entries
+        self.generation = 0
+        self.instance_id = os.urandom(8).hex()
+        self._sorted: tuple[int, list[tuple[bytes, int, int]], list[ServiceKey]] | None = None
         log.info("services_restored", services=len(entries))
 
     # -- encoding --------------------------------------------------------------------
 
+    @functools.lru_cache(maxsize=1 << 17)  # noqa: B019 - one table per node, bounded
     def key_bytes(self, key: ServiceKey) -> bytes:
         return self._key.pack(vip=socket.inet_aton(key.vip), port=key.port,
                               proto=int(key.proto))
@@ -110,15 +123,36 @@ class ServiceTable:
         return out
 
     def _read(self, key: ServiceKey) -> _Entry | None:
-        kb = self.key_bytes(key)
-        v = self.nat.get(kb)
-        return None if v is None else self._decode(kb, v)
+        return self._index.get(key)
 
     def specs(self) -> list[ServiceSpec]:
-        return [e.spec for e in self._read_all().values()]
+        with self._lock:
+            return [e.spec for e in self._index.values()]
 
     def count(self) -> int:
         return self.svc_ids.in_use()
+
+    def summary(self) -> tuple[int, int]:
+        """(generation, services), read together."""
+        with self._lock:
+            return self.generation, len(self._index)
+
+    @staticmethod
+    def _order(key: ServiceKey) -> tuple[bytes, int, int]:
+        return socket.inet_aton(key.vip), key.port, int(key.proto)
+
+    def page(self, after: ServiceKey | None, limit: int) -> tuple[int, list[ServiceSpec], bool]:
+        """(generation, up to `limit` specs with keys after `after` in key order, more
+        follow), read atomically. The key order is sorted once per generation."""
+        with self._lock:
+            if self._sorted is None or self._sorted[0] != self.generation:
+                keys = sorted(self._index, key=self._order)
+                self._sorted = (self.generation, [self._order(k) for k in keys], keys)
+            _, order, keys = self._sorted
+            start = 0 if after is None else bisect.bisect_right(order, self._order(after))
+            chosen = keys[start:start + limit]
+            return (self.generation, [self._index[k].spec for k in chosen],
+                    start + limit < len(keys))
 
     # -- writing -----------------------------------------------------------------------
 
@@ -135,8 +169,18 @@ class ServiceTable:
                 if len(s.endpoints) > self.max_eps:
                     raise Exhausted(f"service {s.key}: {len(s.endpoints)} endpoints, the "
                                     f"datapath holds at most {self.max_eps}")
-            batch: dict[ServiceKey, ServiceSpec] = {s.key: s for s in specs}
-            old = {k: self._read(k) for k in batch}
+            if specs:
+                self.generation += 1  # every write call, also when nothing changes
+            index = self._index
+            batch: dict[ServiceKey, ServiceSpec] = {}
+            for s in specs:
+                k = s.key
+                prev = index.get(k)
+                if prev is None or prev.spec != s:
+                    batch[k] = s
+                else:
+                    batch.pop(k, None)  # a later duplicate equal to what is held
+            old = {k: index.get(k) for k in batch}
             new_keys = [k for k, e in old.items() if e is None]
             new_eps = 0
             for k, spec in batch.items():
@@ -182,9 +226,10 @@ class ServiceTable:
                 raise
             self.svc_ids.commit()
             self.stat_ids.commit()
-            for _, _, freed in plan:
+            for k, e, freed in plan:
                 self.stat_ids.release(freed)
-            return len(plan)
+                index[k] = e
+            return len(specs)
 
     def _restore(self, written: list[ServiceKey], old: dict[ServiceKey, _Entry | None]) -> None:
         """Put back what `written` held before: delete new keys, rewrite replaced ones."""
@@ -196,12 +241,15 @@ class ServiceTable:
 
     def delete(self, keys: list[ServiceKey]) -> int:
         with self._lock:
+            if keys:
+                self.generation += 1
             deleted = 0
             for k in keys:
-                e = self._read(k)
+                e = self._index.get(k)
                 if e is None:
                     continue
                 self.nat.delete(self.key_bytes(k))
+                del self._index[k]
                 self.svc_ids.release([e.svc_id])
                 self.stat_ids.release(e.stat_ids.values())
                 deleted += 1
@@ -217,7 +265,8 @@ class ServiceTable:
     def stats(
         self, keys: list[ServiceKey] | None = None
     ) -> list[tuple[ServiceSpec, Counter, list[tuple[EndpointSpec, Counter]]]]:
-        entries = self._read_all()
+        with self._lock:
+            entries = dict(self._index)
         wanted = keys if keys else list(entries)
         out = []
         for k in wanted:

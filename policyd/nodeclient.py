@@ -44,9 +44,10 @@ BATCH_COUNT = 5000  # services per PutServices / keys per DeleteServices
 CHANNEL_OPTIONS = [
     # grpc's own reconnect backoff defaults to 1 s .. 120 s; keep it within ours so a
     # node that comes back is noticed on the next retry.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 5000),
+    # A node that comes back should be READY (and its worker woken) within a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 
@@ -116,6 +117,70 @@ def delete_requests(
         yield request
 
 
+# -- requests built once, sent to every node --------------------------------------------
+#
+# A service's PutServicesRequest field (tag, length, xlb.dpd.v1.Service bytes) is built
+# once per ServiceSpec and cached; a request is the concatenation of its fields (what
+# protobuf would serialize), sent as bytes through a raw method on the channel. So a
+# change going to 200 nodes is encoded once, not 200 times.
+
+_FIELD_CACHE_MAX = 1 << 18
+_put_fields: dict[ServiceSpec, bytes] = {}
+_key_fields: dict[ServiceKey, bytes] = {}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field1(body: bytes) -> bytes:
+    return b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
+
+
+def service_field(spec: ServiceSpec) -> bytes:
+    """`spec` as one ``services`` field of a PutServicesRequest (cached)."""
+    cached = _put_fields.get(spec)
+    if cached is None:
+        if len(_put_fields) >= _FIELD_CACHE_MAX:
+            _put_fields.clear()
+        body = fill_service(datapath_pb2.Service(), spec).SerializeToString(deterministic=True)
+        cached = _put_fields[spec] = _field1(body)
+    return cached
+
+
+def key_field(key: ServiceKey) -> bytes:
+    """`key` as one ``keys`` field of a DeleteServicesRequest (cached)."""
+    cached = _key_fields.get(key)
+    if cached is None:
+        if len(_key_fields) >= _FIELD_CACHE_MAX:
+            _key_fields.clear()
+        body = fill_service_key(datapath_pb2.ServiceKey(), key).SerializeToString(
+            deterministic=True)
+        cached = _key_fields[key] = _field1(body)
+    return cached
+
+
+def encoded_batches(fields: Iterable[bytes], max_count: int,
+                    max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """(request bytes, items) for `fields`, each request with at most `max_count`
+    fields and (unless one alone is bigger) at most `max_bytes` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    for f in fields:
+        if parts and (len(parts) >= max_count or size + len(f) > max_bytes):
+            yield b"".join(parts), len(parts)
+            parts, size = [], 0
+        parts.append(f)
+        size += len(f)
+    if parts:
+        yield b"".join(parts), len(parts)
+
+
 # -- reading a node back ----------------------------------------------------------------
 
 
@@ -153,6 +218,38 @@ class Writes:
     calls: int = 0
     seconds: float = 0.0  # spent in the calls (not building the requests)
     datapath_id: str = ""  # the node's table identity from the last reply that had one
+    instance_id: str = ""
+    generations: tuple[int, ...] = ()  # the table's generation after each call
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A node's service table in O(1): who it is and how often it was written."""
+
+    datapath_id: str
+    instance_id: str
+    generation: int
+    services: int
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        return self.datapath_id, self.instance_id
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a node's services, read atomically at `generation`."""
+
+    services: dict[ServiceKey, ServiceSpec | None]
+    last: ServiceKey | None  # the last key of the page (the next page's cursor)
+    more: bool
+    datapath_id: str
+    instance_id: str
+    generation: int
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        return self.datapath_id, self.instance_id
 
 
 class NodeClient:
@@ -178,6 +275,19 @@ class NodeClient:
         self.batch_size = batch_size
         self.batch_bytes = batch_bytes
         self._channel = channel
+        self._raw_put: Callable[..., Any] | None = None
+        self._raw_delete: Callable[..., Any] | None = None
+        if channel is not None:  # requests go as bytes built once (see service_field)
+            self._raw_put = channel.unary_unary(
+                "/xlb.dpd.v1.Datapath/PutServices", request_serializer=None,
+                response_deserializer=datapath_pb2.PutServicesResponse.FromString)
+            self._raw_delete = channel.unary_unary(
+                "/xlb.dpd.v1.Datapath/DeleteServices", request_serializer=None,
+                response_deserializer=datapath_pb2.DeleteServicesResponse.FromString)
+
+    @property
+    def channel(self) -> grpc.Channel | None:
+        return self._channel
 
     @classmethod
     def connect(
@@ -199,22 +309,70 @@ class NodeClient:
         """What the node holds (see ``read_actual``)."""
         return read_actual(self.stub, self.timeout)
 
-    def put_services(self, specs: Iterable[ServiceSpec]) -> Writes:
-        return self._send(self.stub.PutServices, put_requests(specs, self.batch_size,
-                                                              self.batch_bytes))
+    def summary(self, timeout: float | None = None, wait_for_ready: bool = False) -> Summary:
+        """The node's table summary (GetServicesSummary): O(1) on the node."""
+        r = self.stub.GetServicesSummary(datapath_pb2.GetServicesSummaryRequest(),
+                                         timeout=timeout or self.timeout,
+                                         wait_for_ready=wait_for_ready)
+        return Summary(r.datapath_id, r.instance_id, int(r.generation), int(r.services))
 
-    def delete_services(self, keys: Sequence[ServiceKey]) -> Writes:
-        return self._send(self.stub.DeleteServices, delete_requests(keys, self.batch_size))
+    def list_page(self, after: ServiceKey | None, limit: int) -> Page:
+        """Up to `limit` services after `after` (None: from the first), one call with
+        its own deadline: a read-back's deadline is per page, not per table."""
+        request = datapath_pb2.ListServicesPageRequest(limit=limit)
+        if after is not None:
+            request.has_after = True
+            fill_service_key(request.after, after)
+        reply = self.stub.ListServicesPage(request, timeout=self.timeout)
+        services: dict[ServiceKey, ServiceSpec | None] = {}
+        for msg in reply.services:
+            _read_one(services, msg)
+        last = None
+        if len(reply.services):
+            try:
+                last = parse_service_key(reply.services[len(reply.services) - 1])
+            except ValidationError:
+                last = None
+        return Page(services, last, bool(reply.more) and last is not None, reply.datapath_id,
+                    reply.instance_id, int(reply.generation))
 
-    def _send(self, method: Callable[..., Any], requests: Iterable[Any]) -> Writes:
+    def put_services(self, specs: Iterable[ServiceSpec],
+                     on_reply: Callable[[Any, list[ServiceSpec]], None] | None = None) -> Writes:
+        """PutServices `specs` in batches; `on_reply(reply, batch)` after each call."""
+        items = list(specs)
+        return self._send_fields(self._raw_put, self.stub.PutServices,
+                                 datapath_pb2.PutServicesRequest,
+                                 [service_field(s) for s in items], items, on_reply)
+
+    def delete_services(self, keys: Sequence[ServiceKey],
+                        on_reply: Callable[[Any, list[ServiceKey]], None] | None = None
+                        ) -> Writes:
+        items = list(keys)
+        return self._send_fields(self._raw_delete, self.stub.DeleteServices,
+                                 datapath_pb2.DeleteServicesRequest,
+                                 [key_field(k) for k in items], items, on_reply)
+
+    def _send_fields(self, raw: Callable[..., Any] | None, method: Callable[..., Any],
+                     message: Any, fields: list[bytes], items: list[Any],
+                     on_reply: Callable[[Any, list[Any]], None] | None) -> Writes:
         clock = time.perf_counter
         seconds = 0.0
         calls = 0
-        datapath_id = ""
-        for request in requests:
+        datapath_id = instance_id = ""
+        generations: list[int] = []
+        done = 0
+        for data, count in encoded_batches(fields, self.batch_size, self.batch_bytes):
             before = clock()
-            reply = method(request, timeout=self.timeout)
+            if raw is not None:
+                reply = raw(data, timeout=self.timeout)
+            else:
+                reply = method(message.FromString(data), timeout=self.timeout)
             seconds += clock() - before
             calls += 1
             datapath_id = getattr(reply, "datapath_id", "") or datapath_id
-        return Writes(calls, seconds, datapath_id)
+            instance_id = getattr(reply, "instance_id", "") or instance_id
+            generations.append(int(getattr(reply, "generation", 0)))
+            if on_reply is not None:
+                on_reply(reply, items[done:done + count])
+            done += count
+        return Writes(calls, seconds, datapath_id, instance_id, tuple(generations))

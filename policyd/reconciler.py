@@ -21,7 +21,7 @@ import grpc
 from policyd.nodeclient import open_channel
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import Store
-from policyd.worker import NodeWorker, PassReport, ReconcilerSettings, SyncResult
+from policyd.worker import NodeWorker, PassReport, ReadGate, ReconcilerSettings, SyncResult
 from xlbcore.errors import NotFoundError, quote
 
 __all__ = ["PassReport", "Reconciler", "ReconcilerSettings", "SyncResult"]
@@ -40,6 +40,8 @@ class Reconciler:
         self._settings = settings or ReconcilerSettings()
         self._channel_factory = channel_factory
         self._workers: dict[str, NodeWorker] = {}
+        # read-backs of all nodes share a few slots (see policyd.worker)
+        self._gate = ReadGate(self._settings.readback_concurrency)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -67,7 +69,8 @@ class Reconciler:
                 worker.wake()
             for name, node in nodes.items():
                 if name not in self._workers:  # a new worker makes its first pass at once
-                    worker = NodeWorker(node, self._store, self._settings, self._channel_factory)
+                    worker = NodeWorker(node, self._store, self._settings, self._channel_factory,
+                                        self._gate)
                     self._workers[name] = worker
                     worker.start()
         for worker in stopping:

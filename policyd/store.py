@@ -12,6 +12,10 @@
   ``xlbcore.service.fill_service`` writes), with the key in columns for the uniqueness rule.
 - One connection, one lock: safe to share between the gRPC threads and the reconcilers.
   WAL journal, synchronous=FULL: a change that returned is on disk.
+- A change log in memory (``changes_since``) tells which service keys changed after a
+  generation, so a reconcile pass costs what changed. It starts empty when the store
+  opens and keeps the last CHANGE_LOG_KEYS keys; older questions get None ("unknown:
+  compare everything").
 - The store is the only writer of its file. It reads the services once when it opens
   and keeps them parsed in memory, updated after each commit, so reads and snapshots
   never decode or re-validate a stored service again.
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 import threading
 import time
@@ -33,6 +38,7 @@ from xlbcore.errors import ConflictError, NotFoundError, ValidationError, quote
 from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
 SCHEMA_VERSION = 1
+CHANGE_LOG_KEYS = 1_000_000  # service keys the change log remembers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -138,6 +144,11 @@ class Store:
         self._services: dict[str, StoredService] = {}
         self._holders: dict[ServiceKey, str] = {}
         self._desired: Mapping[ServiceKey, ServiceSpec] | None = None
+        # change log: generations (ascending) and the keys each changed
+        self._log_gens: list[int] = []
+        self._log_keys: list[tuple[ServiceKey, ...]] = []
+        self._log_size = 0
+        self._log_floor = self._generation  # changes after this generation are logged
         rows = self._conn.execute(
             "SELECT name, spec, generation, update_time_ns FROM services"
         ).fetchall()
@@ -265,10 +276,15 @@ class Store:
                     rows,
                 )
             # Committed: bring the in-memory copy along.
+            touched: list[ServiceKey] = []
             for i in changed:
                 old = self._services.get(items[i][0])
+                touched.append(keys[i])
+                if old is not None and old.spec.key != keys[i]:
+                    touched.append(old.spec.key)
                 if old is not None and self._holders.get(old.spec.key) == old.name:
                     del self._holders[old.spec.key]
+            self._log_change(generation, touched)
             for i in changed:
                 name, spec = items[i]
                 self._services[name] = StoredService(name, spec, generation, now, blobs[i])
@@ -298,10 +314,13 @@ class Store:
             with self._tx() as cur:
                 generation = self._bump(cur)
                 cur.executemany("DELETE FROM services WHERE name = ?", [(n,) for n in names])
+            touched = []
             for name in names:
                 old = self._services.pop(name)
+                touched.append(old.spec.key)
                 if self._holders.get(old.spec.key) == name:
                     del self._holders[old.spec.key]
+            self._log_change(generation, touched)
             self._generation = generation
             self._desired = None
             return BatchResult([], generation, len(names))
@@ -318,6 +337,34 @@ class Store:
             services = list(self._services.values())
         services.sort(key=lambda s: s.name)
         return services
+
+    def _log_change(self, generation: int, keys: list[ServiceKey]) -> None:
+        self._log_gens.append(generation)
+        self._log_keys.append(tuple(keys))
+        self._log_size += len(keys)
+        drop = 0
+        while self._log_size > CHANGE_LOG_KEYS and drop < len(self._log_gens) - 1:
+            self._log_size -= len(self._log_keys[drop])
+            self._log_floor = self._log_gens[drop]
+            drop += 1
+        if drop:
+            del self._log_gens[:drop]
+            del self._log_keys[:drop]
+
+    def changes_since(self, generation: int, upto: int | None = None) -> set[ServiceKey] | None:
+        """The keys of services changed (applied or deleted) after `generation` and up
+        to `upto` (default: now); None when the log does not reach back that far.
+        O(changes), not O(services)."""
+        with self._lock:
+            if generation < self._log_floor:
+                return None
+            start = bisect.bisect_right(self._log_gens, generation)
+            end = len(self._log_gens) if upto is None else bisect.bisect_right(
+                self._log_gens, upto)
+            out: set[ServiceKey] = set()
+            for keys in self._log_keys[start:end]:
+                out.update(keys)
+            return out
 
     def snapshot(self) -> Snapshot:
         """The generation and the desired services at that generation, in one read.

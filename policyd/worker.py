@@ -1,27 +1,28 @@
-"""One node's reconcile worker: a thread that makes passes, and the pass itself.
+"""One node's reconcile worker: a thread whose cost follows what changed, not what exists.
 
-A pass is idempotent:
+What the worker keeps per node: ``known`` (what it believes the node holds), the node's
+table identity (datapath_id, instance_id) and table ``generation`` as last seen (dpd
+bumps the generation by one on every write call, whoever makes it), and ``applied``:
+the desired-state generation whose changes it has pushed.
 
-1. take a snapshot of the desired state (generation + services, read atomically),
-2. know what the node holds: a *full* pass reads it (``ListServices``); an
-   *incremental* pass takes what the node held after the previous successful pass
-   (the desired services of that pass),
-3. diff, then ``DeleteServices`` and ``PutServices`` the difference in batches,
-4. record the snapshot's generation as the node's observed generation.
-
-A change made while a pass runs bumps the generation past the snapshot's, so the node
-shows PENDING until the next pass (which the change's wake-up triggers) picks it up.
-
-A pass runs when the worker starts, when woken (every change to the desired state; the
-pass starts at once, and changes that land while it runs make one more pass), and every
-``resync_interval`` seconds. Passes are full when the worker starts, after a failed
-pass, and once ``resync_interval`` has passed since the last full one; the others are
-incremental, so a change costs what it changes, not a read-back of every service on the
-node (10,000 services stream back in about a second). Full passes repair drift (a node
-that restarted empty, a hand edit through dpd's API) within ``resync_interval``. A
-failed pass sets the node to ERROR with the error's text and is retried with
-exponential backoff (``backoff_initial`` doubling up to ``backoff_max``, reset by a
-success); wake-ups do not cut a backoff short.
+- **Change pass** (woken by every change): the store's change log names the keys
+  changed since ``applied``; only those are compared with ``known`` and written. The
+  requests are bytes built once per service (policyd.nodeclient) and shared by every
+  node. O(changed).
+- **Drift check** (every ``resync_interval``, jittered): one ``GetServicesSummary``
+  call; O(1). Each of our writes must move the generation by exactly one; a summary
+  or a reply that says otherwise (a hand edit through dpd's API, a restart, a new
+  datapath) schedules a read-back.
+- **Read-back**: ``ListServicesPage`` pages (each its own call and deadline), at most
+  ``readback_concurrency`` pages in flight across all nodes (``ReadGate``). Between
+  pages the worker applies pending changes first, so a change never waits behind a
+  read-back. A failed page resumes from its cursor. When the last page is in, the
+  worker checks that the only writes since the first page were its own (the generation
+  moved by exactly their count), overlays them, and compares everything once (the only
+  O(services) step, and it follows an O(services) read).
+- **Failures**: a failed call sets the node to ERROR at once and the worker backs off
+  (exponential, jittered); the channel's connectivity wakes it when the node is READY
+  again, cutting the backoff short. What was written before the failure is kept.
 
 ``ReconcilerSettings.on_pass``, when set, is called after every pass (in the worker's
 thread) with the node's name and a ``PassReport``: what the pass did and how long each
@@ -30,9 +31,11 @@ part took. Benchmarks and tests observe passes through it.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +47,7 @@ from policyd.nodeclient import (
     BATCH_BYTES,
     BATCH_COUNT,
     NodeClient,
+    Page,
     describe_error,
     open_channel,
 )
@@ -59,7 +63,7 @@ class SyncResult:
     services: int  # services the node holds now
     put: int
     deleted: int
-    full: bool = True  # the node was read back (ListServices)
+    full: bool = True  # the pass compared everything (after a read-back)
     calls: int = 0  # PutServices + DeleteServices calls made
     datapath_id: str = ""  # the node's table identity, from its last reply ("" if none)
     # seconds spent: ListServices (and reading it), diff, building requests, in the calls
@@ -93,6 +97,9 @@ class ReconcilerSettings:
     batch_bytes: int = BATCH_BYTES  # and at most this many bytes per PutServices
     rpc_timeout: float = 10.0  # deadline of each call to dpd
     coalesce: float = 0.0  # after a wake-up, wait this long for more changes (0: none)
+    readback_concurrency: int = 4  # read-back pages in flight across all nodes
+    page_size: int = 2000  # services per ListServicesPage
+    jitter: float = 0.25  # resync and backoff delays vary by +-this fraction
     # called after every pass, in the node's worker thread: on_pass(node name, report)
     on_pass: PassObserver | None = field(default=None, compare=False, repr=False)
 
@@ -106,6 +113,10 @@ class ReconcilerSettings:
             raise ValueError("batch_bytes must be at least 1")
         if self.coalesce < 0:
             raise ValueError("coalesce must not be negative")
+        if self.readback_concurrency < 1 or self.page_size < 1:
+            raise ValueError("readback_concurrency and page_size must be at least 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
 
 
 # -- decisions (pure) -------------------------------------------------------------------
@@ -119,10 +130,78 @@ def backoff_delay(failures: int, initial: float = 0.2, maximum: float = 10.0) ->
 
 
 def next_wait(failures: int, settings: ReconcilerSettings) -> float:
-    """How long a worker waits before its next pass."""
+    """How long a worker waits before its next pass (without jitter)."""
     if failures:
         return backoff_delay(failures, settings.backoff_initial, settings.backoff_max)
     return settings.resync_interval
+
+
+def jittered(delay: float, fraction: float, rand: Callable[[], float] = random.random) -> float:
+    """`delay` varied uniformly by +-`fraction`: workers that start together spread out."""
+    return delay * (1.0 + fraction * (2.0 * rand() - 1.0))
+
+
+class ReadGate:
+    """At most `slots` read-back pages in flight across all workers. A worker that finds
+    no slot registers its wake event and goes on with other work (changes); a released
+    slot wakes the longest waiter."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+
+    def try_acquire(self, wake: threading.Event) -> bool:
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                if wake in self._waiters:
+                    self._waiters.remove(wake)
+                return True
+            if wake not in self._waiters:
+                self._waiters.append(wake)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            self._free += 1
+            if self._waiters:
+                self._waiters.popleft().set()
+
+    def forget(self, wake: threading.Event) -> None:
+        with self._lock:
+            if wake in self._waiters:
+                self._waiters.remove(wake)
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self.slots - self._free
+
+
+def plan_changes(
+    keys: Iterable[ServiceKey],
+    desired: Mapping[ServiceKey, ServiceSpec],
+    known: Mapping[ServiceKey, ServiceSpec | None] | None,
+) -> tuple[list[ServiceSpec], list[ServiceKey]]:
+    """(puts, deletes) that bring `keys` on the node from `known` (None: unknown, write
+    every key) to `desired`. O(len(keys))."""
+    puts: list[ServiceSpec] = []
+    deletes: list[ServiceKey] = []
+    for k in keys:
+        want = desired.get(k)
+        if known is not None and k in known:
+            have = known[k]
+            if want is None:
+                deletes.append(k)
+            elif have != want:
+                puts.append(want)
+        elif want is not None:
+            puts.append(want)
+        elif known is None:
+            deletes.append(k)
+    return puts, deletes
 
 
 # -- one pass ---------------------------------------------------------------------------
@@ -163,6 +242,21 @@ def sync_node(
 # -- the thread -------------------------------------------------------------------------
 
 
+class _ReadBack:
+    """A read-back in progress: pages read so far and our writes since it began."""
+
+    def __init__(self) -> None:
+        self.ident: tuple[str, str] | None = None
+        self.first_gen = 0
+        self.max_gen = 0
+        self.after: ServiceKey | None = None
+        self.entries: dict[ServiceKey, ServiceSpec | None] = {}
+        self.ours: list[int] = []  # generations after our writes (same identity)
+        self.touched: dict[ServiceKey, ServiceSpec | None] = {}  # our writes' effect
+        self.pages = 0
+        self.seconds = 0.0
+
+
 class NodeWorker:
     """Reconciles one node in its own thread until stopped."""
 
@@ -172,11 +266,13 @@ class NodeWorker:
         store: Store,
         settings: ReconcilerSettings,
         channel_factory: Callable[[str], grpc.Channel] = open_channel,
+        gate: ReadGate | None = None,
     ) -> None:
         self.name = node.name
         self.address = node.address
         self._store = store
         self._settings = settings
+        self._gate = gate or ReadGate(settings.readback_concurrency)
         self._node = NodeClient.connect(
             node.address,
             channel_factory,
@@ -188,15 +284,26 @@ class NodeWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress = NodeProgress()
-        # What the node held after the last successful pass (None: unknown, read it) and
-        # when the next full pass is due (time.monotonic()); used by this thread only.
-        self._known: Mapping[ServiceKey, ServiceSpec] | None = None
-        self._datapath_id = ""  # the node's table identity from its last reply
-        self._full_due = 0.0
+        # Used by this thread only (see the module docstring).
+        self._known: dict[ServiceKey, ServiceSpec | None] | None = None
+        self._synced = False  # a full compare ran since `known` was last voided
+        self._ident: tuple[str, str] | None = None  # (datapath_id, instance_id)
+        self._node_gen = 0  # the node's table generation after our last look or write
+        self._applied = store.generation  # desired generation whose changes are pushed
+        self._need_read = True
+        self._readback: _ReadBack | None = None
+        self._check_due = 0.0  # time.monotonic() of the next drift check
+        self._ready_kick = False  # the channel became READY: cut a backoff short
+        self._conn_state: grpc.ChannelConnectivity | None = None
         self._log = log.bind(node=node.name, address=node.address)
         self._thread = threading.Thread(
             target=self._run, name=f"reconcile-{node.name}", daemon=True
         )
+        channel = self._node.channel
+        if channel is not None:
+            channel.subscribe(self._on_connectivity, try_to_connect=True)
+
+    # -- plumbing ------------------------------------------------------------------------
 
     @property
     def progress(self) -> NodeProgress:
@@ -215,10 +322,31 @@ class NodeWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """grpc's callback (its own thread): READY wakes the worker at once; a lost
+        connection is retried right away (grpc's reconnect backoff, under a second)."""
+        if self._stop.is_set():
+            return
+        if state is grpc.ChannelConnectivity.READY:
+            self._ready_kick = True
+            self._check_due = 0.0
+            self._wake.set()
+        elif state is not grpc.ChannelConnectivity.CONNECTING:
+            self._check_due = 0.0  # connection lost: find out now (ERROR at once)
+            self._wake.set()
+        self._conn_state = state
+
     def signal_stop(self) -> None:
         """Ask the thread to end; an RPC in flight is cancelled by closing the channel."""
         self._stop.set()
         self._wake.set()
+        self._gate.forget(self._wake)
+        channel = self._node.channel
+        if channel is not None:
+            try:
+                channel.unsubscribe(self._on_connectivity)
+            except Exception:
+                pass
         self._node.close()
 
     def join(self, timeout: float | None = None) -> None:
@@ -231,23 +359,6 @@ class NodeWorker:
         self.signal_stop()
         self.join(timeout)
 
-    def _run(self) -> None:
-        self._log.info("node.worker_started")
-        failures = 0
-        while not self._stop.is_set():
-            self._wake.clear()
-            ok = self.reconcile_once()
-            if self._stop.is_set():
-                break
-            failures = 0 if ok else failures + 1
-            if failures:
-                self._stop.wait(next_wait(failures, self._settings))
-                continue
-            delay = max(0.0, self._full_due - time.monotonic())  # until the next full pass
-            if self._wake.wait(delay) and self._settings.coalesce and not self._stop.is_set():
-                self._stop.wait(self._settings.coalesce)  # let a burst of changes land
-        self._log.info("node.worker_stopped")
-
     def _observe(self, report: PassReport) -> None:
         observer = self._settings.on_pass
         if observer is None:
@@ -257,65 +368,273 @@ class NodeWorker:
         except Exception:
             self._log.exception("node.observer_failed")
 
-    def reconcile_once(self) -> bool:
-        """One pass; records the outcome. True on success."""
-        self._record(last_attempt_ns=time.time_ns())
-        now = time.monotonic()
-        full = self._known is None or now >= self._full_due
-        known, self._known = self._known, None  # unknown until this pass succeeds
-        started = time.perf_counter()
-        generation = 0
-        snapshot_s = 0.0
-        try:
-            snapshot = self._store.snapshot()
-            snapshot_s = time.perf_counter() - started
-            generation = snapshot.generation
-            result = sync_node(self._node, snapshot.services, known=None if full else known)
-        except Exception as exc:
-            message = describe_error(exc)
-            self._observe(
-                PassReport(started, time.perf_counter(), generation, snapshot_s, None, message)
-            )
-            if self._stop.is_set():
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._log.info("node.worker_started")
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                busy = self.step()
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                failures += 1
+                self._failed(exc)
+                self._backoff(failures)
+                continue
+            failures = 0
+            if busy or self._stop.is_set():
+                continue
+            delay = max(0.0, self._check_due - time.monotonic())
+            if self._wake.wait(delay) and self._settings.coalesce and not self._stop.is_set():
+                self._stop.wait(self._settings.coalesce)  # let a burst of changes land
+        self._gate.forget(self._wake)
+        self._log.info("node.worker_stopped")
+
+    def _backoff(self, failures: int) -> None:
+        """Wait out the backoff; a READY channel (or a stop) cuts it short, changes do
+        not (the node is failing: they are applied once it answers)."""
+        s = self._settings
+        end = time.monotonic() + jittered(
+            backoff_delay(failures, s.backoff_initial, s.backoff_max), s.jitter)
+        self._ready_kick = False
+        if self._conn_state is not grpc.ChannelConnectivity.READY:
+            # Not connected: a wait-for-ready call connects (grpc retries within half a
+            # second) and returns as soon as the node answers.
+            try:
+                self._node.summary(timeout=max(0.01, end - time.monotonic()),
+                                   wait_for_ready=True)
+                self._ready_kick = True
+            except Exception:
+                pass
+        while not self._stop.is_set() and not self._ready_kick:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.wait(remaining)
+            self._wake.clear()
+        self._check_due = 0.0  # look at the node first thing
+
+    def _failed(self, exc: BaseException) -> None:
+        message = describe_error(exc)
+        self._observe(PassReport(time.perf_counter(), time.perf_counter(), self._applied,
+                                 0.0, None, message))
+        previous = self._record(error=message, last_attempt_ns=time.time_ns())
+        if not isinstance(exc, grpc.RpcError):
+            self._log.exception("node.sync_crashed", error=message)
+        elif message != previous.error:
+            self._log.warning("node.sync_failed", error=message)
+        else:
+            self._log.debug("node.sync_failed", error=message)
+
+    def step(self) -> bool:
+        """Do the most urgent piece of work; True when more is waiting. Raises when a
+        call fails. Order: pending changes, then a read-back page, then the drift check."""
+        if self._store.generation > self._applied:
+            self._change_pass()
+            return True
+        if self._need_read or self._readback is not None:
+            if self._readback is None:
+                self._readback = _ReadBack()
+            if not self._gate.try_acquire(self._wake):
+                # woken when a slot frees (or by a change); no drift check meanwhile
+                self._check_due = max(self._check_due, time.monotonic()
+                                      + self._settings.resync_interval)
                 return False
-            previous = self._record(error=message)
-            if not isinstance(exc, grpc.RpcError):
-                self._log.exception("node.sync_crashed", error=message)
-            elif message != previous.error:
-                self._log.warning("node.sync_failed", error=message)
-            else:
-                self._log.debug("node.sync_failed", error=message)
-            return False
+            try:
+                done = self._read_page(self._readback)
+            finally:
+                self._gate.release()
+            if done:
+                self._finish_readback()
+            return True
+        now = time.monotonic()
+        if now >= self._check_due:
+            self._check_due = now + jittered(self._settings.resync_interval,
+                                             self._settings.jitter)
+            self._drift_check()
+            return True
+        return False
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _seen_write(self, reply: Any) -> bool:
+        """Account for one write's reply; False when someone else wrote too (or the node
+        is another one now)."""
+        ident = (reply.datapath_id, reply.instance_id)
+        generation = int(reply.generation)
+        ours = ident == self._ident and generation == self._node_gen + 1
+        if ident != self._ident:
+            self._new_identity(ident)
+        elif not ours:
+            self._need_read = True  # a write that was not ours: read the node back
+        self._node_gen = generation
+        rb = self._readback
+        if rb is not None and rb.ident == ident:
+            rb.ours.append(generation)
+        return ours
+
+    def _new_identity(self, ident: tuple[str, str]) -> None:
+        if self._ident is not None:
+            self._log.warning("node.datapath_replaced", was=self._ident, now=ident)
+        self._ident = ident
+        self._known = None  # whatever we believed is void
+        self._synced = False
+        self._need_read = True
+        if self._readback is not None and self._readback.ident not in (None, ident):
+            self._readback = None  # restart it on the new table
+
+    def _write(self, puts: list[ServiceSpec], deletes: list[ServiceKey]) -> tuple[int, float]:
+        """Delete then put; `known` and a read-back's overlay follow every reply."""
+        calls = 0
+        seconds = 0.0
+
+        def deleted(reply: Any, keys: list[ServiceKey]) -> None:
+            self._seen_write(reply)
+            known, rb = self._known, self._readback
+            for k in keys:
+                if known is not None:
+                    known.pop(k, None)
+                if rb is not None:
+                    rb.touched[k] = None
+
+        def put(reply: Any, specs: list[ServiceSpec]) -> None:
+            self._seen_write(reply)
+            known, rb = self._known, self._readback
+            for spec in specs:
+                if known is not None:
+                    known[spec.key] = spec
+                if rb is not None:
+                    rb.touched[spec.key] = spec
+
+        if deletes:
+            w = self._node.delete_services(deletes, on_reply=deleted)
+            calls, seconds = calls + w.calls, seconds + w.seconds
+        if puts:
+            w = self._node.put_services(puts, on_reply=put)
+            calls, seconds = calls + w.calls, seconds + w.seconds
+        return calls, seconds
+
+    def _change_pass(self) -> None:
+        started = time.perf_counter()
+        self._record(last_attempt_ns=time.time_ns())
+        snapshot = self._store.snapshot()
+        snapshot_s = time.perf_counter() - started
+        keys = self._store.changes_since(self._applied, snapshot.generation)
+        if keys is None:  # the change log does not reach back: compare everything
+            keys = set(snapshot.services) | set(self._known or ())
+        diffed = time.perf_counter()
+        puts, deletes = plan_changes(keys, snapshot.services, self._known)
+        planned = time.perf_counter()
+        calls, rpc_s = self._write(puts, deletes)
+        self._applied = snapshot.generation
+        result = SyncResult(
+            services=len(snapshot.services), put=len(puts), deleted=len(deletes), full=False,
+            calls=calls, datapath_id=self._ident[0] if self._ident else "",
+            diff_s=planned - diffed, convert_s=time.perf_counter() - planned - rpc_s,
+            rpc_s=rpc_s)
+        self._synced_at(snapshot.generation, result, started, snapshot_s)
+
+    def _synced_at(self, generation: int, result: SyncResult, started: float,
+                   snapshot_s: float) -> None:
         self._observe(PassReport(started, time.perf_counter(), generation, snapshot_s, result))
-        seen, self._datapath_id = self._datapath_id, result.datapath_id or self._datapath_id
-        if not full and seen and result.datapath_id and result.datapath_id != seen:
-            # The node's table was created anew since we last looked (pins removed, node
-            # rebuilt): what we assumed it held is void. Read it back now.
-            self._log.warning("node.datapath_replaced", was=seen, now=result.datapath_id)
-            return self.reconcile_once()
-        self._known = snapshot.services
-        if full:
-            self._full_due = now + self._settings.resync_interval
-        previous = self._record(
-            observed_generation=snapshot.generation,
-            error="",
-            last_sync_ns=time.time_ns(),
-            services=result.services,
-        )
-        changed = result.put or result.deleted or previous.error or not previous.last_sync_ns
-        (self._log.info if changed else self._log.debug)(
-            "node.synced",
-            generation=snapshot.generation,
-            services=result.services,
-            put=result.put,
-            deleted=result.deleted,
-            full=result.full,
-            calls=result.calls,
-            seconds=round(time.perf_counter() - started, 4),
-            snapshot_s=round(snapshot_s, 4),
-            list_s=round(result.list_s, 4),
-            diff_s=round(result.diff_s, 4),
-            convert_s=round(result.convert_s, 4),
-            rpc_s=round(result.rpc_s, 4),
-        )
+        changes: dict[str, Any] = {"error": ""}
+        if self._synced:
+            changes.update(observed_generation=generation, last_sync_ns=time.time_ns(),
+                           services=result.services)
+        previous = self._record(**changes)
+        noisy = result.full or previous.error or not previous.last_sync_ns
+        (self._log.info if noisy else self._log.debug)(
+            "node.synced", generation=generation, services=result.services, put=result.put,
+            deleted=result.deleted, full=result.full, calls=result.calls,
+            seconds=round(time.perf_counter() - started, 4), list_s=round(result.list_s, 4),
+            rpc_s=round(result.rpc_s, 4), synced=self._synced)
+
+    # -- drift ---------------------------------------------------------------------------
+
+    def _drift_check(self) -> None:
+        summary = self._node.summary()
+        if summary.ident != self._ident:
+            self._new_identity(summary.ident)
+            self._node_gen = summary.generation
+        elif summary.generation != self._node_gen:
+            self._log.info("node.drift_suspected", expected=self._node_gen,
+                           generation=summary.generation)
+            self._need_read = True
+        if not self._need_read:
+            previous = self._record(error="", last_attempt_ns=time.time_ns())
+            if previous.error and self._synced:
+                self._record(last_sync_ns=time.time_ns(), observed_generation=self._applied)
+
+    def _read_page(self, rb: _ReadBack) -> bool:
+        """Read the next page of `rb`; True when it was the last."""
+        before = time.perf_counter()
+        page: Page = self._node.list_page(rb.after, self._settings.page_size)
+        rb.seconds += time.perf_counter() - before
+        if rb.ident is None or page.ident != rb.ident:
+            if rb.ident is not None:
+                self._log.info("node.readback_restarted", reason="new table")
+                self._readback = rb = _ReadBack()
+            rb.ident, rb.first_gen = page.ident, page.generation
+            if page.ident != self._ident:
+                self._new_identity(page.ident)
+                self._readback = rb  # _new_identity may have dropped it
+                self._node_gen = page.generation
+        rb.entries.update(page.services)
+        rb.after = page.last
+        rb.max_gen = max(rb.max_gen, page.generation)
+        rb.pages += 1
+        return not page.more
+
+    def _finish_readback(self) -> None:
+        rb = self._readback
+        assert rb is not None
+        started = time.perf_counter()
+        self._readback = None
+        final = max([rb.max_gen, self._node_gen] if self._ident == rb.ident else [rb.max_gen])
+        ours = sum(1 for g in rb.ours if g > rb.first_gen)
+        if final - rb.first_gen != ours:
+            # someone else wrote while we read: the pages may disagree; read again
+            self._log.info("node.readback_raced", first=rb.first_gen, final=final, ours=ours)
+            self._need_read = True
+            return
+        known = rb.entries
+        for k, spec in rb.touched.items():
+            if spec is None:
+                known.pop(k, None)
+            else:
+                known[k] = spec
+        self._known = known
+        self._node_gen = final
+        self._need_read = False
+        snapshot = self._store.snapshot()
+        snapshot_s = time.perf_counter() - started
+        listed = time.perf_counter()
+        plan = diff_services(snapshot.services, known)
+        diffed = time.perf_counter()
+        calls, rpc_s = self._write(list(plan.to_put), list(plan.to_delete))
+        self._applied = max(self._applied, snapshot.generation)
+        self._synced = True
+        self._check_due = time.monotonic() + jittered(self._settings.resync_interval,
+                                                      self._settings.jitter)
+        result = SyncResult(
+            services=len(snapshot.services), put=len(plan.to_put),
+            deleted=len(plan.to_delete), full=True, calls=calls,
+            datapath_id=rb.ident[0] if rb.ident else "", list_s=rb.seconds,
+            diff_s=diffed - listed, convert_s=time.perf_counter() - diffed - rpc_s,
+            rpc_s=rpc_s)
+        self._synced_at(snapshot.generation, result, started, snapshot_s)
+
+    # kept for callers of the previous worker
+    def reconcile_once(self) -> bool:
+        """Work until idle once; True on success."""
+        try:
+            while self.step():
+                pass
+        except Exception as exc:
+            self._failed(exc)
+            return False
         return True
+

@@ -50,14 +50,16 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 class MemoryDatapathServicer(DatapathServicer):
     """dpd's real Datapath servicer and tables over in-memory maps (no kernel), counting
-    the calls policyd makes; clearing `gate` holds ListServices until it is set again."""
+    the calls policyd makes; clearing `gate` holds ListServices and ListServicesPage
+    (both counted as "ListServices": a read-back) until it is set again."""
 
     def __init__(self) -> None:
         node = Node(MemoryDatapath(Settings(name="unit", max_services=1024, max_backends=4096,
                                             ct_size=64)), ct_aging_interval=0)
         super().__init__(node)
         self.lock = threading.Lock()
-        self.calls: dict[str, int] = {"ListServices": 0, "PutServices": 0, "DeleteServices": 0}
+        self.calls: dict[str, int] = {"ListServices": 0, "PutServices": 0, "DeleteServices": 0,
+                                      "ListServicesPage": 0, "GetServicesSummary": 0}
         self.gate = threading.Event()
         self.gate.set()
 
@@ -69,6 +71,16 @@ class MemoryDatapathServicer(DatapathServicer):
         self._count("ListServices")
         self.gate.wait(30)
         yield from super().ListServices(request, context)
+
+    def ListServicesPage(self, request: Any, context: Any) -> datapath_pb2.ServicesPage:  # noqa: N802
+        self._count("ListServices")
+        self._count("ListServicesPage")
+        self.gate.wait(30)
+        return cast(datapath_pb2.ServicesPage, super().ListServicesPage(request, context))
+
+    def GetServicesSummary(self, request: Any, context: Any) -> datapath_pb2.ServicesSummary:  # noqa: N802
+        self._count("GetServicesSummary")
+        return cast(datapath_pb2.ServicesSummary, super().GetServicesSummary(request, context))
 
     def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
         self._count("PutServices")

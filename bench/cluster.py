@@ -1,0 +1,346 @@
+"""Reconcile at scale: one policyd, N dpd nodes, 10,000 services x 4 endpoints.
+
+    .venv/bin/python -m bench.cluster --nodes 20 50 100 200           # simulated nodes
+    .venv/bin/python -m bench.cluster --nodes 1 20 --per-process 1    # one dpd process each
+
+Nodes are simulated dpd (``xlb-dpd --datapath memory``: dpd's real API, tables and
+validation over in-memory maps, no kernel): ``--per-process`` nodes share one process
+(each with its own gRPC server on its own unix socket), so hundreds fit on a 2-core
+machine. policyd runs as its own process with its defaults (resync 10 s, rpc timeout
+10 s), so its CPU and memory are measured alone (/proc).
+
+For each node count it measures: 10k services applied (one ApplyServices) -> every node
+SYNCED; one change (an endpoint weight) -> every node SYNCED, ``--changes`` times (p50 /
+p99); policyd CPU (% of one core) and RSS over ``--rest`` seconds with nothing changing;
+and with ``--kill K``: K node processes killed, a change -> the others SYNCED, and each
+killed node serving again (its socket answers) -> SYNCED (it comes back empty: refilled).
+Results go to stdout and, with ``--out``, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.services import filler_services
+from policyd.client import PolicyClient
+from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
+
+PY = sys.executable
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def say(text: str = "", flush: bool = True) -> None:
+    sys.stdout.write(text + "\n")
+    if flush:
+        sys.stdout.flush()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def policy_services(count: int, endpoints: int) -> list[policy_pb2.Service]:
+    out = []
+    for s in filler_services(count, endpoints):
+        out.append(policy_pb2.Service(
+            name=s.name.replace("/", "-"), vip=s.vip, port=s.port,
+            protocol=types_pb2.PROTOCOL_TCP,
+            endpoints=[types_pb2.Endpoint(address=e.ip, port=e.port, weight=1)
+                       for e in s.endpoints]))
+    return out
+
+
+@dataclass
+class Row:
+    nodes: int
+    services: int
+    per_process: int
+    apply_s: float = 0.0
+    change_p50_ms: float = 0.0
+    change_p99_ms: float = 0.0
+    changes: int = 0
+    rest_cpu_pct: float = 0.0
+    rest_rss_mib: float = 0.0
+    apply_cpu_s: float = 0.0
+    dpd_rss_mib_per_node: float = 0.0
+    killed: int = 0
+    healthy_change_ms: float = 0.0
+    back_synced_s: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Cluster:
+    def __init__(self, workdir: Path, nodes: int, per_process: int, dpd_args: list[str]) -> None:
+        self.workdir = workdir
+        self.per_process = per_process
+        self.groups: list[tuple[int, list[str]]] = []  # (first node index, names)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.dpd_args = dpd_args
+        self.addresses: dict[str, str] = {}
+        for first in range(0, nodes, per_process):
+            names = [f"n{i}" for i in range(first, min(nodes, first + per_process))]
+            self.groups.append((first, names))
+            for i, name in enumerate(names):
+                self.addresses[name] = f"unix:{workdir}/g{first}-{i}.sock"
+
+    def start_group(self, g: int) -> None:
+        first, names = self.groups[g]
+        log = open(self.workdir / f"dpd-g{first}.log", "ab")  # noqa: SIM115
+        self.procs[g] = subprocess.Popen(
+            [PY, "-m", "dpd.main", "--datapath", "memory", "--name", f"g{first}",
+             "--simulate", str(len(names)), "--listen", f"unix:{self.workdir}/g{first}-{{i}}.sock",
+             "--log-level", "warning", *self.dpd_args],
+            stdout=log, stderr=log)
+
+    def wait_serving(self, names: list[str], timeout: float = 120.0) -> dict[str, float]:
+        """When (time.monotonic()) each of `names` first answered a health check."""
+        end = time.monotonic() + timeout
+        seen: dict[str, float] = {}
+        channels = {n: grpc.insecure_channel(self.addresses[n]) for n in names}
+        try:
+            while len(seen) < len(names):
+                for n, ch in channels.items():
+                    if n in seen:
+                        continue
+                    try:
+                        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                             timeout=0.2)
+                        seen[n] = time.monotonic()
+                    except grpc.RpcError:
+                        pass
+                if time.monotonic() > end:
+                    raise TimeoutError(f"nodes not serving: {sorted(set(names) - set(seen))}")
+                time.sleep(0.005)
+        finally:
+            for ch in channels.values():
+                ch.close()
+        return seen
+
+    def kill_group(self, g: int) -> None:
+        p = self.procs.pop(g)
+        p.kill()
+        p.wait()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def dpd_rss(self) -> float:
+        return sum(rss_mib(p.pid) for p in self.procs.values())
+
+
+def wait_all(client: PolicyClient, names: list[str], generation: int, timeout: float,
+             poll: float = 0.002) -> float:
+    """Seconds until every one of `names` is SYNCED at `generation` or later."""
+    start = time.monotonic()
+    end = start + timeout
+    want = set(names)
+    while True:
+        st = client.sync_status()
+        ok = {n.node for n in st.nodes if n.state == policy_pb2.SYNC_STATE_SYNCED
+              and n.observed_generation >= generation}
+        if want <= ok:
+            return time.monotonic() - start
+        if time.monotonic() > end:
+            raise TimeoutError(f"{len(want - ok)} of {len(want)} nodes not SYNCED after "
+                               f"{timeout:g}s")
+        time.sleep(poll)
+
+
+def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) -> Row:
+    per = max(1, args.per_process if args.per_process else (1 if n <= 20 else 25))
+    row = Row(n, len(services), per)
+    workdir = Path(tempfile.mkdtemp(prefix="xlb-bc-", dir="/tmp"))
+    cluster = Cluster(workdir, n, per, ["--max-services", "16384", "--max-backends", "65536",
+                                        "--ct-size", "1024"])
+    policyd = None
+    client = None
+    try:
+        for g in range(len(cluster.groups)):
+            cluster.start_group(g)
+        cluster.wait_serving(list(cluster.addresses))
+        plog = open(workdir / "policyd.log", "ab")  # noqa: SIM115
+        policyd = subprocess.Popen(
+            [PY, "-m", "policyd.main", "--listen", f"unix:{workdir}/policyd.sock",
+             "--db", str(workdir / "policyd.db"), "--log-level", "warning"],
+            stdout=plog, stderr=plog)
+        client = PolicyClient(f"unix:{workdir}/policyd.sock", timeout=60)
+        client.wait_ready(30)
+        for name, address in cluster.addresses.items():
+            client.register_node(name, address)
+        names = list(cluster.addresses)
+        wait_all(client, names, client.sync_status().generation, 120)
+
+        # 10k applied -> all SYNCED
+        cpu0 = cpu_seconds(policyd.pid)
+        t0 = time.monotonic()
+        reply = client.apply_services(services)
+        gen = max(s.generation for s in reply.services)
+        wait_all(client, names, gen, 600)
+        row.apply_s = round(time.monotonic() - t0, 3)
+        row.apply_cpu_s = round(cpu_seconds(policyd.pid) - cpu0, 2)
+        say(f"  {n} nodes: 10k applied -> all SYNCED in {row.apply_s:.2f} s "
+              f"(policyd CPU {row.apply_cpu_s:.1f} s)", flush=True)
+        time.sleep(1.0)
+
+        # one change -> all SYNCED
+        lat = []
+        base = services[len(services) // 2]
+        for i in range(args.changes):
+            svc = policy_pb2.Service()
+            svc.CopyFrom(base)
+            svc.endpoints[0].weight = 2 + i % 50
+            t0 = time.monotonic()
+            stored = client.apply(svc)
+            wait_all(client, names, stored.generation, 60)
+            lat.append((time.monotonic() - t0) * 1000)
+            time.sleep(args.change_gap)
+        row.changes = len(lat)
+        row.change_p50_ms = round(statistics.median(lat), 1)
+        row.change_p99_ms = round(pct(lat, 0.99), 1)
+        say(f"  {n} nodes: one change -> all SYNCED p50 {row.change_p50_ms} ms, "
+              f"p99 {row.change_p99_ms} ms", flush=True)
+
+        # at rest
+        cpu0, t0 = cpu_seconds(policyd.pid), time.monotonic()
+        time.sleep(args.rest)
+        row.rest_cpu_pct = round(100 * (cpu_seconds(policyd.pid) - cpu0)
+                                 / (time.monotonic() - t0), 2)
+        row.rest_rss_mib = round(rss_mib(policyd.pid), 1)
+        row.dpd_rss_mib_per_node = round(cluster.dpd_rss() / n, 1)
+        say(f"  {n} nodes at rest: policyd CPU {row.rest_cpu_pct} % of a core, "
+              f"RSS {row.rest_rss_mib} MiB; dpd {row.dpd_rss_mib_per_node} MiB/node",
+              flush=True)
+
+        if args.kill and len(cluster.groups) > args.kill:
+            killed_groups = list(range(len(cluster.groups)))[-args.kill:]
+            killed = [nm for g in killed_groups for nm in cluster.groups[g][1]]
+            for g in killed_groups:
+                cluster.kill_group(g)
+            row.killed = len(killed)
+            healthy = [nm for nm in names if nm not in killed]
+            time.sleep(0.5)
+            svc = policy_pb2.Service()
+            svc.CopyFrom(base)
+            svc.endpoints[0].weight = 99
+            t0 = time.monotonic()
+            stored = client.apply(svc)
+            wait_all(client, healthy, stored.generation, 60)
+            row.healthy_change_ms = round((time.monotonic() - t0) * 1000, 1)
+            say(f"  {len(killed)} of {n} killed: healthy {len(healthy)} SYNCED after a "
+                  f"change in {row.healthy_change_ms} ms", flush=True)
+            time.sleep(2.0)
+            for g in killed_groups:
+                cluster.start_group(g)
+            serving = cluster.wait_serving(killed)
+            gen = client.sync_status().generation
+            done: dict[str, float] = {}
+            end = time.monotonic() + 120
+            while len(done) < len(killed) and time.monotonic() < end:
+                st = client.sync_status()
+                now = time.monotonic()
+                for s in st.nodes:
+                    if (s.node in serving and s.node not in done
+                            and s.state == policy_pb2.SYNC_STATE_SYNCED
+                            and s.observed_generation >= gen):
+                        done[s.node] = now - serving[s.node]
+                time.sleep(0.002)
+            row.back_synced_s = sorted(round(v, 3) for v in done.values())
+            say(f"  killed nodes serving again -> SYNCED (refilled with 10k): "
+                  f"max {max(row.back_synced_s, default=float('nan')):.2f} s", flush=True)
+    except Exception as exc:  # a row that failed says why
+        row.notes.append(f"{type(exc).__name__}: {exc}")
+        say(f"  {n} nodes: FAILED: {exc}", flush=True)
+    finally:
+        if client is not None:
+            client.close()
+        if policyd is not None:
+            policyd.send_signal(signal.SIGTERM)
+            try:
+                policyd.wait(10)
+            except subprocess.TimeoutExpired:
+                policyd.kill()
+                policyd.wait()
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, nargs="+", default=[20, 50, 100, 200])
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--endpoints", type=int, default=4)
+    p.add_argument("--per-process", type=int, default=0,
+                   help="simulated nodes per dpd process (default: 1 up to 20 nodes, else 25)")
+    p.add_argument("--changes", type=int, default=30)
+    p.add_argument("--change-gap", type=float, default=0.05)
+    p.add_argument("--rest", type=float, default=20.0)
+    p.add_argument("--kill", type=int, default=0, help="dpd processes to kill (0: skip)")
+    p.add_argument("--out", default="", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    services = policy_services(args.services, args.endpoints)
+    rows = []
+    for n in args.nodes:
+        say(f"== {n} nodes x {args.services} services", flush=True)
+        rows.append(run(n, args, services))
+    say()
+    say("| nodes | per proc | 10k -> all SYNCED | change p50 / p99 | policyd CPU at rest "
+          "| policyd RSS | killed: healthy change | back -> SYNCED (max) |")
+    say("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        back = f"{max(r.back_synced_s):.2f} s" if r.back_synced_s else "-"
+        kill = f"{r.killed}: {r.healthy_change_ms} ms" if r.killed else "-"
+        say(f"| {r.nodes} | {r.per_process} | {r.apply_s:.2f} s | {r.change_p50_ms} / "
+              f"{r.change_p99_ms} ms | {r.rest_cpu_pct} % | {r.rest_rss_mib} MiB | {kill} "
+              f"| {back} |" + (f" {r.notes}" if r.notes else ""))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        data: dict[str, Any] = {"argv": sys.argv[1:], "cpus": os.cpu_count(),
+                                "rows": [asdict(r) for r in rows],
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
