@@ -1,6 +1,22 @@
-/* ICMP: errors quoting a NATed flow are translated (not yet: passed). */
+/* ICMP errors (destination unreachable, fragmentation needed included; time exceeded;
+ * parameter problem) that quote a NATed flow are translated, so that path MTU discovery
+ * and connection errors work through the VIP and no endpoint address leaks:
+ *
+ * - quoting the client's packet after DNAT (client -> endpoint), sent to the client by
+ *   the endpoint or a router: the quoted destination becomes VIP:port, and the outer
+ *   source too when the endpoint itself sent the error (a router's stays);
+ * - quoting a reply after reverse NAT (VIP -> client), sent to the VIP by the client or
+ *   a router: the quoted source and the outer destination become the endpoint's.
+ *
+ * The quoted tuple, reversed, is the key of the flow's other entry (REPLY for the first
+ * case, ORIG for the second), whose rewrite is the translation. Checksums: the outer IP
+ * header, the quoted IP header, the quoted L4 checksum when the quote holds it, and
+ * the ICMP checksum over every changed word (RFC 1624). Everything else (echo and
+ * other queries, errors quoting no flow) passes untouched. */
 #ifndef XLB_ICMP_H
 #define XLB_ICMP_H
+
+#include <uapi/linux/icmp.h>
 
 #include "ct.h"
 #include "fwd.h"
@@ -8,10 +24,103 @@
 #include "parse.h"
 #include "stats.h"
 
-static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
+/* Replace one 16-bit word under checksum `*sum` (covering it); returns the ICMP delta
+ * of the change (the checksum word itself changed too). */
+static __always_inline __u32 xlb_csum_fix(__u16 *sum, __u32 delta)
+{
+    __u16 old = *sum;
+    __u16 new = ~xlb_fold((__u16)~old + delta);
+    *sum = new;
+    return (~old & 0xffff) + new;
+}
+
+static __always_inline int xlb_icmp_pass(void)
 {
     xlb_count(XLB_STAT_PASS);
     return TC_ACT_OK;
+}
+
+static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + XLB_L3_OFF;
+    struct icmphdr *ic = data + XLB_L4_OFF;
+    struct iphdr *in = (void *)(ic + 1);
+    __u16 *ports = (void *)(in + 1); /* [0] quoted source, [1] quoted destination */
+
+    if ((void *)(ports + 2) > data_end)
+        return xlb_icmp_pass();
+    if (ic->type != ICMP_DEST_UNREACH && ic->type != ICMP_TIME_EXCEEDED &&
+        ic->type != ICMP_PARAMETERPROB)
+        return xlb_icmp_pass();
+    /* a quote with ports: IPv4 without options, TCP or UDP, not a later fragment;
+     * and an error goes to the source of the packet it quotes */
+    if (*(__u8 *)in != 0x45 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP) ||
+        (in->frag_off & bpf_htons(0x1fff)) || in->saddr != ip->daddr)
+        return xlb_icmp_pass();
+
+    struct xlb_ct_key k = {};
+    k.saddr = in->daddr;
+    k.daddr = in->saddr;
+    k.sport = ports[1];
+    k.dport = ports[0];
+    k.proto = in->protocol;
+    struct xlb_ct_val *v = ct_v4_map.lookup(&k);
+    if (!v)
+        return xlb_icmp_pass();
+
+    __be32 old_addr, new_addr = v->nat_addr;
+    __be16 old_port, new_port = v->nat_port;
+    __u32 icmp_delta = 0;
+    if (v->dir == XLB_DIR_REPLY) {
+        /* quoted: client -> endpoint; becomes client -> VIP */
+        old_addr = in->daddr;
+        old_port = ports[1];
+        in->daddr = new_addr;
+        ports[1] = new_port;
+        if (ip->saddr == old_addr) { /* the endpoint itself reports */
+            ip->saddr = new_addr;
+            xlb_ip_csum_add(ip, xlb_delta4(old_addr, new_addr));
+            p->saddr = new_addr;
+        }
+    } else {
+        /* quoted: VIP -> client; becomes endpoint -> client, sent to the endpoint */
+        old_addr = in->saddr;
+        old_port = ports[0];
+        in->saddr = new_addr;
+        ports[0] = new_port;
+        ip->daddr = new_addr; /* == old_addr, checked above */
+        xlb_ip_csum_add(ip, xlb_delta4(old_addr, new_addr));
+        p->daddr = new_addr;
+    }
+    __u32 addr_delta = xlb_delta4(old_addr, new_addr);
+    __u32 port_delta = (~old_port & 0xffff) + new_port;
+    icmp_delta += addr_delta + port_delta;
+    icmp_delta += xlb_csum_fix(&in->check, addr_delta);
+
+    /* the quoted L4 checksum, when the quote holds it (UDP: unless 0, "none") */
+    if (in->protocol == IPPROTO_TCP) {
+        __u16 *cs = (void *)ports + offsetof(struct tcphdr, check);
+        if ((void *)(cs + 1) <= data_end)
+            icmp_delta += xlb_csum_fix(cs, addr_delta + port_delta);
+    } else {
+        __u16 *cs = (void *)ports + offsetof(struct udphdr, check);
+        if ((void *)(cs + 1) <= data_end && *cs) {
+            __u16 old = *cs;
+            __u16 new = ~xlb_fold((__u16)~old + addr_delta + port_delta);
+            if (!new)
+                new = 0xffff;
+            *cs = new;
+            icmp_delta += (~old & 0xffff) + new;
+        }
+    }
+    xlb_csum_fix(&ic->checksum, icmp_delta);
+
+    xlb_count(XLB_STAT_ICMP_NAT);
+    p->sport = 0;
+    p->dport = 0;
+    return xlb_forward(skb, p);
 }
 
 #endif

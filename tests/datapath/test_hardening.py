@@ -4,11 +4,13 @@ and RST window, IPv4 fragments. Each rule has a test that fails when it breaks."
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, fragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
 from dpd import abi
 from tests.datapath.packets import (
@@ -356,3 +358,97 @@ def test_later_fragment_of_no_known_flow_passes_untouched(node):
     frags = _frags(CLIENT, VIP, 40710, 53, 1000, 4343)
     assert_untouched(node, frags[1], "pass_frag")
     assert node.list_conntrack() == []
+
+
+# -- ICMP errors ------------------------------------------------------------------------------
+
+
+def _sum16(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s
+
+
+def _icmp_error(src: str, dst: str, quote: bytes, type_: int = 3, code: int = 3,
+                nexthop_mtu: int = 0) -> bytes:
+    icmp = ICMP(type=type_, code=code)
+    if type_ == 3 and code == 4:
+        icmp.nexthopmtu = nexthop_mtu
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst) / icmp / Raw(quote))
+
+
+def _icmp_checks(frame: bytes, full_quote: bool) -> None:
+    """Outer IP, ICMP, quoted IP (and quoted L4 over the full quoted datagram) sum right."""
+    assert _sum16(frame[14:34]) == 0xffff, "outer IP checksum"
+    assert _sum16(frame[34:]) == 0xffff, "ICMP checksum"
+    inner = frame[42:]
+    assert _sum16(inner[:20]) == 0xffff, "quoted IP checksum"
+    if full_quote:
+        seg = inner[20:struct.unpack("!H", inner[2:4])[0]]
+        pseudo = inner[12:20] + struct.pack("!BBH", 0, inner[9], len(seg))
+        assert _sum16(pseudo + seg) == 0xffff, "quoted L4 checksum"
+
+
+def test_port_unreachable_from_the_endpoint_is_translated_to_the_vip(node):
+    node.put_services([svc(EndpointSpec(EP2, 5353), port=53, proto=Proto.UDP)])
+    run(node, udp(CLIENT, VIP, 40800, 53, b"query"))
+    quote = bytes(IP(src=CLIENT, dst=EP2) / UDP(sport=40800, dport=5353) / b"query")
+    verdict, out = run(node, _icmp_error(EP2, CLIENT, quote))
+    assert verdict in FORWARDED
+    frame = bytes(out)
+    _icmp_checks(frame, full_quote=True)
+    ip = IP(frame[14:])
+    assert (ip.src, ip.dst) == (VIP, CLIENT)
+    q = IP(frame[42:])
+    assert (q.src, q.dst, q[UDP].sport, q[UDP].dport) == (CLIENT, VIP, 40800, 53)
+    assert EP2 not in (ip.src, ip.dst, q.src, q.dst)
+    assert stat(node, "icmp_nat") == 1
+
+
+def test_fragmentation_needed_from_a_router_reaches_the_client_about_the_vip(node):
+    node.put_services([svc(EndpointSpec(EP1, 8080))])
+    handshake(node, 40810)
+    router = "198.18.3.1"
+    full = bytes(IP(src=CLIENT, dst=EP1) / TCP(sport=40810, dport=8080, flags="PA",
+                                                seq=C_ISN + 1, ack=S_ISN + 1) / (b"x" * 40))
+    for quote, whole in ((full, True), (full[:28], False)):  # whole, or IP + 8 bytes
+        verdict, out = run(node, _icmp_error(router, CLIENT, quote, 3, 4, 1400))
+        assert verdict in FORWARDED
+        frame = bytes(out)
+        _icmp_checks(frame, full_quote=whole)
+        ip = IP(frame[14:])
+        assert (ip.src, ip.dst) == (router, CLIENT)  # a router's address stays
+        assert ip[ICMP].nexthopmtu == 1400
+        q = frame[42:]
+        assert socket.inet_ntoa(q[16:20]) == VIP and struct.unpack("!H", q[22:24])[0] == 80
+
+
+def test_error_about_a_reply_reaches_the_endpoint_about_its_own_address(node):
+    node.put_services([svc(EndpointSpec(EP1, 8080))])
+    handshake(node, 40820)
+    router = "198.18.3.1"
+    quote = bytes(IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40820, flags="PA",
+                                                 seq=S_ISN + 1, ack=C_ISN + 1) / b"reply")
+    verdict, out = run(node, _icmp_error(router, VIP, quote, 11, 0))
+    assert verdict in FORWARDED
+    frame = bytes(out)
+    _icmp_checks(frame, full_quote=True)
+    ip = IP(frame[14:])
+    assert (ip.src, ip.dst) == (router, EP1)
+    q = IP(frame[42:])
+    assert (q.src, q[TCP].sport, q.dst) == (EP1, 8080, CLIENT)
+
+
+def test_icmp_that_quotes_no_flow_and_echo_pass_untouched(node):
+    node.put_services([svc(EndpointSpec(EP1, 8080))])
+    quote = bytes(IP(src=CLIENT, dst=EP1) / TCP(sport=40830, dport=8080, flags="S"))
+    assert_untouched(node, _icmp_error(EP1, CLIENT, quote), "pass")
+    echo = bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=CLIENT, dst=VIP) / ICMP() / b"ping")
+    assert_untouched(node, echo, "pass")
+    # an error not sent to the source of what it quotes is not translated
+    handshake(node, 40831)
+    quote = bytes(IP(src=CLIENT, dst=EP1) / TCP(sport=40831, dport=8080, flags="A"))
+    assert_untouched(node, _icmp_error(EP1, "198.18.0.3", quote), "pass")

@@ -1,0 +1,183 @@
+"""Property: valid packets mutated at random (hypothesis) through the loaded programs.
+
+Whatever the mutation, an output that differs from its input is the NAT of a conntrack
+flow (or of a service, for a flow the packet may open), carries a correct IP header
+checksum and an L4 checksum that is correct exactly when the input's was (the datapath
+updates checksums incrementally: it never repairs nor breaks one); and a packet that
+cannot open a flow (malformed, bad flags, martian source, not a service) leaves no
+conntrack entry behind. Derandomized: the same examples on every run."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from tests.datapath.packets import CLIENT, EP1, EP2, TC_ACT_SHOT, VIP, run, tcp, udp
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
+
+pytestmark = pytest.mark.root
+
+SERVICES = [
+    ServiceSpec(VIP, 80, Proto.TCP, endpoints=(EndpointSpec(EP1, 8080), EndpointSpec(EP2, 8080))),
+    ServiceSpec(VIP, 53, Proto.UDP, endpoints=(EndpointSpec(EP2, 5353),)),
+]
+SERVICE_KEYS = {(VIP, 80, 6), (VIP, 53, 17)}
+EST_PORT = 41000  # the established flow every example starts with
+
+SEEDS = [
+    tcp(CLIENT, VIP, 41001, 80, "S"),
+    tcp(CLIENT, VIP, EST_PORT, 80, "PA", b"GET /"),
+    tcp(CLIENT, VIP, 41002, 80, "A", b"mid-stream"),
+    udp(CLIENT, VIP, 41003, 53, b"query"),
+    tcp(CLIENT, "198.19.0.99", 41004, 80, "S"),  # no service
+    # ICMP errors quoting the established flow (on whichever endpoint it landed)
+    *(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP(src=ep, dst=CLIENT) / ICMP(type=3, code=4, nexthopmtu=1400)
+            / bytes(IP(src=CLIENT, dst=ep) / TCP(sport=EST_PORT, dport=8080, flags="PA")
+                    / b"GET /")) for ep in (EP1, EP2)),
+]
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s
+
+
+def ip_ok(frame: bytes) -> bool:
+    return len(frame) >= 34 and _csum(frame[14:14 + 4 * (frame[14] & 15)]) == 0xffff
+
+
+def l4_ok(frame: bytes) -> bool:
+    """The TCP/UDP checksum over the pseudo header and the datagram (unfragmented)."""
+    ihl = 4 * (frame[14] & 15)
+    tot = struct.unpack("!H", frame[16:18])[0]
+    seg = frame[14 + ihl:14 + tot]
+    proto = frame[23]
+    if proto == 17 and seg[6:8] == b"\0\0":
+        return True  # UDP without a checksum
+    pseudo = frame[26:34] + struct.pack("!BBH", 0, proto, len(seg))
+    return _csum(pseudo + seg) == 0xffff
+
+
+def may_open(frame: bytes) -> bool:
+    """Whether this frame may create conntrack state: what the datapath must hold."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
+        return False
+    tot = struct.unpack("!H", frame[16:18])[0]
+    if tot < 20 or tot > len(frame) - 14 or not ip_ok(frame):
+        return False
+    if struct.unpack("!H", frame[20:22])[0] & 0x1fff:
+        return False  # a later fragment never opens a flow
+    more = struct.unpack("!H", frame[20:22])[0] & 0x2000
+    proto = frame[23]
+    src, dst = socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
+    if frame[26] in (0, 127) or frame[26] >= 224:
+        return False
+    l4 = frame[34:14 + tot]
+    if proto == 6:
+        if len(l4) < 20 or l4[12] >> 4 < 5 or 4 * (l4[12] >> 4) > len(l4):
+            return False
+        if l4[13] & 0x17 not in (0x02, 0x10):  # SYN alone, or a bare ACK (mid-stream)
+            return False
+    elif proto == 17:
+        if len(l4) < 8:
+            return False
+        ulen = struct.unpack("!H", l4[4:6])[0]
+        if ulen < 8 or (not more and ulen > len(l4)):
+            return False
+    else:
+        return False
+    dport = struct.unpack("!H", l4[2:4])[0]
+    return src != dst and (dst, dport, proto) in SERVICE_KEYS
+
+
+@st.composite
+def mutated(draw):
+    frame = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(14, len(frame) - 1))
+        frame[at] = draw(st.integers(0, 255))
+    if draw(st.booleans()):  # often a valid IP checksum: the mutation reaches further in
+        frame[24:26] = b"\0\0"
+        frame[24:26] = struct.pack("!H", 0xffff - _csum(bytes(frame[14:34])))
+    if draw(st.integers(0, 9)) == 0:
+        frame = frame[:draw(st.integers(34, len(frame)))]
+    return bytes(frame)
+
+
+@pytest.fixture(scope="module")
+def svc_node(loaded):
+    n = loaded.node
+    n.delete_services([s.key for s in n.list_services()])
+    n.put_services(SERVICES)
+    yield n
+    n.delete_services([s.key for s in SERVICES])
+    n.flush_conntrack()
+
+
+def _established(node) -> None:
+    run(node, tcp(CLIENT, VIP, EST_PORT, 80, "S"))
+    dst = {e.nat_address for e in node.list_conntrack() if e.src_port == EST_PORT}.pop()
+    run(node, tcp(dst, CLIENT, 8080, EST_PORT, "SA"))
+    run(node, tcp(CLIENT, VIP, EST_PORT, 80, "A"))
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(frame=mutated())
+def test_mutated_packets_are_rewritten_whole_or_not_at_all(svc_node, frame):
+    node = svc_node
+    node.flush_conntrack()
+    _established(node)
+    before = {(e.src, e.src_port, e.dst, e.dst_port, e.proto) for e in node.list_conntrack()}
+    verdict, out = run(node, frame)
+    after = {(e.src, e.src_port, e.dst, e.dst_port, e.proto): e for e in node.list_conntrack()}
+    created = set(after) - before
+    if created:
+        assert may_open(frame), f"state created by {frame.hex()}"
+    out_b = bytes(out)
+    event("created state" if created else "no state")
+    if verdict == TC_ACT_SHOT or out_b == frame:
+        event("dropped" if verdict == TC_ACT_SHOT else "untouched")
+        return
+    event("rewritten")
+    # rewritten: a whole, valid NAT of a flow that conntrack now holds
+    assert len(out_b) == len(frame)
+    assert ip_ok(out_b), f"IP checksum of the rewrite of {frame.hex()}"
+    if frame[23] == 1:  # an ICMP error translated: checksums, and no endpoint address left
+        tot = struct.unpack("!H", frame[16:18])[0]
+        assert (_csum(out_b[34:14 + tot]) == 0xffff) == (_csum(frame[34:14 + tot]) == 0xffff)
+        assert ip_ok(out_b[28:]) == ip_ok(frame[28:])  # the quoted IP header
+        eps = {socket.inet_aton(EP1), socket.inet_aton(EP2)}
+        assert out_b[26:30] in (socket.inet_aton(VIP), frame[26:30]) and out_b[26:30] not in eps
+        assert out_b[58:62] == socket.inet_aton(VIP)  # the quoted destination
+        return
+    assert l4_ok(out_b) == l4_ok(frame), f"L4 checksum of the rewrite of {frame.hex()}"
+    o = Ether(out_b)
+    i = Ether(frame)
+    l4o = o[TCP] if TCP in o else o[UDP]
+    l4i = i[TCP] if TCP in i else i[UDP]
+    key = (i[IP].src, l4i.sport, i[IP].dst, l4i.dport, Proto(i[IP].proto))
+    assert key in after, f"rewritten without a flow: {frame.hex()}"
+    e = after[key]
+    if e.direction == 1:
+        assert (o[IP].dst, l4o.dport) == (e.nat_address, e.nat_port)
+        assert (o[IP].src, l4o.sport) == (i[IP].src, l4i.sport)
+    else:
+        assert (o[IP].src, l4o.sport) == (e.nat_address, e.nat_port)
+        assert (o[IP].dst, l4o.dport) == (i[IP].dst, l4i.dport)
+    # only addresses, ports and checksums changed
+    diff = [n for n in range(len(frame)) if frame[n] != out_b[n]]
+    allowed = set(range(24, 26)) | set(range(26, 34)) | set(range(34, 38))
+    allowed |= {50, 51} if i[IP].proto == 6 else {40, 41}
+    assert set(diff) <= allowed, f"bytes {sorted(set(diff) - allowed)} changed: {frame.hex()}"
