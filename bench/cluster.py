@@ -200,7 +200,7 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
         plog = open(workdir / "policyd.log", "ab")  # noqa: SIM115
         policyd = subprocess.Popen(
             [PY, "-m", "policyd.main", "--listen", f"unix:{workdir}/policyd.sock",
-             "--db", str(workdir / "policyd.db"), "--log-level", "warning"],
+             "--db", str(workdir / "policyd.db"), "--log-level", args.policyd_log_level],
             stdout=plog, stderr=plog)
         client = PolicyClient(f"unix:{workdir}/policyd.sock", timeout=60)
         client.wait_ready(30)
@@ -300,6 +300,10 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
                 policyd.kill()
                 policyd.wait()
         cluster.stop()
+        if args.logs:
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            for f in workdir.glob("*.log"):
+                shutil.copy(f, Path(args.logs) / f"{n}-{f.name}")
         shutil.rmtree(workdir, ignore_errors=True)
     return row
 
@@ -317,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rest", type=float, default=20.0)
     p.add_argument("--kill", type=int, default=0, help="dpd processes to kill (0: skip)")
     p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.add_argument("--logs", default="", help="keep the daemons' logs in this directory")
+    p.add_argument("--policyd-log-level", default="warning")
     args = p.parse_args(argv)
     services = policy_services(args.services, args.endpoints)
     rows = []

@@ -111,9 +111,9 @@ class Dpd(Daemon):
 
 class Policyd(Daemon):
     def __init__(self, workdir: Path, db: Path | None = None,
-                 resync_interval: float = 1.0) -> None:
+                 resync_interval: float = 1.0, extra: list[str] | None = None) -> None:
         self.socket = str(workdir / "policyd.sock")
         self.db = db or workdir / "policyd.db"
         argv = [sys.executable, "-m", "policyd.main", "--listen", f"unix:{self.socket}",
-                "--db", str(self.db), "--resync-interval", str(resync_interval)]
+                "--db", str(self.db), "--resync-interval", str(resync_interval), *(extra or [])]
         super().__init__(argv, f"unix:{self.socket}", workdir / "policyd.log")

@@ -40,7 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=10.0,
         metavar="S",
-        help="seconds between full reconciliations of each node (default 10)",
+        help="seconds between drift checks of each node (one cheap summary call; the "
+        "node is read back only when its table changed behind policyd's back) (default 10)",
+    )
+    p.add_argument(
+        "--backoff-max",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="longest wait before retrying a failing node; a node whose connection becomes "
+        "READY again is retried at once (default 10)",
+    )
+    p.add_argument(
+        "--backoff-initial",
+        type=_positive,
+        default=0.2,
+        metavar="S",
+        help="first wait before retrying a failing node, doubling up to --backoff-max "
+        "(default 0.2)",
+    )
+    p.add_argument(
+        "--readback-concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="read-back pages in flight across all nodes (default 4)",
     )
     p.add_argument(
         "--rpc-timeout",
@@ -76,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen,
         db_path=args.db,
         reconciler=ReconcilerSettings(
-            resync_interval=args.resync_interval, rpc_timeout=args.rpc_timeout
+            resync_interval=args.resync_interval,
+            rpc_timeout=args.rpc_timeout,
+            backoff_max=args.backoff_max,
+            backoff_initial=min(args.backoff_initial, args.backoff_max),
+            readback_concurrency=max(1, args.readback_concurrency),
         ),
     )
     server = None

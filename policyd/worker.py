@@ -97,7 +97,8 @@ class ReconcilerSettings:
     batch_bytes: int = BATCH_BYTES  # and at most this many bytes per PutServices
     rpc_timeout: float = 10.0  # deadline of each call to dpd
     coalesce: float = 0.0  # after a wake-up, wait this long for more changes (0: none)
-    readback_concurrency: int = 4  # read-back pages in flight across all nodes
+    # bulk transfers (read-back pages, batches of large writes) in flight, all nodes
+    readback_concurrency: int = 4
     page_size: int = 2000  # services per ListServicesPage
     jitter: float = 0.25  # resync and backoff delays vary by +-this fraction
     # called after every pass, in the node's worker thread: on_pass(node name, report)
@@ -142,9 +143,11 @@ def jittered(delay: float, fraction: float, rand: Callable[[], float] = random.r
 
 
 class ReadGate:
-    """At most `slots` read-back pages in flight across all workers. A worker that finds
-    no slot registers its wake event and goes on with other work (changes); a released
-    slot wakes the longest waiter."""
+    """At most `slots` bulk transfers in flight across all workers: read-back pages and
+    the batches of large writes (more than ``page_size`` services, e.g. a node refilled
+    with everything). A worker that finds no slot for a page registers its wake event and
+    goes on with other work (changes); a released slot wakes the longest waiter. Small
+    writes (the usual change) never wait for a slot."""
 
     def __init__(self, slots: int) -> None:
         self._free = slots
@@ -162,6 +165,16 @@ class ReadGate:
             if wake not in self._waiters:
                 self._waiters.append(wake)
             return False
+
+    def acquire(self, event: threading.Event, stop: threading.Event) -> bool:
+        """Wait for a slot (False: `stop` was set first)."""
+        while not stop.is_set():
+            event.clear()
+            if self.try_acquire(event):
+                return True
+            event.wait(0.5)
+        self.forget(event)
+        return False
 
     def release(self) -> None:
         with self._lock:
@@ -282,6 +295,7 @@ class NodeWorker:
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._slot = threading.Event()  # waiting for a bulk slot (large writes)
         self._lock = threading.Lock()
         self._progress = NodeProgress()
         # Used by this thread only (see the module docstring).
@@ -336,10 +350,12 @@ class NodeWorker:
             self._wake.set()
         self._conn_state = state
 
-    def signal_stop(self) -> None:
-        """Ask the thread to end; an RPC in flight is cancelled by closing the channel."""
+    def signal_stop(self, close: bool = True) -> None:
+        """Ask the thread to end; an RPC in flight is cancelled by closing the channel
+        (``close_channel``, here unless `close` is False)."""
         self._stop.set()
         self._wake.set()
+        self._slot.set()
         self._gate.forget(self._wake)
         channel = self._node.channel
         if channel is not None:
@@ -347,6 +363,10 @@ class NodeWorker:
                 channel.unsubscribe(self._on_connectivity)
             except Exception:
                 pass
+        if close:
+            self.close_channel()
+
+    def close_channel(self) -> None:
         self._node.close()
 
     def join(self, timeout: float | None = None) -> None:
@@ -509,12 +529,19 @@ class NodeWorker:
                 if rb is not None:
                     rb.touched[spec.key] = spec
 
-        if deletes:
-            w = self._node.delete_services(deletes, on_reply=deleted)
-            calls, seconds = calls + w.calls, seconds + w.seconds
-        if puts:
-            w = self._node.put_services(puts, on_reply=put)
-            calls, seconds = calls + w.calls, seconds + w.seconds
+        bulk = len(puts) + len(deletes) > self._settings.page_size
+        if bulk and not self._gate.acquire(self._slot, self._stop):
+            raise grpc.RpcError("stopping")
+        try:
+            if deletes:
+                w = self._node.delete_services(deletes, on_reply=deleted)
+                calls, seconds = calls + w.calls, seconds + w.seconds
+            if puts:
+                w = self._node.put_services(puts, on_reply=put)
+                calls, seconds = calls + w.calls, seconds + w.seconds
+        finally:
+            if bulk:
+                self._gate.release()
         return calls, seconds
 
     def _change_pass(self) -> None:
@@ -606,10 +633,15 @@ class NodeWorker:
                 known.pop(k, None)
             else:
                 known[k] = spec
+        snapshot = self._store.snapshot()
+        desired = snapshot.services
+        for k, spec in known.items():  # share the desired objects: memory per node
+            want = desired.get(k)
+            if want is not None and want is not spec and want == spec:
+                known[k] = want
         self._known = known
         self._node_gen = final
         self._need_read = False
-        snapshot = self._store.snapshot()
         snapshot_s = time.perf_counter() - started
         listed = time.perf_counter()
         plan = diff_services(snapshot.services, known)

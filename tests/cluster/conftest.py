@@ -21,6 +21,11 @@ pytestmark = pytest.mark.root
 VIP = "198.19.0.10"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nodes(n): how many xlb nodes a cluster test gets (2)")
+    config.addinivalue_line("markers", "policyd_args(*args): extra xlb-policyd arguments")
+
+
 @dataclass
 class Cluster:
     workdir: Path
@@ -64,14 +69,17 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
     workdir = Path(tempfile.mkdtemp(prefix="xlb-cluster-"))
     marker = request.node.get_closest_marker("resync")
-    policyd = Policyd(workdir, resync_interval=marker.args[0] if marker else 1.0)
+    args = request.node.get_closest_marker("policyd_args")
+    count = request.node.get_closest_marker("nodes")
+    policyd = Policyd(workdir, resync_interval=marker.args[0] if marker else 1.0,
+                      extra=list(args.args) if args else None)
     channel = None
     c: Cluster | None = None
     try:
         policyd.start()
         channel = grpc.insecure_channel(policyd.address)
         c = Cluster(workdir, policyd, policy_pb2_grpc.PolicyStub(channel))
-        for i in (1, 2):
+        for i in range(1, (count.args[0] if count else 2) + 1):
             topo = Topology(backends=2, vip=VIP)
             c.topos.append(topo)
             start_backends(topo, port=8080)
