@@ -42,14 +42,13 @@ struct xlb_pkt {
     __u8 tcp_flags;
     __u8 ttl;
     __u8 tos;
-    __u16 tot_len;
-    __u16 l4_len;  /* bytes from the L4 header to the end of the IP datagram (fragment) */
+    __u16 tot_len; /* for the FIB lookup (a BIG TCP packet's is cut to 16 bits) */
+    __u32 l4_len;  /* bytes from the L4 header to the end of the IP datagram (fragment) */
     __u32 seq;     /* TCP, host order */
     __u32 ack_seq; /* TCP, host order */
-    __u16 payload; /* TCP payload bytes */
+    __u32 payload; /* TCP payload bytes */
     __be16 ip_id;
     __u16 frag;    /* frag_off & (MF | offset), host order; 0 for unfragmented */
-    __u16 pad;
 };
 
 /* The IPv4 header (20 bytes, no options) sums to 0xffff when its checksum is right. */
