@@ -15,7 +15,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
 from tests.datapath.packets import CLIENT, EP1, EP2, TC_ACT_SHOT, VIP, run, tcp, udp
@@ -30,7 +30,15 @@ SERVICES = [
 SERVICE_KEYS = {(VIP, 80, 6), (VIP, 53, 17)}
 EST_PORT = 41000  # the established flow every example starts with
 
+FRAG_PORT, FRAG_ID = 41005, 777
+# a UDP datagram to the VIP in three fragments: every example sends the first, so that
+# the later ones (seeds) belong to a flow
+FRAGS = [bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / f) for f in fragment(
+    IP(src=CLIENT, dst=VIP, id=FRAG_ID) / UDP(sport=FRAG_PORT, dport=53) / (b"q" * 900),
+    fragsize=400)]
+
 SEEDS = [
+    *FRAGS[1:],
     tcp(CLIENT, VIP, 41001, 80, "S"),
     tcp(CLIENT, VIP, EST_PORT, 80, "PA", b"GET /"),
     tcp(CLIENT, VIP, 41002, 80, "A", b"mid-stream"),
@@ -130,6 +138,7 @@ def _established(node) -> None:
     dst = {e.nat_address for e in node.list_conntrack() if e.src_port == EST_PORT}.pop()
     run(node, tcp(dst, CLIENT, 8080, EST_PORT, "SA"))
     run(node, tcp(CLIENT, VIP, EST_PORT, 80, "A"))
+    run(node, FRAGS[0])
 
 
 @settings(max_examples=500, deadline=None, derandomize=True, database=None,
@@ -154,6 +163,12 @@ def test_mutated_packets_are_rewritten_whole_or_not_at_all(svc_node, frame):
     # rewritten: a whole, valid NAT of a flow that conntrack now holds
     assert len(out_b) == len(frame)
     assert ip_ok(out_b), f"IP checksum of the rewrite of {frame.hex()}"
+    if struct.unpack("!H", frame[20:22])[0] & 0x1fff:  # a later fragment: its address only
+        assert {n for n in range(len(frame)) if frame[n] != out_b[n]} <= {24, 25, 30, 31, 32, 33}
+        flow = after[(CLIENT, FRAG_PORT, VIP, 53, Proto.UDP)]
+        assert frame[26:34] == FRAGS[1][26:34] and frame[18:20] == FRAGS[1][18:20]
+        assert socket.inet_ntoa(out_b[30:34]) == flow.nat_address
+        return
     if frame[23] == 1:  # an ICMP error translated: checksums, and no endpoint address left
         tot = struct.unpack("!H", frame[16:18])[0]
         assert (_csum(out_b[34:14 + tot]) == 0xffff) == (_csum(frame[34:14 + tot]) == 0xffff)
