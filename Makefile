@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test lint unit bench bench-quick clean
+.PHONY: setup run test lint unit bench bench-quick bench-cluster bench-cluster-sim clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,17 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run --quick
+
+# policyd reconciling N nodes x 10,000 services (docs/performance.md, "Reconciling at scale")
+DATE := $(shell date -u +%Y-%m-%d)
+bench-cluster: setup bench-cluster-sim
+	$(PY) -m bench.cluster --datapath kernel --nodes 1 20 --kill 5 \
+		--out bench/results/cluster-kernel-$(DATE).json
+
+bench-cluster-sim: setup
+	$(PY) -m bench.cluster --nodes 1 20 --per-process 1 --kill 5 \
+		--out bench/results/cluster-sim-small-$(DATE).json
+	$(PY) -m bench.cluster --nodes 50 100 200 --out bench/results/cluster-sim-$(DATE).json
 
 clean:
 	rm -rf .venv xlb build *.egg-info

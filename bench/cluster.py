@@ -3,7 +3,9 @@
     .venv/bin/python -m bench.cluster --nodes 20 50 100 200           # simulated nodes
     .venv/bin/python -m bench.cluster --nodes 1 20 --per-process 1    # one dpd process each
 
-Nodes are simulated dpd (``xlb-dpd --datapath memory``: dpd's real API, tables and
+With ``--datapath kernel`` every node is a real xlb-dpd (eBPF maps in the kernel) in
+its own network namespace (198.18.0.0/15 is never touched: nothing is attached). Else
+nodes are simulated dpd (``xlb-dpd --datapath memory``: dpd's real API, tables and
 validation over in-memory maps, no kernel): ``--per-process`` nodes share one process
 (each with its own gRPC server on its own unix socket), so hundreds fit on a 2-core
 machine. policyd runs as its own process with its defaults (resync 10 s, rpc timeout
@@ -98,11 +100,18 @@ class Row:
     healthy_change_ms: float = 0.0
     back_synced_s: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    datapath: str = "memory"
 
 
 class Cluster:
-    def __init__(self, workdir: Path, nodes: int, per_process: int, dpd_args: list[str]) -> None:
+    def __init__(self, workdir: Path, nodes: int, per_process: int, dpd_args: list[str],
+                 kernel: bool = False) -> None:
         self.workdir = workdir
+        self.kernel = kernel
+        self.bpf_root = str(workdir / "bpf")
+        self.namespaces: list[str] = []
+        if kernel:
+            per_process = 1
         self.per_process = per_process
         self.groups: list[tuple[int, list[str]]] = []  # (first node index, names)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -114,9 +123,28 @@ class Cluster:
             for i, name in enumerate(names):
                 self.addresses[name] = f"unix:{workdir}/g{first}-{i}.sock"
 
+    def _kernel_argv(self, g: int) -> list[str]:
+        first, _ = self.groups[g]
+        ns = f"xlbbc{os.getpid() % 10000}-{first}"
+        return [PY, "-m", "dpd.main", "--name", f"g{first}", "--netns", ns,
+                "--bpf-root", self.bpf_root, "--ct-aging-interval", "0"]
+
     def start_group(self, g: int) -> None:
         first, names = self.groups[g]
         log = open(self.workdir / f"dpd-g{first}.log", "ab")  # noqa: SIM115
+        if self.kernel:
+            from lab import netns
+
+            argv = self._kernel_argv(g)
+            ns = argv[argv.index("--netns") + 1]
+            if not netns.exists(ns):
+                netns.create(ns)
+                self.namespaces.append(ns)
+            self.procs[g] = subprocess.Popen(
+                [*argv, "--listen", f"unix:{self.workdir}/g{first}-0.sock",
+                 "--log-level", "warning", *self.dpd_args],
+                stdout=log, stderr=log, env=netns.python_env())
+            return
         self.procs[g] = subprocess.Popen(
             [PY, "-m", "dpd.main", "--datapath", "memory", "--name", f"g{first}",
              "--simulate", str(len(names)), "--listen", f"unix:{self.workdir}/g{first}-{{i}}.sock",
@@ -162,6 +190,16 @@ class Cluster:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        if self.kernel:
+            from lab import netns
+
+            for g in range(len(self.groups)):
+                subprocess.run([*self._kernel_argv(g), "--cleanup"], capture_output=True,
+                               env=netns.python_env(), timeout=60, check=False)
+            for ns in self.namespaces:
+                netns.delete(ns)
+            if os.path.ismount(self.bpf_root):
+                subprocess.run(["umount", self.bpf_root], check=False)
 
     def dpd_rss(self) -> float:
         return sum(rss_mib(p.pid) for p in self.procs.values())
@@ -189,14 +227,17 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
     per = max(1, args.per_process if args.per_process else (1 if n <= 20 else 25))
     row = Row(n, len(services), per)
     workdir = Path(tempfile.mkdtemp(prefix="xlb-bc-", dir="/tmp"))
+    kernel = args.datapath == "kernel"
+    if kernel:
+        per = row.per_process = 1
     cluster = Cluster(workdir, n, per, ["--max-services", "16384", "--max-backends", "65536",
-                                        "--ct-size", "1024"])
+                                        "--ct-size", "1024"], kernel=kernel)
     policyd = None
     client = None
     try:
         for g in range(len(cluster.groups)):
             cluster.start_group(g)
-        cluster.wait_serving(list(cluster.addresses))
+        cluster.wait_serving(list(cluster.addresses), timeout=600)
         plog = open(workdir / "policyd.log", "ab")  # noqa: SIM115
         policyd = subprocess.Popen(
             [PY, "-m", "policyd.main", "--listen", f"unix:{workdir}/policyd.sock",
@@ -246,6 +287,7 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
                                  / (time.monotonic() - t0), 2)
         row.rest_rss_mib = round(rss_mib(policyd.pid), 1)
         row.dpd_rss_mib_per_node = round(cluster.dpd_rss() / n, 1)
+        row.datapath = args.datapath
         say(f"  {n} nodes at rest: policyd CPU {row.rest_cpu_pct} % of a core, "
               f"RSS {row.rest_rss_mib} MiB; dpd {row.dpd_rss_mib_per_node} MiB/node",
               flush=True)
@@ -312,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, nargs="+", default=[20, 50, 100, 200])
+    p.add_argument("--datapath", choices=("memory", "kernel"), default="memory",
+                   help="memory: simulated nodes; kernel: one xlb-dpd per node, each in its "
+                        "own network namespace, on the kernel datapath (root)")
     p.add_argument("--services", type=int, default=10_000)
     p.add_argument("--endpoints", type=int, default=4)
     p.add_argument("--per-process", type=int, default=0,

@@ -135,3 +135,22 @@ def test_conntrack_lru_evicts_instead_of_refusing(node):
     for port in range(40000, 40040):  # 80 entries into a 64-entry table
         _flow(ct, port, ct.states.est, 1, 1)
     assert ct.count() == 64
+
+
+def test_generation_moves_with_every_write_call_and_pages_follow_key_order(node):
+    specs = [svc(i, n_eps=1) for i in range(5)]
+    assert node.services.summary() == (0, 0)
+    node.put_services(specs)
+    node.put_services(specs[:1])  # nothing changes; the call still counts
+    node.delete_services([specs[4].key])
+    assert node.services.summary() == (3, 4)
+    gen, first, more = node.services_page(None, 3)
+    assert gen == 3 and more and len(first) == 3
+    _, rest, more = node.services_page(first[-1].key, 3)
+    assert not more and [s.key for s in first + rest] == [s.key for s in specs[:4]]
+    # the index survives a restart: a new table reads the map once
+    from dpd.services import ServiceTable
+
+    again = ServiceTable(node.dp)
+    assert sorted(again.specs(), key=str) == sorted(specs[:4], key=str)
+    assert again.instance_id != node.services.instance_id
