@@ -366,6 +366,23 @@ class Store:
                 out.update(keys)
             return out
 
+    def changed_specs(
+        self, generation: int
+    ) -> tuple[int, dict[ServiceKey, ServiceSpec | None], int] | None:
+        """(generation now, {key changed after `generation`: its spec now, None when
+        deleted}, services now), read atomically in O(changes); None when the change
+        log does not reach back that far."""
+        with self._lock:
+            keys = self.changes_since(generation)
+            if keys is None:
+                return None
+            holders, services = self._holders, self._services
+            specs: dict[ServiceKey, ServiceSpec | None] = {}
+            for k in keys:
+                name = holders.get(k)
+                specs[k] = services[name].spec if name is not None else None
+            return self._generation, specs, len(holders)
+
     def snapshot(self) -> Snapshot:
         """The generation and the desired services at that generation, in one read.
 

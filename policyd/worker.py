@@ -195,7 +195,7 @@ class ReadGate:
 
 def plan_changes(
     keys: Iterable[ServiceKey],
-    desired: Mapping[ServiceKey, ServiceSpec],
+    desired: Mapping[ServiceKey, ServiceSpec | None],
     known: Mapping[ServiceKey, ServiceSpec | None] | None,
 ) -> tuple[list[ServiceSpec], list[ServiceKey]]:
     """(puts, deletes) that bring `keys` on the node from `known` (None: unknown, write
@@ -545,24 +545,30 @@ class NodeWorker:
         return calls, seconds
 
     def _change_pass(self) -> None:
+        """Push what changed since ``applied``: O(changed), no snapshot of everything."""
         started = time.perf_counter()
         self._record(last_attempt_ns=time.time_ns())
-        snapshot = self._store.snapshot()
+        changed = self._store.changed_specs(self._applied)
+        if changed is None:  # the change log does not reach back: compare everything
+            snapshot = self._store.snapshot()
+            generation, count = snapshot.generation, len(snapshot.services)
+            keys: Iterable[ServiceKey] = set(snapshot.services) | set(self._known or ())
+            desired: Mapping[ServiceKey, ServiceSpec | None] = snapshot.services
+        else:
+            generation, desired, count = changed
+            keys = desired
         snapshot_s = time.perf_counter() - started
-        keys = self._store.changes_since(self._applied, snapshot.generation)
-        if keys is None:  # the change log does not reach back: compare everything
-            keys = set(snapshot.services) | set(self._known or ())
         diffed = time.perf_counter()
-        puts, deletes = plan_changes(keys, snapshot.services, self._known)
+        puts, deletes = plan_changes(keys, desired, self._known)
         planned = time.perf_counter()
         calls, rpc_s = self._write(puts, deletes)
-        self._applied = snapshot.generation
+        self._applied = generation
         result = SyncResult(
-            services=len(snapshot.services), put=len(puts), deleted=len(deletes), full=False,
+            services=count, put=len(puts), deleted=len(deletes), full=False,
             calls=calls, datapath_id=self._ident[0] if self._ident else "",
             diff_s=planned - diffed, convert_s=time.perf_counter() - planned - rpc_s,
             rpc_s=rpc_s)
-        self._synced_at(snapshot.generation, result, started, snapshot_s)
+        self._synced_at(generation, result, started, snapshot_s)
 
     def _synced_at(self, generation: int, result: SyncResult, started: float,
                    snapshot_s: float) -> None:

@@ -233,3 +233,23 @@ def test_reply_from_stored_bytes_equals_reply_from_fields(store):
     assert from_blob == service_to_proto(replace(stored, blob=b""))
     assert (from_blob.name, from_blob.generation, from_blob.endpoints[0].weight) == ("web", 1, 3)
     assert from_blob.update_time.ToNanoseconds() == stored.update_time_ns
+
+
+def test_change_log_names_the_keys_changed_after_a_generation(store, tmp_path):
+    start = store.generation
+    a = store.apply_services([("a", spec(port=1)), ("b", spec(port=2))]).generation
+    moved = store.apply_service("b", spec(port=3))[0].generation  # b's key moves: 2 -> 3
+    gone = store.delete_service("a")
+    assert store.changes_since(start) == {spec(port=p).key for p in (1, 2, 3)}
+    assert store.changes_since(a) == {spec(port=p).key for p in (1, 2, 3)}
+    assert store.changes_since(moved) == {spec(port=1).key}
+    assert store.changes_since(gone) == set()
+    assert store.changes_since(start, upto=a) == {spec(port=1).key, spec(port=2).key}
+    generation, specs, count = store.changed_specs(a)
+    assert (generation, count) == (gone, 1)
+    assert specs == {spec(port=1).key: None, spec(port=2).key: None,
+                     spec(port=3).key: spec(port=3)}
+    store.close()
+    with Store(tmp_path / "state.db") as reopened:  # the log starts anew: older is unknown
+        assert reopened.changes_since(start) is None
+        assert reopened.changes_since(reopened.generation) == set()
