@@ -37,6 +37,7 @@ FRAGS = [bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / f) for 
     IP(src=CLIENT, dst=VIP, id=FRAG_ID) / UDP(sport=FRAG_PORT, dport=53) / (b"q" * 900),
     fragsize=400)]
 
+OPENERS = [tcp(CLIENT, VIP, 41001, 80, "S"), tcp(CLIENT, VIP, 41002, 80, "A", b"mid-stream")]
 SEEDS = [
     *FRAGS[1:],
     tcp(CLIENT, VIP, 41001, 80, "S"),
@@ -111,11 +112,19 @@ def may_open(frame: bytes) -> bool:
 
 @st.composite
 def mutated(draw):
-    frame = bytearray(draw(st.sampled_from(SEEDS)))
+    """A seed with 1-4 bytes replaced (mostly in the headers), often with TCP flags or a
+    source address of interest, often with its IP checksum made right again."""
+    frame = bytearray(draw(st.sampled_from(SEEDS + OPENERS * 3)))
     for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(14, len(frame) - 1))
+        top = len(frame) - 1 if draw(st.booleans()) else min(len(frame) - 1, 61)
+        at = draw(st.integers(14, top))
         frame[at] = draw(st.integers(0, 255))
-    if draw(st.booleans()):  # often a valid IP checksum: the mutation reaches further in
+    if frame[23] == 6 and len(frame) > 47 and draw(st.booleans()):
+        frame[47] = draw(st.sampled_from([0x00, 0x01, 0x02, 0x03, 0x04, 0x06, 0x10, 0x11, 0x12,
+                                          0x14, 0x18, 0x29, 0x3f, 0xc2, 0xff]))
+    if draw(st.integers(0, 5)) == 0:
+        frame[26] = draw(st.sampled_from([0, 127, 224, 239, 240, 255]))
+    if draw(st.integers(0, 2)) > 0:  # a valid IP checksum: the mutation reaches further in
         frame[24:26] = b"\0\0"
         frame[24:26] = struct.pack("!H", 0xffff - _csum(bytes(frame[14:34])))
     if draw(st.integers(0, 9)) == 0:
