@@ -29,11 +29,13 @@ def loaded() -> Iterator[Loaded]:
     root = tempfile.mkdtemp(prefix="xlb-dp-")
     settings = Settings(name="dptest", bpf_root=root, max_services=64, max_backends=256,
                         ct_size=4096, redirect=False)
-    node = Node.load(settings, ct_aging_interval=0)
+    node = None
     try:
+        node = Node.load(settings, ct_aging_interval=0)
         yield Loaded(node, settings)
-    finally:
-        node.close()
+    finally:  # also when loading failed: no pin or mount is left behind
+        if node is not None:
+            node.close()
         cleanup(settings)
         os.rmdir(root)
 
