@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ log = structlog.get_logger("dpd.api")
 VERSION = "0.1.0"
 PAGE_DEFAULT = 1000  # services per ListServicesPage when the request sets no limit
 PAGE_MAX = 5000
+BULK = 1000  # a PutServices this large freezes the heap (see PutServices)
 
 def _interface(a: Any, tag: str) -> pb.Interface:
     return pb.Interface(name=a.name, ifindex=a.ifindex, attached=a.attached,
@@ -84,6 +86,10 @@ class DatapathServicer(pb_grpc.DatapathServicer):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValidationError(f"services: {dup} appears more than once in the batch")
         written = self.node.put_services(specs)
+        if len(specs) >= BULK:
+            # The table is long-lived: keep it out of the cyclic GC's full passes, which
+            # otherwise stall every call for a while (~0.4 s with 250,000 services).
+            gc.freeze()
         return pb.PutServicesResponse(written=written, datapath_id=self.node.datapath_id,
                                       generation=self.node.services.generation,
                                       instance_id=self.node.instance_id)

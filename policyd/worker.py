@@ -31,6 +31,7 @@ part took. Benchmarks and tests observe passes through it.
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -542,6 +543,8 @@ class NodeWorker:
         finally:
             if bulk:
                 self._gate.release()
+        if bulk:
+            gc.freeze()  # what the node holds is long-lived: out of the GC's full passes
         return calls, seconds
 
     def _change_pass(self) -> None:
@@ -648,6 +651,8 @@ class NodeWorker:
         self._known = known
         self._node_gen = final
         self._need_read = False
+        if len(known) > self._settings.page_size:
+            gc.freeze()
         snapshot_s = time.perf_counter() - started
         listed = time.perf_counter()
         plan = diff_services(snapshot.services, known)
