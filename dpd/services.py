@@ -75,6 +75,16 @@ class ServiceTable:
         self.generation = 0
         self.instance_id = os.urandom(8).hex()
         self._sorted: tuple[int, list[tuple[bytes, int, int]], list[ServiceKey]] | None = None
+        # vip_v4_map: VIP -> how many services it carries (the datapath answers ICMP echo
+        # to a VIP); made to match the services at start, then kept by every write
+        self.vips = dp.maps["vip_v4_map"]
+        self._vip_count: dict[bytes, int] = {}
+        for k in entries:
+            vip = socket.inet_aton(k.vip)
+            self._vip_count[vip] = self._vip_count.get(vip, 0) + 1
+        stale = [v for v, _ in self.vips.items() if v not in self._vip_count]
+        self.vips.delete_batch(stale)
+        self._write_vips(list(self._vip_count))
         log.info("services_restored", services=len(entries))
 
     # -- encoding --------------------------------------------------------------------
@@ -156,6 +166,24 @@ class ServiceTable:
 
     # -- writing -----------------------------------------------------------------------
 
+    def _write_vips(self, vips: list[bytes]) -> None:
+        """Write the counts of `vips` (deleting those that carry no service any more)."""
+        gone = [v for v in vips if not self._vip_count.get(v)]
+        live = [v for v in vips if self._vip_count.get(v)]
+        for v in gone:
+            self._vip_count.pop(v, None)
+        self.vips.delete_batch(gone)
+        self.vips.put_batch(live, [self._vip_count[v].to_bytes(4, "little") for v in live])
+
+    def _count_vips(self, keys: list[ServiceKey], step: int) -> None:
+        touched = []
+        for k in keys:
+            vip = socket.inet_aton(k.vip)
+            self._vip_count[vip] = self._vip_count.get(vip, 0) + step
+            touched.append(vip)
+        if touched:
+            self._write_vips(list(dict.fromkeys(touched)))
+
     def _write(self, entries: list[_Entry]) -> None:
         """Write entries with one batched update."""
         if entries:
@@ -229,6 +257,7 @@ class ServiceTable:
             for k, e, freed in plan:
                 self.stat_ids.release(freed)
                 index[k] = e
+            self._count_vips(new_keys, +1)
             return len(specs)
 
     def _restore(self, written: list[ServiceKey], old: dict[ServiceKey, _Entry | None]) -> None:
@@ -243,7 +272,7 @@ class ServiceTable:
         with self._lock:
             if keys:
                 self.generation += 1
-            deleted = 0
+            gone: list[ServiceKey] = []
             for k in keys:
                 e = self._index.get(k)
                 if e is None:
@@ -252,8 +281,9 @@ class ServiceTable:
                 del self._index[k]
                 self.svc_ids.release([e.svc_id])
                 self.stat_ids.release(e.stat_ids.values())
-                deleted += 1
-            return deleted
+                gone.append(k)
+            self._count_vips(gone, -1)
+            return len(gone)
 
     # -- counters ------------------------------------------------------------------------
 

@@ -11,12 +11,19 @@
  * The quoted tuple, reversed, is the key of the flow's other entry (REPLY for the first
  * case, ORIG for the second), whose rewrite is the translation. Checksums: the outer IP
  * header, the quoted IP header, the quoted L4 checksum when the quote holds it, and
- * the ICMP checksum over every changed word (RFC 1624). Everything else (echo and
- * other queries, errors quoting no flow) passes untouched. */
+ * the ICMP checksum over every changed word (RFC 1624).
+ *
+ * An echo request to a VIP (an address in vip_v4_map, which dpd keeps as services
+ * come and go) is answered here, out of the interface it came in on, as a host would
+ * answer for its own address: ping works against a VIP, whichever endpoints serve it,
+ * and no endpoint sees it. Everything else (other queries, echo to other addresses,
+ * errors quoting no flow) passes untouched. */
 #ifndef XLB_ICMP_H
 #define XLB_ICMP_H
 
 #include <uapi/linux/icmp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
 
 #include "ct.h"
 #include "fwd.h"
@@ -40,6 +47,37 @@ static __always_inline int xlb_icmp_pass(void)
     return TC_ACT_OK;
 }
 
+/* Turn an echo request to a VIP into its reply, in place, and send it back. */
+static __always_inline int xlb_icmp_echo_reply(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + XLB_L3_OFF;
+    struct icmphdr *ic = data + XLB_L4_OFF;
+    if ((void *)(ic + 1) > data_end)
+        return xlb_icmp_pass();
+
+    __u8 mac[ETH_ALEN];
+    __builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+    /* swapping the addresses leaves the IP checksum as it is; a fresh TTL changes it */
+    __be32 a = ip->saddr;
+    ip->saddr = ip->daddr;
+    ip->daddr = a;
+    __u32 from = bpf_htons(((__u16)ip->ttl) << 8);
+    __u32 to = bpf_htons(((__u16)XLB_ICMP_REPLY_TTL) << 8);
+    ip->ttl = XLB_ICMP_REPLY_TTL;
+    xlb_ip_csum_add(ip, (~from & 0xffff) + to);
+    /* type 8 -> 0: the high byte of the first ICMP word (no pseudo header in ICMP) */
+    __u32 old_word = bpf_htons(((__u16)ICMP_ECHO) << 8);
+    ic->type = ICMP_ECHOREPLY;
+    xlb_csum_fix(&ic->checksum, (~old_word & 0xffff) + bpf_htons(((__u16)ICMP_ECHOREPLY) << 8));
+    xlb_count(XLB_STAT_ICMP_ECHO_REPLY);
+    return bpf_redirect(skb->ifindex, 0);
+}
+
 static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
 {
     void *data = (void *)(long)skb->data;
@@ -49,6 +87,14 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
     struct iphdr *in = (void *)(ic + 1);
     __u16 *ports = (void *)(in + 1); /* [0] quoted source, [1] quoted destination */
 
+    if ((void *)(ic + 1) > data_end)
+        return xlb_icmp_pass();
+    if (ic->type == ICMP_ECHO && ic->code == 0) {
+        __be32 dst = ip->daddr;
+        if (vip_v4_map.lookup(&dst))
+            return xlb_icmp_echo_reply(skb);
+        return xlb_icmp_pass();
+    }
     if ((void *)(ports + 2) > data_end)
         return xlb_icmp_pass();
     if (ic->type != ICMP_DEST_UNREACH && ic->type != ICMP_TIME_EXCEEDED &&

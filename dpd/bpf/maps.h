@@ -34,6 +34,9 @@ BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
                  XLB_CT_SIZE, XLB_PIN(ct_v4_map));
 BPF_TABLE_PINNED("lru_hash", struct xlb_frag_key, struct xlb_frag_val, frag_v4_map,
                  XLB_FRAG_SIZE, XLB_PIN(frag_v4_map));
+/* VIP -> how many services it carries: the datapath answers ICMP echo to a VIP. */
+BPF_TABLE_PINNED("hash", __be32, u32, vip_v4_map, XLB_MAX_SERVICES, XLB_PIN(vip_v4_map),
+                 BPF_F_NO_PREALLOC);
 /* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
 BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,

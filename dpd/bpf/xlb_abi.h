@@ -49,6 +49,9 @@
 /* xlb_cfg.flags */
 #define XLB_CFG_REDIRECT 1  /* forward NATed packets with bpf_redirect after a FIB lookup */
 
+/* TTL of the echo replies the datapath sends for a VIP */
+#define XLB_ICMP_REPLY_TTL 64
+
 /* global counters: XLB_STAT_<NAME> indexes stats_map; dpd reports each as <name> */
 #define XLB_STAT_PASS 0             /* not ours: handed to the kernel untouched */
 #define XLB_STAT_UNUSED_1 1         /* kept free so the indexes below stay stable */
@@ -70,6 +73,7 @@
 #define XLB_STAT_FRAG_NAT 17        /* non-first IPv4 fragments NATed with their first */
 #define XLB_STAT_PASS_FRAG 18       /* non-first fragments of no known flow: passed */
 #define XLB_STAT_ICMP_NAT 19        /* ICMP errors quoting a flow, translated */
+#define XLB_STAT_ICMP_ECHO_REPLY 20 /* ICMP echo requests to a VIP, answered */
 #define XLB_STAT_MAX 32
 
 struct xlb_nat_key {

@@ -442,12 +442,39 @@ def test_error_about_a_reply_reaches_the_endpoint_about_its_own_address(node):
     assert (q.src, q[TCP].sport, q.dst) == (EP1, 8080, CLIENT)
 
 
-def test_icmp_that_quotes_no_flow_and_echo_pass_untouched(node):
+def _echo(dst: str) -> bytes:
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=CLIENT, dst=dst, ttl=3)
+                 / ICMP(type=8, id=77, seq=5) / b"ping-payload")
+
+
+def test_echo_to_a_vip_is_answered_and_to_anything_else_passes(node):
+    node.put_services([svc(EndpointSpec(EP1, 8080)), svc(EndpointSpec(EP2, 53), port=53,
+                                                          proto=Proto.UDP)])
+    verdict, out = run(node, _echo(VIP))
+    assert verdict == 7  # redirected back out of the interface it came in on
+    assert (out[Ether].src, out[Ether].dst) == (MAC_L, MAC_C)
+    assert (out[IP].src, out[IP].dst, out[IP].ttl) == (VIP, CLIENT,
+                                                      ABI.const("XLB_ICMP_REPLY_TTL"))
+    assert (out[ICMP].type, out[ICMP].id, out[ICMP].seq) == (0, 77, 5)
+    assert bytes(out[ICMP].payload) == b"ping-payload"
+    fresh = Ether(bytes(out))
+    del fresh[IP].chksum, fresh[ICMP].chksum
+    rebuilt = Ether(bytes(fresh))
+    assert (out[IP].chksum, out[ICMP].chksum) == (rebuilt[IP].chksum, rebuilt[ICMP].chksum)
+    assert stat(node, "icmp_echo_reply") == 1
+    assert node.list_conntrack() == []  # no state, no endpoint involved
+    # one VIP of two services: deleting one keeps it answered, deleting both stops it
+    node.delete_services([svc(EndpointSpec(EP1, 8080)).key])
+    assert run(node, _echo(VIP))[0] == 7
+    node.delete_services([svc(EndpointSpec(EP2, 53), port=53, proto=Proto.UDP).key])
+    assert_untouched(node, _echo(VIP), "pass")
+    assert_untouched(node, _echo(EP1), "pass")  # not a VIP
+
+
+def test_icmp_that_quotes_no_flow_passes_untouched(node):
     node.put_services([svc(EndpointSpec(EP1, 8080))])
     quote = bytes(IP(src=CLIENT, dst=EP1) / TCP(sport=40830, dport=8080, flags="S"))
     assert_untouched(node, _icmp_error(EP1, CLIENT, quote), "pass")
-    echo = bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=CLIENT, dst=VIP) / ICMP() / b"ping")
-    assert_untouched(node, echo, "pass")
     # an error not sent to the source of what it quotes is not translated
     handshake(node, 40831)
     quote = bytes(IP(src=CLIENT, dst=EP1) / TCP(sport=40831, dport=8080, flags="A"))

@@ -154,3 +154,19 @@ def test_generation_moves_with_every_write_call_and_pages_follow_key_order(node)
     again = ServiceTable(node.dp)
     assert sorted(again.specs(), key=str) == sorted(specs[:4], key=str)
     assert again.instance_id != node.services.instance_id
+
+
+def test_vip_map_counts_the_services_of_each_vip(node):
+    from dpd.services import ServiceTable
+
+    vips = node.dp.maps["vip_v4_map"]
+    a, b = svc(0), svc(0, port=443)  # one VIP, two services
+    node.put_services([a, b, svc(1)])
+    count = {socket.inet_ntoa(k): int.from_bytes(v, "little") for k, v in vips.items()}
+    assert count == {a.vip: 2, svc(1).vip: 1}
+    node.delete_services([a.key, svc(1).key])
+    assert {socket.inet_ntoa(k) for k, _ in vips.items()} == {a.vip}
+    vips.put(socket.inet_aton("198.19.9.9"), (1).to_bytes(4, "little"))  # stale entry
+    ServiceTable(node.dp)  # a restarted dpd makes the map match its services
+    assert {socket.inet_ntoa(k): int.from_bytes(v, "little") for k, v in vips.items()} == {
+        b.vip: 1}
