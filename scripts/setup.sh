@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 bpftool libbpf1
-          iptables nftables nginx-light wrk make procps)
+          iptables nftables nginx-light wrk make procps iputils-ping)
 
 log() { printf 'setup: %s\n' "$*"; }
 

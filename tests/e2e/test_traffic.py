@@ -72,6 +72,23 @@ def test_tcp_and_udp_through_vip_reach_both_backends(lab):
     assert fill["ct_v4_map"].used == len(entries) > 0
 
 
+def test_ping_to_a_vip_is_answered_by_the_node_while_it_has_a_service(lab):
+    from lab import netns
+
+    put(lab, service(lab))
+    res = netns.run(lab.topo.client_ns, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", VIP],
+                    check=False, timeout=20)
+    assert res.returncode == 0 and "3 received" in res.stdout, res.stdout + res.stderr
+    assert f"from {VIP}" in res.stdout
+    stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    assert stats.global_counters["icmp_echo_reply"] == 3
+    lab.stub.DeleteServices(pb.DeleteServicesRequest(
+        keys=[tpb.ServiceKey(vip=VIP, port=80, protocol=TCP)]), timeout=10)
+    res = netns.run(lab.topo.client_ns, ["ping", "-n", "-c", "1", "-W", "1", VIP],
+                    check=False, timeout=20)
+    assert res.returncode != 0  # no service, not a VIP any more: nobody answers
+
+
 def test_weights_shape_the_distribution(lab):
     put(lab, service(lab, weights=(3, 1)))
     tcp = run_tcp_who(lab.topo, VIP, 80, count=40)
