@@ -39,6 +39,13 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
     fk.proto = p->proto;
     struct xlb_frag_val *fv = frag_v4_map.lookup(&fk);
     if (!fv) {
+        /* To a VIP but its first fragment was not seen (yet, or evicted): it cannot be
+         * tied to a flow, and passing it would leak it to the stack untranslated. */
+        __be32 dst = p->daddr;
+        if (vip_v4_map.lookup(&dst)) {
+            xlb_count(XLB_STAT_DROP_FRAG_NO_FIRST);
+            return TC_ACT_SHOT;
+        }
         xlb_count(XLB_STAT_PASS_FRAG);
         return TC_ACT_OK;
     }

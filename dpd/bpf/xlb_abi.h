@@ -74,6 +74,7 @@
 #define XLB_STAT_PASS_FRAG 18       /* non-first fragments of no known flow: passed */
 #define XLB_STAT_ICMP_NAT 19        /* ICMP errors quoting a flow, translated */
 #define XLB_STAT_ICMP_ECHO_REPLY 20 /* ICMP echo requests to a VIP, answered */
+#define XLB_STAT_DROP_FRAG_NO_FIRST 21 /* dropped: later fragment to a VIP, first unseen */
 #define XLB_STAT_MAX 32
 
 struct xlb_nat_key {

@@ -353,9 +353,18 @@ def _fixed_ip_csum(o: Ether) -> int:
     return IP(bytes(ip))[IP].chksum
 
 
-def test_later_fragment_of_no_known_flow_passes_untouched(node):
+def test_later_fragment_to_a_vip_before_its_first_is_dropped_and_counted(node):
     node.put_services([svc(EndpointSpec(EP1, 5353), port=53, proto=Proto.UDP)])
     frags = _frags(CLIENT, VIP, 40710, 53, 1000, 4343)
+    verdict, _ = run(node, frags[1])
+    assert verdict == TC_ACT_SHOT
+    assert stat(node, "drop_frag_no_first") == 1
+    assert node.list_conntrack() == []
+
+
+def test_later_fragment_to_another_address_passes_untouched(node):
+    node.put_services([svc(EndpointSpec(EP1, 5353), port=53, proto=Proto.UDP)])
+    frags = _frags(CLIENT, "198.18.7.7", 40711, 53, 1000, 4344)
     assert_untouched(node, frags[1], "pass_frag")
     assert node.list_conntrack() == []
 
