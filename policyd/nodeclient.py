@@ -13,7 +13,7 @@ in batches that stay under dpd's message limit. It imports nothing from dpd.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -142,14 +142,28 @@ def _field1(body: bytes) -> bytes:
     return b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
 
 
+_bodies: dict[ServiceSpec, bytes] = {}
+
+
+def service_body(spec: ServiceSpec) -> bytes:
+    """`spec` as xlb.dpd.v1.Service bytes (cached). dpd lists a service it holds as
+    these same bytes, so a read-back recognises known services without parsing them."""
+    cached = _bodies.get(spec)
+    if cached is None:
+        if len(_bodies) >= _FIELD_CACHE_MAX:
+            _bodies.clear()
+        msg = fill_service(datapath_pb2.Service(), spec)
+        cached = _bodies[spec] = msg.SerializeToString(deterministic=True)
+    return cached
+
+
 def service_field(spec: ServiceSpec) -> bytes:
     """`spec` as one ``services`` field of a PutServicesRequest (cached)."""
     cached = _put_fields.get(spec)
     if cached is None:
         if len(_put_fields) >= _FIELD_CACHE_MAX:
             _put_fields.clear()
-        body = fill_service(datapath_pb2.Service(), spec).SerializeToString(deterministic=True)
-        cached = _put_fields[spec] = _field1(body)
+        cached = _put_fields[spec] = _field1(service_body(spec))
     return cached
 
 
@@ -316,9 +330,12 @@ class NodeClient:
                                          wait_for_ready=wait_for_ready)
         return Summary(r.datapath_id, r.instance_id, int(r.generation), int(r.services))
 
-    def list_page(self, after: ServiceKey | None, limit: int) -> Page:
+    def list_page(self, after: ServiceKey | None, limit: int,
+                  known: Mapping[bytes, ServiceSpec] | None = None) -> Page:
         """Up to `limit` services after `after` (None: from the first), one call with
-        its own deadline: a read-back's deadline is per page, not per table."""
+        its own deadline: a read-back's deadline is per page, not per table. `known`
+        maps service bytes (``service_body``) to specs: those are taken as they are,
+        only the others are parsed and validated."""
         request = datapath_pb2.ListServicesPageRequest(limit=limit)
         if after is not None:
             request.has_after = True
@@ -326,7 +343,11 @@ class NodeClient:
         reply = self.stub.ListServicesPage(request, timeout=self.timeout)
         services: dict[ServiceKey, ServiceSpec | None] = {}
         for msg in reply.services:
-            _read_one(services, msg)
+            spec = known.get(msg.SerializeToString(deterministic=True)) if known else None
+            if spec is not None:
+                services[spec.key] = spec
+            else:
+                _read_one(services, msg)
         last = None
         if len(reply.services):
             try:

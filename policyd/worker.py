@@ -51,6 +51,7 @@ from policyd.nodeclient import (
     Page,
     describe_error,
     open_channel,
+    service_body,
 )
 from policyd.status import NodeProgress
 from policyd.store import NodeRecord, Store
@@ -269,6 +270,7 @@ class _ReadBack:
         self.touched: dict[ServiceKey, ServiceSpec | None] = {}  # our writes' effect
         self.pages = 0
         self.seconds = 0.0
+        self.index: dict[bytes, ServiceSpec] | None = None
 
 
 class NodeWorker:
@@ -607,7 +609,10 @@ class NodeWorker:
     def _read_page(self, rb: _ReadBack) -> bool:
         """Read the next page of `rb`; True when it was the last."""
         before = time.perf_counter()
-        page: Page = self._node.list_page(rb.after, self._settings.page_size)
+        if rb.index is None:  # the desired services by their bytes: parse only the others
+            rb.index = {service_body(spec): spec
+                        for spec in self._store.snapshot().services.values()}
+        page: Page = self._node.list_page(rb.after, self._settings.page_size, rb.index)
         rb.seconds += time.perf_counter() - before
         if rb.ident is None or page.ident != rb.ident:
             if rb.ident is not None:
