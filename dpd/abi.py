@@ -20,7 +20,7 @@ import operator
 import re
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,9 @@ def load() -> Abi:
 # -- codecs ---------------------------------------------------------------------------------
 
 
+_OP_PLAIN, _OP_BE16, _OP_RAW, _OP_ARRAY, _OP_STRUCT, _OP_STRUCTS = range(6)
+
+
 @dataclass
 class _Slot:
     name: str
@@ -338,33 +341,48 @@ class Codec:
     def names(self) -> list[str]:
         return [s.name for s in self._slots]
 
-    def _flat(self, values: Mapping[str, Any]) -> Iterator[Any]:
-        for s in self._slots:
-            v = values.get(s.name)
-            if s.kind == "be16":
-                yield socket.htons(v or 0)
-            elif s.kind == "be":
-                yield v or b""
-            elif s.kind == "bytes":
-                yield bytes(v or b"")
-            elif s.kind == "array":
+    @functools.cached_property
+    def _ops(self) -> list[tuple[str, int, Codec | None, int]]:
+        """(name, operation, sub-codec, count) per slot, for the packing loop."""
+        op = {"u": _OP_PLAIN, "s": _OP_PLAIN, "be16": _OP_BE16, "be": _OP_RAW, "bytes": _OP_RAW,
+              "array": _OP_ARRAY, "struct": _OP_STRUCT, "structs": _OP_STRUCTS}
+        return [(s.name, op[s.kind], s.sub, s.count) for s in self._slots]
+
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    def _flat(self, values: Mapping[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        append = out.append
+        get = values.get
+        for name, op, sub, count in self._ops:
+            v = get(name)
+            if op == _OP_PLAIN:
+                append(v or 0)
+            elif op == _OP_BE16:
+                append(socket.htons(v or 0))
+            elif op == _OP_RAW:
+                append(bytes(v or b""))
+            elif op == _OP_STRUCTS:
+                pack = sub.pack_dict  # type: ignore[union-attr]
+                append(b"".join([pack(item) for item in v]) if v else b"")
+            elif op == _OP_STRUCT:
+                append(sub.pack_dict(v or {}))  # type: ignore[union-attr]
+            else:  # _OP_ARRAY
                 vals = list(v or ())
-                yield from vals + [0] * (s.count - len(vals))
-            elif s.kind == "struct":
-                assert s.sub is not None
-                yield s.sub.pack(**(v or {}))
-            elif s.kind == "structs":
-                assert s.sub is not None
-                sub = s.sub
-                yield b"".join(sub.pack(**item) for item in (v or ()))
-            else:
-                yield v or 0
+                out.extend(vals + [0] * (count - len(vals)))
+        return out
+
+    def pack_dict(self, values: Mapping[str, Any]) -> bytes:
+        """`pack` with the values in a mapping."""
+        if not values.keys() <= self._name_set:
+            unknown = sorted(set(values) - self._name_set)[0]
+            raise KeyError(f"struct {self.layout.name} has no field {unknown}")
+        return self._struct.pack(*self._flat(values))
 
     def pack(self, **values: Any) -> bytes:
-        unknown = set(values) - set(self.names)
-        if unknown:
-            raise KeyError(f"struct {self.layout.name} has no field {sorted(unknown)[0]}")
-        return self._struct.pack(*self._flat(values))
+        return self.pack_dict(values)
 
     def pack_into(self, buf: bytearray | memoryview, offset: int, **values: Any) -> None:
         self._struct.pack_into(buf, offset, *self._flat(values))
