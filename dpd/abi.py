@@ -20,7 +20,7 @@ import operator
 import re
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,6 +383,36 @@ class Codec:
 
     def pack(self, **values: Any) -> bytes:
         return self.pack_dict(values)
+
+    def packer(self, *names: str) -> Callable[..., bytes]:
+        """A fast packing function taking the values of `names` positionally, in that
+        order; every field but the pads must be named (checked here, once). Values as
+        for `pack`, except that an array of structs is given already packed (bytes,
+        the elements' packings joined; zero-filled to the array's size)."""
+        slots = {s.name: s for s in self._slots}
+        missing = set(slots) - set(names)
+        unknown = set(names) - set(slots)
+        if missing or unknown or len(names) != len(set(names)):
+            raise KeyError(f"struct {self.layout.name} packer: missing {sorted(missing)}, "
+                           f"unknown {sorted(unknown)}")
+        where = {n: i for i, n in enumerate(names)}
+        order = [where[s.name] for s in self._slots]
+        be16 = [i for i, s in enumerate(self._slots) if s.kind == "be16"]
+        if any(s.kind in ("array", "struct") for s in self._slots):
+            raise AbiError(f"struct {self.layout.name}: packer takes scalar, byte-array and "
+                           "struct-array fields only")
+        pack = self._struct.pack
+        htons = socket.htons
+        if not be16 and order == list(range(len(order))):
+            return pack
+
+        def packed(*values: Any) -> bytes:
+            flat = [values[i] for i in order]
+            for i in be16:
+                flat[i] = htons(flat[i])
+            return pack(*flat)
+
+        return packed
 
     def pack_into(self, buf: bytearray | memoryview, offset: int, **values: Any) -> None:
         self._struct.pack_into(buf, offset, *self._flat(values))

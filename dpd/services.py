@@ -59,6 +59,10 @@ class ServiceTable:
         self._val = abi.structs["xlb_nat_val"].codec
         self._ep = abi.structs["xlb_ep"].codec
         self._counter = abi.structs["xlb_counter"].codec
+        # positional packers (field names checked once against the ABI)
+        self._pack_ep = self._ep.packer("addr", "port", "weight", "stat_id")
+        self._pack_val = self._val.packer("svc_id", "algo", "mode", "n_eps", "flags",
+                                          "n_slots", "eps", "slots")
         self.max_eps = abi.const("XLB_MAX_EPS")
         self.n_slots = abi.const("XLB_SLOTS")
         self.max_services = self.nat.spec.max_entries
@@ -101,12 +105,11 @@ class ServiceTable:
     def _value_bytes(self, e: _Entry) -> bytes:
         spec = e.spec
         table = self._slot_table(tuple(ep.weight for ep in spec.endpoints))
-        return self._val.pack(
-            svc_id=e.svc_id, algo=int(spec.algorithm), mode=int(spec.mode),
-            n_eps=len(spec.endpoints), n_slots=len(table), slots=table,
-            eps=[{"addr": socket.inet_aton(ep.address), "port": ep.port, "weight": ep.weight,
-                  "stat_id": e.stat_ids[(ep.address, ep.port)]} for ep in spec.endpoints],
-        )
+        ep_pack, aton, ids = self._pack_ep, socket.inet_aton, e.stat_ids
+        eps = b"".join([ep_pack(aton(ep.address), ep.port, ep.weight, ids[(ep.address, ep.port)])
+                        for ep in spec.endpoints])
+        return self._pack_val(e.svc_id, int(spec.algorithm), int(spec.mode),
+                              len(spec.endpoints), 0, len(table), eps, table)
 
     def _decode(self, kraw: bytes, vraw: bytes) -> _Entry:
         k = self._key.unpack(kraw)

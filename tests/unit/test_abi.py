@@ -75,3 +75,17 @@ def test_parser_refuses_what_it_does_not_understand():
     layout = parsed.structs["a"]
     assert layout.size == 36 and layout.field("c").offset == 4
     assert layout.holes() == [(1, 3)]
+
+
+def test_positional_packer_names_every_field_and_packs_as_pack_does():
+    ep = ABI.structs["xlb_ep"].codec
+    fast = ep.packer("addr", "port", "weight", "stat_id")
+    assert fast(b"\xc6\x12\x01\x02", 8080, 3, 9) == ep.pack(
+        addr=b"\xc6\x12\x01\x02", port=8080, weight=3, stat_id=9)
+    with pytest.raises(KeyError, match="missing"):
+        ep.packer("addr", "port", "weight")
+    val = ABI.structs["xlb_nat_val"].codec
+    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "eps", "slots")
+    one = {"addr": b"\x01\x02\x03\x04", "port": 80, "weight": 1, "stat_id": 5}
+    assert fast_val(1, 1, 1, 1, 0, 1, ep.pack(**one), b"\x00") == val.pack(
+        svc_id=1, algo=1, mode=1, n_eps=1, n_slots=1, eps=[one], slots=b"\x00")
