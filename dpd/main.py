@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -15,6 +16,9 @@ from dpd.loader import LoaderError, Settings
 from xlbcore.daemon import StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
 from xlbcore.server import Server, StartupError, start_server
+
+if TYPE_CHECKING:
+    from dpd.metrics import Exporter
 
 log = structlog.get_logger("dpd")
 
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --datapath memory: serve N simulated nodes from this process, "
                         "each with its own gRPC server; --listen must contain {i} (0..N-1), "
                         "and node i is named NAME-i")
+    p.add_argument("--metrics", default="", metavar="ADDR",
+                   help="serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, port 0: "
+                        "any free port, or unix:PATH; see docs/metrics.md); off by default")
     p.add_argument("--cleanup", action="store_true",
                    help="detach from every interface, remove the pins and exit")
     p.add_argument("--log-format", choices=FORMATS, default="kv")
@@ -60,7 +67,8 @@ def _enter_netns(name: str) -> None:
     setns(name)  # before any thread exists, so every later thread inherits it
 
 
-def serve(node: object, listen: str, max_workers: int = 8) -> Server:
+def serve(node: object, listen: str, max_workers: int = 8,
+          exporter: Exporter | None = None) -> Server:
     from dpd.servicer import DatapathServicer
     from xlb.dpd.v1 import datapath_pb2_grpc
 
@@ -69,7 +77,23 @@ def serve(node: object, listen: str, max_workers: int = 8) -> Server:
         listen, DATAPATH_SERVICE,
         lambda server: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, server),
         max_workers=max_workers,
+        interceptors=exporter.interceptors if exporter else (),
     )
+
+
+def start_metrics(exporter: Exporter | None, nodes: list[Any]) -> None:
+    """Start the exporter (if --metrics) over `nodes`; StartupError if it cannot listen."""
+    if exporter is not None:
+        server = exporter.start(nodes)
+        log.info("dpd_metrics", listen=server.address)
+
+
+def _exporter(args: argparse.Namespace) -> Exporter | None:
+    if not args.metrics:
+        return None
+    from dpd.metrics import Exporter
+
+    return Exporter(args.metrics)
 
 
 def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) -> int:
@@ -84,6 +108,7 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
         log.error("dpd_start_failed", error="--simulate N needs {i} in --listen")
         return 1
     stop.watch(log, prefix="dpd_")
+    exporter = _exporter(args)
     nodes: list[Node] = []
     servers: list[Server] = []
     try:
@@ -94,7 +119,8 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
             node = Node(MemoryDatapath(replace(settings, name=name)), ct_aging_interval=0)
             nodes.append(node)
             servers.append(serve(node, args.listen.replace("{i}", str(i)),
-                                 max_workers=8 if count == 1 else 2))
+                                 max_workers=8 if count == 1 else 2, exporter=exporter))
+        start_metrics(exporter, nodes)
     except (StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
         for server in servers:
@@ -105,6 +131,9 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
     sig = stop.wait()
     stop.step("log_signal")
     log.info("dpd_signal", signal=sig.name)
+    if exporter is not None:
+        stop.step("metrics_stop")
+        exporter.stop()
     stop.step("server_stop")
     for server in servers:
         server.stop(0)
@@ -142,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(args, settings, stop)
 
     stop.watch(log, prefix="dpd_")  # from here a stop ends the process within 2 s
+    exporter = _exporter(args)
     stop.step("load")  # compiling (a child process) stops when a stop signal is pending
     try:
         node = Node.load(settings, ct_aging_interval=args.ct_aging_interval,
@@ -162,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             node.attach(ifname)
         if not stop.requested():
             stop.step("serve")
-            server = serve(node, args.listen)
+            server = serve(node, args.listen, exporter=exporter)
+            start_metrics(exporter, [node])
     except (InterfaceMissing, StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
+        if server is not None:
+            server.stop(0)
         node.close()
         return 1
     if server is not None:
@@ -174,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     sig = stop.wait()  # the stop signal, taken in this thread: logging here is safe
     stop.step("log_signal")
     log.info("dpd_signal", signal=sig.name)
+    if exporter is not None:
+        stop.step("metrics_stop")  # first: a scrape reads the maps node_close closes
+        exporter.stop()
     if server is not None:
         stop.step("server_stop")
         server.stop(1.0)

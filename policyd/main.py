@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="deadline of each call to a node's dpd (default 10)",
     )
+    p.add_argument(
+        "--metrics",
+        default="",
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, port 0: any free "
+        "port, or unix:PATH; see docs/metrics.md); off by default",
+    )
     p.add_argument("--log-format", choices=FORMATS, default="kv")
     p.add_argument("--log-level", choices=LEVELS, default="info")
     p.add_argument(
@@ -96,28 +103,39 @@ def main(argv: list[str] | None = None) -> int:
     if grace < args.grace:
         log.warning("policyd.grace_capped", requested=args.grace, grace=grace)
 
-    config = PolicydConfig(
-        listen=args.listen,
-        db_path=args.db,
-        reconciler=ReconcilerSettings(
-            resync_interval=args.resync_interval,
-            rpc_timeout=args.rpc_timeout,
-            backoff_max=args.backoff_max,
-            backoff_initial=min(args.backoff_initial, args.backoff_max),
-            readback_concurrency=max(1, args.readback_concurrency),
-        ),
+    reconciler = ReconcilerSettings(
+        resync_interval=args.resync_interval,
+        rpc_timeout=args.rpc_timeout,
+        backoff_max=args.backoff_max,
+        backoff_initial=min(args.backoff_initial, args.backoff_max),
+        readback_concurrency=max(1, args.readback_concurrency),
     )
+    exporter = None
+    if args.metrics:
+        from policyd.metrics import Exporter
+
+        exporter = Exporter(args.metrics)
+        reconciler = exporter.settings(reconciler)  # pass durations and errors
+        exporter.install()  # RPC counts and latencies of the server started below
+    config = PolicydConfig(listen=args.listen, db_path=args.db, reconciler=reconciler)
     server = None
     if not stop.requested():
         stop.step("server_start")
         try:
             server = PolicyServer(config).start()
+            if exporter is not None and server.reconciler is not None:
+                log.info("policyd.metrics", listen=exporter.start(server.reconciler).address)
         except StartupError as exc:
             log.error("policyd.start_failed", error=str(exc))
+            if server is not None:
+                server.stop(0)
             return 1
     sig = stop.wait()  # the stop signal, taken in this thread: logging here is safe
     stop.step("log_signal")
     log.info("policyd.signal", signal=sig.name)
+    if exporter is not None:
+        stop.step("metrics_stop")
+        exporter.stop()
     if server is not None:
         stop.step("server_stop")
         server.stop(grace)

@@ -15,7 +15,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -35,6 +35,9 @@ MESSAGE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# interceptors of every server started without an explicit `interceptors` argument
+DEFAULT_INTERCEPTORS: list[grpc.ServerInterceptor] = []
 
 
 class StartupError(RuntimeError):
@@ -116,16 +119,22 @@ def start_server(
     *,
     max_workers: int = 16,
     options: list[tuple[str, int]] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] | None = None,
 ) -> Server:
     """Serve `service_name` (added to the server by `register`), health and reflection
-    on `listen` (``HOST:PORT``, port 0 for any free port, or ``unix:PATH``)."""
+    on `listen` (``HOST:PORT``, port 0 for any free port, or ``unix:PATH``);
+    `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them);
+    None: the process's `DEFAULT_INTERCEPTORS` (set by a daemon's main, before it starts
+    its servers, for servers it starts through code that does not pass them)."""
     try:
         addr = listen if isinstance(listen, Address) else parse_address(
             listen, "listen", allow_port_zero=True)
     except ValidationError as exc:
         raise StartupError(str(exc)) from None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=options if options is not None else MESSAGE_OPTIONS)
+                         options=options if options is not None else MESSAGE_OPTIONS,
+                         interceptors=list(DEFAULT_INTERCEPTORS if interceptors is None
+                                           else interceptors) or None)
     register(server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
