@@ -1,5 +1,6 @@
 """xlb-only measurements of issue 3: one change's latency from the API call to the first
-packet forwarded by it, and resident memory of dpd and policyd holding many services."""
+packet forwarded by it, and resident memory of dpd and policyd holding many services;
+and the time of one Prometheus scrape of a dpd holding many services."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import grpc
 from bench.services import Endpoint, ServiceSpec, filler_services
 from bench.target_xlb import BIG, dpd_service, policy_service, start_dpd, wait_synced
 from lab import netns
-from lab.daemons import Policyd
+from lab.daemons import Dpd, Policyd
 from lab.topology import Topology
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc as dgrpc
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc as pgrpc
 from xlb.types.v1 import types_pb2 as tpb
+from xlbcore.metrics import scrape
 
 CHANGE_VIP = "198.19.200.1"
 
@@ -165,3 +167,34 @@ def memory(topo: Topology, counts: list[int]) -> list[dict[str, Any]]:
             (topo.workdir / "mem-policyd.db").unlink(missing_ok=True)
             dpd.cleanup()
     return rows
+
+
+def scrape_time(topo: Topology, count: int, scrapes: int = 10) -> dict[str, Any]:
+    """GET /metrics of a kernel dpd holding `count` services x 4 endpoints (--metrics on a
+    unix socket): the first scrape (renders every label set) and the following ones, in
+    ms from the request to the last byte, with the exposition's size."""
+    specs = filler_services(count)
+    sock = topo.workdir / "dpd-metrics.sock"
+    size = max(16, count)
+    dpd = Dpd("bench", topo.lb_ns, topo.lb_ifaces, topo.workdir,
+              extra=["--max-services", str(size), "--max-backends", str(8 * size),
+                     "--log-level", "warning", "--metrics", f"unix:{sock}"]).start()
+    try:
+        with grpc.insecure_channel(dpd.address, options=BIG) as dch:
+            dstub = dgrpc.DatapathStub(dch)
+            for k in range(0, len(specs), 5000):
+                dstub.PutServices(dpb.PutServicesRequest(
+                    services=[dpd_service(s) for s in specs[k:k + 5000]]), timeout=300)
+        times = []
+        text = ""
+        for _ in range(scrapes + 1):
+            t0 = time.perf_counter()
+            text = scrape(f"unix:{sock}", timeout=60)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        dpd.cleanup()
+    steady = sorted(times[1:])
+    return {"services": count, "endpoints_per_service": 4, "first_ms": times[0],
+            "p50_ms": steady[len(steady) // 2], "max_ms": steady[-1], "scrapes": len(steady),
+            "series": sum(1 for line in text.splitlines() if line and line[0] != "#"),
+            "bytes": len(text.encode())}

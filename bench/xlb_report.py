@@ -21,7 +21,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_in_topology(topo: Topology, backends: list[Endpoint], changes: int, fillers: int,
-                    mem_counts: list[int]) -> dict[str, Any]:
+                    mem_counts: list[int], scrape_services: int | None = None) -> dict[str, Any]:
+    """`scrape_services` (default `fillers`: 10,000, 1,000 in a quick run): the dpd whose
+    Prometheus scrape is timed holds this many services (0: skip)."""
     out: dict[str, Any] = {}
     if changes:
         lat = xlb_phases.change_latency(topo, backends, changes, fillers)
@@ -32,6 +34,9 @@ def run_in_topology(topo: Topology, backends: list[Endpoint], changes: int, fill
         out["change_latency_fillers"] = fillers
     if mem_counts:
         out["memory"] = xlb_phases.memory(topo, mem_counts)
+    scrape_services = fillers if scrape_services is None else scrape_services
+    if scrape_services:
+        out["metrics_scrape"] = xlb_phases.scrape_time(topo, scrape_services)
     return out
 
 
@@ -68,6 +73,15 @@ def tables(x: dict[str, Any]) -> str:
                          f"{r.get('dpd_first_start_s', 0):.2f} s | "
                          f"{r.get('dpd_restart_s', 0):.2f} s |")
         parts.append("\n".join(lines))
+    if x.get("metrics_scrape"):
+        r = x["metrics_scrape"]
+        parts.append("\n".join([
+            "| Prometheus scrape of dpd (GET /metrics) | first ms | p50 ms | max ms | "
+            "series | size |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| {r['services']:,} services x {r['endpoints_per_service']} endpoints "
+            f"({r['scrapes']} scrapes) | {r['first_ms']:.0f} | {r['p50_ms']:.0f} | "
+            f"{r['max_ms']:.0f} | {r['series']:,} | {r['bytes'] / 2**20:.1f} MiB |"]))
     return "\n\n".join(parts)
 
 

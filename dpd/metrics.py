@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
+import os
 from collections import Counter as Tally
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -49,28 +52,49 @@ def _state_names() -> dict[int, str]:
             for v in pb.ConntrackState.DESCRIPTOR.values}
 
 
-def _read_percpu_array(fd: int, entries: int, value_bytes: int) -> bytes | None:
-    """A whole per-CPU array in a few BPF_MAP_LOOKUP_BATCH calls (None: not supported)."""
-    chunk = min(entries, 65536)
-    out = bytearray()
-    token_in = ctypes.create_string_buffer(8)
-    token_out = ctypes.create_string_buffer(8)
-    keys = ctypes.create_string_buffer(4 * chunk)
-    values = ctypes.create_string_buffer(value_bytes * chunk)
-    first = True
-    lib: Any = bpfsys._lib  # the libbpf handle dpd already loaded
-    while True:
-        count = ctypes.c_uint32(chunk)
-        rc = lib.bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys,
-                                      values, ctypes.byref(count), None)
-        err = ctypes.get_errno() if rc < 0 else 0
-        out += values.raw[:count.value * value_bytes]
-        if rc < 0:
-            if err == errno.ENOENT:
-                return bytes(out)
-            return None
-        ctypes.memmove(token_in, token_out, 8)
-        first = False
+class _BatchReader:
+    """BPF_MAP_LOOKUP_BATCH over a kernel map with buffers kept between scrapes: yields
+    (entries, keys, values) chunks of raw bytes, never one Python object per entry."""
+
+    def __init__(self, m: Map, chunk: int = 4096) -> None:
+        self.fd: int = m.fd  # type: ignore[attr-defined]
+        self.key_size = m.spec.key_size
+        self.value_size = m.value_bytes
+        self.chunk = max(1, min(chunk, m.spec.max_entries))
+        self._tokens = (ctypes.create_string_buffer(max(self.key_size, 8)),
+                        ctypes.create_string_buffer(max(self.key_size, 8)))
+        self._keys = ctypes.create_string_buffer(self.key_size * self.chunk)
+        self._values = ctypes.create_string_buffer(self.value_size * self.chunk)
+
+    def chunks(self) -> Iterator[tuple[int, bytes, bytes]]:
+        token_in, token_out = self._tokens
+        lib: Any = bpfsys._lib  # the libbpf handle dpd already loaded
+        first = True
+        while True:
+            count = ctypes.c_uint32(self.chunk)
+            rc = lib.bpf_map_lookup_batch(self.fd, None if first else token_in, token_out,
+                                          self._keys, self._values, ctypes.byref(count), None)
+            err = ctypes.get_errno() if rc < 0 else 0
+            n = count.value
+            if n:
+                yield (n, self._keys.raw[:n * self.key_size],
+                       self._values.raw[:n * self.value_size])
+            if rc < 0:
+                if err == errno.ENOENT:
+                    return
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            ctypes.memmove(token_in, token_out, len(token_out))
+            first = False
+
+
+def _sum_cpus(q: memoryview, field: int, stride: int, ncpus: int) -> list[int]:
+    """Field `field` (0 packets, 1 bytes) of every slot of a per-CPU counter array viewed
+    as u64s, summed over CPUs."""
+    step = stride * ncpus
+    total = list(q[field::step])
+    for cpu in range(1, ncpus):
+        total = list(map(operator.add, total, q[cpu * stride + field::step]))
+    return total
 
 
 def read_counters(m: Map, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -80,22 +104,14 @@ def read_counters(m: Map, ids: Sequence[int]) -> list[tuple[int, int]]:
     stride = percpu_stride(m.spec.value_size) // 8  # in u64s: packets, bytes, padding
     ncpus = m.ncpus
     fd = getattr(m, "fd", None)
-    raw = (_read_percpu_array(fd, m.spec.max_entries, m.value_bytes)
+    raw = (b"".join(v for _, _, v in _BatchReader(m, 65536).chunks())
            if isinstance(fd, int) and m.spec.per_cpu else None)
     if raw is not None:
         q = memoryview(raw).cast("Q")
-        per_slot = stride * ncpus
-        if ncpus == 1:
-            return [(q[i * per_slot], q[i * per_slot + 1]) for i in ids]
-        out = []
-        for i in ids:
-            base = i * per_slot
-            if base >= len(q):
-                out.append((0, 0))
-                continue
-            cells = q[base:base + per_slot]
-            out.append((sum(cells[0::stride]), sum(cells[1::stride])))
-        return out
+        packets = _sum_cpus(q, 0, stride, ncpus)
+        nbytes = _sum_cpus(q, 1, stride, ncpus)
+        n = len(packets)
+        return [(packets[i], nbytes[i]) if i < n else (0, 0) for i in ids]
     out = []
     for i in ids:
         value = m.get(i.to_bytes(4, "little"))
@@ -119,70 +135,93 @@ class ServiceFamilies:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        # service key -> (the spec the labels were made for, its label set, endpoints')
-        self._labels: dict[object, tuple[ServiceSpec, str, list[str]]] = {}
+        self.names = [f"{PREFIX}_{suffix}" for suffix, _ in self.FAMILIES]
+        # service key -> _Rendered, kept while the table's entry for it is the same object
+        self._cache: dict[object, _Rendered] = {}
 
-    def _labels_of(self, key: object, spec: ServiceSpec) -> tuple[str, list[str]]:
-        cached = self._labels.get(key)
-        if cached is not None and cached[0] is spec:
-            return cached[1], cached[2]
+    def _render_labels(self, ident: object, spec: ServiceSpec, svc_id: int,
+                       ep_ids: list[int]) -> _Rendered:
         node = self.node.settings.name
         service = service_label(spec)
+        sp, sb, ep, eb = self.names
         svc = "{" + labels_text(node=node, service=service) + "} "
         eps = ["{" + labels_text(node=node, service=service,
-                                 endpoint=f"{ep.address}:{ep.port}") + "} "
-               for ep in spec.endpoints]
-        self._labels[key] = (spec, svc, eps)
-        return svc, eps
+                                 endpoint=f"{e.address}:{e.port}") + "} "
+               for e in spec.endpoints]
+        return _Rendered(ident, sp + svc, sb + svc, [ep + x for x in eps],
+                         [eb + x for x in eps], svc_id, ep_ids)
 
-    def stats(self) -> list[tuple[object, ServiceSpec, tuple[int, int], list[tuple[int, int]]]]:
-        """(key, spec, (packets, bytes), per endpoint (packets, bytes)) of every service.
-
-        Reads the table's index of counter slots (ServiceTable._index, read-only) to fetch
-        both counter arrays in bulk; without it, ServiceTable.stats() (one lookup per
-        counter)."""
+    def _current(self) -> list[_Rendered]:
+        """Every service's rendered labels and counter slots. Reads the table's index of
+        counter slots (ServiceTable._index, read-only) so that both counter arrays can be
+        read in bulk; without it, ServiceTable.stats() (one lookup per counter)."""
         table = self.node.services
         index = getattr(table, "_index", None)
         lock = getattr(table, "_lock", None)
+        if not isinstance(index, dict) or lock is None:
+            raise AttributeError("no index")
+        with lock:
+            items = list(index.items())
+        cache = self._cache
+        out = []
+        for k, e in items:
+            r = cache.get(k)
+            if r is None or r.ident is not e:
+                spec = e.spec
+                r = self._render_labels(e, spec, e.svc_id, [
+                    e.stat_ids[(ep.address, ep.port)] for ep in spec.endpoints])
+                cache[k] = r
+            out.append(r)
+        if len(cache) > len(out):  # forget deleted services
+            for key in set(cache) - {k for k, _ in items}:
+                del cache[key]
+        return out
+
+    def stats(self) -> list[tuple[_Rendered, tuple[int, int], list[tuple[int, int]]]]:
+        """(rendered labels, (packets, bytes), per endpoint (packets, bytes)) of every
+        service."""
+        table = self.node.services
         try:
-            if not isinstance(index, dict) or lock is None:
-                raise AttributeError("no index")
-            with lock:
-                entries = [(k, e.spec, e.svc_id, [e.stat_ids[(ep.address, ep.port)]
-                                                  for ep in e.spec.endpoints])
-                           for k, e in index.items()]
+            current = self._current()
         except (AttributeError, KeyError, TypeError):
-            return [(spec.key, spec, (t.packets, t.bytes), [(c.packets, c.bytes) for _, c in eps])
-                    for spec, t, eps in table.stats()]
-        svc = iter(read_counters(table.svc_stats, [sid for _, _, sid, _ in entries]))
-        ep = iter(read_counters(table.ep_stats,
-                                [i for _, _, _, ids in entries for i in ids]))
-        return [(k, spec, next(svc), [next(ep) for _ in ids]) for k, spec, _, ids in entries]
+            out = []
+            for spec, t, eps in table.stats():
+                r = self._render_labels(spec, spec, 0, [])
+                out.append((r, (t.packets, t.bytes), [(c.packets, c.bytes) for _, c in eps]))
+            return out
+        svc = iter(read_counters(table.svc_stats, [r.svc_id for r in current]))
+        ep = iter(read_counters(table.ep_stats, [i for r in current for i in r.ep_ids]))
+        return [(r, next(svc), [next(ep) for _ in r.ep_ids]) for r in current]
 
     def render(self) -> Iterator[str]:
-        names = [f"{PREFIX}_{suffix}" for suffix, _ in self.FAMILIES]
-        sp, sb, ep, eb = names
         svc_packets: list[str] = []
         svc_bytes: list[str] = []
         ep_packets: list[str] = []
         ep_bytes: list[str] = []
-        seen = set()
-        for key, spec, total, eps in self.stats():
-            seen.add(key)
-            svc, ep_labels = self._labels_of(key, spec)
-            svc_packets.append(f"{sp}{svc}{total[0]}\n")
-            svc_bytes.append(f"{sb}{svc}{total[1]}\n")
-            for lbl, (packets, nbytes) in zip(ep_labels, eps, strict=False):
-                ep_packets.append(f"{ep}{lbl}{packets}\n")
-                ep_bytes.append(f"{eb}{lbl}{nbytes}\n")
-        if len(self._labels) > len(seen):  # forget deleted services
-            for key in [k for k in self._labels if k not in seen]:
-                del self._labels[key]
+        for r, total, eps in self.stats():
+            svc_packets.append(f"{r.svc_packets}{total[0]}\n")
+            svc_bytes.append(f"{r.svc_bytes}{total[1]}\n")
+            for lp, lb, (packets, nbytes) in zip(r.ep_packets, r.ep_bytes, eps, strict=False):
+                ep_packets.append(f"{lp}{packets}\n")
+                ep_bytes.append(f"{lb}{nbytes}\n")
         for name, (_, help_text), lines in zip(
-                names, self.FAMILIES, (svc_packets, svc_bytes, ep_packets, ep_bytes),
+                self.names, self.FAMILIES, (svc_packets, svc_bytes, ep_packets, ep_bytes),
                 strict=True):
             yield family_header(name, "counter", help_text)
             yield "".join(lines)
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """A service's series names with their label sets, and its counter slots."""
+
+    ident: object  # the table's entry these were made from
+    svc_packets: str
+    svc_bytes: str
+    ep_packets: list[str]
+    ep_bytes: list[str]
+    svc_id: int
+    ep_ids: list[int]
 
 
 class NodeCollector(Collector):
@@ -197,10 +236,48 @@ class NodeCollector(Collector):
         self._proto_at = next(f.offset for f in ct["xlb_ct_key"].fields
                               if f.name == "proto")
 
+        self._readers: dict[str, _BatchReader] = {}
+
+    def _reader(self, m: Map) -> _BatchReader | None:
+        if not isinstance(getattr(m, "fd", None), int):
+            return None
+        r = self._readers.get(m.name)
+        if r is None:
+            # at most 1 MiB of values per call (a maglev_v4_map value is 32 KiB)
+            r = self._readers[m.name] = _BatchReader(m, min(4096, (1 << 20) // m.value_bytes))
+        return r
+
     def conntrack_by_state(self) -> Tally[tuple[int, int]]:
         """(protocol number, state number) -> entries (two per flow: both directions)."""
         s, p = self._state_at, self._proto_at
-        return Tally((k[p], v[s]) for k, v in self.node.conntrack.map.items())
+        m = self.node.conntrack.map
+        reader = self._reader(m)
+        if reader is None:
+            return Tally((k[p], v[s]) for k, v in m.items())
+        tally: Tally[tuple[int, int]] = Tally()
+        ks, vs = reader.key_size, reader.value_size
+        for n, keys, values in reader.chunks():  # the two bytes of each entry, by slicing
+            tally.update(zip(keys[p:n * ks:ks], values[s:n * vs:vs], strict=True))
+        return tally
+
+    def map_fill(self, conntrack: int) -> list[tuple[str, str, int, int]]:
+        """(name, type, max_entries, used) as Node.maps() gives them, but a kernel hash
+        map is counted in batches without decoding its entries, and ct_v4_map's count is
+        the conntrack tally's (`conntrack`)."""
+        out = []
+        for name, m in sorted(self.node.dp.maps.items()):
+            kind = m.spec.type
+            if name == "nat_v4_map":
+                used = self.node.services.count()
+            elif name == "ct_v4_map":
+                used = conntrack
+            elif kind in ("hash", "lru_hash"):
+                reader = self._reader(m)
+                used = m.count() if reader is None else sum(n for n, _, _ in reader.chunks())
+            else:
+                used = 0
+            out.append((name, kind, m.spec.max_entries, used))
+        return out
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         n = self.node
@@ -224,15 +301,15 @@ class NodeCollector(Collector):
                                  labels=["node", "map", "type"])
         size = GaugeMetricFamily(f"{PREFIX}_map_max_entries", "the map's capacity",
                                  labels=["node", "map", "type"])
-        for m in n.maps():
-            used.add_metric([name, m.name, m.type], m.used)
-            size.add_metric([name, m.name, m.type], m.max_entries)
+        tally = self.conntrack_by_state()
+        for map_name, kind, max_entries, fill in self.map_fill(sum(tally.values())):
+            used.add_metric([name, map_name, kind], fill)
+            size.add_metric([name, map_name, kind], max_entries)
         yield used
         yield size
 
         ct = GaugeMetricFamily(f"{PREFIX}_conntrack_entries", "conntrack entries (two per "
                                "flow) by protocol and state", labels=["node", "protocol", "state"])
-        tally = self.conntrack_by_state()
         for proto in (Proto.TCP, Proto.UDP):
             for number, state in self._states.items():
                 if number:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dpd.loader import Settings
 from dpd.main import serve
 from dpd.memory import MemoryDatapath
-from dpd.metrics import Exporter, ServiceFamilies, read_counters, register_node
+from dpd.metrics import Exporter, ServiceFamilies, read_counters, register_node, service_label
 from dpd.node import Node
 from policyd import metrics as pmetrics
 from xlb.dpd.v1 import datapath_pb2 as pb
@@ -124,8 +124,9 @@ def test_bulk_read_matches_the_tables_own_stats(node):
         put_counter(node, "svc_stats_map", i, [(i, 10 * i), (1, 1)])
     for i in range(32):
         put_counter(node, "ep_stats_map", i, [(i + 1, i), (2, 2)])
-    bulk = {spec.key: (total, eps) for _, spec, total, eps in ServiceFamilies(node).stats()}
-    own = {spec.key: ((t.packets, t.bytes), [(c.packets, c.bytes) for _, c in eps])
+    bulk = {r.svc_packets: (total, eps) for r, total, eps in ServiceFamilies(node).stats()}
+    own = {f'xlb_dpd_service_packets_total{{node="mem",service="{service_label(spec)}"}} ':
+           ((t.packets, t.bytes), [(c.packets, c.bytes) for _, c in eps])
            for spec, t, eps in node.services.stats()}
     assert bulk == own
 
@@ -294,3 +295,20 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
     finally:
         e.stop()
     assert e.rpc not in xserver.DEFAULT_INTERCEPTORS
+
+
+def test_without_the_tables_index_the_counters_come_from_its_stats(node, monkeypatch):
+    spec = svc(0)
+    node.put_services([spec])
+    svc_id, ep_ids = slots(node, spec)
+    put_counter(node, "svc_stats_map", svc_id, [(1, 2), (3, 4)])
+    put_counter(node, "ep_stats_map", ep_ids[0], [(5, 6), (7, 8)])
+    def no_index(self):  # a table that keeps no such index
+        raise AttributeError("no index")
+
+    monkeypatch.setattr(ServiceFamilies, "_current", no_index)
+    text = "".join(ServiceFamilies(node).render())
+    s = parse(text)
+    assert value(s, "xlb_dpd_service_bytes_total", node="mem", service="198.19.0.1:80/tcp") == 6
+    assert value(s, "xlb_dpd_endpoint_packets_total", node="mem", service="198.19.0.1:80/tcp",
+                 endpoint="198.18.1.1:8080") == 12
