@@ -1,5 +1,6 @@
 """xlb as a bench target: xlb-dpd on the lb node, services programmed with PutServices
-(`xlb`), or applied to xlb-policyd and reconciled onto the node (`xlb-policyd`)."""
+(`xlb`; `xlb-maglev`: every service with Maglev), or applied to xlb-policyd and reconciled
+onto the node (`xlb-policyd`)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ BIG = [("grpc.max_receive_message_length", 64 << 20),
        ("grpc.max_send_message_length", 64 << 20)]
 
 
-def dpd_service(s: ServiceSpec) -> dpb.Service:
+def dpd_service(s: ServiceSpec, algorithm: int = tpb.ALGORITHM_ROUND_ROBIN) -> dpb.Service:
     return dpb.Service(
-        vip=s.vip, port=s.port,
+        vip=s.vip, port=s.port, algorithm=algorithm,
         protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
         endpoints=[tpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
     )
@@ -51,6 +52,7 @@ class XlbTarget(Target):
     """PutServices straight into the node's dpd."""
 
     name = "xlb"
+    algorithm: int = tpb.ALGORITHM_ROUND_ROBIN
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,7 +60,8 @@ class XlbTarget(Target):
 
     def setup(self, topo, services, measured_vip, port, backends) -> None:  # type: ignore[no-untyped-def]
         self._remember(topo, measured_vip, port, backends)
-        specs = [dpd_service(s) for s in service_set(services, measured_vip, port, backends)]
+        specs = [dpd_service(s, self.algorithm)
+                 for s in service_set(services, measured_vip, port, backends)]
         self.dpd = start_dpd(topo, services)
         with grpc.insecure_channel(self.dpd.address) as ch:
             stub = dgrpc.DatapathStub(ch)
@@ -73,6 +76,16 @@ class XlbTarget(Target):
             self.dpd = None
         if self.topo is not None:
             flush_conntrack(self.topo, self.topo.lb_ns)
+
+
+@register
+class XlbMaglevTarget(XlbTarget):
+    """As `xlb`, every service (fillers and the measured one) with Maglev: one table of
+    XLB_MAGLEV_SIZE entries per service in maglev_v4_map."""
+
+    name = "xlb-maglev"
+    algorithm = tpb.ALGORITHM_MAGLEV
+    control_plane = False  # traffic only: the CRR row with Maglev
 
 
 @register

@@ -12,6 +12,11 @@ starts, then maintained by every write), so a write never reads the map back and
 listing never decodes it. Every put/delete call with at least one item bumps
 ``generation`` by one (also when nothing changed): a client compares (datapath_id,
 instance_id, generation) to know whether anyone wrote since it last looked, in O(1).
+
+A Maglev service also has a lookup table in maglev_v4_map (dpd/maglev.py), one of two
+keys per service (svc_id * 2 + the XLB_SVC_MAGLEV_B bit of its flags): a change writes
+the new table under the other key, then the service value that points at it, then
+deletes the old table (make-before-break); a delete removes the service, then its table.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from dpd import maglev
 from dpd.ids import IdPool
 from dpd.loader import Datapath
 from dpd.maps import MapFull
@@ -40,6 +46,7 @@ class _Entry:
     spec: ServiceSpec
     svc_id: int
     stat_ids: dict[tuple[str, int], int]
+    maglev_b: int = 0  # Maglev: which of the service's two table keys is in use
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,12 @@ class Counter:
 
 
 class ServiceTable:
-    def __init__(self, dp: Datapath) -> None:
+    def __init__(self, dp: Datapath, maglev_size: int = maglev.DEFAULT_SIZE) -> None:
         abi = dp.abi
+        self.maglev_size = maglev.check_size(maglev_size)
+        self.maglev = dp.maps["maglev_v4_map"]
+        self._maglev = abi.structs["xlb_maglev"].codec
+        self._maglev_flag = abi.const("XLB_SVC_MAGLEV_B")
         self.nat = dp.maps["nat_v4_map"]
         self.svc_stats = dp.maps["svc_stats_map"]
         self.ep_stats = dp.maps["ep_stats_map"]
@@ -89,6 +100,10 @@ class ServiceTable:
         stale = [v for v, _ in self.vips.items() if v not in self._vip_count]
         self.vips.delete_batch(stale)
         self._write_vips(list(self._vip_count))
+        # Maglev tables no service points at (a dpd stopped between two writes)
+        live = {self._maglev_key(e) for e in entries.values()
+                if e.spec.algorithm == Algorithm.MAGLEV}
+        self.maglev.delete_batch([k for k, _ in self.maglev.items() if k not in live])
         log.info("services_restored", services=len(entries))
 
     # -- encoding --------------------------------------------------------------------
@@ -102,6 +117,18 @@ class ServiceTable:
     def _slot_table(self, weights: tuple[int, ...]) -> bytes:
         return bytes(build_slots(weights, self.n_slots))
 
+    @functools.lru_cache(maxsize=512)  # noqa: B019 - one table per process, bounded
+    def _maglev_table(self, eps: tuple[tuple[str, int, int], ...]) -> bytes:
+        return self._maglev.pack(size=self.maglev_size, ep=maglev.build(eps, self.maglev_size))
+
+    @staticmethod
+    def _maglev_key(e: _Entry) -> bytes:
+        return (e.svc_id * 2 + e.maglev_b).to_bytes(4, "little")
+
+    def _maglev_value(self, spec: ServiceSpec) -> bytes:
+        return self._maglev_table(tuple((ep.address, ep.port, ep.weight)
+                                        for ep in spec.endpoints))
+
     def _value_bytes(self, e: _Entry) -> bytes:
         spec = e.spec
         table = self._slot_table(tuple(ep.weight for ep in spec.endpoints))
@@ -109,7 +136,8 @@ class ServiceTable:
         eps = b"".join([ep_pack(aton(ep.address), ep.port, ep.weight, ids[(ep.address, ep.port)])
                         for ep in spec.endpoints])
         return self._pack_val(e.svc_id, int(spec.algorithm), int(spec.mode),
-                              len(spec.endpoints), 0, len(table), eps, table)
+                              len(spec.endpoints), self._maglev_flag if e.maglev_b else 0,
+                              len(table), eps, table)
 
     def _decode(self, kraw: bytes, vraw: bytes) -> _Entry:
         k = self._key.unpack(kraw)
@@ -124,7 +152,8 @@ class ServiceTable:
             stat_ids[(ep.address, ep.port)] = raw["stat_id"]
         spec = ServiceSpec(socket.inet_ntoa(k["vip"]), k["port"], Proto(k["proto"]),
                            Algorithm(v["algo"]), Mode(v["mode"]), tuple(sorted(eps)))
-        return _Entry(spec, v["svc_id"], stat_ids)
+        return _Entry(spec, v["svc_id"], stat_ids,
+                      1 if v["flags"] & self._maglev_flag else 0)
 
     # -- reading back from the map -----------------------------------------------------
 
@@ -240,16 +269,24 @@ class ServiceTable:
                         fresh_stats.append(stat_ids[ek])
                 freed = [sid for ek, sid in have.items() if ek not in stat_ids]
                 svc_id = prev.svc_id if prev else next(svc_ids)
-                plan.append((k, _Entry(spec, svc_id, stat_ids), freed))
+                # Maglev: the new table goes under the key the service does not use now
+                maglev_b = prev.maglev_b ^ 1 if prev else 0
+                plan.append((k, _Entry(spec, svc_id, stat_ids, maglev_b), freed))
+            tables = [e for _, e, _ in plan if e.spec.algorithm == Algorithm.MAGLEV]
             try:
                 self.ep_stats.zero(self.stat_ids.take_dirty(fresh_stats))
                 fresh_svc = self.svc_ids.take_dirty(
                     e.svc_id for k, e, _ in plan if old[k] is None)
                 self.svc_stats.zero(fresh_svc)
                 self.rr.zero(fresh_svc)
+                for i in range(0, len(tables), 256):  # 32 KiB values: bounded batches
+                    part = tables[i:i + 256]
+                    self.maglev.put_batch([self._maglev_key(e) for e in part],
+                                          [self._maglev_value(e.spec) for e in part])
                 self._write([e for _, e, _ in plan])
             except Exception as err:
                 self._restore([k for k, _, _ in plan], old)
+                self.maglev.delete_batch([self._maglev_key(e) for e in tables])
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 if isinstance(err, MapFull):
@@ -257,6 +294,10 @@ class ServiceTable:
                 raise
             self.svc_ids.commit()
             self.stat_ids.commit()
+            # the services point at their new tables: the old ones go
+            self.maglev.delete_batch([self._maglev_key(p) for k, _, _ in plan
+                                      if (p := old[k]) is not None
+                                      and p.spec.algorithm == Algorithm.MAGLEV])
             for k, e, freed in plan:
                 self.stat_ids.release(freed)
                 index[k] = e
@@ -281,6 +322,8 @@ class ServiceTable:
                 if e is None:
                     continue
                 self.nat.delete(self.key_bytes(k))
+                if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
+                    self.maglev.delete_batch([self._maglev_key(e)])
                 del self._index[k]
                 self.svc_ids.release([e.svc_id])
                 self.stat_ids.release(e.stat_ids.values())

@@ -34,6 +34,7 @@ ALGORITHMS = {
     "round-robin": types_pb2.ALGORITHM_ROUND_ROBIN,
     "rr": types_pb2.ALGORITHM_ROUND_ROBIN,
     "hash": types_pb2.ALGORITHM_HASH,
+    "maglev": types_pb2.ALGORITHM_MAGLEV,
 }
 
 

@@ -35,6 +35,7 @@ class Algorithm(enum.IntEnum):
 
     ROUND_ROBIN = 1
     HASH = 2
+    MAGLEV = 3
 
 
 class Mode(enum.IntEnum):

@@ -25,6 +25,10 @@
 #define XLB_FRAG_SIZE 8192
 #endif
 
+#ifndef XLB_MAGLEV_TABLES
+#define XLB_MAGLEV_TABLES 65536
+#endif
+
 #define XLB_PIN(name) XLB_BPF_ROOT "/" #name
 
 BPF_TABLE_PINNED("prog", int, int, pgm_tbl, 8, XLB_PIN(pgm_tbl));
@@ -37,6 +41,10 @@ BPF_TABLE_PINNED("lru_hash", struct xlb_frag_key, struct xlb_frag_val, frag_v4_m
 /* VIP -> how many services it carries: the datapath answers ICMP echo to a VIP. */
 BPF_TABLE_PINNED("hash", __be32, u32, vip_v4_map, XLB_MAX_SERVICES, XLB_PIN(vip_v4_map),
                  BPF_F_NO_PREALLOC);
+/* svc_id * 2 + (XLB_SVC_MAGLEV_B of the service's flags) -> its Maglev table: two
+ * per service while dpd replaces one (make-before-break), one otherwise. */
+BPF_TABLE_PINNED("hash", u32, struct xlb_maglev, maglev_v4_map, XLB_MAGLEV_TABLES,
+                 XLB_PIN(maglev_v4_map), BPF_F_NO_PREALLOC);
 /* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
 BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,

@@ -14,6 +14,9 @@
 
 #define XLB_MAX_EPS 64    /* endpoints per service */
 #define XLB_SLOTS 256     /* weighted selection slots per service */
+/* Maglev lookup table capacity (entries, a prime): a service's table uses the first
+ * xlb_maglev.size entries (a prime <= this, dpd's setting) */
+#define XLB_MAGLEV_SIZE 16381
 
 /* pgm_tbl slots */
 #define XLB_PGM_SLOW 1
@@ -45,6 +48,11 @@
 /* algorithms (values match the API's Algorithm) */
 #define XLB_ALGO_RR 1
 #define XLB_ALGO_HASH 2
+#define XLB_ALGO_MAGLEV 3
+
+/* xlb_nat_val.flags */
+#define XLB_SVC_MAGLEV_B 1 /* the service's Maglev table is maglev_v4_map[svc_id * 2 + 1],
+                             * else [svc_id * 2]: dpd writes the other one, then flips */
 
 /* xlb_cfg.flags */
 #define XLB_CFG_REDIRECT 1  /* forward NATed packets with bpf_redirect after a FIB lookup */
@@ -102,6 +110,16 @@ struct xlb_nat_val {
     __u32 pad2;
     struct xlb_ep eps[XLB_MAX_EPS];
     __u8 slots[XLB_SLOTS]; /* slot -> index into eps */
+};
+
+/* maglev_v4_map value: a Maglev service's lookup table (flow hash % size -> index into
+ * the service's eps), written whole by dpd (dpd/maglev.py) before the service points
+ * at it. */
+struct xlb_maglev {
+    __u32 size; /* entries in use: a prime <= XLB_MAGLEV_SIZE */
+    __u32 pad;
+    __u16 ep[XLB_MAGLEV_SIZE];
+    __u16 pad2;
 };
 
 struct xlb_ct_key {
