@@ -111,3 +111,13 @@ def test_service_table_writes_the_table_before_the_service_and_frees_it():
         assert list(mg.items()) == []
     finally:
         node.close()
+
+
+def test_xlbctl_and_the_model_know_maglev():
+    from policyd.client import make_service
+    from xlb.types.v1 import types_pb2 as tpb
+    from xlbcore.service import parse_algorithm
+
+    svc = make_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:8080"], "maglev")
+    assert svc.algorithm == tpb.ALGORITHM_MAGLEV == ABI.const("XLB_ALGO_MAGLEV")
+    assert parse_algorithm(tpb.ALGORITHM_MAGLEV) == Algorithm.MAGLEV
