@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from dpd import maglev
 from dpd.loader import LoaderError, Settings
 from xlbcore.daemon import StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dpd")
 
 DATAPATH_SERVICE = "xlb.dpd.v1.Datapath"
+
+
+def _maglev_size(text: str) -> int:
+    try:
+        return maglev.check_size(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-services", type=int, default=Settings.max_services)
     p.add_argument("--max-backends", type=int, default=Settings.max_backends,
                    help="endpoint counter slots, shared by all services")
+    p.add_argument("--maglev-size", type=_maglev_size, default=maglev.DEFAULT_SIZE,
+                   metavar="PRIME",
+                   help="entries of each Maglev service's lookup table: a prime, at most "
+                        f"{maglev.DEFAULT_SIZE} (the same on every node, so that nodes "
+                        "pick the same endpoint for a flow)")
     p.add_argument("--ct-size", type=int, default=Settings.ct_size,
                    help="conntrack entries (two per flow)")
     p.add_argument("--no-redirect", action="store_true",
@@ -116,7 +129,8 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
             if stop.requested():
                 break
             name = settings.name if count == 1 else f"{settings.name}-{i}"
-            node = Node(MemoryDatapath(replace(settings, name=name)), ct_aging_interval=0)
+            node = Node(MemoryDatapath(replace(settings, name=name)), ct_aging_interval=0,
+                        maglev_size=args.maglev_size)
             nodes.append(node)
             servers.append(serve(node, args.listen.replace("{i}", str(i)),
                                  max_workers=8 if count == 1 else 2, exporter=exporter))
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.step("load")  # compiling (a child process) stops when a stop signal is pending
     try:
         node = Node.load(settings, ct_aging_interval=args.ct_aging_interval,
-                         should_stop=stop.requested)
+                         should_stop=stop.requested, maglev_size=args.maglev_size)
     except LoaderError as e:
         if stop.requested():  # cancelled by the stop signal: a stop, not a failure
             log.info("dpd_signal", signal=stop.wait().name, during="start-up")

@@ -152,16 +152,9 @@ class ServiceFamilies:
                          [eb + x for x in eps], svc_id, ep_ids)
 
     def _current(self) -> list[_Rendered]:
-        """Every service's rendered labels and counter slots. Reads the table's index of
-        counter slots (ServiceTable._index, read-only) so that both counter arrays can be
-        read in bulk; without it, ServiceTable.stats() (one lookup per counter)."""
-        table = self.node.services
-        index = getattr(table, "_index", None)
-        lock = getattr(table, "_lock", None)
-        if not isinstance(index, dict) or lock is None:
-            raise AttributeError("no index")
-        with lock:
-            items = list(index.items())
+        """Every service's rendered labels and counter slots (ServiceTable.entries()), so
+        that both counter arrays can be read in bulk."""
+        items = self.node.services.entries()
         cache = self._cache
         out = []
         for k, e in items:
@@ -181,14 +174,7 @@ class ServiceFamilies:
         """(rendered labels, (packets, bytes), per endpoint (packets, bytes)) of every
         service."""
         table = self.node.services
-        try:
-            current = self._current()
-        except (AttributeError, KeyError, TypeError):
-            out = []
-            for spec, t, eps in table.stats():
-                r = self._render_labels(spec, spec, 0, [])
-                out.append((r, (t.packets, t.bytes), [(c.packets, c.bytes) for _, c in eps]))
-            return out
+        current = self._current()
         svc = iter(read_counters(table.svc_stats, [r.svc_id for r in current]))
         ep = iter(read_counters(table.ep_stats, [i for r in current for i in r.ep_ids]))
         return [(r, next(svc), [next(ep) for _ in r.ep_ids]) for r in current]

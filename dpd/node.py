@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from dpd import attach, bpfsys
+from dpd import attach, bpfsys, maglev
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
@@ -29,14 +29,15 @@ class MapFill:
 
 
 class Node:
-    def __init__(self, dp: Datapath, ct_aging_interval: float = 5.0) -> None:
+    def __init__(self, dp: Datapath, ct_aging_interval: float = 5.0,
+                 maglev_size: int = maglev.DEFAULT_SIZE) -> None:
         self.settings: Settings = dp.settings
         self.dp = dp
         if dp.abi.const("XLB_MAX_EPS") < MAX_ENDPOINTS:
             raise PreconditionError(
                 f"the datapath holds {dp.abi.const('XLB_MAX_EPS')} endpoints per service, "
                 f"the API allows {MAX_ENDPOINTS}")
-        self.services = ServiceTable(dp)
+        self.services = ServiceTable(dp, maglev_size)
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp)
@@ -51,13 +52,14 @@ class Node:
 
     @classmethod
     def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
-             should_stop: Callable[[], bool] = lambda: False) -> Node:
+             should_stop: Callable[[], bool] = lambda: False,
+             maglev_size: int = maglev.DEFAULT_SIZE) -> Node:
         """A node on the kernel datapath (compiled, or reused from the pins)."""
         from dpd.loader import KernelDatapath
 
         dp = KernelDatapath(settings, should_stop)
         try:
-            return cls(dp, ct_aging_interval)
+            return cls(dp, ct_aging_interval, maglev_size)
         except BaseException:
             dp.close()
             raise

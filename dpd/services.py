@@ -167,6 +167,13 @@ class ServiceTable:
     def _read(self, key: ServiceKey) -> _Entry | None:
         return self._index.get(key)
 
+    def entries(self) -> list[tuple[ServiceKey, _Entry]]:
+        """What the table holds, with each service's counter slots (svc_id, stat_ids),
+        read atomically. Entries are replaced, never changed in place, so a caller may
+        keep one and compare it by identity to notice a change."""
+        with self._lock:
+            return list(self._index.items())
+
     def specs(self) -> list[ServiceSpec]:
         with self._lock:
             return [e.spec for e in self._index.values()]

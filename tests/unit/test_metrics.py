@@ -297,18 +297,3 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
     assert e.rpc not in xserver.DEFAULT_INTERCEPTORS
 
 
-def test_without_the_tables_index_the_counters_come_from_its_stats(node, monkeypatch):
-    spec = svc(0)
-    node.put_services([spec])
-    svc_id, ep_ids = slots(node, spec)
-    put_counter(node, "svc_stats_map", svc_id, [(1, 2), (3, 4)])
-    put_counter(node, "ep_stats_map", ep_ids[0], [(5, 6), (7, 8)])
-    def no_index(self):  # a table that keeps no such index
-        raise AttributeError("no index")
-
-    monkeypatch.setattr(ServiceFamilies, "_current", no_index)
-    text = "".join(ServiceFamilies(node).render())
-    s = parse(text)
-    assert value(s, "xlb_dpd_service_bytes_total", node="mem", service="198.19.0.1:80/tcp") == 6
-    assert value(s, "xlb_dpd_endpoint_packets_total", node="mem", service="198.19.0.1:80/tcp",
-                 endpoint="198.18.1.1:8080") == 12
