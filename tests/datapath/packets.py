@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
@@ -67,3 +69,14 @@ def checksums_valid(pkt: Ether) -> bool:
     rebuilt = Ether(bytes(fresh))
     want_l4 = (rebuilt[TCP] if TCP in rebuilt else rebuilt[UDP]).chksum
     return got_ip == rebuilt[IP].chksum and got_l4 == want_l4
+
+
+def sum16(data: bytes) -> int:
+    """The one's-complement sum of 16-bit words (0xffff over a region whose checksum
+    field is right)."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s

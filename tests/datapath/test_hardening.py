@@ -27,6 +27,7 @@ from tests.datapath.packets import (
     VIP2,
     checksums_valid,
     run,
+    sum16,
     tcp,
     udp,
 )
@@ -372,15 +373,6 @@ def test_later_fragment_to_another_address_passes_untouched(node):
 # -- ICMP errors ------------------------------------------------------------------------------
 
 
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return s
-
-
 def _icmp_error(src: str, dst: str, quote: bytes, type_: int = 3, code: int = 3,
                 nexthop_mtu: int = 0) -> bytes:
     icmp = ICMP(type=type_, code=code)
@@ -391,14 +383,14 @@ def _icmp_error(src: str, dst: str, quote: bytes, type_: int = 3, code: int = 3,
 
 def _icmp_checks(frame: bytes, full_quote: bool) -> None:
     """Outer IP, ICMP, quoted IP (and quoted L4 over the full quoted datagram) sum right."""
-    assert _sum16(frame[14:34]) == 0xffff, "outer IP checksum"
-    assert _sum16(frame[34:]) == 0xffff, "ICMP checksum"
+    assert sum16(frame[14:34]) == 0xffff, "outer IP checksum"
+    assert sum16(frame[34:]) == 0xffff, "ICMP checksum"
     inner = frame[42:]
-    assert _sum16(inner[:20]) == 0xffff, "quoted IP checksum"
+    assert sum16(inner[:20]) == 0xffff, "quoted IP checksum"
     if full_quote:
         seg = inner[20:struct.unpack("!H", inner[2:4])[0]]
         pseudo = inner[12:20] + struct.pack("!BBH", 0, inner[9], len(seg))
-        assert _sum16(pseudo + seg) == 0xffff, "quoted L4 checksum"
+        assert sum16(pseudo + seg) == 0xffff, "quoted L4 checksum"
 
 
 def test_port_unreachable_from_the_endpoint_is_translated_to_the_vip(node):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
-from tests.datapath.packets import CLIENT, EP1, EP2, TC_ACT_SHOT, VIP, run, tcp, udp
+from tests.datapath.packets import CLIENT, EP1, EP2, TC_ACT_SHOT, VIP, run, sum16, tcp, udp
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 pytestmark = pytest.mark.root
@@ -53,17 +53,8 @@ SEEDS = [
 ]
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return s
-
-
 def ip_ok(frame: bytes) -> bool:
-    return len(frame) >= 34 and _csum(frame[14:14 + 4 * (frame[14] & 15)]) == 0xffff
+    return len(frame) >= 34 and sum16(frame[14:14 + 4 * (frame[14] & 15)]) == 0xffff
 
 
 def l4_ok(frame: bytes) -> bool:
@@ -75,7 +66,7 @@ def l4_ok(frame: bytes) -> bool:
     if proto == 17 and seg[6:8] == b"\0\0":
         return True  # UDP without a checksum
     pseudo = frame[26:34] + struct.pack("!BBH", 0, proto, len(seg))
-    return _csum(pseudo + seg) == 0xffff
+    return sum16(pseudo + seg) == 0xffff
 
 
 def may_open(frame: bytes) -> bool:
@@ -126,7 +117,7 @@ def mutated(draw):
         frame[26] = draw(st.sampled_from([0, 127, 224, 239, 240, 255]))
     if draw(st.integers(0, 2)) > 0:  # a valid IP checksum: the mutation reaches further in
         frame[24:26] = b"\0\0"
-        frame[24:26] = struct.pack("!H", 0xffff - _csum(bytes(frame[14:34])))
+        frame[24:26] = struct.pack("!H", 0xffff - sum16(bytes(frame[14:34])))
     if draw(st.integers(0, 9)) == 0:
         frame = frame[:draw(st.integers(34, len(frame)))]
     return bytes(frame)
@@ -180,7 +171,7 @@ def test_mutated_packets_are_rewritten_whole_or_not_at_all(svc_node, frame):
         return
     if frame[23] == 1:  # an ICMP error translated: checksums, and no endpoint address left
         tot = struct.unpack("!H", frame[16:18])[0]
-        assert (_csum(out_b[34:14 + tot]) == 0xffff) == (_csum(frame[34:14 + tot]) == 0xffff)
+        assert (sum16(out_b[34:14 + tot]) == 0xffff) == (sum16(frame[34:14 + tot]) == 0xffff)
         assert ip_ok(out_b[28:]) == ip_ok(frame[28:])  # the quoted IP header
         eps = {socket.inet_aton(EP1), socket.inet_aton(EP2)}
         assert out_b[26:30] in (socket.inet_aton(VIP), frame[26:30]) and out_b[26:30] not in eps
