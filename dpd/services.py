@@ -94,12 +94,8 @@ class ServiceTable:
         # to a VIP); made to match the services at start, then kept by every write
         self.vips = dp.maps["vip_v4_map"]
         self._vip_count: dict[bytes, int] = {}
-        for k in entries:
-            vip = socket.inet_aton(k.vip)
-            self._vip_count[vip] = self._vip_count.get(vip, 0) + 1
-        stale = [v for v, _ in self.vips.items() if v not in self._vip_count]
-        self.vips.delete_batch(stale)
-        self._write_vips(list(self._vip_count))
+        self._count_vips(list(entries), +1)
+        self.vips.delete_batch([v for v, _ in self.vips.items() if v not in self._vip_count])
         # Maglev tables no service points at (a dpd stopped between two writes)
         live = {self._maglev_key(e) for e in entries.values()
                 if e.spec.algorithm == Algorithm.MAGLEV}

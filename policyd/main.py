@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         exporter = Exporter(args.metrics)
         reconciler = exporter.settings(reconciler)  # pass durations and errors
-        exporter.install()  # RPC counts and latencies of the server started below
-    config = PolicydConfig(listen=args.listen, db_path=args.db, reconciler=reconciler)
+    config = PolicydConfig(listen=args.listen, db_path=args.db, reconciler=reconciler,
+                           interceptors=(exporter.rpc,) if exporter else ())
     server = None
     if not stop.requested():
         stop.step("server_start")

@@ -14,7 +14,6 @@ from prometheus_client.registry import Collector
 
 from policyd.reconciler import PassReport, Reconciler, ReconcilerSettings
 from policyd.status import SyncState
-from xlbcore import server as xserver
 from xlbcore.metrics import MetricsServer, RpcMetrics, start_metrics
 
 PREFIX = "xlb_policyd"
@@ -90,9 +89,8 @@ class Exporter:
     """policyd's exporter (``xlb-policyd --metrics ADDR``).
 
     Before the server starts: `settings(reconciler_settings)` adds the pass observer
-    (composed with any there is) and `install()` makes RpcMetrics the interceptor of the
-    servers started without explicit ones (xlbcore.server.DEFAULT_INTERCEPTORS: policyd's
-    server is one). After: `start(reconciler)`. `stop()` undoes both."""
+    (composed with any there is), and `rpc` goes into PolicydConfig.interceptors. After:
+    `start(reconciler)`; `stop()` ends the HTTP server."""
 
     def __init__(self, listen: str) -> None:
         self.listen = listen
@@ -100,7 +98,6 @@ class Exporter:
         self.rpc = RpcMetrics(PREFIX, self.registry)
         self.passes = PassMetrics(self.registry)
         self.server: MetricsServer | None = None
-        self._installed = False
 
     def settings(self, settings: ReconcilerSettings) -> ReconcilerSettings:
         previous = settings.on_pass
@@ -116,11 +113,6 @@ class Exporter:
 
         return dataclasses.replace(settings, on_pass=both)
 
-    def install(self) -> None:
-        if not self._installed:
-            xserver.DEFAULT_INTERCEPTORS.append(self.rpc)
-            self._installed = True
-
     def start(self, reconciler: Reconciler) -> MetricsServer:
         self.registry.register(StatusCollector(reconciler))
         self.server = start_metrics(self.listen, self.registry)
@@ -129,7 +121,3 @@ class Exporter:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
-        if self._installed:
-            self._installed = False
-            if self.rpc in xserver.DEFAULT_INTERCEPTORS:
-                xserver.DEFAULT_INTERCEPTORS.remove(self.rpc)

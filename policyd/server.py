@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import grpc
 import structlog
 
 from policyd.defaults import DEFAULT_LISTEN
@@ -40,6 +41,8 @@ class PolicydConfig:
     db_path: str = "policyd.db"
     reconciler: ReconcilerSettings = field(default_factory=ReconcilerSettings)
     max_workers: int = 16  # gRPC handler threads
+    # see every call of the API (xlbcore.metrics.RpcMetrics with --metrics)
+    interceptors: tuple[grpc.ServerInterceptor, ...] = ()
 
 
 class PolicyServer:
@@ -69,6 +72,7 @@ class PolicyServer:
                 POLICY_SERVICE,
                 lambda server: policy_pb2_grpc.add_PolicyServicer_to_server(servicer, server),
                 max_workers=self.config.max_workers,
+                interceptors=self.config.interceptors,
             )
         except BaseException:
             store.close()

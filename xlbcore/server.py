@@ -36,10 +36,6 @@ MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
-# interceptors of every server started without an explicit `interceptors` argument
-DEFAULT_INTERCEPTORS: list[grpc.ServerInterceptor] = []
-
-
 class StartupError(RuntimeError):
     """A daemon cannot start (bad listen address, socket in use, unusable store...)."""
 
@@ -119,13 +115,11 @@ def start_server(
     *,
     max_workers: int = 16,
     options: list[tuple[str, int]] | None = None,
-    interceptors: Sequence[grpc.ServerInterceptor] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> Server:
     """Serve `service_name` (added to the server by `register`), health and reflection
     on `listen` (``HOST:PORT``, port 0 for any free port, or ``unix:PATH``);
-    `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them);
-    None: the process's `DEFAULT_INTERCEPTORS` (set by a daemon's main, before it starts
-    its servers, for servers it starts through code that does not pass them)."""
+    `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them)."""
     try:
         addr = listen if isinstance(listen, Address) else parse_address(
             listen, "listen", allow_port_zero=True)
@@ -133,8 +127,7 @@ def start_server(
         raise StartupError(str(exc)) from None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=options if options is not None else MESSAGE_OPTIONS,
-                         interceptors=list(DEFAULT_INTERCEPTORS if interceptors is None
-                                           else interceptors) or None)
+                         interceptors=list(interceptors) or None)
     register(server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

@@ -19,10 +19,7 @@ int tc_packet_func(struct __sk_buff *skb)
     if (rc != XLB_P_OK) {
         if (rc == XLB_P_FRAG || rc == XLB_P_ICMP)
             goto slow;
-        xlb_count(rc == XLB_P_BAD       ? XLB_STAT_PASS_BAD_HEADER
-                  : rc == XLB_P_OPTIONS ? XLB_STAT_PASS_IP_OPTIONS
-                                        : XLB_STAT_PASS);
-        return TC_ACT_OK;
+        return xlb_pass_unparsed(rc);
     }
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, &p);

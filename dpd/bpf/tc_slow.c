@@ -184,10 +184,7 @@ int tc_packet_func_slow(struct __sk_buff *skb)
             return xlb_later_fragment(skb, &p);
         first_frag = 1;
     } else if (rc != XLB_P_OK) {
-        xlb_count(rc == XLB_P_BAD       ? XLB_STAT_PASS_BAD_HEADER
-                  : rc == XLB_P_OPTIONS ? XLB_STAT_PASS_IP_OPTIONS
-                                        : XLB_STAT_PASS);
-        return TC_ACT_OK;
+        return xlb_pass_unparsed(rc);
     }
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, &p);

@@ -194,14 +194,16 @@ def fake_node(sockdir: Path) -> Iterator[Callable[[str], FakeNode]]:
 
 @pytest.fixture
 def policyd(sockdir: Path, tmp_path: Path) -> Iterator[Callable[..., PolicyServer]]:
-    """policyd(db=None, settings=FAST) -> a started in-process PolicyServer."""
+    """policyd(db=None, settings=FAST, interceptors=()) -> a started in-process PolicyServer."""
     servers: list[PolicyServer] = []
 
-    def start(db: Path | None = None, settings: ReconcilerSettings = FAST) -> PolicyServer:
+    def start(db: Path | None = None, settings: ReconcilerSettings = FAST,
+              interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> PolicyServer:
         config = PolicydConfig(
             listen=f"unix:{sockdir}/policyd.sock",
             db_path=str(db or tmp_path / "policyd.db"),
             reconciler=settings,
+            interceptors=interceptors,
         )
         server = PolicyServer(config).start()
         servers.append(server)

@@ -21,7 +21,6 @@ from dpd.node import Node
 from policyd import metrics as pmetrics
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc
-from xlbcore import server as xserver
 from xlbcore.metrics import labels_text, scrape, start_metrics
 from xlbcore.service import Algorithm, EndpointSpec, Proto, ServiceSpec
 
@@ -248,9 +247,8 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
     e = pmetrics.Exporter(f"unix:{sockdir}/pmetrics.sock")
     seen: list[str] = []
     settings = e.settings(type(fast)(**{**fast.__dict__, "on_pass": lambda n, r: seen.append(n)}))
-    e.install()
     try:
-        srv = policyd(settings=settings)
+        srv = policyd(settings=settings, interceptors=(e.rpc,))
         assert srv.reconciler is not None
         e.start(srv.reconciler)
         node = fake_node("n1").start()
@@ -294,6 +292,5 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
         assert value(s, "xlb_policyd_node_sync_state", node="n1", state="synced") == 0
     finally:
         e.stop()
-    assert e.rpc not in xserver.DEFAULT_INTERCEPTORS
 
 
