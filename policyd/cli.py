@@ -33,12 +33,7 @@ from google.protobuf.message import Message
 from policyd.client import ALGORITHMS, PROTOCOLS, PolicyClient, is_synced, make_service
 from policyd.defaults import DEFAULT_LISTEN, ENV_SERVER
 from xlb.policy.v1 import policy_pb2
-from xlbcore.errors import quote
-
-
-def _brief(text: str, limit: int = 120) -> str:
-    """`text` itself when short, else its quoted prefix with the length noted."""
-    return text if len(text) <= limit else quote(text, limit)
+from xlbcore.errors import brief
 
 
 def _json(msg: Message) -> dict[str, Any]:
@@ -118,19 +113,20 @@ def read_services(path: str) -> list[policy_pb2.Service]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
         data = json.loads(text)
     except OSError as exc:
-        raise ValueError(f"{_brief(path)}: {exc.strerror}") from None
+        raise ValueError(f"{brief(path, 120)}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{_brief(path)}: not JSON: {exc}") from None
+        raise ValueError(f"{brief(path, 120)}: not JSON: {exc}") from None
     if isinstance(data, dict) and set(data) <= {"services", "generation"}:
         data = data.get("services", [])
     if not isinstance(data, list):
-        raise ValueError(f'{_brief(path)}: expected a list of services or {{"services": [...]}}')
+        raise ValueError(
+            f'{brief(path, 120)}: expected a list of services or {{"services": [...]}}')
     services = []
     for i, item in enumerate(data):
         try:
             services.append(json_format.ParseDict(item, policy_pb2.Service()))
         except (json_format.ParseError, AttributeError, TypeError) as exc:
-            raise ValueError(f"{_brief(path)}: services[{i}]: {_brief(str(exc))}") from None
+            raise ValueError(f"{brief(path, 120)}: services[{i}]: {brief(str(exc), 120)}") from None
     return services
 
 

@@ -12,16 +12,17 @@ in batches that stay under dpd's message limit. It imports nothing from dpd.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import structlog
 
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
-from xlbcore.errors import quote
+from xlbcore.errors import brief
 from xlbcore.service import (
     ServiceKey,
     ServiceSpec,
@@ -34,7 +35,6 @@ from xlbcore.service import (
 
 log = structlog.get_logger()
 
-T = TypeVar("T")
 
 # dpd's gRPC server takes messages up to grpc's default 4 MiB; stay well below it (a
 # service with 64 endpoints is ~1.2 KiB, so 5000 of them would not fit in one call).
@@ -55,11 +55,6 @@ CHANNEL_OPTIONS = [
 DETAILS_MAX = 200  # characters of an error's text kept in a node's status and the log
 
 
-def _brief(text: str, limit: int = DETAILS_MAX) -> str:
-    """`text` itself when short, else its quoted prefix with the length noted."""
-    return text if len(text) <= limit else quote(text, limit)
-
-
 def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
@@ -71,50 +66,11 @@ def describe_error(exc: BaseException) -> str:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else None
         name = code.name if code is not None else "RPC_ERROR"
-        return f"{name}: {_brief(details or 'no details')}"
-    return f"{type(exc).__name__}: {_brief(str(exc))}"
+        return f"{name}: {brief(details or 'no details', DETAILS_MAX)}"
+    return f"{type(exc).__name__}: {brief(str(exc), DETAILS_MAX)}"
 
 
 # -- requests ---------------------------------------------------------------------------
-
-
-def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def put_requests(
-    specs: Iterable[ServiceSpec], max_count: int = BATCH_COUNT, max_bytes: int = BATCH_BYTES
-) -> Iterator[datapath_pb2.PutServicesRequest]:
-    """PutServices requests for `specs`, in order, each with at most `max_count`
-    services and (unless one service alone is bigger) at most `max_bytes` bytes."""
-    request = datapath_pb2.PutServicesRequest()
-    size = 0
-    for spec in specs:
-        msg = fill_service(request.services.add(), spec)
-        grown = msg.ByteSize() + 8  # + tag and length prefix (generously)
-        if len(request.services) > 1 and (
-            len(request.services) > max_count or size + grown > max_bytes
-        ):
-            del request.services[-1]
-            yield request
-            request = datapath_pb2.PutServicesRequest()
-            fill_service(request.services.add(), spec)
-            size = 0
-        size += grown
-    if request.services:
-        yield request
-
-
-def delete_requests(
-    keys: Sequence[ServiceKey], max_count: int = BATCH_COUNT
-) -> Iterator[datapath_pb2.DeleteServicesRequest]:
-    """DeleteServices requests for `keys`, in order, each with at most `max_count` keys."""
-    for chunk in batches(keys, max_count):
-        request = datapath_pb2.DeleteServicesRequest()
-        for key in chunk:
-            fill_service_key(request.keys.add(), key)
-        yield request
 
 
 # -- requests built once, sent to every node --------------------------------------------
@@ -125,8 +81,6 @@ def delete_requests(
 # change going to 200 nodes is encoded once, not 200 times.
 
 _FIELD_CACHE_MAX = 1 << 18
-_put_fields: dict[ServiceSpec, bytes] = {}
-_key_fields: dict[ServiceKey, bytes] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -142,41 +96,24 @@ def _field1(body: bytes) -> bytes:
     return b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
 
 
-_bodies: dict[ServiceSpec, bytes] = {}
-
-
+@functools.lru_cache(maxsize=_FIELD_CACHE_MAX)
 def service_body(spec: ServiceSpec) -> bytes:
     """`spec` as xlb.dpd.v1.Service bytes (cached). dpd lists a service it holds as
     these same bytes, so a read-back recognises known services without parsing them."""
-    cached = _bodies.get(spec)
-    if cached is None:
-        if len(_bodies) >= _FIELD_CACHE_MAX:
-            _bodies.clear()
-        msg = fill_service(datapath_pb2.Service(), spec)
-        cached = _bodies[spec] = msg.SerializeToString(deterministic=True)
-    return cached
+    return fill_service(datapath_pb2.Service(), spec).SerializeToString(deterministic=True)
 
 
+@functools.lru_cache(maxsize=_FIELD_CACHE_MAX)
 def service_field(spec: ServiceSpec) -> bytes:
     """`spec` as one ``services`` field of a PutServicesRequest (cached)."""
-    cached = _put_fields.get(spec)
-    if cached is None:
-        if len(_put_fields) >= _FIELD_CACHE_MAX:
-            _put_fields.clear()
-        cached = _put_fields[spec] = _field1(service_body(spec))
-    return cached
+    return _field1(service_body(spec))
 
 
+@functools.lru_cache(maxsize=_FIELD_CACHE_MAX)
 def key_field(key: ServiceKey) -> bytes:
     """`key` as one ``keys`` field of a DeleteServicesRequest (cached)."""
-    cached = _key_fields.get(key)
-    if cached is None:
-        if len(_key_fields) >= _FIELD_CACHE_MAX:
-            _key_fields.clear()
-        body = fill_service_key(datapath_pb2.ServiceKey(), key).SerializeToString(
-            deterministic=True)
-        cached = _key_fields[key] = _field1(body)
-    return cached
+    return _field1(fill_service_key(datapath_pb2.ServiceKey(), key).SerializeToString(
+        deterministic=True))
 
 
 def encoded_batches(fields: Iterable[bytes], max_count: int,
@@ -232,8 +169,6 @@ class Writes:
     calls: int = 0
     seconds: float = 0.0  # spent in the calls (not building the requests)
     datapath_id: str = ""  # the node's table identity from the last reply that had one
-    instance_id: str = ""
-    generations: tuple[int, ...] = ()  # the table's generation after each call
 
 
 @dataclass(frozen=True)
@@ -379,8 +314,7 @@ class NodeClient:
         clock = time.perf_counter
         seconds = 0.0
         calls = 0
-        datapath_id = instance_id = ""
-        generations: list[int] = []
+        datapath_id = ""
         done = 0
         for data, count in encoded_batches(fields, self.batch_size, self.batch_bytes):
             before = clock()
@@ -391,9 +325,7 @@ class NodeClient:
             seconds += clock() - before
             calls += 1
             datapath_id = getattr(reply, "datapath_id", "") or datapath_id
-            instance_id = getattr(reply, "instance_id", "") or instance_id
-            generations.append(int(getattr(reply, "generation", 0)))
             if on_reply is not None:
                 on_reply(reply, items[done:done + count])
             done += count
-        return Writes(calls, seconds, datapath_id, instance_id, tuple(generations))
+        return Writes(calls, seconds, datapath_id)

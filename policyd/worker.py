@@ -132,13 +132,6 @@ def backoff_delay(failures: int, initial: float = 0.2, maximum: float = 10.0) ->
     return min(maximum, initial * 2.0 ** min(failures - 1, 64))
 
 
-def next_wait(failures: int, settings: ReconcilerSettings) -> float:
-    """How long a worker waits before its next pass (without jitter)."""
-    if failures:
-        return backoff_delay(failures, settings.backoff_initial, settings.backoff_max)
-    return settings.resync_interval
-
-
 def jittered(delay: float, fraction: float, rand: Callable[[], float] = random.random) -> float:
     """`delay` varied uniformly by +-`fraction`: workers that start together spread out."""
     return delay * (1.0 + fraction * (2.0 * rand() - 1.0))
@@ -674,15 +667,4 @@ class NodeWorker:
             diff_s=diffed - listed, convert_s=time.perf_counter() - diffed - rpc_s,
             rpc_s=rpc_s)
         self._synced_at(snapshot.generation, result, started, snapshot_s)
-
-    # kept for callers of the previous worker
-    def reconcile_once(self) -> bool:
-        """Work until idle once; True on success."""
-        try:
-            while self.step():
-                pass
-        except Exception as exc:
-            self._failed(exc)
-            return False
-        return True
 

@@ -19,6 +19,11 @@ def quote(value: object, limit: int = QUOTE_MAX) -> str:
     return f"{text[:limit]}... ({size} characters)"
 
 
+def brief(text: str, limit: int = QUOTE_MAX) -> str:
+    """`text` itself when short, else its quoted prefix with the length noted."""
+    return text if len(text) <= limit else quote(text, limit)
+
+
 class XlbError(Exception):
     """Base of the domain errors; the message is meant for a person."""
 

@@ -7,9 +7,16 @@ from typing import Any
 import grpc
 import pytest
 
-from policyd.nodeclient import NodeClient, describe_error, put_requests
+from policyd.nodeclient import (
+    BATCH_BYTES,
+    BATCH_COUNT,
+    NodeClient,
+    describe_error,
+    encoded_batches,
+    service_field,
+)
 from policyd.status import NodeProgress, SyncState, node_status, sync_state
-from policyd.worker import ReconcilerSettings, backoff_delay, next_wait, sync_node
+from policyd.worker import ReconcilerSettings, backoff_delay, sync_node
 from xlb.dpd.v1 import datapath_pb2
 from xlb.types.v1 import types_pb2
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
@@ -19,13 +26,6 @@ def test_backoff_doubles_from_initial_to_cap():
     delays = [backoff_delay(n, 0.2, 10.0) for n in range(9)]
     assert delays == [0.0, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
     assert backoff_delay(10_000, 0.2, 10.0) == 10.0
-
-
-def test_next_wait_is_resync_after_success_and_backoff_after_failure():
-    settings = ReconcilerSettings(resync_interval=7.0, backoff_initial=0.5, backoff_max=2.0)
-    assert next_wait(0, settings) == 7.0
-    assert next_wait(1, settings) == 0.5
-    assert next_wait(5, settings) == 2.0
 
 
 @pytest.mark.parametrize("field", ["resync_interval", "backoff_initial", "rpc_timeout"])
@@ -137,11 +137,18 @@ def test_sync_propagates_rpc_errors():
         sync_node(NodeClient(Down()), {spec(0).key: spec(0)})
 
 
+def put_requests(specs: list[ServiceSpec], max_count: int = BATCH_COUNT,
+                 max_bytes: int = BATCH_BYTES) -> list[datapath_pb2.PutServicesRequest]:
+    """The PutServices requests policyd sends for `specs` (encoded once, as bytes)."""
+    return [datapath_pb2.PutServicesRequest.FromString(body) for body, _ in
+            encoded_batches([service_field(s) for s in specs], max_count, max_bytes)]
+
+
 def test_put_requests_split_by_count_and_bytes():
     specs = [spec(i) for i in range(10)]
     assert [len(r.services) for r in put_requests(specs, max_count=4)] == [4, 4, 2]
-    one = next(put_requests(specs[:1])).services[0].ByteSize()
-    sizes = [len(r.services) for r in put_requests(specs, max_count=100, max_bytes=3 * one + 30)]
+    one = len(service_field(specs[0]))
+    sizes = [len(r.services) for r in put_requests(specs, max_count=100, max_bytes=3 * one)]
     assert sizes == [3, 3, 3, 1]
     # a service bigger than the byte budget still goes, alone
     assert [len(r.services) for r in put_requests(specs[:3], max_bytes=1)] == [1, 1, 1]
@@ -163,7 +170,7 @@ def test_default_batches_fit_dpd_message_limit():
         )
         for i in range(3000)
     ]
-    requests = list(put_requests(big))
+    requests = put_requests(big)
     assert len(requests) > 1
     assert all(r.ByteSize() <= 4 * 1024 * 1024 for r in requests)
     assert sum(len(r.services) for r in requests) == 3000
