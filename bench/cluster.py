@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.services import filler_services
+from bench.xlb_phases import rss_mb
 from policyd.client import PolicyClient
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
@@ -56,13 +57,6 @@ def say(text: str = "", flush: bool = True) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -202,7 +196,7 @@ class Cluster:
                 subprocess.run(["umount", self.bpf_root], check=False)
 
     def dpd_rss(self) -> float:
-        return sum(rss_mib(p.pid) for p in self.procs.values())
+        return sum(rss_mb(p.pid) for p in self.procs.values())
 
 
 def wait_all(client: PolicyClient, names: list[str], generation: int, timeout: float,
@@ -225,7 +219,7 @@ def wait_all(client: PolicyClient, names: list[str], generation: int, timeout: f
 
 def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) -> Row:
     per = max(1, args.per_process if args.per_process else (1 if n <= 20 else 25))
-    row = Row(n, len(services), per)
+    row = Row(n, len(services), per, datapath=args.datapath)
     workdir = Path(tempfile.mkdtemp(prefix="xlb-bc-", dir="/tmp"))
     kernel = args.datapath == "kernel"
     if kernel:
@@ -285,9 +279,8 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
         time.sleep(args.rest)
         row.rest_cpu_pct = round(100 * (cpu_seconds(policyd.pid) - cpu0)
                                  / (time.monotonic() - t0), 2)
-        row.rest_rss_mib = round(rss_mib(policyd.pid), 1)
+        row.rest_rss_mib = round(rss_mb(policyd.pid), 1)
         row.dpd_rss_mib_per_node = round(cluster.dpd_rss() / n, 1)
-        row.datapath = args.datapath
         say(f"  {n} nodes at rest: policyd CPU {row.rest_cpu_pct} % of a core, "
               f"RSS {row.rest_rss_mib} MiB; dpd {row.dpd_rss_mib_per_node} MiB/node",
               flush=True)

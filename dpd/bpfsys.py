@@ -253,11 +253,12 @@ _lib.bpf_map_lookup_batch.argtypes = [
 ]
 
 
-def lookup_batch(
+def lookup_batch_chunks(
     fd: int, key_size: int, value_size: int, chunk: int = 4096
-) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of a hash map as raw bytes, `chunk` entries per syscall
-    (BPF_MAP_LOOKUP_BATCH). Entries changed during the walk may be seen or not."""
+) -> Iterator[tuple[int, bytes, bytes]]:
+    """A map's entries as (count, packed keys, packed values) chunks of up to `chunk`
+    entries, one BPF_MAP_LOOKUP_BATCH each: no Python object per entry. Entries changed
+    during the walk may be seen or not. `value_size`: per-CPU maps' whole per-CPU size."""
     token_in = ctypes.create_string_buffer(max(key_size, 8))
     token_out = ctypes.create_string_buffer(max(key_size, 8))
     keys = ctypes.create_string_buffer(key_size * chunk)
@@ -269,16 +270,25 @@ def lookup_batch(
             fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), None
         )
         err = ctypes.get_errno() if rc < 0 else 0
-        kraw, vraw = keys.raw, values.raw
-        for i in range(count.value):
-            yield (kraw[i * key_size:(i + 1) * key_size],
-                   vraw[i * value_size:(i + 1) * value_size])
+        n = count.value
+        if n:
+            yield n, keys.raw[:n * key_size], values.raw[:n * value_size]
         if rc < 0:
             if err == errno.ENOENT:
                 return
             raise BpfError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
         ctypes.memmove(token_in, token_out, len(token_out))
         first = False
+
+
+def lookup_batch(
+    fd: int, key_size: int, value_size: int, chunk: int = 4096
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a map as raw bytes (lookup_batch_chunks, entry by entry)."""
+    for n, kraw, vraw in lookup_batch_chunks(fd, key_size, value_size, chunk):
+        for i in range(n):
+            yield (kraw[i * key_size:(i + 1) * key_size],
+                   vraw[i * value_size:(i + 1) * value_size])
 
 
 _lib.bpf_map_delete_batch.argtypes = [

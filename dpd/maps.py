@@ -166,6 +166,16 @@ class KernelMap(Map):
         except OSError as e:
             raise classify(e, f"{self.name} batch delete") from None
 
+    def count(self) -> int:
+        if self.spec.per_cpu or self.spec.type in ("array", "prog_array"):
+            return super().count()
+        try:  # counted in raw chunks: no Python object per entry
+            return sum(n for n, _, _ in bpfsys.lookup_batch_chunks(
+                self.fd, self.spec.key_size, self.spec.value_size,
+                max(1, min(4096, (1 << 20) // self.spec.value_size))))
+        except OSError as e:
+            raise classify(e, f"{self.name} read") from None
+
     def close(self) -> None:
         os.close(self.fd)
 

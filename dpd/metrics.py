@@ -18,14 +18,10 @@ Every series has a ``node`` label (one process can serve several simulated nodes
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import operator
-import os
 from collections import Counter as Tally
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -52,39 +48,11 @@ def _state_names() -> dict[int, str]:
             for v in pb.ConntrackState.DESCRIPTOR.values}
 
 
-class _BatchReader:
-    """BPF_MAP_LOOKUP_BATCH over a kernel map with buffers kept between scrapes: yields
-    (entries, keys, values) chunks of raw bytes, never one Python object per entry."""
-
-    def __init__(self, m: Map, chunk: int = 4096) -> None:
-        self.fd: int = m.fd  # type: ignore[attr-defined]
-        self.key_size = m.spec.key_size
-        self.value_size = m.value_bytes
-        self.chunk = max(1, min(chunk, m.spec.max_entries))
-        self._tokens = (ctypes.create_string_buffer(max(self.key_size, 8)),
-                        ctypes.create_string_buffer(max(self.key_size, 8)))
-        self._keys = ctypes.create_string_buffer(self.key_size * self.chunk)
-        self._values = ctypes.create_string_buffer(self.value_size * self.chunk)
-
-    def chunks(self) -> Iterator[tuple[int, bytes, bytes]]:
-        token_in, token_out = self._tokens
-        lib: Any = bpfsys._lib  # the libbpf handle dpd already loaded
-        first = True
-        while True:
-            count = ctypes.c_uint32(self.chunk)
-            rc = lib.bpf_map_lookup_batch(self.fd, None if first else token_in, token_out,
-                                          self._keys, self._values, ctypes.byref(count), None)
-            err = ctypes.get_errno() if rc < 0 else 0
-            n = count.value
-            if n:
-                yield (n, self._keys.raw[:n * self.key_size],
-                       self._values.raw[:n * self.value_size])
-            if rc < 0:
-                if err == errno.ENOENT:
-                    return
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-            ctypes.memmove(token_in, token_out, len(token_out))
-            first = False
+def _chunks(m: Map, chunk: int = 4096) -> Iterator[tuple[int, bytes, bytes]]:
+    """A kernel map's entries in raw chunks (bpfsys.lookup_batch_chunks)."""
+    fd: int = m.fd  # type: ignore[attr-defined]
+    return bpfsys.lookup_batch_chunks(fd, m.spec.key_size, m.value_bytes,
+                                      max(1, min(chunk, m.spec.max_entries)))
 
 
 def _sum_cpus(q: memoryview, field: int, stride: int, ncpus: int) -> list[int]:
@@ -104,7 +72,7 @@ def read_counters(m: Map, ids: Sequence[int]) -> list[tuple[int, int]]:
     stride = percpu_stride(m.spec.value_size) // 8  # in u64s: packets, bytes, padding
     ncpus = m.ncpus
     fd = getattr(m, "fd", None)
-    raw = (b"".join(v for _, _, v in _BatchReader(m, 65536).chunks())
+    raw = (b"".join(v for _, _, v in _chunks(m, 65536))
            if isinstance(fd, int) and m.spec.per_cpu else None)
     if raw is not None:
         q = memoryview(raw).cast("Q")
@@ -222,48 +190,23 @@ class NodeCollector(Collector):
         self._proto_at = next(f.offset for f in ct["xlb_ct_key"].fields
                               if f.name == "proto")
 
-        self._readers: dict[str, _BatchReader] = {}
-
-    def _reader(self, m: Map) -> _BatchReader | None:
-        if not isinstance(getattr(m, "fd", None), int):
-            return None
-        r = self._readers.get(m.name)
-        if r is None:
-            # at most 1 MiB of values per call (a maglev_v4_map value is 32 KiB)
-            r = self._readers[m.name] = _BatchReader(m, min(4096, (1 << 20) // m.value_bytes))
-        return r
-
     def conntrack_by_state(self) -> Tally[tuple[int, int]]:
         """(protocol number, state number) -> entries (two per flow: both directions)."""
         s, p = self._state_at, self._proto_at
         m = self.node.conntrack.map
-        reader = self._reader(m)
-        if reader is None:
+        if not isinstance(getattr(m, "fd", None), int):
             return Tally((k[p], v[s]) for k, v in m.items())
         tally: Tally[tuple[int, int]] = Tally()
-        ks, vs = reader.key_size, reader.value_size
-        for n, keys, values in reader.chunks():  # the two bytes of each entry, by slicing
+        ks, vs = m.spec.key_size, m.value_bytes
+        for n, keys, values in _chunks(m):  # the two bytes of each entry, by slicing
             tally.update(zip(keys[p:n * ks:ks], values[s:n * vs:vs], strict=True))
         return tally
 
     def map_fill(self, conntrack: int) -> list[tuple[str, str, int, int]]:
-        """(name, type, max_entries, used) as Node.maps() gives them, but a kernel hash
-        map is counted in batches without decoding its entries, and ct_v4_map's count is
-        the conntrack tally's (`conntrack`)."""
-        out = []
-        for name, m in sorted(self.node.dp.maps.items()):
-            kind = m.spec.type
-            if name == "nat_v4_map":
-                used = self.node.services.count()
-            elif name == "ct_v4_map":
-                used = conntrack
-            elif kind in ("hash", "lru_hash"):
-                reader = self._reader(m)
-                used = m.count() if reader is None else sum(n for n, _, _ in reader.chunks())
-            else:
-                used = 0
-            out.append((name, kind, m.spec.max_entries, used))
-        return out
+        """(name, type, max_entries, used) as Node.maps() gives them, with ct_v4_map's
+        count taken from the conntrack tally (`conntrack`) rather than read again."""
+        return [(m.name, m.type, m.max_entries, m.used)
+                for m in self.node.maps(used={"ct_v4_map": conntrack})]
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         n = self.node

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -133,17 +133,21 @@ class Node:
         self.dp.maps["stats_map"].zero(list(self._stat_names))
 
     # node
-    def maps(self) -> list[MapFill]:
-        """Every map with its fill level: entries present in hash maps, 0 for arrays."""
+    def maps(self, used: Mapping[str, int] | None = None) -> list[MapFill]:
+        """Every map with its fill level: entries present in hash maps, 0 for arrays.
+        `used`: counts the caller already has (e.g. conntrack), not read again."""
         out = []
+        known = dict(used or {})
         for name, m in sorted(self.dp.maps.items()):
-            if name == "nat_v4_map":
-                used = self.services.count()
+            if name in known:
+                used_now = known[name]
+            elif name == "nat_v4_map":
+                used_now = self.services.count()
             elif m.spec.type in ("hash", "lru_hash"):
-                used = m.count()
+                used_now = m.count()
             else:
-                used = 0
-            out.append(MapFill(name, m.spec.type, m.spec.max_entries, used))
+                used_now = 0
+            out.append(MapFill(name, m.spec.type, m.spec.max_entries, used_now))
         return out
 
     def pins(self) -> dict[str, str]:

@@ -147,10 +147,6 @@ class MetricsServer:
                                         name="metrics-http", daemon=True)
         self._thread.start()
 
-    @property
-    def url(self) -> str:
-        return "" if self._socket_path else f"http://{self.address}/metrics"
-
     def stop(self) -> None:
         """Stop serving, within about STOP_WAIT; scrapes in progress are abandoned (their
         threads are daemon threads). Calling it again does nothing."""
@@ -207,11 +203,11 @@ def scrape(address: str, timeout: float = 10.0) -> str:
     """GET /metrics from an exporter at ``HOST:PORT`` or ``unix:PATH`` (tests, benchmarks,
     a quick look: curl cannot speak to a unix socket's HTTP without --unix-socket)."""
     conn: http.client.HTTPConnection
-    if address.startswith("unix:"):
-        conn = _UnixHTTPConnection(address.removeprefix("unix:"), timeout)
+    addr = parse_address(address, "metrics")
+    if addr.is_unix:
+        conn = _UnixHTTPConnection(addr.path, timeout)
     else:
-        host, _, port = address.rpartition(":")
-        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        conn = http.client.HTTPConnection(addr.host.strip("[]"), addr.port, timeout=timeout)
     try:
         conn.request("GET", "/metrics")
         resp = conn.getresponse()

@@ -108,8 +108,8 @@ def test_removing_one_of_n_moves_its_flows_and_few_others(node):
     others_moved = sum(a != b for a, b in zip(before, after, strict=True) if a not in lost)
     assert moved / FLOWS < 2 / n
     assert others_moved / FLOWS < 0.5 / n
-    # every flow the removed endpoint had moved, and only those (nearly)
-    assert moved - others_moved == sum(b in lost for b in before)
+    # the removed endpoint had flows (so "none lands on it" above was not vacuous)
+    assert sum(b in lost for b in before) > 0
 
 
 def test_established_flow_keeps_its_endpoint_when_the_table_changes(node):
