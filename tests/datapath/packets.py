@@ -20,6 +20,7 @@ MAC_L = "02:00:00:00:00:02"
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
+FORWARDED = (TC_ACT_OK, TC_ACT_REDIRECT)  # handed to the stack, or redirected
 
 
 # Initial sequence numbers of the handshakes the tests play: the client's SYN carries

@@ -18,10 +18,12 @@ from tests.datapath.packets import (
     CLIENT,
     EP1,
     EP2,
+    FORWARDED,
     MAC_C,
     MAC_L,
     S_ISN,
     TC_ACT_OK,
+    TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     VIP,
     VIP2,
@@ -38,7 +40,6 @@ pytestmark = pytest.mark.root
 ABI = abi.load()
 NEW, REPLIED, EST = (ABI.const(f"XLB_CT_{s}") for s in ("NEW", "REPLIED", "EST"))
 CLOSING, CLOSED = ABI.const("XLB_CT_CLOSING"), ABI.const("XLB_CT_CLOSED")
-FORWARDED = (TC_ACT_OK, 7)
 
 
 def svc(*eps: EndpointSpec, vip: str = VIP, port: int = 80, proto: Proto = Proto.TCP,
@@ -441,7 +442,7 @@ def test_echo_to_a_vip_is_answered_and_to_anything_else_passes(node):
     node.put_services([svc(EndpointSpec(EP1, 8080)), svc(EndpointSpec(EP2, 53), port=53,
                                                           proto=Proto.UDP)])
     verdict, out = run(node, _echo(VIP))
-    assert verdict == 7  # redirected back out of the interface it came in on
+    assert verdict == TC_ACT_REDIRECT  # redirected back out of the interface it came in on
     assert (out[Ether].src, out[Ether].dst) == (MAC_L, MAC_C)
     assert (out[IP].src, out[IP].dst, out[IP].ttl) == (VIP, CLIENT,
                                                       ABI.const("XLB_ICMP_REPLY_TTL"))
@@ -455,7 +456,7 @@ def test_echo_to_a_vip_is_answered_and_to_anything_else_passes(node):
     assert node.list_conntrack() == []  # no state, no endpoint involved
     # one VIP of two services: deleting one keeps it answered, deleting both stops it
     node.delete_services([svc(EndpointSpec(EP1, 8080)).key])
-    assert run(node, _echo(VIP))[0] == 7
+    assert run(node, _echo(VIP))[0] == TC_ACT_REDIRECT
     node.delete_services([svc(EndpointSpec(EP2, 53), port=53, proto=Proto.UDP).key])
     assert_untouched(node, _echo(VIP), "pass")
     assert_untouched(node, _echo(EP1), "pass")  # not a VIP

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -71,7 +72,7 @@ def put_counter(node: Node, map_name: str, index: int, per_cpu: list[tuple[int, 
 
 
 def slots(node: Node, spec: ServiceSpec) -> tuple[int, list[int]]:
-    e = node.services._index[spec.key]
+    e = dict(node.services.entries())[spec.key]
     return e.svc_id, [e.stat_ids[(ep.address, ep.port)] for ep in spec.endpoints]
 
 
@@ -246,7 +247,7 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
                                             sockdir: Path):
     e = pmetrics.Exporter(f"unix:{sockdir}/pmetrics.sock")
     seen: list[str] = []
-    settings = e.settings(type(fast)(**{**fast.__dict__, "on_pass": lambda n, r: seen.append(n)}))
+    settings = e.settings(replace(fast, on_pass=lambda n, r: seen.append(n)))
     try:
         srv = policyd(settings=settings, interceptors=(e.rpc,))
         assert srv.reconciler is not None
