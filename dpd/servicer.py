@@ -8,7 +8,9 @@ from typing import Any
 
 import structlog
 
+from dpd.firewall_rpcs import FirewallRpcs
 from dpd.node import Node
+from dpd.route_rpcs import RouteRpcs
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
 from xlb.types.v1 import types_pb2
@@ -40,7 +42,7 @@ def _require(name: str, field: str = "name") -> str:
     return name
 
 
-class DatapathServicer(pb_grpc.DatapathServicer):
+class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 

@@ -29,6 +29,16 @@
 #define XLB_MAGLEV_TABLES 65536
 #endif
 
+#ifndef XLB_ACL_RULES
+#define XLB_ACL_RULES 16384
+#endif
+#ifndef XLB_ACL_SIZE
+#define XLB_ACL_SIZE 131072 /* classifier entries, both generations */
+#endif
+#ifndef XLB_MAX_INTF
+#define XLB_MAX_INTF 256 /* interfaces with counters; slot 0: any other */
+#endif
+
 #define XLB_PIN(name) XLB_BPF_ROOT "/" #name
 
 BPF_TABLE_PINNED("prog", int, int, pgm_tbl, 8, XLB_PIN(pgm_tbl));
@@ -54,5 +64,22 @@ BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, ep_stats_map, XLB_MAX_
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, stats_map, XLB_STAT_MAX,
                  XLB_PIN(stats_map));
 BPF_TABLE_PINNED("array", u32, struct xlb_cfg, cfg_map, 1, XLB_PIN(cfg_map));
+
+/* Firewall: the classifier (both generations), its tuples, which one is live, the
+ * node's record of the rules and per-rule counters. */
+BPF_TABLE_PINNED("hash", struct xlb_acl_key, struct xlb_acl_val, acl_map, XLB_ACL_SIZE,
+                 XLB_PIN(acl_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", u32, struct xlb_acl_tuple, acl_tuple_map, XLB_ACL_TUPLES * 2,
+                 XLB_PIN(acl_tuple_map));
+BPF_TABLE_PINNED("array", u32, struct xlb_acl_cfg, acl_cfg_map, 1, XLB_PIN(acl_cfg_map));
+BPF_TABLE_PINNED("hash", u32, struct xlb_acl_rule, acl_rules_map, XLB_ACL_RULES,
+                 XLB_PIN(acl_rules_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, acl_stats_map, XLB_ACL_RULES,
+                 XLB_PIN(acl_stats_map));
+/* Interfaces: settings by ifindex; drops by reason per interface slot
+ * (intf_stats_map[slot * XLB_STAT_MAX + XLB_STAT_*]). */
+BPF_TABLE_PINNED("hash", u32, struct xlb_intf, intf_map, XLB_MAX_INTF, XLB_PIN(intf_map));
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, intf_stats_map,
+                 XLB_MAX_INTF * XLB_STAT_MAX, XLB_PIN(intf_stats_map));
 
 #endif

@@ -37,6 +37,9 @@
 #define XLB_CTF_FIN_ORIG 1
 #define XLB_CTF_FIN_REPLY 2
 #define XLB_CTF_SEQ 4
+/* a flow the firewall allowed that no service carries: tracked (so that established
+ * packets and replies are not judged again) but never rewritten */
+#define XLB_CTF_PASS 8
 
 /* An RST is honoured when its sequence number lies in
  * [seq_end - XLB_RST_BEHIND, seq_end + XLB_RST_AHEAD] of its direction (see
@@ -83,6 +86,11 @@
 #define XLB_STAT_ICMP_NAT 19        /* ICMP errors quoting a flow, translated */
 #define XLB_STAT_ICMP_ECHO_REPLY 20 /* ICMP echo requests to a VIP, answered */
 #define XLB_STAT_DROP_FRAG_NO_FIRST 21 /* dropped: later fragment to a VIP, first unseen */
+#define XLB_STAT_DROP_FIREWALL 22     /* dropped: a firewall rule's action is drop */
+#define XLB_STAT_DROP_DEFAULT_POLICY 23 /* dropped: no rule matched, interface policy drop */
+#define XLB_STAT_FW_REDIRECT 24       /* sent out of another interface by a firewall rule */
+#define XLB_STAT_FW_EVAL 25           /* packets the firewall judged (new flows, drops) */
+#define XLB_STAT_FW_PASS_FLOW 26      /* firewall-allowed flows of no service, tracked */
 #define XLB_STAT_MAX 32
 
 struct xlb_nat_key {
@@ -144,6 +152,8 @@ struct xlb_ct_val {
     __u64 last_ns; /* bpf_ktime_get_coarse_ns() of the last packet, refreshed at most
                     * every XLB_CT_TOUCH_NS */
     struct xlb_nat_key svc;
+    __u32 in_ifindex; /* interface the flow's first packet arrived on (firewall) */
+    __u32 pad2;
 };
 
 struct xlb_counter {
@@ -175,6 +185,94 @@ struct xlb_cfg {
     __u32 flags; /* XLB_CFG_* */
     __u32 pad;
     __u8 build_id[XLB_BUILD_ID_LEN];
+};
+
+/* ---- Firewall (docs/firewall.md) ---------------------------------------------------
+ * dpd compiles the rule set into a tuple space (dpd/firewall.py): each lookup shape (which
+ * fields a rule matches, with which prefix lengths; port ranges become port prefixes) is a
+ * "tuple" with a mask. A packet's key is masked by each tuple's mask in turn and looked up
+ * in acl_map; the best-ranked match wins. Tuples are sorted by the best rank they hold, so
+ * the search stops as soon as no later tuple can beat the match in hand: the cost follows
+ * the number of shapes, not the number of rules. Two rule sets (generations) live side by
+ * side: dpd writes the staged one whole, then flips acl_cfg.gen, then clears the old. */
+#define XLB_ACL_TUPLES 64 /* lookup shapes per rule set */
+
+/* actions (values match the API's FirewallAction); 4.. are kept for trap, mirror, police */
+#define XLB_ACT_ALLOW 1
+#define XLB_ACT_DROP 2
+#define XLB_ACT_REDIRECT 3
+
+/* xlb_intf.policy (values match the API's DefaultPolicy) */
+#define XLB_POLICY_ALLOW 1
+#define XLB_POLICY_DROP 2
+
+/* xlb_acl_key.family */
+#define XLB_FAMILY_V4 4
+#define XLB_FAMILY_V6 6
+
+/* The packet fields a rule can match. An IPv4 address is in src[0] / dst[0]. */
+struct xlb_acl_key {
+    __u16 tuple; /* generation * XLB_ACL_TUPLES + tuple index (never masked) */
+    __u8 family; /* XLB_FAMILY_* */
+    __u8 proto;
+    __u32 ifindex; /* ingress interface */
+    __be16 sport;
+    __be16 dport;
+    __be32 src[4];
+    __be32 dst[4];
+};
+
+struct xlb_acl_val {
+    __u32 rank;    /* the rule's place in the set: the lowest rank matching wins */
+    __u32 rule_id; /* index into acl_stats_map */
+    __u32 redirect_ifindex;
+    __u8 action;   /* XLB_ACT_* */
+    __u8 pad[3];
+};
+
+/* acl_tuple_map[generation * XLB_ACL_TUPLES + i]: tuple i of a rule set */
+struct xlb_acl_tuple {
+    __u32 min_rank; /* the best rank among the tuple's entries */
+    __u32 pad;
+    struct xlb_acl_key mask; /* a packet's key is ANDed with this (tuple: unused) */
+};
+
+/* acl_cfg_map[0]: which rule set is live */
+struct xlb_acl_cfg {
+    __u32 gen;        /* 0 or 1 */
+    __u32 n_tuples[2]; /* tuples in use per generation; 0 and no interface policy: off */
+    __u32 pad;
+};
+
+/* acl_rules_map[rule_id]: the node's record of each rule as the API gave it, read back
+ * by ListFirewallRules and by a restarted dpd (the datapath never reads it). */
+#define XLB_NAME_LEN 64
+struct xlb_acl_rule {
+    __u8 name[XLB_NAME_LEN];
+    __u16 priority;
+    __u8 action;
+    __u8 proto;
+    __u8 family; /* 0: any; else of src/dst */
+    __u8 src_len;
+    __u8 dst_len;
+    __u8 pad;
+    __be32 src[4];
+    __be32 dst[4];
+    __u16 sport_first; /* host order; 0..0: any */
+    __u16 sport_last;
+    __u16 dport_first;
+    __u16 dport_last;
+    __u32 in_ifindex;       /* 0: any */
+    __u32 redirect_ifindex;
+};
+
+/* intf_map[ifindex]: per interface settings, written by dpd */
+#define XLB_ZONE_LEN 32
+struct xlb_intf {
+    __u32 slot;    /* index of the interface's counters in intf_stats_map */
+    __u8 policy;   /* XLB_POLICY_*: for packets no rule matches */
+    __u8 pad[3];
+    __u8 zone[XLB_ZONE_LEN];
 };
 
 #endif

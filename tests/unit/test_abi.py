@@ -57,7 +57,7 @@ def test_codec_round_trips_by_field_name():
     codec = ABI.structs["xlb_ct_val"].codec
     raw = codec.pack(nat_addr=b"\xc6\x12\x01\x02", nat_port=8080, dir=2, state=3,
                      last_ns=123, svc={"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6})
-    assert len(raw) == 40
+    assert len(raw) == 48
     assert raw[4:6] == (8080).to_bytes(2, "big")  # __be16 written in network order
     back = codec.unpack(raw)
     assert back["nat_port"] == 8080 and back["state"] == 3 and back["last_ns"] == 123
