@@ -65,14 +65,17 @@ def _note_error(counts: Counter[str], n_logged: list[int], kind: str, exc: BaseE
         log.warning("client.error", mode=kind, error=f"{type(exc).__name__}: {exc}")
 
 
-def tcp_who(vip: str, port: int, count: int, timeout: float = 2.0) -> dict[str, int]:
-    """``count`` TCP connections to vip:port, each asking ``WHO``; names -> counts."""
+def tcp_who(vip: str, port: int, count: int, timeout: float = 2.0,
+            source: str = "") -> dict[str, int]:
+    """``count`` TCP connections to vip:port, each asking ``WHO``; names -> counts.
+    ``source``: the local address to connect from (default: the kernel's choice)."""
     counts: Counter[str] = Counter()
     counts["errors"] = 0
     logged = [0]
     for _ in range(count):
         try:
-            with socket.create_connection((vip, port), timeout=timeout) as s:
+            with socket.create_connection((vip, port), timeout=timeout,
+                                          source_address=(source, 0) if source else None) as s:
                 s.sendall(b"WHO\n")
                 name = _recv_line(s, bytearray(), time.monotonic() + timeout).decode()
                 counts[name.split(" ", 1)[0]] += 1
@@ -81,7 +84,8 @@ def tcp_who(vip: str, port: int, count: int, timeout: float = 2.0) -> dict[str, 
     return dict(counts)
 
 
-def udp_who(vip: str, port: int, count: int, timeout: float = 2.0) -> dict[str, int]:
+def udp_who(vip: str, port: int, count: int, timeout: float = 2.0,
+            source: str = "") -> dict[str, int]:
     """``count`` datagrams to vip:port, each from a new socket; names -> counts."""
     counts: Counter[str] = Counter()
     counts["errors"] = 0
@@ -90,6 +94,8 @@ def udp_who(vip: str, port: int, count: int, timeout: float = 2.0) -> dict[str, 
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(timeout)
+                if source:
+                    s.bind((source, 0))
                 s.connect((vip, port))  # only accept replies from vip:port
                 s.send(b"WHO")
                 data = s.recv(65535).decode()
@@ -170,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--duration", type=float, default=5.0)
         else:
             sp.add_argument("--count", type=int, default=10)
+            sp.add_argument("--source", default="", help="local address to send from")
     args = p.parse_args(argv)
     configure_logging("kv", "info")
     out: dict[str, Any]
     if args.mode == "tcp-who":
-        out = dict(tcp_who(args.vip, args.port, args.count, args.timeout))
+        out = dict(tcp_who(args.vip, args.port, args.count, args.timeout, args.source))
     elif args.mode == "udp-who":
-        out = dict(udp_who(args.vip, args.port, args.count, args.timeout))
+        out = dict(udp_who(args.vip, args.port, args.count, args.timeout, args.source))
     else:
         out = tcp_long(args.vip, args.port, args.interval_ms, args.duration, args.timeout)
     sys.stdout.write(json.dumps(out, sort_keys=True) + "\n")
@@ -191,6 +198,8 @@ def _argv(mode: str, vip: str, port: int, timeout: float, **extra: Any) -> list[
     argv = [sys.executable, "-m", "lab.client", mode, "--vip", vip, "--port", str(port),
             "--timeout", str(timeout)]
     for key, val in extra.items():
+        if val == "":
+            continue  # an unset option
         argv += [f"--{key.replace('_', '-')}", str(val)]
     return argv
 
@@ -209,10 +218,10 @@ def _parse(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 def run_tcp_who(
     topo: Topology, vip: str, port: int, count: int = 10, timeout: float = 2.0,
-    ns: str | None = None,
+    ns: str | None = None, source: str = "",
 ) -> dict[str, int]:
     """``tcp_who`` in ``ns`` (default the client namespace): ``{"be1": n, ..., "errors": k}``."""
-    argv = _argv("tcp-who", vip, port, timeout, count=count)
+    argv = _argv("tcp-who", vip, port, timeout, count=count, source=source)
     proc = topo.run(ns or topo.client_ns, argv, env=netns.python_env(),
                     timeout=30 + count * (timeout + 0.5))
     return _parse(proc)
@@ -220,10 +229,10 @@ def run_tcp_who(
 
 def run_udp_who(
     topo: Topology, vip: str, port: int, count: int = 10, timeout: float = 2.0,
-    ns: str | None = None,
+    ns: str | None = None, source: str = "",
 ) -> dict[str, int]:
     """``udp_who`` in ``ns`` (default the client namespace)."""
-    argv = _argv("udp-who", vip, port, timeout, count=count)
+    argv = _argv("udp-who", vip, port, timeout, count=count, source=source)
     proc = topo.run(ns or topo.client_ns, argv, env=netns.python_env(),
                     timeout=30 + count * (timeout + 0.5))
     return _parse(proc)
