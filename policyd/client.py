@@ -74,6 +74,80 @@ def make_service(
     )
 
 
+RULE_PROTOCOLS = {
+    "any": types_pb2.PROTOCOL_UNSPECIFIED,
+    "tcp": types_pb2.PROTOCOL_TCP,
+    "udp": types_pb2.PROTOCOL_UDP,
+    "icmp": types_pb2.PROTOCOL_ICMP,
+    "icmpv6": types_pb2.PROTOCOL_ICMPV6,
+}
+ACTIONS = {
+    "allow": types_pb2.FIREWALL_ACTION_ALLOW,
+    "drop": types_pb2.FIREWALL_ACTION_DROP,
+    "redirect": types_pb2.FIREWALL_ACTION_REDIRECT,
+}
+
+
+def parse_ports(text: str, field: str = "ports") -> types_pb2.PortRange:
+    """``PORT`` or ``FIRST-LAST`` -> PortRange (the server validates the values)."""
+    first, sep, last = text.partition("-")
+    if not first.isdigit() or (sep and not last.isdigit()):
+        raise ValueError(f"{field} {quote(text)}: use PORT or FIRST-LAST")
+    return types_pb2.PortRange(first=int(first), last=int(last if sep else first))
+
+
+def make_rule(
+    name: str,
+    action: str,
+    priority: int = 0,
+    *,
+    src: str = "",
+    dst: str = "",
+    protocol: str = "any",
+    src_ports: str = "",
+    dst_ports: str = "",
+    in_interface: str = "",
+    redirect_interface: str = "",
+) -> policy_pb2.FirewallRule:
+    if action.lower() not in ACTIONS:
+        raise ValueError(f"action {quote(action)}: use one of {', '.join(ACTIONS)}")
+    if protocol.lower() not in RULE_PROTOCOLS:
+        raise ValueError(f"protocol {quote(protocol)}: use one of {', '.join(RULE_PROTOCOLS)}")
+    match = types_pb2.FirewallMatch(src=src, dst=dst, protocol=RULE_PROTOCOLS[protocol.lower()],
+                                    in_interface=in_interface)
+    if src_ports:
+        match.src_ports.CopyFrom(parse_ports(src_ports, "src-ports"))
+    if dst_ports:
+        match.dst_ports.CopyFrom(parse_ports(dst_ports, "dst-ports"))
+    spec = types_pb2.FirewallRuleSpec(priority=priority, match=match,
+                                      action=ACTIONS[action.lower()],
+                                      redirect_interface=redirect_interface)
+    return policy_pb2.FirewallRule(name=name, spec=spec)
+
+
+def parse_next_hop(text: str) -> types_pb2.NextHop:
+    """``GATEWAY[,dev=IFACE][,weight=N]`` or ``dev=IFACE[,weight=N]`` (on-link) -> NextHop."""
+    hop = types_pb2.NextHop()
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq and i == 0 and part:
+            hop.gateway = part
+        elif key == "dev" and value:
+            hop.interface = value
+        elif key == "weight" and value.isdigit():
+            hop.weight = int(value)
+        else:
+            raise ValueError(
+                f"next hop {quote(text)}: use GATEWAY[,dev=IFACE][,weight=N] or dev=IFACE")
+    return hop
+
+
+def make_route(name: str, prefix: str, next_hops: Iterable[str | types_pb2.NextHop]
+               ) -> policy_pb2.Route:
+    hops = [parse_next_hop(h) if isinstance(h, str) else h for h in next_hops]
+    return policy_pb2.Route(name=name, spec=types_pb2.RouteSpec(prefix=prefix, next_hops=hops))
+
+
 class PolicyClient:
     def __init__(self, target: str, timeout: float = 10.0) -> None:
         self.target = target
@@ -141,6 +215,66 @@ class PolicyClient:
 
     def list_services(self) -> list[policy_pb2.Service]:
         return list(self.stub.ListServices(policy_pb2.ListServicesRequest(), timeout=self.timeout))
+
+    # -- firewall rules and routes ---------------------------------------------------
+
+    def apply_rule(self, rule: policy_pb2.FirewallRule) -> policy_pb2.FirewallRule:
+        result: policy_pb2.FirewallRule = self.stub.ApplyFirewallRule(
+            policy_pb2.ApplyFirewallRuleRequest(rule=rule), timeout=self.timeout)
+        return result
+
+    def apply_rules(self, rules: Iterable[policy_pb2.FirewallRule]
+                    ) -> policy_pb2.ApplyFirewallRulesResponse:
+        """Create or replace all `rules` atomically."""
+        result: policy_pb2.ApplyFirewallRulesResponse = self.stub.ApplyFirewallRules(
+            policy_pb2.ApplyFirewallRulesRequest(rules=rules), timeout=self.timeout)
+        return result
+
+    def delete_rule(self, name: str) -> None:
+        self.stub.DeleteFirewallRule(policy_pb2.DeleteFirewallRuleRequest(name=name),
+                                     timeout=self.timeout)
+
+    def delete_rules(self, names: Iterable[str]) -> int:
+        """Delete all `names` atomically; returns the new generation."""
+        result: policy_pb2.DeleteFirewallRulesResponse = self.stub.DeleteFirewallRules(
+            policy_pb2.DeleteFirewallRulesRequest(names=names), timeout=self.timeout)
+        return result.generation
+
+    def get_rule(self, name: str) -> policy_pb2.FirewallRule:
+        result: policy_pb2.FirewallRule = self.stub.GetFirewallRule(
+            policy_pb2.GetFirewallRuleRequest(name=name), timeout=self.timeout)
+        return result
+
+    def list_rules(self) -> list[policy_pb2.FirewallRule]:
+        return list(self.stub.ListFirewallRules(policy_pb2.ListFirewallRulesRequest(),
+                                                timeout=self.timeout))
+
+    def apply_route(self, route: policy_pb2.Route) -> policy_pb2.Route:
+        result: policy_pb2.Route = self.stub.ApplyRoute(
+            policy_pb2.ApplyRouteRequest(route=route), timeout=self.timeout)
+        return result
+
+    def apply_routes(self, routes: Iterable[policy_pb2.Route]) -> policy_pb2.ApplyRoutesResponse:
+        """Create or replace all `routes` atomically."""
+        result: policy_pb2.ApplyRoutesResponse = self.stub.ApplyRoutes(
+            policy_pb2.ApplyRoutesRequest(routes=routes), timeout=self.timeout)
+        return result
+
+    def delete_route(self, name: str) -> None:
+        self.stub.DeleteRoute(policy_pb2.DeleteRouteRequest(name=name), timeout=self.timeout)
+
+    def delete_routes(self, names: Iterable[str]) -> int:
+        result: policy_pb2.DeleteRoutesResponse = self.stub.DeleteRoutes(
+            policy_pb2.DeleteRoutesRequest(names=names), timeout=self.timeout)
+        return result.generation
+
+    def get_route(self, name: str) -> policy_pb2.Route:
+        result: policy_pb2.Route = self.stub.GetRoute(
+            policy_pb2.GetRouteRequest(name=name), timeout=self.timeout)
+        return result
+
+    def list_routes(self) -> list[policy_pb2.Route]:
+        return list(self.stub.ListRoutes(policy_pb2.ListRoutesRequest(), timeout=self.timeout))
 
     # -- nodes -------------------------------------------------------------------------
 

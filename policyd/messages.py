@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policyd.status import NodeStatus
-from policyd.store import NodeRecord, StoredService
+from policyd.store import NodeRecord, StoredObject, StoredRoute, StoredRule, StoredService
 from xlb.policy.v1 import policy_pb2
+from xlbcore.firewall import fill_rule
+from xlbcore.route import fill_route
 from xlbcore.service import fill_service
 
 
@@ -34,6 +38,34 @@ def fill_service_proto(msg: policy_pb2.Service, stored: StoredService) -> policy
 
 def service_to_proto(stored: StoredService) -> policy_pb2.Service:
     return fill_service_proto(policy_pb2.Service(), stored)
+
+
+def _fill_object(msg: Any, stored: StoredObject[Any], fill: Any) -> Any:
+    msg.name = stored.name
+    if stored.blob:
+        msg.spec.MergeFromString(stored.blob)
+    else:
+        fill(msg.spec, stored.spec)
+    msg.generation = stored.generation
+    msg.update_time.FromNanoseconds(stored.update_time_ns)
+    return msg
+
+
+def fill_rule_proto(msg: policy_pb2.FirewallRule, stored: StoredRule) -> policy_pb2.FirewallRule:
+    """Write `stored` into an empty xlb.policy.v1.FirewallRule."""
+    return cast(policy_pb2.FirewallRule, _fill_object(msg, stored, fill_rule))
+
+
+def rule_to_proto(stored: StoredRule) -> policy_pb2.FirewallRule:
+    return fill_rule_proto(policy_pb2.FirewallRule(), stored)
+
+
+def fill_route_proto(msg: policy_pb2.Route, stored: StoredRoute) -> policy_pb2.Route:
+    return cast(policy_pb2.Route, _fill_object(msg, stored, fill_route))
+
+
+def route_to_proto(stored: StoredRoute) -> policy_pb2.Route:
+    return fill_route_proto(policy_pb2.Route(), stored)
 
 
 def node_to_proto(node: NodeRecord) -> policy_pb2.Node:

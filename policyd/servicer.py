@@ -19,6 +19,10 @@ from policyd.validation import (
     validate_name,
     validate_names,
     validate_node,
+    validate_route,
+    validate_routes,
+    validate_rule,
+    validate_rules,
     validate_service,
     validate_services,
 )
@@ -105,6 +109,130 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> Iterator[policy_pb2.Service]:
         for stored in self._store.list_services():
             yield messages.service_to_proto(stored)
+
+    # -- firewall rules ----------------------------------------------------------------
+
+    @rpc
+    def ApplyFirewallRule(  # noqa: N802
+        self, request: policy_pb2.ApplyFirewallRuleRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.FirewallRule:
+        name, spec = validate_rule(request.rule)
+        result = self._store.apply_rules([(name, spec)], field="")
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("firewall_rule.applied", name=name, action=spec.action.name.lower(),
+                     priority=spec.priority, generation=result.generation)
+        return messages.rule_to_proto(result.objects[0])
+
+    @rpc
+    def ApplyFirewallRules(  # noqa: N802
+        self, request: policy_pb2.ApplyFirewallRulesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.ApplyFirewallRulesResponse:
+        items = validate_rules(request.rules)
+        result = self._store.apply_rules(items)
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("firewall_rules.applied", rules=len(items), changed=result.changed,
+                     generation=result.generation)
+        response = policy_pb2.ApplyFirewallRulesResponse(generation=result.generation)
+        for stored in result.objects:
+            messages.fill_rule_proto(response.rules.add(), stored)
+        return response
+
+    @rpc
+    def DeleteFirewallRule(  # noqa: N802
+        self, request: policy_pb2.DeleteFirewallRuleRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteFirewallRuleResponse:
+        name = validate_name(request.name)
+        result = self._store.delete_rules([name])
+        self._reconciler.wake_all()
+        log.info("firewall_rule.deleted", name=name, generation=result.generation)
+        return policy_pb2.DeleteFirewallRuleResponse()
+
+    @rpc
+    def DeleteFirewallRules(  # noqa: N802
+        self, request: policy_pb2.DeleteFirewallRulesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteFirewallRulesResponse:
+        result = self._store.delete_rules(validate_names(request.names))
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("firewall_rules.deleted", rules=result.changed, generation=result.generation)
+        return policy_pb2.DeleteFirewallRulesResponse(generation=result.generation)
+
+    @rpc
+    def GetFirewallRule(  # noqa: N802
+        self, request: policy_pb2.GetFirewallRuleRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.FirewallRule:
+        return messages.rule_to_proto(self._store.get_rule(validate_name(request.name)))
+
+    @rpc
+    def ListFirewallRules(  # noqa: N802
+        self, request: policy_pb2.ListFirewallRulesRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.FirewallRule]:
+        for stored in self._store.list_rules():
+            yield messages.rule_to_proto(stored)
+
+    # -- routes --------------------------------------------------------------------------
+
+    @rpc
+    def ApplyRoute(  # noqa: N802
+        self, request: policy_pb2.ApplyRouteRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.Route:
+        name, spec = validate_route(request.route)
+        result = self._store.apply_routes([(name, spec)], field="")
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("route.applied", name=name, prefix=spec.prefix,
+                     next_hops=len(spec.next_hops), generation=result.generation)
+        return messages.route_to_proto(result.objects[0])
+
+    @rpc
+    def ApplyRoutes(  # noqa: N802
+        self, request: policy_pb2.ApplyRoutesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.ApplyRoutesResponse:
+        items = validate_routes(request.routes)
+        result = self._store.apply_routes(items)
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("routes.applied", routes=len(items), changed=result.changed,
+                     generation=result.generation)
+        response = policy_pb2.ApplyRoutesResponse(generation=result.generation)
+        for stored in result.objects:
+            messages.fill_route_proto(response.routes.add(), stored)
+        return response
+
+    @rpc
+    def DeleteRoute(  # noqa: N802
+        self, request: policy_pb2.DeleteRouteRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteRouteResponse:
+        name = validate_name(request.name)
+        result = self._store.delete_routes([name])
+        self._reconciler.wake_all()
+        log.info("route.deleted", name=name, generation=result.generation)
+        return policy_pb2.DeleteRouteResponse()
+
+    @rpc
+    def DeleteRoutes(  # noqa: N802
+        self, request: policy_pb2.DeleteRoutesRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.DeleteRoutesResponse:
+        result = self._store.delete_routes(validate_names(request.names))
+        if result.changed:
+            self._reconciler.wake_all()
+            log.info("routes.deleted", routes=result.changed, generation=result.generation)
+        return policy_pb2.DeleteRoutesResponse(generation=result.generation)
+
+    @rpc
+    def GetRoute(  # noqa: N802
+        self, request: policy_pb2.GetRouteRequest, context: grpc.ServicerContext
+    ) -> policy_pb2.Route:
+        return messages.route_to_proto(self._store.get_route(validate_name(request.name)))
+
+    @rpc
+    def ListRoutes(  # noqa: N802
+        self, request: policy_pb2.ListRoutesRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.Route]:
+        for stored in self._store.list_routes():
+            yield messages.route_to_proto(stored)
 
     # -- nodes -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Durable desired state of policyd in SQLite: services, nodes and a global generation.
+"""Durable desired state of policyd in SQLite: services, firewall rules, routes, nodes and
+a global generation.
 
 - ``generation`` is one counter for the whole desired state. Every change to a service
   or a node bumps it by one, in the same transaction as the change; a service records
@@ -16,6 +17,11 @@
   generation, so a reconcile pass costs what changed. It starts empty when the store
   opens and keeps the last CHANGE_LOG_KEYS keys; older questions get None ("unknown:
   compare everything").
+- Firewall rules and routes (``apply_rules``, ``apply_routes``, ...) follow the same
+  rules: name, spec, generation, update time; batches in one transaction at one bump;
+  specs stored as their canonical ``xlb.types.v1`` bytes. A route's prefix is unique
+  among routes (ConflictError otherwise). Their change logs name what a node is keyed
+  by: a rule's name, a route's prefix.
 - The store is the only writer of its file. It reads the services once when it opens
   and keeps them parsed in memory, updated after each commit, so reads and snapshots
   never decode or re-validate a stored service again.
@@ -27,18 +33,22 @@ import bisect
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 from xlb.policy.v1 import policy_pb2
+from xlb.types.v1 import types_pb2
 from xlbcore.errors import ConflictError, NotFoundError, ValidationError, quote
+from xlbcore.firewall import RuleSpec, fill_rule, parse_rule
+from xlbcore.route import RouteSpec, fill_route, parse_route
 from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
-SCHEMA_VERSION = 1
-CHANGE_LOG_KEYS = 1_000_000  # service keys the change log remembers
+SCHEMA_VERSION = 2  # 2: firewall_rules and routes
+CHANGE_LOG_KEYS = 1_000_000  # keys a change log remembers (per kind)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -55,6 +65,19 @@ CREATE TABLE IF NOT EXISTS services (
     generation     INTEGER NOT NULL,
     update_time_ns INTEGER NOT NULL,
     UNIQUE (vip, port, protocol)
+);
+CREATE TABLE IF NOT EXISTS firewall_rules (
+    name           TEXT PRIMARY KEY,
+    spec           BLOB NOT NULL,      -- canonical xlb.types.v1.FirewallRuleSpec
+    generation     INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS routes (
+    name           TEXT PRIMARY KEY,
+    prefix         TEXT NOT NULL UNIQUE,  -- canonical
+    spec           BLOB NOT NULL,         -- canonical xlb.types.v1.RouteSpec
+    generation     INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name             TEXT PRIMARY KEY,
@@ -111,6 +134,165 @@ def decode_spec(blob: bytes) -> ServiceSpec:
     return parse_service(policy_pb2.Service.FromString(blob))
 
 
+class ChangeLog:
+    """The keys changed at each generation, in memory, for one kind of object. Keeps the
+    last CHANGE_LOG_KEYS keys; asked about a generation older than that (or than the
+    store's opening), it answers None: unknown, compare everything."""
+
+    def __init__(self, floor: int) -> None:
+        self._gens: list[int] = []  # ascending
+        self._keys: list[tuple[Hashable, ...]] = []
+        self._size = 0
+        self.floor = floor  # changes after this generation are logged
+
+    def add(self, generation: int, keys: Sequence[Hashable]) -> None:
+        self._gens.append(generation)
+        self._keys.append(tuple(keys))
+        self._size += len(keys)
+        drop = 0
+        while self._size > CHANGE_LOG_KEYS and drop < len(self._gens) - 1:
+            self._size -= len(self._keys[drop])
+            self.floor = self._gens[drop]
+            drop += 1
+        if drop:
+            del self._gens[:drop]
+            del self._keys[:drop]
+
+    def since(self, generation: int, upto: int | None = None) -> set[Any] | None:
+        if generation < self.floor:
+            return None
+        start = bisect.bisect_right(self._gens, generation)
+        end = len(self._gens) if upto is None else bisect.bisect_right(self._gens, upto)
+        out: set[Any] = set()
+        for keys in self._keys[start:end]:
+            out.update(keys)
+        return out
+
+
+S = TypeVar("S", RuleSpec, RouteSpec)
+
+
+@dataclass(frozen=True)
+class StoredObject(Generic[S]):
+    """A stored firewall rule (``spec``: RuleSpec) or route (RouteSpec)."""
+
+    name: str
+    spec: S
+    generation: int
+    update_time_ns: int
+    blob: bytes = field(default=b"", compare=False, repr=False)  # the canonical spec bytes
+
+
+StoredRule = StoredObject[RuleSpec]
+StoredRoute = StoredObject[RouteSpec]
+
+
+@dataclass(frozen=True)
+class ObjectBatch(Generic[S]):
+    """What a batch of rules or routes did (as BatchResult for services)."""
+
+    objects: list[StoredObject[S]]  # apply: as stored, in the order given; delete: empty
+    generation: int
+    changed: int
+
+
+@dataclass(frozen=True)
+class ObjectChanges(Generic[S]):
+    """Node keys (a rule's name, a route's prefix) changed after a generation, each with
+    its desired spec now (None: to delete) and the name that holds it."""
+
+    generation: int
+    specs: dict[str, S | None]
+    names: dict[str, str]  # node key -> object name, for the keys still desired
+    count: int  # objects desired now
+
+
+class _Objects(Generic[S]):
+    """One kind of object beside services (firewall rules, routes), in memory and in its
+    table; the Store calls it under its lock and inside its transactions."""
+
+    def __init__(self, kind: str, table: str, message: Any, parse: Callable[[Any], S],
+                 fill: Callable[[Any, S], Any], node_key: Callable[[str, S], str],
+                 floor: int) -> None:
+        self.kind = kind  # "firewall rule", "route"
+        self.table = table
+        self._message = message
+        self._parse: Callable[[Any], S] = parse
+        self._fill: Callable[[Any, S], Any] = fill
+        self.node_key: Callable[[str, S], str] = node_key
+        self.objects: dict[str, StoredObject[S]] = {}
+        self.holders: dict[str, str] = {}  # node key -> name
+        self.log = ChangeLog(floor)
+        self._desired: Mapping[str, S] | None = None
+
+    def encode(self, spec: S) -> bytes:
+        return bytes(self._fill(self._message(), spec).SerializeToString(deterministic=True))
+
+    def decode(self, blob: bytes) -> S:
+        return self._parse(self._message.FromString(blob))
+
+    def load(self, rows: list[tuple[str, bytes, int, int]]) -> None:
+        for name, blob, generation, update_ns in rows:
+            obj = StoredObject(name, self.decode(blob), int(generation), int(update_ns), blob)
+            self.objects[name] = obj
+            self.holders[self.node_key(name, obj.spec)] = name
+
+    def committed(self, generation: int, now: int, written: list[tuple[str, S, bytes]],
+                  deleted: Sequence[str]) -> None:
+        touched: list[str] = []
+        for name in deleted:
+            old = self.objects.pop(name)
+            key = self.node_key(name, old.spec)
+            touched.append(key)
+            if self.holders.get(key) == name:
+                del self.holders[key]
+        for name, _spec, _blob in written:
+            was = self.objects.get(name)
+            if was is not None:
+                key = self.node_key(name, was.spec)
+                touched.append(key)
+                if self.holders.get(key) == name:
+                    del self.holders[key]
+        for name, spec, blob in written:
+            key = self.node_key(name, spec)
+            touched.append(key)
+            self.objects[name] = StoredObject(name, spec, generation, now, blob)
+            self.holders[key] = name
+        self.log.add(generation, touched)
+        self._desired = None
+
+    def desired(self) -> Mapping[str, S]:
+        """Node key -> spec of every object (shared until the next change)."""
+        if self._desired is None:
+            objects = self.objects
+            self._desired = MappingProxyType(
+                {key: objects[name].spec for key, name in self.holders.items()})
+        return self._desired
+
+    def changes(self, since: int, generation: int) -> ObjectChanges[S] | None:
+        keys = self.log.since(since)
+        if keys is None:
+            return None
+        specs: dict[str, S | None] = {}
+        names: dict[str, str] = {}
+        for k in keys:
+            name = self.holders.get(k)
+            if name is None:
+                specs[k] = None
+            else:
+                specs[k] = self.objects[name].spec
+                names[k] = name
+        return ObjectChanges(generation, specs, names, len(self.holders))
+
+
+def _rule_key(name: str, spec: RuleSpec) -> str:
+    return name
+
+
+def _route_key(name: str, spec: RouteSpec) -> str:
+    return spec.prefix
+
+
 class Store:
     """Desired state in an SQLite file (``:memory:`` for a throw-away store)."""
 
@@ -144,11 +326,7 @@ class Store:
         self._services: dict[str, StoredService] = {}
         self._holders: dict[ServiceKey, str] = {}
         self._desired: Mapping[ServiceKey, ServiceSpec] | None = None
-        # change log: generations (ascending) and the keys each changed
-        self._log_gens: list[int] = []
-        self._log_keys: list[tuple[ServiceKey, ...]] = []
-        self._log_size = 0
-        self._log_floor = self._generation  # changes after this generation are logged
+        self._log = ChangeLog(self._generation)  # service keys changed, by generation
         rows = self._conn.execute(
             "SELECT name, spec, generation, update_time_ns FROM services"
         ).fetchall()
@@ -156,6 +334,16 @@ class Store:
             stored = self._service_row(row)
             self._services[stored.name] = stored
             self._holders[stored.spec.key] = stored.name
+        self._rules: _Objects[RuleSpec] = _Objects(
+            "firewall rule", "firewall_rules", types_pb2.FirewallRuleSpec, parse_rule,
+            fill_rule, _rule_key, self._generation)
+        self._routes: _Objects[RouteSpec] = _Objects(
+            "route", "routes", types_pb2.RouteSpec, parse_route, fill_route, _route_key,
+            self._generation)
+        for objects in (self._rules, self._routes):
+            objects.load(self._conn.execute(
+                f"SELECT name, spec, generation, update_time_ns FROM {objects.table}"
+            ).fetchall())
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -339,32 +527,14 @@ class Store:
         return services
 
     def _log_change(self, generation: int, keys: list[ServiceKey]) -> None:
-        self._log_gens.append(generation)
-        self._log_keys.append(tuple(keys))
-        self._log_size += len(keys)
-        drop = 0
-        while self._log_size > CHANGE_LOG_KEYS and drop < len(self._log_gens) - 1:
-            self._log_size -= len(self._log_keys[drop])
-            self._log_floor = self._log_gens[drop]
-            drop += 1
-        if drop:
-            del self._log_gens[:drop]
-            del self._log_keys[:drop]
+        self._log.add(generation, keys)
 
     def changes_since(self, generation: int, upto: int | None = None) -> set[ServiceKey] | None:
         """The keys of services changed (applied or deleted) after `generation` and up
         to `upto` (default: now); None when the log does not reach back that far.
         O(changes), not O(services)."""
         with self._lock:
-            if generation < self._log_floor:
-                return None
-            start = bisect.bisect_right(self._log_gens, generation)
-            end = len(self._log_gens) if upto is None else bisect.bisect_right(
-                self._log_gens, upto)
-            out: set[ServiceKey] = set()
-            for keys in self._log_keys[start:end]:
-                out.update(keys)
-            return out
+            return self._log.since(generation, upto)
 
     def changed_specs(
         self, generation: int
@@ -394,6 +564,137 @@ class Store:
                     {key: services[name].spec for key, name in self._holders.items()}
                 )
             return Snapshot(self._generation, self._desired)
+
+    # -- firewall rules and routes ---------------------------------------------------
+
+    def apply_rules(self, items: Sequence[tuple[str, RuleSpec]], *,
+                    field: str = "rules") -> ObjectBatch[RuleSpec]:
+        """Create or replace every (name, spec) of `items` (names unique), all or nothing,
+        at one new generation; unchanged rules keep theirs, and nothing changed bumps
+        nothing."""
+        return self._apply(self._rules, items, field)
+
+    def delete_rules(self, names: Sequence[str]) -> ObjectBatch[RuleSpec]:
+        """Delete every rule of `names` at one new generation; NotFoundError, deleting
+        nothing, if any is missing."""
+        return self._delete(self._rules, names)
+
+    def get_rule(self, name: str) -> StoredRule:
+        return self._get(self._rules, name)
+
+    def list_rules(self) -> list[StoredRule]:
+        return self._list(self._rules)
+
+    def apply_routes(self, items: Sequence[tuple[str, RouteSpec]], *,
+                     field: str = "routes") -> ObjectBatch[RouteSpec]:
+        """As ``apply_rules``; a prefix that a stored route not in `items` holds raises
+        ConflictError naming ``field[i]``."""
+        return self._apply(self._routes, items, field)
+
+    def delete_routes(self, names: Sequence[str]) -> ObjectBatch[RouteSpec]:
+        return self._delete(self._routes, names)
+
+    def get_route(self, name: str) -> StoredRoute:
+        return self._get(self._routes, name)
+
+    def list_routes(self) -> list[StoredRoute]:
+        return self._list(self._routes)
+
+    def changed_rules(self, generation: int) -> ObjectChanges[RuleSpec] | None:
+        """Rules changed after `generation`, by name, with their specs now; O(changes).
+        None when the change log does not reach back that far."""
+        with self._lock:
+            return self._rules.changes(generation, self._generation)
+
+    def changed_routes(self, generation: int) -> ObjectChanges[RouteSpec] | None:
+        """Routes changed after `generation`, by prefix (as a node keys them)."""
+        with self._lock:
+            return self._routes.changes(generation, self._generation)
+
+    def desired_rules(self) -> tuple[int, Mapping[str, RuleSpec], Mapping[str, str]]:
+        """(generation, {name: spec}, {name: name}) of every rule, read atomically."""
+        with self._lock:
+            return self._generation, self._rules.desired(), dict(self._rules.holders)
+
+    def desired_routes(self) -> tuple[int, Mapping[str, RouteSpec], Mapping[str, str]]:
+        """(generation, {prefix: spec}, {prefix: route name}), read atomically."""
+        with self._lock:
+            return self._generation, self._routes.desired(), dict(self._routes.holders)
+
+    def _apply(self, objects: _Objects[S], items: Sequence[tuple[str, S]],
+               field: str) -> ObjectBatch[S]:
+        names = {name for name, _ in items}
+        keys = [objects.node_key(name, spec) for name, spec in items]
+        if len(names) != len(items) or len(set(keys)) != len(items):
+            raise ValidationError(f"{field or objects.table}: names and prefixes must be unique")
+        with self._lock:
+            changed: list[int] = []
+            for i, (name, spec) in enumerate(items):
+                current = objects.objects.get(name)
+                if current is not None and current.spec == spec:
+                    continue
+                holder = objects.holders.get(keys[i])
+                if holder is not None and holder != name and holder not in names:
+                    where = f"{field}[{i}]: " if field else ""
+                    raise ConflictError(
+                        f"{where}{objects.kind} {quote(holder)} already uses"
+                        f" {quote(keys[i])}; delete it or change this one")
+                changed.append(i)
+            if not changed:
+                return ObjectBatch([objects.objects[name] for name, _ in items],
+                                   self._generation, 0)
+            now = time.time_ns()
+            written = [(items[i][0], items[i][1], objects.encode(items[i][1])) for i in changed]
+            with self._tx() as cur:
+                generation = self._bump(cur)
+                cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
+                                [(name,) for name, _, _ in written])
+                if objects is self._routes:
+                    cur.executemany(
+                        "INSERT INTO routes (name, prefix, spec, generation, update_time_ns)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        [(n, keys[i], b, generation, now)
+                         for i, (n, _, b) in zip(changed, written, strict=True)])
+                else:
+                    cur.executemany(
+                        f"INSERT INTO {objects.table} (name, spec, generation, update_time_ns)"
+                        " VALUES (?, ?, ?, ?)",
+                        [(n, b, generation, now) for n, _, b in written])
+            objects.committed(generation, now, written, ())
+            self._generation = generation
+            return ObjectBatch([objects.objects[name] for name, _ in items], generation,
+                               len(changed))
+
+    def _delete(self, objects: _Objects[S], names: Sequence[str]) -> ObjectBatch[S]:
+        if len(set(names)) != len(names):
+            raise ValidationError("names: a name is listed twice")
+        with self._lock:
+            missing = [name for name in names if name not in objects.objects]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise NotFoundError(f"{objects.kind} {quote(missing[0])} not found{more}")
+            if not names:
+                return ObjectBatch([], self._generation, 0)
+            with self._tx() as cur:
+                generation = self._bump(cur)
+                cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
+                                [(n,) for n in names])
+            objects.committed(generation, time.time_ns(), [], names)
+            self._generation = generation
+            return ObjectBatch([], generation, len(names))
+
+    def _get(self, objects: _Objects[S], name: str) -> StoredObject[S]:
+        with self._lock:
+            stored = objects.objects.get(name)
+        if stored is None:
+            raise NotFoundError(f"{objects.kind} {quote(name)} not found")
+        return stored
+
+    def _list(self, objects: _Objects[S]) -> list[StoredObject[S]]:
+        with self._lock:
+            out = list(objects.objects.values())
+        out.sort(key=lambda o: o.name)
+        return out
 
     # -- nodes ----------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
-"""Input rules of policyd: names and node addresses here; the service itself is checked
-by the shared ``xlbcore.service.parse_service`` so that policyd accepts exactly what dpd accepts.
+"""Input rules of policyd: names and node addresses here; the service, firewall rule and
+route specs are checked by the shared models (``xlbcore.service``, ``xlbcore.firewall``,
+``xlbcore.route``) so that policyd accepts exactly what dpd accepts. Interface names
+and next hops are checked for syntax only: whether they exist or are reachable differs
+between nodes, and each node reports it (NodeSyncStatus.errors).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import Any
 
 from xlbcore.address import parse_address
 from xlbcore.errors import ValidationError, quote
+from xlbcore.firewall import RuleSpec, parse_rule
+from xlbcore.route import RouteSpec, parse_route
 from xlbcore.service import ServiceSpec, parse_service
 
 NAME_MAX = 63
@@ -89,3 +94,51 @@ def validate_names(values: Sequence[str], field: str = "names") -> list[str]:
         if first != i:
             raise ValidationError(f"{field}[{i}]: {quote(value)} is also {field}[{first}]")
     return list(values)
+
+
+def validate_rule(msg: Any, field: str = "rule") -> tuple[str, RuleSpec]:
+    """(name, spec) of an xlb.policy.v1.FirewallRule; output-only fields are ignored."""
+    prefix = f"{field}." if field else ""
+    name = validate_name(msg.name, f"{prefix}name")
+    return name, parse_rule(msg.spec, f"{prefix}spec")
+
+
+def validate_rules(msgs: Sequence[Any], field: str = "rules") -> list[tuple[str, RuleSpec]]:
+    """A batch of rules: each valid (errors name ``rules[i]``), no name twice."""
+    items: list[tuple[str, RuleSpec]] = []
+    names: dict[str, int] = {}
+    for i, msg in enumerate(msgs):
+        where = f"{field}[{i}]"
+        name, spec = validate_rule(msg, where)
+        first = names.setdefault(name, i)
+        if first != i:
+            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
+        items.append((name, spec))
+    return items
+
+
+def validate_route(msg: Any, field: str = "route") -> tuple[str, RouteSpec]:
+    """(name, spec) of an xlb.policy.v1.Route; output-only fields are ignored."""
+    prefix = f"{field}." if field else ""
+    name = validate_name(msg.name, f"{prefix}name")
+    return name, parse_route(msg.spec, f"{prefix}spec")
+
+
+def validate_routes(msgs: Sequence[Any], field: str = "routes") -> list[tuple[str, RouteSpec]]:
+    """A batch of routes: each valid, no name and no prefix twice."""
+    items: list[tuple[str, RouteSpec]] = []
+    names: dict[str, int] = {}
+    prefixes: dict[str, int] = {}
+    for i, msg in enumerate(msgs):
+        where = f"{field}[{i}]"
+        name, spec = validate_route(msg, where)
+        first = names.setdefault(name, i)
+        if first != i:
+            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
+        first = prefixes.setdefault(spec.prefix, i)
+        if first != i:
+            raise ValidationError(
+                f"{where}.spec.prefix: {spec.prefix} is also the prefix of {field}[{first}]"
+                f" ({quote(items[first][0])})")
+        items.append((name, spec))
+    return items
