@@ -37,6 +37,7 @@ from dpd import abi as abi_mod
 from dpd import bpfsys
 from dpd.abi import BPF_DIR, Abi, MapSpec
 from dpd.maps import KernelMap, Map
+from dpd.routes import RTPROT_XLB
 from xlbcore.errors import PreconditionError
 
 log = structlog.get_logger("dpd.loader")
@@ -60,6 +61,7 @@ class Settings:
     max_backends: int = 262144
     ct_size: int = 262144
     redirect: bool = True
+    route_proto: int = RTPROT_XLB  # the protocol id of the routes dpd installs
 
     @property
     def pin_dir(self) -> str:

@@ -14,6 +14,7 @@ import structlog
 
 from dpd import maglev
 from dpd.loader import LoaderError, Settings
+from dpd.routes import RTPROT_XLB, check_proto
 from xlbcore.daemon import StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
 from xlbcore.server import Server, StartupError, start_server
@@ -33,13 +34,22 @@ def _maglev_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _route_proto(text: str) -> int:
+    try:
+        return check_proto(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlb-dpd", description=__doc__)
     p.add_argument("--name", required=True, help="node name; pins go under BPF_ROOT/NAME")
     p.add_argument("--listen", default="127.0.0.1:50161", help="HOST:PORT or unix:PATH")
     p.add_argument("--bpf-root", default="/opt/xlb/dp/bpf",
                    help="bpffs mount for the pins (created if missing)")
-    p.add_argument("--attach", default="", help="comma-separated interfaces to attach to")
+    p.add_argument("--attach", default="",
+                   help="comma-separated interfaces to attach to; 'auto': every physical, "
+                        "veth and bond interface, now and as they appear (docs/routing.md)")
     p.add_argument("--netns", default="",
                    help="run in this named network namespace (only the network namespace "
                         "changes, so the bpffs mount outlives dpd)")
@@ -67,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="", metavar="ADDR",
                    help="serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, port 0: "
                         "any free port, or unix:PATH; see docs/metrics.md); off by default")
+    p.add_argument("--route-proto", type=_route_proto, default=RTPROT_XLB, metavar="ID",
+                   help="route protocol id of the routes dpd installs (and alone touches)")
     p.add_argument("--cleanup", action="store_true",
                    help="detach from every interface, remove the pins and exit")
     p.add_argument("--log-format", choices=FORMATS, default="kv")
@@ -172,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         max_backends=args.max_backends,
         ct_size=args.ct_size,
         redirect=not args.no_redirect,
+        route_proto=args.route_proto,
     )
     from dpd.attach import InterfaceMissing
     from dpd.node import Node, cleanup
 
     if args.cleanup:
         stop.release()  # a one-shot run: SIGINT/SIGTERM act as they did before
-        cleanup(settings)
+        cleanup(settings, remove_routes=True)
         return 0
 
     if args.datapath == "memory":
@@ -198,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("dpd_start_failed", error=str(e))
         return 1
     server = None
+    auto = None
     try:
         for ifname in filter(None, (s.strip() for s in args.attach.split(","))):
             if stop.requested():
                 break
             stop.step(f"attach_{ifname}")
-            node.attach(ifname)
+            if ifname == "auto":
+                from dpd.autoattach import AutoAttacher
+
+                auto = AutoAttacher(node.attach, node.detach)
+                auto.start()
+            else:
+                node.attach(ifname)
         if not stop.requested():
             stop.step("serve")
             server = serve(node, args.listen, exporter=exporter)
@@ -212,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("dpd_start_failed", error=str(e))
         if server is not None:
             server.stop(0)
+        if auto is not None:
+            auto.stop()
         node.close()
         return 1
     if server is not None:
@@ -227,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if server is not None:
         stop.step("server_stop")
         server.stop(1.0)
+    if auto is not None:
+        stop.step("autoattach_stop")
+        auto.stop()
     stop.step("node_close")
     node.close()
     log.info("dpd_stopped", note="datapath left running; --cleanup removes it")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from dpd import attach, bpfsys, maglev
+from dpd import attach, bpfsys, maglev, routes
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
@@ -41,6 +41,8 @@ class Node:
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp)
+        self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
+                                          if dp.kind == "kernel" else routes.MemoryRoutes())
         self._stat_names = dp.abi.stat_names()
         self._counter = dp.abi.structs["xlb_counter"].codec
         if ct_aging_interval > 0:
@@ -164,16 +166,21 @@ class Node:
     def close(self) -> None:
         """Stop background work and release fds; the datapath keeps running."""
         self.conntrack.stop()
+        self.routes.close()
         self.dp.close()
 
 
-def cleanup(settings: Settings) -> dict[str, object]:
-    """Detach from every interface of this network namespace and remove the pins."""
+def cleanup(settings: Settings, remove_routes: bool = False) -> dict[str, object]:
+    """Detach from every interface of this network namespace and remove the pins; with
+    `remove_routes` (xlb-dpd --cleanup) also every route of xlb's protocol in it."""
     detached = []
     for a in attach.attached():
         attach.detach(a.name)
         detached.append(a.name)
     removed = remove_pins(settings)
     unmounted = unmount_if_empty(settings.bpf_root)
-    log.info("cleanup_done", detached=detached, pins_removed=len(removed), unmounted=unmounted)
-    return {"detached": detached, "pins_removed": removed, "unmounted": unmounted}
+    routes_removed = routes.cleanup(settings.route_proto) if remove_routes else []
+    log.info("cleanup_done", detached=detached, pins_removed=len(removed), unmounted=unmounted,
+             routes_removed=len(routes_removed))
+    return {"detached": detached, "pins_removed": removed, "unmounted": unmounted,
+            "routes_removed": routes_removed}
