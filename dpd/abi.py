@@ -292,8 +292,9 @@ class Codec:
 
     Values: unsigned/signed fields are ints; ``__be16`` is an int in host order (the
     codec swaps it); ``__be32`` is the 4 raw bytes (network order, as socket.inet_aton
-    gives); ``__u8 x[N]`` is bytes; other scalar arrays are tuples; a struct field is a
-    dict and an array of structs a list of dicts (only the elements given on pack)."""
+    gives); ``__u8 x[N]`` and ``__be32 x[N]`` are bytes; other scalar arrays are tuples;
+    a struct field is a dict and an array of structs a list of dicts (only the elements
+    given on pack)."""
 
     layout: Layout
     _struct: struct.Struct = field(init=False)
@@ -316,8 +317,8 @@ class Codec:
                                    f.struct.codec, f.elem_size))
                 continue
             size, char, kind = _SCALARS[f.ctype]
-            if f.count and char == "B":
-                fmt.append(f"{f.count}s")
+            if f.count and (char == "B" or char.endswith("s")):  # u8 or __be32 array
+                fmt.append(f"{f.size}s")
                 slots.append(_Slot(f.name, "bytes", f.count))
             elif f.count:
                 fmt.append(f"{f.count}{char}")

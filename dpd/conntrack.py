@@ -81,7 +81,7 @@ class CtEntry:
     state: int
     nat_address: str
     nat_port: int
-    service: ServiceKey
+    service: ServiceKey | None  # None: a flow the firewall passed (no service)
     idle_ns: int
 
 
@@ -118,7 +118,8 @@ class Conntrack:
                 Proto(k["proto"]), socket.inet_ntoa(k["saddr"]), k["sport"],
                 socket.inet_ntoa(k["daddr"]), k["dport"], v["dir"], v["state"],
                 socket.inet_ntoa(v["nat_addr"]), v["nat_port"],
-                ServiceKey(socket.inet_ntoa(svc["vip"]), svc["port"], Proto(svc["proto"])),
+                ServiceKey(socket.inet_ntoa(svc["vip"]), svc["port"], Proto(svc["proto"]))
+                if svc["proto"] else None,
                 max(0, now - v["last_ns"]),
             ))
         return out

@@ -12,6 +12,7 @@ import structlog
 from dpd import attach, bpfsys, maglev, routes
 from dpd.attach import Attachment
 from dpd.conntrack import Conntrack, CtEntry
+from dpd.firewall import FirewallTable, Links, StaticLinks
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
 from dpd.services import Counter, ServiceTable, sum_counters
 from xlbcore.errors import PreconditionError
@@ -41,6 +42,7 @@ class Node:
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp)
+        self.firewall = FirewallTable(dp, Links() if dp.kind == "kernel" else StaticLinks())
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())
         self._stat_names = dp.abi.stat_names()
@@ -77,7 +79,9 @@ class Node:
         for a in attach.attached():
             if a.name == name and not self.dp.programs_changed:
                 return a  # already carries this program
-        return attach.attach(name, self.dp.fast_fd)
+        a = attach.attach(name, self.dp.fast_fd)
+        self.firewall.ensure_interface(a.ifindex)  # its own drop counters
+        return a
 
     def detach(self, name: str) -> Attachment:
         self._kernel()

@@ -62,13 +62,14 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
         for m in n.maps():
             msg.maps.add(name=m.name, type=m.type, max_entries=m.max_entries, used=m.used)
         for a in n.interfaces():
-            msg.interfaces.append(_interface(a, n.program_tag))
+            msg.interfaces.append(self._interface_config(_interface(a, n.program_tag)))
         msg.program_tags.update(n.dp.tags)
         return msg
 
     @rpc
     def AttachInterface(self, request: Any, context: Any) -> pb.Interface:  # noqa: N802
-        return _interface(self.node.attach(_require(request.name)), self.node.program_tag)
+        a = self.node.attach(_require(request.name))
+        return self._interface_config(_interface(a, self.node.program_tag))
 
     @rpc
     def DetachInterface(self, request: Any, context: Any) -> pb.DetachInterfaceResponse:  # noqa: N802
@@ -78,7 +79,7 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
     @rpc
     def ListInterfaces(self, request: Any, context: Any) -> Iterator[pb.Interface]:  # noqa: N802
         for a in self.node.interfaces():
-            yield _interface(a, self.node.program_tag)
+            yield self._interface_config(_interface(a, self.node.program_tag))
 
     @rpc
     def PutServices(self, request: Any, context: Any) -> pb.PutServicesResponse:  # noqa: N802
@@ -143,7 +144,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
                 nat_port=e.nat_port,
                 idle_ns=e.idle_ns,
             )
-            fill_service_key(msg.service, e.service)
+            if e.service is not None:
+                fill_service_key(msg.service, e.service)
             yield msg
 
     @rpc
@@ -156,6 +158,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
         resp = pb.GetStatsResponse()
         for name, counter in self.node.global_stats().items():
             resp.global_counters[name] = counter.packets
+        if not keys:
+            self._rule_stats(resp)
         for spec, total, eps in self.node.services.stats(keys or None):
             s = resp.services.add()
             fill_service_key(s.service, spec.key)

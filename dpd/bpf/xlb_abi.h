@@ -237,16 +237,23 @@ struct xlb_acl_tuple {
     struct xlb_acl_key mask; /* a packet's key is ANDed with this (tuple: unused) */
 };
 
-/* acl_cfg_map[0]: which rule set is live */
+/* xlb_acl_cfg.flags */
+#define XLB_ACL_F_POLICY_DROP 1 /* some interface's default policy is drop (intf_map) */
+
+/* acl_cfg_map[0]: which rule set is live. The firewall is off (no lookup at all, not
+ * even intf_map) while n_tuples[gen] is 0 and XLB_ACL_F_POLICY_DROP is clear. */
 struct xlb_acl_cfg {
     __u32 gen;        /* 0 or 1 */
-    __u32 n_tuples[2]; /* tuples in use per generation; 0 and no interface policy: off */
-    __u32 pad;
+    __u32 n_tuples[2]; /* tuples in use per generation */
+    __u32 flags;      /* XLB_ACL_F_* */
 };
 
 /* acl_rules_map[rule_id]: the node's record of each rule as the API gave it, read back
  * by ListFirewallRules and by a restarted dpd (the datapath never reads it). */
 #define XLB_NAME_LEN 64
+#define XLB_IFNAME_LEN 16 /* IFNAMSIZ */
+#define XLB_ACL_HAS_SRC 1
+#define XLB_ACL_HAS_DST 2
 struct xlb_acl_rule {
     __u8 name[XLB_NAME_LEN];
     __u16 priority;
@@ -255,7 +262,7 @@ struct xlb_acl_rule {
     __u8 family; /* 0: any; else of src/dst */
     __u8 src_len;
     __u8 dst_len;
-    __u8 pad;
+    __u8 has;    /* XLB_ACL_HAS_*: which prefixes are set (0.0.0.0/0 is not "any") */
     __be32 src[4];
     __be32 dst[4];
     __u16 sport_first; /* host order; 0..0: any */
@@ -264,6 +271,10 @@ struct xlb_acl_rule {
     __u16 dport_last;
     __u32 in_ifindex;       /* 0: any */
     __u32 redirect_ifindex;
+    /* the interfaces by name as the API gave them: an ifindex alone cannot be named
+     * again once its interface is gone */
+    __u8 in_name[XLB_IFNAME_LEN];
+    __u8 redirect_name[XLB_IFNAME_LEN];
 };
 
 /* intf_map[ifindex]: per interface settings, written by dpd */
