@@ -20,7 +20,7 @@ import operator
 import re
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,33 +303,36 @@ class Codec:
     def __post_init__(self) -> None:
         fmt = ["="]
         slots: list[_Slot] = []
+        parts: list[tuple[str, str]] = []  # (field name or "" for padding, format)
         at = 0
         for f in self.layout.fields:
             if f.offset > at:
-                fmt.append(f"{f.offset - at}x")
+                parts.append(("", f"{f.offset - at}x"))
             at = f.offset + f.size
             if f.name.startswith("pad"):
-                fmt.append(f"{f.size}x")
+                parts.append(("", f"{f.size}x"))
                 continue
             if f.struct is not None:
-                fmt.append(f"{f.size}s")
+                parts.append((f.name, f"{f.size}s"))
                 slots.append(_Slot(f.name, "structs" if f.count else "struct", f.count,
                                    f.struct.codec, f.elem_size))
                 continue
             size, char, kind = _SCALARS[f.ctype]
             if f.count and (char == "B" or char.endswith("s")):  # u8 or __be32 array
-                fmt.append(f"{f.size}s")
+                parts.append((f.name, f"{f.size}s"))
                 slots.append(_Slot(f.name, "bytes", f.count))
             elif f.count:
-                fmt.append(f"{f.count}{char}")
+                parts.append((f.name, f"{f.count}{char}"))
                 slots.append(_Slot(f.name, "array", f.count))
             else:
-                fmt.append(char)
+                parts.append((f.name, char))
                 slots.append(_Slot(f.name, "be16" if (kind, size) == ("be", 2) else kind))
         if self.layout.size > at:
-            fmt.append(f"{self.layout.size - at}x")
+            parts.append(("", f"{self.layout.size - at}x"))
+        fmt.extend(p for _, p in parts)
         self._struct = struct.Struct("".join(fmt))
         self._slots = slots
+        self._parts = parts
         if self._struct.size != self.layout.size:
             raise AbiError(f"codec of struct {self.layout.name}: {self._struct.size} bytes, "
                            f"layout says {self.layout.size}")
@@ -414,6 +417,42 @@ class Codec:
             return pack(*flat)
 
         return packed
+
+    def wire_struct(self, names: Sequence[str], array: str = "",
+                    element: Sequence[str] = (), count: int = 0) -> struct.Struct:
+        """One ``struct.Struct`` for the whole value, for bulk packing and unpacking
+        without a Python call per field: its items are the fields `names` (every field
+        but the pads, in layout order: both checked here), except that the array of
+        structs `array` is its first `count` elements, each as its fields `element`
+        (the element's fields in layout order, checked), the other elements zero.
+        Values are as the wire holds them: ``__be16`` in network byte order (give
+        socket.htons(port), read socket.ntohs), ``__be32`` the 4 raw bytes."""
+        if list(names) != self.names:
+            raise KeyError(f"struct {self.layout.name} wire_struct: fields {list(names)}, "
+                           f"layout order is {self.names}")
+        fmt = ["="]
+        for name, part in self._parts:
+            if not name or name != array:
+                fmt.append(part)
+                continue
+            f = self.layout.field(array)
+            sub = f.struct.codec if f.struct is not None else None
+            if sub is None or not f.count:
+                raise AbiError(f"struct {self.layout.name}.{array}: not an array of structs")
+            if list(element) != sub.names:
+                raise KeyError(f"struct {sub.layout.name} wire_struct: fields "
+                               f"{list(element)}, layout order is {sub.names}")
+            if not 0 <= count <= f.count:
+                raise AbiError(f"struct {self.layout.name}.{array}: {count} elements, "
+                               f"it holds {f.count}")
+            fmt.extend([p for _, p in sub._parts] * count)
+            if f.count > count:
+                fmt.append(f"{(f.count - count) * f.elem_size}x")
+        st = struct.Struct("".join(fmt))
+        if st.size != self.layout.size:
+            raise AbiError(f"wire struct of {self.layout.name}: {st.size} bytes, layout says "
+                           f"{self.layout.size}")
+        return st
 
     def pack_into(self, buf: bytearray | memoryview, offset: int, **values: Any) -> None:
         self._struct.pack_into(buf, offset, *self._flat(values))

@@ -272,7 +272,8 @@ def lookup_batch_chunks(
         err = ctypes.get_errno() if rc < 0 else 0
         n = count.value
         if n:
-            yield n, keys.raw[:n * key_size], values.raw[:n * value_size]
+            # string_at copies the n entries only (.raw would copy the whole buffer)
+            yield n, ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size)
         if rc < 0:
             if err == errno.ENOENT:
                 return

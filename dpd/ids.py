@@ -25,6 +25,8 @@ class IdPool:
 
     def take_dirty(self, ids: Iterable[int]) -> list[int]:
         """Those of `ids` whose slots must be zeroed; they count as clean afterwards."""
+        if not self._dirty and not self._assume_dirty:
+            return []
         out = [i for i in ids
                if i in self._dirty or (self._assume_dirty and i not in self._clean)]
         self._dirty.difference_update(out)
@@ -44,7 +46,15 @@ class IdPool:
             raise Exhausted(
                 f"{what}: {count} more needed, {self.free} of {self.size} free"
             )
-        out: list[int] = []
+        start = self._next
+        if start + count <= self.size and self._used.isdisjoint(range(start, start + count)):
+            # the common case, a run of free ids: no Python step per id
+            out = list(range(start, start + count))
+            self._used.update(out)
+            self._next = (start + count) % self.size
+            self._pending.extend(out)
+            return out
+        out = []
         while len(out) < count:
             i = self._next
             self._next = (self._next + 1) % self.size

@@ -143,8 +143,9 @@ class KernelMap(Map):
                 if value is not None:
                     yield key, value
             return
-        try:
-            yield from bpfsys.lookup_batch(self.fd, self.spec.key_size, self.spec.value_size)
+        try:  # chunks of about 1 MiB (a maglev_v4_map value alone is 32 KiB)
+            yield from bpfsys.lookup_batch(self.fd, self.spec.key_size, self.spec.value_size,
+                                           max(1, min(4096, (1 << 20) // self.spec.value_size)))
         except OSError as e:
             raise classify(e, f"{self.name} read") from None
 

@@ -25,8 +25,14 @@ import bisect
 import functools
 import os
 import socket
+import struct
 import threading
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, chain, repeat
+from operator import attrgetter, itemgetter, mul
+from typing import NamedTuple
 
 import structlog
 
@@ -35,24 +41,52 @@ from dpd.ids import IdPool
 from dpd.loader import Datapath
 from dpd.maps import MapFull
 from dpd.slots import build_slots
+from xlbcore import gcpause
 from xlbcore.errors import Exhausted
 from xlbcore.service import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
 
 log = structlog.get_logger("dpd.services")
 
+_VIP, _PORT, _PROTO = attrgetter("vip"), attrgetter("port"), attrgetter("proto")
+_SPEC, _SVC_ID, _EP_IDS, _MAGLEV_B = (attrgetter("spec"), attrgetter("svc_id"),
+                                      attrgetter("ep_ids"), attrgetter("maglev_b"))
+_ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"),
+                                 attrgetter("mode"))
+_ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
+_VIP_OF_KEY = itemgetter(slice(0, 4))  # a nat_v4_map key's first field
 
-@dataclass
-class _Entry:
+
+class _Entry(NamedTuple):
+    """One service as the table holds it: its spec and counter slots. ``ep_ids[i]`` is
+    the ep_stats_map slot of ``spec.endpoints[i]``. A tuple, so that a bulk write makes
+    its entries without a Python call each (_entries)."""
+
     spec: ServiceSpec
     svc_id: int
-    stat_ids: dict[tuple[str, int], int]
+    ep_ids: tuple[int, ...]
     maglev_b: int = 0  # Maglev: which of the service's two table keys is in use
+
+    @property
+    def stat_ids(self) -> dict[tuple[str, int], int]:
+        """(endpoint address, port) -> its ep_stats_map slot."""
+        return {(ep.address, ep.port): i
+                for ep, i in zip(self.spec.endpoints, self.ep_ids, strict=True)}
+
+
+def _entries(specs: Iterable[ServiceSpec], svc_ids: Iterable[int],
+             ep_ids: Iterable[tuple[int, ...]], maglev_b: Iterable[int]) -> list[_Entry]:
+    """_Entry(spec, svc_id, ep_ids, maglev_b) of each, made by tuple.__new__ in C."""
+    rows = zip(specs, svc_ids, ep_ids, maglev_b, strict=False)  # maglev_b may repeat
+    return list(map(tuple.__new__, repeat(_Entry), rows))
 
 
 @dataclass(frozen=True)
 class Counter:
     packets: int = 0
     bytes: int = 0
+
+
+BULK = 256  # a put or delete of this many services pauses the cyclic GC (xlbcore.gcpause)
 
 
 class ServiceTable:
@@ -66,30 +100,43 @@ class ServiceTable:
         self.svc_stats = dp.maps["svc_stats_map"]
         self.ep_stats = dp.maps["ep_stats_map"]
         self.rr = dp.maps["rr_map"]
-        self._key = abi.structs["xlb_nat_key"].codec
-        self._val = abi.structs["xlb_nat_val"].codec
-        self._ep = abi.structs["xlb_ep"].codec
         self._counter = abi.structs["xlb_counter"].codec
-        # positional packers (field names checked once against the ABI)
-        self._pack_ep = self._ep.packer("addr", "port", "weight", "stat_id")
-        self._pack_val = self._val.packer("svc_id", "algo", "mode", "n_eps", "flags",
-                                          "n_slots", "eps", "slots")
+        # Keys and values go through one struct.Struct each (the fields in the ABI's
+        # layout order, checked by wire_struct): a value for n endpoints is one pack
+        # call, no Python call per field.
+        key = abi.structs["xlb_nat_key"].codec
+        self._key = key.wire_struct(("vip", "port", "proto"))
+        self._val = abi.structs["xlb_nat_val"].codec
+        self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "eps",
+                            "slots")
+        self._ep_fields = ("addr", "port", "weight", "stat_id")
+        self._val_head = self._val.wire_struct(self._val_fields, "eps", self._ep_fields, 0)
+        self._vals: dict[int, struct.Struct] = {}  # endpoints -> the value's wire struct
+        # a value from its endpoints already packed (the eps bytes are zero-filled)
+        self._pack_val = self._val.packer(*self._val_fields)
+        self._ep = abi.structs["xlb_ep"].codec.wire_struct(self._ep_fields)
         self.max_eps = abi.const("XLB_MAX_EPS")
         self.n_slots = abi.const("XLB_SLOTS")
         self.max_services = self.nat.spec.max_entries
         self._lock = threading.Lock()
-        entries = self._read_all()
+        n_slots = self.n_slots
+        # weights -> slot table, bounded (a process holds one table per node)
+        self._slot_table: Callable[[tuple[int, ...]], bytes] = functools.lru_cache(4096)(
+            lambda weights: bytes(build_slots(weights, n_slots)))
+        with gcpause.paused():
+            entries = self._read_all()
         self.svc_ids = IdPool(self.max_services, (e.svc_id for e in entries.values()),
                               assume_dirty=dp.reused)
         self.stat_ids = IdPool(
             self.ep_stats.spec.max_entries,
-            (sid for e in entries.values() for sid in e.stat_ids.values()),
+            (sid for e in entries.values() for sid in e.ep_ids),
             assume_dirty=dp.reused,
         )
-        self._index: dict[ServiceKey, _Entry] = entries
+        # nat_v4_map key bytes -> entry
+        self._index: dict[bytes, _Entry] = entries
         self.generation = 0
         self.instance_id = os.urandom(8).hex()
-        self._sorted: tuple[int, list[tuple[bytes, int, int]], list[ServiceKey]] | None = None
+        self._sorted: tuple[int, list[bytes]] | None = None
         # vip_v4_map: VIP -> how many services it carries (the datapath answers ICMP echo
         # to a VIP); made to match the services at start, then kept by every write
         self.vips = dp.maps["vip_v4_map"]
@@ -104,14 +151,21 @@ class ServiceTable:
 
     # -- encoding --------------------------------------------------------------------
 
-    @functools.lru_cache(maxsize=1 << 17)  # noqa: B019 - one table per node, bounded
-    def key_bytes(self, key: ServiceKey) -> bytes:
-        return self._key.pack(vip=socket.inet_aton(key.vip), port=key.port,
-                              proto=int(key.proto))
+    def key_bytes(self, key: ServiceKey | ServiceSpec) -> bytes:
+        """The nat_v4_map key of a service (the table's index key too)."""
+        return self._key.pack(socket.inet_aton(key.vip), socket.htons(key.port), key.proto)
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one table per process, bounded
-    def _slot_table(self, weights: tuple[int, ...]) -> bytes:
-        return bytes(build_slots(weights, self.n_slots))
+    def _keys(self, items: Sequence[ServiceKey | ServiceSpec]) -> list[bytes]:
+        """key_bytes of each of `items`, column by column (no Python step per item)."""
+        return list(map(self._key.pack, map(socket.inet_aton, map(_VIP, items)),
+                        map(socket.htons, map(_PORT, items)), map(_PROTO, items)))
+
+    def _val_struct(self, n: int) -> struct.Struct:
+        st = self._vals.get(n)
+        if st is None:
+            st = self._vals[n] = self._val.wire_struct(self._val_fields, "eps",
+                                                       self._ep_fields, n)
+        return st
 
     @functools.lru_cache(maxsize=512)  # noqa: B019 - one table per process, bounded
     def _maglev_table(self, eps: tuple[tuple[str, int, int], ...]) -> bytes:
@@ -125,50 +179,57 @@ class ServiceTable:
         return self._maglev_table(tuple((ep.address, ep.port, ep.weight)
                                         for ep in spec.endpoints))
 
-    def _value_bytes(self, e: _Entry) -> bytes:
-        spec = e.spec
-        table = self._slot_table(tuple(ep.weight for ep in spec.endpoints))
-        ep_pack, aton, ids = self._pack_ep, socket.inet_aton, e.stat_ids
-        eps = b"".join([ep_pack(aton(ep.address), ep.port, ep.weight, ids[(ep.address, ep.port)])
-                        for ep in spec.endpoints])
-        return self._pack_val(e.svc_id, int(spec.algorithm), int(spec.mode),
-                              len(spec.endpoints), self._maglev_flag if e.maglev_b else 0,
-                              len(table), eps, table)
+    def _values(self, entries: list[_Entry]) -> list[bytes]:
+        """nat_v4_map values of `entries`, built column by column: every endpoint of
+        the batch packed in one pass into one buffer, then each value packed from its
+        slice of it, its slot table and its header fields (no Python step per service
+        or endpoint: map() over C functions)."""
+        specs = list(map(_SPEC, entries))
+        eps_of = list(map(_ENDPOINTS, specs))
+        counts = list(map(len, eps_of))
+        eps = list(chain.from_iterable(eps_of))
+        weights = tuple(map(_WEIGHT, eps))
+        blob = b"".join(map(self._ep.pack, map(socket.inet_aton, map(_ADDRESS, eps)),
+                            map(socket.htons, map(_PORT, eps)), weights,
+                            chain.from_iterable(map(_EP_IDS, entries))))
+        bounds = list(accumulate(counts, initial=0))
+        starts, ends = bounds[:-1], bounds[1:]
+        size = self._ep.size
+        ep_bytes = map(blob.__getitem__, map(slice, map(mul, starts, repeat(size)),
+                                             map(mul, ends, repeat(size))))
+        tables = list(map(self._slot_table, map(weights.__getitem__, map(slice, starts, ends))))
+        flags = map(mul, map(_MAGLEV_B, entries), repeat(self._maglev_flag))
+        return list(map(self._pack_val, map(_SVC_ID, entries), map(_ALGORITHM, specs),
+                        map(_MODE, specs), counts, flags, map(len, tables), ep_bytes, tables))
 
-    def _decode(self, kraw: bytes, vraw: bytes) -> _Entry:
-        k = self._key.unpack(kraw)
-        v = self._val.unpack(vraw)
-        eps: list[EndpointSpec] = []
-        stat_ids: dict[tuple[str, int], int] = {}
-        slots = v["eps"]
-        for i in range(min(v["n_eps"], self.max_eps)):
-            raw = slots[i]
-            ep = EndpointSpec(socket.inet_ntoa(raw["addr"]), raw["port"], raw["weight"])
-            eps.append(ep)
-            stat_ids[(ep.address, ep.port)] = raw["stat_id"]
-        spec = ServiceSpec(socket.inet_ntoa(k["vip"]), k["port"], Proto(k["proto"]),
-                           Algorithm(v["algo"]), Mode(v["mode"]), tuple(sorted(eps)))
-        return _Entry(spec, v["svc_id"], stat_ids,
-                      1 if v["flags"] & self._maglev_flag else 0)
-
-    # -- reading back from the map -----------------------------------------------------
-
-    def _read_all(self) -> dict[ServiceKey, _Entry]:
-        out = {}
+    def _read_all(self) -> dict[bytes, _Entry]:
+        """What nat_v4_map holds, decoded (once, when dpd starts)."""
+        out: dict[bytes, _Entry] = {}
+        kunpack, head = self._key.unpack, self._val_head.unpack
+        ntoa, ntohs = socket.inet_ntoa, socket.ntohs
+        vals, val_struct = self._vals, self._val_struct
+        flag, max_eps = self._maglev_flag, self.max_eps
         for kraw, vraw in self.nat.items():
-            e = self._decode(kraw, vraw)
-            out[e.spec.key] = e
+            vip, port, proto = kunpack(kraw)
+            svc_id, algo, mode, n, flags = head(vraw)[:5]
+            n = min(n, max_eps)
+            flat = (vals.get(n) or val_struct(n)).unpack(vraw)
+            eps = sorted([(ntoa(flat[i]), ntohs(flat[i + 1]), flat[i + 2], flat[i + 3])
+                          for i in range(6, 6 + 4 * n, 4)])
+            spec = ServiceSpec(ntoa(vip), ntohs(port), Proto(proto), Algorithm(algo),
+                               Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]))
+            out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
+                                               1 if flags & flag else 0)
         return out
 
-    def _read(self, key: ServiceKey) -> _Entry | None:
-        return self._index.get(key)
+    # -- reading ---------------------------------------------------------------------
 
     def entries(self) -> list[tuple[ServiceKey, _Entry]]:
         """What the table holds, with each service's counter slots (svc_id, stat_ids),
         read atomically. Entries are replaced, never changed in place, so a caller may
         keep one and compare it by identity to notice a change."""
         with self._lock:
-            return list(self._index.items())
+            return [(e.spec.key, e) for e in self._index.values()]
 
     def specs(self) -> list[ServiceSpec]:
         with self._lock:
@@ -182,21 +243,17 @@ class ServiceTable:
         with self._lock:
             return self.generation, len(self._index)
 
-    @staticmethod
-    def _order(key: ServiceKey) -> tuple[bytes, int, int]:
-        return socket.inet_aton(key.vip), key.port, int(key.proto)
-
     def page(self, after: ServiceKey | None, limit: int) -> tuple[int, list[ServiceSpec], bool]:
         """(generation, up to `limit` specs with keys after `after` in key order, more
-        follow), read atomically. The key order is sorted once per generation."""
+        follow), read atomically. Key order is the order of the map keys' bytes (VIP,
+        port, protocol), sorted once per generation."""
         with self._lock:
             if self._sorted is None or self._sorted[0] != self.generation:
-                keys = sorted(self._index, key=self._order)
-                self._sorted = (self.generation, [self._order(k) for k in keys], keys)
-            _, order, keys = self._sorted
-            start = 0 if after is None else bisect.bisect_right(order, self._order(after))
-            chosen = keys[start:start + limit]
-            return (self.generation, [self._index[k].spec for k in chosen],
+                self._sorted = (self.generation, sorted(self._index))
+            _, keys = self._sorted
+            start = 0 if after is None else bisect.bisect_right(keys, self.key_bytes(after))
+            index = self._index
+            return (self.generation, [index[k].spec for k in keys[start:start + limit]],
                     start + limit < len(keys))
 
     # -- writing -----------------------------------------------------------------------
@@ -210,85 +267,71 @@ class ServiceTable:
         self.vips.delete_batch(gone)
         self.vips.put_batch(live, [self._vip_count[v].to_bytes(4, "little") for v in live])
 
-    def _count_vips(self, keys: list[ServiceKey], step: int) -> None:
-        touched = []
-        for k in keys:
-            vip = socket.inet_aton(k.vip)
-            self._vip_count[vip] = self._vip_count.get(vip, 0) + step
-            touched.append(vip)
+    def _count_vips(self, keys: list[bytes], step: int) -> None:
+        """Count the services of `keys` (nat_v4_map keys: the VIP is the first 4 bytes)."""
+        counts = self._vip_count
+        touched: Tally[bytes] = Tally(map(_VIP_OF_KEY, keys))
+        for vip, n in touched.items():
+            counts[vip] = counts.get(vip, 0) + step * n
         if touched:
-            self._write_vips(list(dict.fromkeys(touched)))
-
-    def _write(self, entries: list[_Entry]) -> None:
-        """Write entries with one batched update."""
-        if entries:
-            self.nat.put_batch([self.key_bytes(e.spec.key) for e in entries],
-                               [self._value_bytes(e) for e in entries])
+            self._write_vips(list(touched))
 
     def put(self, specs: list[ServiceSpec]) -> int:
         """Upsert all of `specs` or none. Raises Exhausted when there is no room."""
-        with self._lock:
-            for s in specs:
-                if len(s.endpoints) > self.max_eps:
-                    raise Exhausted(f"service {s.key}: {len(s.endpoints)} endpoints, the "
-                                    f"datapath holds at most {self.max_eps}")
+        with self._lock, gcpause.paused(len(specs) >= BULK):
+            max_eps = self.max_eps
+            if max(map(len, map(_ENDPOINTS, specs)), default=0) > max_eps:
+                s = next(s for s in specs if len(s.endpoints) > max_eps)
+                raise Exhausted(f"service {s.key}: {len(s.endpoints)} endpoints, the "
+                                f"datapath holds at most {max_eps}")
             if specs:
                 self.generation += 1  # every write call, also when nothing changes
             index = self._index
-            batch: dict[ServiceKey, ServiceSpec] = {}
-            for s in specs:
-                k = s.key
-                prev = index.get(k)
-                if prev is None or prev.spec != s:
-                    batch[k] = s
-                else:
-                    batch.pop(k, None)  # a later duplicate equal to what is held
-            old = {k: index.get(k) for k in batch}
-            new_keys = [k for k, e in old.items() if e is None]
-            new_eps = 0
-            for k, spec in batch.items():
-                prev = old[k]
-                have = prev.stat_ids if prev else {}
-                new_eps += sum((ep.address, ep.port) not in have for ep in spec.endpoints)
+            get = index.get
+            keys = self._keys(specs)
+            old = list(map(get, keys))
+            batch: dict[bytes, ServiceSpec]
+            if old.count(None) == len(old) and len(set(keys)) == len(keys):
+                batch = dict(zip(keys, specs, strict=True))  # all new (e.g. an empty table)
+            else:
+                batch = {}
+                for k, s, prev in zip(keys, specs, old, strict=True):
+                    if prev is None or prev.spec != s:
+                        batch[k] = s
+                    else:
+                        batch.pop(k, None)  # a later duplicate equal to what is held
+                keys = list(batch)
+                old = list(map(get, keys))
+            new_svcs = old.count(None)
+            new_eps = sum([len(s.endpoints)
+                           for s, p in zip(batch.values(), old, strict=True) if p is None])
+            for spec, prev in zip(batch.values(), old, strict=True):
+                if prev is not None:
+                    have = prev.stat_ids
+                    new_eps += sum([(ep.address, ep.port) not in have
+                                    for ep in spec.endpoints])
             try:
-                svc_ids = iter(self.svc_ids.reserve(len(new_keys), "services"))
-                stat_pool = iter(self.stat_ids.reserve(new_eps, "endpoints"))
+                svc_ids = self.svc_ids.reserve(new_svcs, "services")
+                stat_pool = self.stat_ids.reserve(new_eps, "endpoints")
             except Exhausted:
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 raise
-            plan: list[tuple[ServiceKey, _Entry, list[int]]] = []
-            fresh_stats: list[int] = []
-            for k, spec in batch.items():
-                prev = old[k]
-                have = prev.stat_ids if prev else {}
-                stat_ids = {}
-                for ep in spec.endpoints:
-                    ek = (ep.address, ep.port)
-                    if ek in have:
-                        stat_ids[ek] = have[ek]
-                    else:
-                        stat_ids[ek] = next(stat_pool)
-                        fresh_stats.append(stat_ids[ek])
-                freed = [sid for ek, sid in have.items() if ek not in stat_ids]
-                svc_id = prev.svc_id if prev else next(svc_ids)
-                # Maglev: the new table goes under the key the service does not use now
-                maglev_b = prev.maglev_b ^ 1 if prev else 0
-                plan.append((k, _Entry(spec, svc_id, stat_ids, maglev_b), freed))
-            tables = [e for _, e, _ in plan if e.spec.algorithm == Algorithm.MAGLEV]
+            plan, freed = self._plan(list(batch.values()), old, svc_ids, stat_pool)
+            tables = [e for e in plan if e.spec.algorithm == Algorithm.MAGLEV]
             try:
-                self.ep_stats.zero(self.stat_ids.take_dirty(fresh_stats))
-                fresh_svc = self.svc_ids.take_dirty(
-                    e.svc_id for k, e, _ in plan if old[k] is None)
+                self.ep_stats.zero(self.stat_ids.take_dirty(stat_pool))
+                fresh_svc = self.svc_ids.take_dirty(svc_ids)
                 self.svc_stats.zero(fresh_svc)
                 self.rr.zero(fresh_svc)
                 for i in range(0, len(tables), 256):  # 32 KiB values: bounded batches
                     part = tables[i:i + 256]
                     self.maglev.put_batch([self._maglev_key(e) for e in part],
                                           [self._maglev_value(e.spec) for e in part])
-                self._write([e for _, e, _ in plan])
+                if plan:
+                    self.nat.put_batch(keys, self._values(plan))
             except Exception as err:
-                self._restore([k for k, _, _ in plan], old)
+                self._restore(keys, old)
                 self.maglev.delete_batch([self._maglev_key(e) for e in tables])
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
@@ -298,38 +341,73 @@ class ServiceTable:
             self.svc_ids.commit()
             self.stat_ids.commit()
             # the services point at their new tables: the old ones go
-            self.maglev.delete_batch([self._maglev_key(p) for k, _, _ in plan
-                                      if (p := old[k]) is not None
-                                      and p.spec.algorithm == Algorithm.MAGLEV])
-            for k, e, freed in plan:
-                self.stat_ids.release(freed)
-                index[k] = e
-            self._count_vips(new_keys, +1)
+            self.maglev.delete_batch([self._maglev_key(p) for p in old
+                                      if p is not None and p.spec.algorithm == Algorithm.MAGLEV])
+            self.stat_ids.release(freed)
+            index.update(zip(keys, plan, strict=True))
+            self._count_vips([k for k, p in zip(keys, old, strict=True) if p is None], +1)
             return len(specs)
 
-    def _restore(self, written: list[ServiceKey], old: dict[ServiceKey, _Entry | None]) -> None:
+    @staticmethod
+    def _plan(specs: list[ServiceSpec], old: list[_Entry | None], svc_ids: list[int],
+              stat_pool: list[int]) -> tuple[list[_Entry], list[int]]:
+        """The entries `specs` become (`old`: what each key holds now) with ids from the
+        reserved `svc_ids` (one per new service) and `stat_pool` (one per new endpoint),
+        and the endpoint slots they free."""
+        if old.count(None) == len(old):  # all new: entries made column by column
+            bounds = list(accumulate(map(len, map(_ENDPOINTS, specs)), initial=0))
+            return _entries(specs, svc_ids,
+                            map(tuple, map(stat_pool.__getitem__,
+                                           map(slice, bounds[:-1], bounds[1:]))),
+                            repeat(0)), []
+        plan: list[_Entry] = []
+        freed: list[int] = []
+        next_svc = iter(svc_ids).__next__
+        at = 0
+        for spec, prev in zip(specs, old, strict=True):
+            if prev is None:
+                n = len(spec.endpoints)
+                plan.append(_Entry(spec, next_svc(), tuple(stat_pool[at:at + n])))
+                at += n
+                continue
+            have = prev.stat_ids
+            ids = []
+            for ep in spec.endpoints:
+                sid = have.pop((ep.address, ep.port), None)
+                if sid is None:
+                    sid = stat_pool[at]
+                    at += 1
+                ids.append(sid)
+            freed.extend(have.values())
+            # Maglev: the new table goes under the key the service does not use now
+            plan.append(_Entry(spec, prev.svc_id, tuple(ids), prev.maglev_b ^ 1))
+        return plan, freed
+
+    def _restore(self, written: list[bytes], old: list[_Entry | None]) -> None:
         """Put back what `written` held before: delete new keys, rewrite replaced ones."""
-        for k in written:
-            if old[k] is None:
-                self.nat.delete(self.key_bytes(k))
-        self._write([e for k in written if (e := old[k]) is not None])
+        for k, e in zip(written, old, strict=True):
+            if e is None:
+                self.nat.delete(k)
+        back = [(k, e) for k, e in zip(written, old, strict=True) if e is not None]
+        if back:
+            self.nat.put_batch([k for k, _ in back], self._values([e for _, e in back]))
         log.warning("services_rolled_back", count=len(written))
 
     def delete(self, keys: list[ServiceKey]) -> int:
-        with self._lock:
+        with self._lock, gcpause.paused(len(keys) >= BULK):
             if keys:
                 self.generation += 1
-            gone: list[ServiceKey] = []
-            for k in keys:
+            gone: list[bytes] = []
+            for k in self._keys(keys):
                 e = self._index.get(k)
                 if e is None:
                     continue
-                self.nat.delete(self.key_bytes(k))
+                self.nat.delete(k)
                 if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
                     self.maglev.delete_batch([self._maglev_key(e)])
                 del self._index[k]
                 self.svc_ids.release([e.svc_id])
-                self.stat_ids.release(e.stat_ids.values())
+                self.stat_ids.release(e.ep_ids)
                 gone.append(k)
             self._count_vips(gone, -1)
             return len(gone)
@@ -345,17 +423,13 @@ class ServiceTable:
         self, keys: list[ServiceKey] | None = None
     ) -> list[tuple[ServiceSpec, Counter, list[tuple[EndpointSpec, Counter]]]]:
         with self._lock:
-            entries = dict(self._index)
-        wanted = keys if keys else list(entries)
+            index = self._index
+            chosen = ([e for k in self._keys(keys) if (e := index.get(k)) is not None]
+                      if keys else list(index.values()))
         out = []
-        for k in wanted:
-            e = entries.get(k)
-            if e is None:
-                continue
-            eps = [
-                (ep, self.sum_counter("ep", e.stat_ids[(ep.address, ep.port)]))
-                for ep in e.spec.endpoints
-            ]
+        for e in chosen:
+            eps = [(ep, self.sum_counter("ep", sid))
+                   for ep, sid in zip(e.spec.endpoints, e.ep_ids, strict=True)]
             out.append((e.spec, self.sum_counter("svc", e.svc_id), eps))
         return out
 

@@ -7,14 +7,17 @@ on every node, whatever order a client sent them in.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
+import operator
 import socket
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from xlb.types.v1 import types_pb2
+from xlbcore import gcpause
 from xlbcore.errors import ValidationError, quote
 
 MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
@@ -76,8 +79,8 @@ class ServiceSpec:
     mode: Mode = Mode.DNAT
     endpoints: tuple[EndpointSpec, ...] = ()
 
-    @property
-    def key(self) -> ServiceKey:
+    @functools.cached_property
+    def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
         return ServiceKey(self.vip, self.port, self.proto)
 
 
@@ -216,3 +219,68 @@ def fill_service_key(msg: Any, key: ServiceKey) -> Any:
     msg.port = key.port
     msg.protocol = proto_to_api(key.proto)
     return msg
+
+
+@functools.lru_cache(maxsize=65536)
+def _unicast(value: str) -> str | None:
+    """The canonical dotted quad when parse_ipv4(value, ...) accepts it, else None."""
+    try:
+        return parse_ipv4(value, "")
+    except ValidationError:
+        return None
+
+
+_ALGORITHMS = {0: Algorithm.ROUND_ROBIN, **{int(a): a for a in Algorithm}}
+_MODES = {0: Mode.DNAT, **{int(m): m for m in Mode}}
+
+
+_SERVICE_FIELDS = operator.attrgetter("vip", "port", "protocol", "algorithm", "mode",
+                                      "endpoints")
+_ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight")
+
+
+def _service_fast(msg: Any) -> ServiceSpec | None:
+    """parse_service's result for a valid service, read with few Python steps and no
+    error names; None for anything parse_service might refuse (it then says why)."""
+    vip, port, api_proto, api_algorithm, api_mode, ep_msgs = _SERVICE_FIELDS(msg)
+    vip = _unicast(vip)
+    proto = _API_PROTO.get(api_proto)
+    algorithm = _ALGORITHMS.get(api_algorithm)
+    mode = _MODES.get(api_mode)
+    if vip is None or proto is None or algorithm is None or mode is None \
+            or not 0 < port <= 65535:
+        return None
+    rows = list(map(_ENDPOINT_FIELDS, ep_msgs))
+    n = len(rows)
+    if not 0 < n <= MAX_ENDPOINTS:
+        return None
+    eps = []
+    for i, (address, ep_port, weight) in enumerate(rows):
+        address = _unicast(address)
+        if not weight and not ep_msgs[i].HasField("weight"):
+            weight = DEFAULT_WEIGHT
+        if address is None or not 0 < ep_port <= 65535 or not 0 <= weight <= MAX_WEIGHT:
+            return None
+        eps.append((address, ep_port, weight))
+    if len({(a, p) for a, p, _ in eps}) != n:
+        return None
+    eps.sort()  # as EndpointSpec orders: address, port, weight
+    return ServiceSpec(vip, port, proto, algorithm, mode,
+                       tuple([EndpointSpec(a, p, w) for a, p, w in eps]))
+
+
+def parse_services(msgs: Any, field: str = "services") -> list[ServiceSpec]:
+    """A batch of services, each as parse_service gives it; refuses a key given twice.
+    Valid services take a fast path; the first one it does not take is parsed by
+    parse_service, which raises the error naming the field."""
+    with gcpause.paused(len(msgs) >= 256):
+        specs = []
+        for i, msg in enumerate(msgs):
+            spec = _service_fast(msg)
+            specs.append(spec if spec is not None else parse_service(msg, f"{field}[{i}]"))
+        keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        counts = collections.Counter(keys)
+        dup = next(k for k in keys if counts[k] > 1)
+        raise ValidationError(f"{field}: {dup} appears more than once in the batch")
+    return specs

@@ -100,7 +100,7 @@ def test_service_table_writes_the_table_before_the_service_and_frees_it():
         # a restarted dpd reads which key is in use from the service's flags
         again = ServiceTable(node.dp)  # type: ignore[attr-defined]
         assert [k for k, _ in mg.items()] == keys2
-        assert again._index[spec.key].maglev_b == t._index[spec.key].maglev_b
+        assert dict(again.entries())[spec.key].maglev_b == dict(t.entries())[spec.key].maglev_b
         # to round-robin: no table; and back, then deleted: none
         node.put_services([ServiceSpec("198.19.0.10", 80, Proto.TCP, Algorithm.ROUND_ROBIN,
                                        endpoints=e3)])

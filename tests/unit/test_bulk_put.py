@@ -1,0 +1,185 @@
+"""dpd's bulk path gives what the one-by-one path gives: parse_services (a fast path
+for valid services) equals parse_service on every message and raises the same error
+for every bad one; ServiceTable's column-wise encoding writes exactly the bytes the
+ABI codec packs field by field; restarts, pages and id runs are unchanged."""
+
+from __future__ import annotations
+
+import gc
+import random
+import socket
+
+import pytest
+
+from dpd.abi import load
+from dpd.ids import IdPool
+from dpd.loader import Settings
+from dpd.memory import MemoryDatapath
+from dpd.services import ServiceTable
+from dpd.slots import build_slots
+from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
+from xlbcore import gcpause
+from xlbcore import service as service_module
+from xlbcore.errors import ValidationError
+from xlbcore.service import (
+    Algorithm,
+    EndpointSpec,
+    Proto,
+    ServiceSpec,
+    parse_service,
+    parse_services,
+)
+
+ADDRESSES = ["198.18.1.2", " 198.18.1.3", "198.18.1.10", "198.18.2.1", "127.0.0.1",
+             "1.2.3", "0.0.0.0", "198.18.1.2 ", "224.0.0.1", "10.0.0.1"]
+
+
+def random_service(rng: random.Random, bad: bool) -> pb.Service:
+    eps = []
+    for _ in range(rng.choice([1, 2, 3, 4, 7])):
+        ep = tpb.Endpoint(address=rng.choice(ADDRESSES[:4] if not bad else ADDRESSES),
+                          port=rng.choice([8080, 8081, 1, 65535] + ([0, 70000] if bad else [])))
+        w = rng.choice([None, 0, 1, 5, 1000] + ([1001] if bad else []))
+        if w is not None:
+            ep.weight = w
+        eps.append(ep)
+    return pb.Service(
+        vip=rng.choice(["198.19.0.1", "198.19.0.2 ", "198.19.3.4"]
+                       + (["127.0.0.1", "x"] if bad else [])),
+        port=rng.choice([80, 443] + ([0, 65536] if bad else [])),
+        protocol=rng.choice([tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP] + ([0, 9] if bad else [])),
+        algorithm=rng.choice([0, 1, 2, 3] + ([4] if bad else [])),
+        mode=rng.choice([0, 1] + ([2] if bad else [])),
+        endpoints=eps)
+
+
+def outcome(fn, *args):
+    try:
+        return fn(*args)
+    except ValidationError as e:
+        return ("error", str(e))
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_parse_services_is_parse_service_for_every_message(bad):
+    rng = random.Random(7)
+    fast = refused = 0
+    for _ in range(3000):
+        msg = random_service(rng, bad)
+        got = outcome(parse_services, [msg], "services")
+        assert got == outcome(lambda m: [parse_service(m, "services[0]")], msg)
+        fast += service_module._service_fast(msg) is not None
+        refused += isinstance(got, tuple)
+    assert fast + refused == 3000  # every valid service took the fast path
+    assert (fast > 0 and refused > 2000) if bad else fast > 2000
+
+
+def test_parse_services_names_the_first_key_given_twice():
+    a = pb.Service(vip="198.19.0.1", port=80, protocol=tpb.PROTOCOL_TCP,
+                   endpoints=[tpb.Endpoint(address="198.18.1.2", port=1)])
+    b = pb.Service()
+    b.CopyFrom(a)
+    b.port = 81
+    with pytest.raises(ValidationError, match=r"services: tcp://198.19.0.1:80 appears"):
+        parse_services([a, b, b, a], "services")
+    bad = pb.Service()
+    bad.CopyFrom(a)
+    bad.endpoints[0].port = 0
+    with pytest.raises(ValidationError, match=r"services\[2\].endpoints\[0\].port"):
+        parse_services([a, b, bad], "services")
+
+
+def spec(i: int, n: int, algorithm: Algorithm = Algorithm.ROUND_ROBIN) -> ServiceSpec:
+    eps = tuple(sorted(EndpointSpec(f"198.18.{j}.{i % 250 + 1}", 8000 + j, (i + j) % 4)
+                       for j in range(n)))
+    return ServiceSpec(f"198.19.{i // 250}.{i % 250 + 1}", 80 + i % 3, Proto.TCP, algorithm,
+                       endpoints=eps)
+
+
+@pytest.fixture
+def table():
+    return ServiceTable(MemoryDatapath(Settings(name="m", max_services=512,
+                                                max_backends=4096, ct_size=64)),
+                        maglev_size=251)
+
+
+def restarted(table: ServiceTable) -> ServiceTable:
+    """A new table over the same maps, as a restarted dpd makes."""
+    dp = MemoryDatapath(Settings(name="m", max_services=512, max_backends=4096, ct_size=64))
+    for name, m in (("maglev_v4_map", table.maglev), ("nat_v4_map", table.nat),
+                    ("svc_stats_map", table.svc_stats), ("ep_stats_map", table.ep_stats),
+                    ("rr_map", table.rr), ("vip_v4_map", table.vips)):
+        dp.maps[name] = m
+    dp.reused = True
+    return ServiceTable(dp, maglev_size=251)
+
+
+def reference_value(t: ServiceTable, e) -> bytes:
+    """The value as the ABI codec packs it, field by field."""
+    codec = load().structs["xlb_nat_val"].codec
+    weights = [ep.weight for ep in e.spec.endpoints]
+    slots = bytes(build_slots(weights, t.n_slots))
+    return codec.pack(
+        svc_id=e.svc_id, algo=int(e.spec.algorithm), mode=int(e.spec.mode),
+        n_eps=len(weights), flags=t._maglev_flag if e.maglev_b else 0, n_slots=len(slots),
+        eps=[{"addr": socket.inet_aton(ep.address), "port": ep.port, "weight": ep.weight,
+              "stat_id": sid} for ep, sid in zip(e.spec.endpoints, e.ep_ids, strict=True)],
+        slots=slots)
+
+
+def test_bulk_encoding_writes_what_the_codec_packs_and_a_restart_reads_it_back(table):
+    specs = [spec(i, n) for i, n in enumerate([1, 2, 3, 4, 5, 17, 64] * 40)]
+    specs[3] = spec(3, 5, Algorithm.MAGLEV)
+    table.put(specs)
+    # changes: endpoints added and removed, a weight, maglev flipping its key
+    changed = [spec(i, n) for i, n in enumerate([2, 1, 4, 3, 5, 16, 64] * 5)]
+    changed[3] = spec(3, 4, Algorithm.MAGLEV)
+    table.put(changed)
+    entries = dict(table.entries())
+    held = dict(table.nat.items())
+    assert len(held) == len(entries) == len(specs)
+    for key, e in entries.items():
+        assert held[table.key_bytes(key)] == reference_value(table, e)
+    again = restarted(table)
+    assert {k: (e.spec, e.svc_id, e.ep_ids, e.maglev_b) for k, e in again.entries()} == {
+        k: (e.spec, e.svc_id, e.ep_ids, e.maglev_b) for k, e in entries.items()}
+    stat = [sid for e in entries.values() for sid in e.ep_ids]
+    assert len(stat) == len(set(stat))  # every endpoint its own counter slot
+
+
+def test_pages_follow_vip_port_protocol_order(table):
+    specs = [spec(i, 1) for i in range(300)]
+    table.put(specs)
+    want = sorted((s.key for s in specs),
+                  key=lambda k: (socket.inet_aton(k.vip), k.port, int(k.proto)))
+    got, after = [], None
+    while True:
+        _, page, more = table.page(after, 7)
+        got += [s.key for s in page]
+        if not more:
+            break
+        after = page[-1].key
+    assert got == want
+
+
+def test_id_runs_skip_ids_in_use_and_wrap():
+    pool = IdPool(8, used=[2, 5])
+    assert pool.reserve(2, "x") == [0, 1]  # a free run
+    assert pool.reserve(3, "x") == [3, 4, 6]  # 5 is in use
+    pool.commit()
+    pool.release([0, 1])
+    assert pool.reserve(2, "x") == [7, 0]  # wraps around
+
+
+def test_gc_pause_nests_and_restores():
+    assert gc.isenabled()
+    with gcpause.paused():
+        with gcpause.paused(freeze=True):
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    with gcpause.paused(active=False):
+        assert gc.isenabled()
