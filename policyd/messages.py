@@ -84,4 +84,8 @@ def status_to_proto(status: NodeStatus) -> policy_pb2.NodeSyncStatus:
         last_sync_time=timestamp(status.last_sync_ns),
         last_attempt_time=timestamp(status.last_attempt_ns),
         services=status.services,
+        firewall_rules=status.firewall_rules,
+        routes=status.routes,
+        errors=[policy_pb2.ObjectError(kind=e.kind, name=e.name, message=e.message)
+                for e in status.errors],
     )

@@ -23,6 +23,8 @@ import structlog
 
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlbcore.errors import brief
+from xlbcore.firewall import RuleSpec, fill_rule, parse_rule, parse_rule_name
+from xlbcore.route import RouteSpec, fill_route, parse_route
 from xlbcore.service import (
     ServiceKey,
     ServiceSpec,
@@ -186,6 +188,23 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class TableState:
+    """One table of GetSummary: who holds it, how often it was written, and for routes
+    a digest of the FIB (edits made outside dpd change it)."""
+
+    table: str
+    datapath_id: str
+    instance_id: str
+    generation: int
+    count: int
+    digest: str = ""
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        return self.datapath_id, self.instance_id
+
+
+@dataclass(frozen=True)
 class Page:
     """One page of a node's services, read atomically at `generation`."""
 
@@ -264,6 +283,74 @@ class NodeClient:
                                          timeout=timeout or self.timeout,
                                          wait_for_ready=wait_for_ready)
         return Summary(r.datapath_id, r.instance_id, int(r.generation), int(r.services))
+
+    def tables(self, timeout: float | None = None) -> dict[str, TableState] | None:
+        """Every table's summary (GetSummary) by table name; None when the node does not
+        have GetSummary (an older dpd)."""
+        try:
+            r = self.stub.GetSummary(datapath_pb2.GetSummaryRequest(),
+                                     timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            if hasattr(exc, "code") and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
+        return {t.table: TableState(t.table, t.datapath_id, t.instance_id, int(t.generation),
+                                    int(t.count), t.digest) for t in r.tables}
+
+    # firewall rules (keyed by name) and routes (keyed by prefix): one call per batch,
+    # as dpd restages its rule set per call; refusals are the caller's to sort out
+
+    def put_rules(self, rules: Sequence[tuple[str, RuleSpec]]) -> Any:
+        request = datapath_pb2.PutFirewallRulesRequest()
+        for name, spec in rules:
+            fill_rule(request.rules.add(name=name).spec, spec)
+        return self.stub.PutFirewallRules(request, timeout=self.timeout)
+
+    def delete_rules(self, names: Sequence[str]) -> Any:
+        return self.stub.DeleteFirewallRules(
+            datapath_pb2.DeleteFirewallRulesRequest(names=names), timeout=self.timeout)
+
+    def list_rules(self) -> dict[str, RuleSpec | None]:
+        """The node's rules by name; None for one that does not parse (it is replaced or
+        deleted). A rule without a valid name is logged and left alone."""
+        out: dict[str, RuleSpec | None] = {}
+        for msg in self.stub.ListFirewallRules(datapath_pb2.ListFirewallRulesRequest(),
+                                               timeout=self.timeout):
+            try:
+                name = parse_rule_name(msg.name)
+            except ValidationError as exc:
+                log.warning("node.unreadable_rule", error=str(exc))
+                continue
+            try:
+                out[name] = parse_rule(msg.spec)
+            except ValidationError:
+                out[name] = None
+        return out
+
+    def put_routes(self, routes: Sequence[tuple[str, RouteSpec]]) -> Any:
+        request = datapath_pb2.PutRoutesRequest()
+        for _prefix, spec in routes:
+            fill_route(request.routes.add(), spec)
+        return self.stub.PutRoutes(request, timeout=self.timeout)
+
+    def delete_routes(self, prefixes: Sequence[str]) -> Any:
+        return self.stub.DeleteRoutes(datapath_pb2.DeleteRoutesRequest(prefixes=prefixes),
+                                      timeout=self.timeout)
+
+    def list_routes(self) -> dict[str, RouteSpec | None]:
+        """The node's routes (xlb's, as dpd lists them) by prefix; None for one that does
+        not parse."""
+        out: dict[str, RouteSpec | None] = {}
+        for msg in self.stub.ListRoutes(datapath_pb2.ListRoutesRequest(), timeout=self.timeout):
+            try:
+                spec = parse_route(msg)
+            except ValidationError as exc:
+                log.warning("node.unreadable_route", error=str(exc), prefix=brief(msg.prefix))
+                if msg.prefix:
+                    out[msg.prefix] = None
+                continue
+            out[spec.prefix] = spec
+        return out
 
     def list_page(self, after: ServiceKey | None, limit: int,
                   known: Mapping[bytes, ServiceSpec] | None = None) -> Page:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SyncState(enum.IntEnum):
@@ -11,7 +11,16 @@ class SyncState(enum.IntEnum):
 
     PENDING = 1  # not yet reconciled to the desired generation
     SYNCED = 2  # the node holds exactly the desired services
-    ERROR = 3  # the last attempt failed; see message
+    ERROR = 3  # the last attempt failed, or the node refused objects; see message
+
+
+@dataclass(frozen=True)
+class ObjectError:
+    """An object a node refused (xlb.policy.v1.ObjectError)."""
+
+    kind: str  # "service", "firewall_rule", "route"
+    name: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,9 @@ class NodeProgress:
     last_sync_ns: int = 0
     last_attempt_ns: int = 0
     services: int = 0  # services the node held after the last successful sync
+    firewall_rules: int = 0  # rules it held after the last successful sync
+    routes: int = 0
+    errors: tuple[ObjectError, ...] = ()  # objects the node refused (it is ERROR)
 
 
 @dataclass(frozen=True)
@@ -35,12 +47,16 @@ class NodeStatus:
     last_sync_ns: int
     last_attempt_ns: int
     services: int
+    firewall_rules: int = 0
+    routes: int = 0
+    errors: tuple[ObjectError, ...] = field(default=())
 
 
 def sync_state(progress: NodeProgress, desired_generation: int) -> SyncState:
-    """ERROR if the last attempt failed, else SYNCED when the node is at the desired
-    generation, else PENDING (never synced, or the desired state changed since)."""
-    if progress.error:
+    """ERROR if the last attempt failed or the node refused objects, else SYNCED when
+    the node is at the desired generation, else PENDING (never synced, or the desired
+    state changed since)."""
+    if progress.error or progress.errors:
         return SyncState.ERROR
     if progress.last_sync_ns and progress.observed_generation >= desired_generation:
         return SyncState.SYNCED
@@ -53,8 +69,20 @@ def node_status(name: str, progress: NodeProgress, desired_generation: int) -> N
         state=sync_state(progress, desired_generation),
         desired_generation=desired_generation,
         observed_generation=progress.observed_generation,
-        message=progress.error,
+        message=progress.error or refused_message(progress.errors),
         last_sync_ns=progress.last_sync_ns,
         last_attempt_ns=progress.last_attempt_ns,
         services=progress.services,
+        firewall_rules=progress.firewall_rules,
+        routes=progress.routes,
+        errors=progress.errors,
     )
+
+
+def refused_message(errors: tuple[ObjectError, ...]) -> str:
+    """The node's message when it refused objects: how many, and the first reason."""
+    if not errors:
+        return ""
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"the node refused {first.kind} {first.name!r}{more}: {first.message}"

@@ -9,10 +9,10 @@ the desired-state generation whose changes it has pushed.
   changed since ``applied``; only those are compared with ``known`` and written. The
   requests are bytes built once per service (policyd.nodeclient) and shared by every
   node. O(changed).
-- **Drift check** (every ``resync_interval``, jittered): one ``GetServicesSummary``
-  call; O(1). Each of our writes must move the generation by exactly one; a summary
-  or a reply that says otherwise (a hand edit through dpd's API, a restart, a new
-  datapath) schedules a read-back.
+- **Drift check** (every ``resync_interval``, jittered): one ``GetSummary`` call
+  (``GetServicesSummary`` on a dpd without it); O(1). Each of our writes must move the
+  generation by exactly one; a summary or a reply that says otherwise (a hand edit
+  through dpd's API, a restart, a new datapath) schedules a read-back.
 - **Read-back**: ``ListServicesPage`` pages (each its own call and deadline), at most
   ``readback_concurrency`` pages in flight across all nodes (``ReadGate``). Between
   pages the worker applies pending changes first, so a change never waits behind a
@@ -23,6 +23,11 @@ the desired-state generation whose changes it has pushed.
 - **Failures**: a failed call sets the node to ERROR at once and the worker backs off
   (exponential, jittered); the channel's connectivity wakes it when the node is READY
   again, cutting the backoff short. What was written before the failure is kept.
+
+Firewall rules and routes go the same way beside services (policyd.objects): the change
+pass writes the rules and routes changed since ``applied``, the drift check's one
+GetSummary call gives every table's summary (services, firewall, routes), and a table
+is read back only when its summary differs from what the worker last saw and did.
 
 ``ReconcilerSettings.on_pass``, when set, is called after every pass (in the worker's
 thread) with the node's name and a ``PassReport``: what the pass did and how long each
@@ -49,10 +54,12 @@ from policyd.nodeclient import (
     BATCH_COUNT,
     NodeClient,
     Page,
+    Summary,
     describe_error,
     open_channel,
     service_body,
 )
+from policyd.objects import ROUTES, RULES, ObjectSync
 from policyd.status import NodeProgress
 from policyd.store import NodeRecord, Store
 from xlbcore.service import ServiceKey, ServiceSpec
@@ -306,6 +313,10 @@ class NodeWorker:
         self._ready_kick = False  # the channel became READY: cut a backoff short
         self._conn_state: grpc.ChannelConnectivity | None = None
         self._log = log.bind(node=node.name, address=node.address)
+        self._rules = ObjectSync(RULES, self._node, store, node.name)
+        self._routes = ObjectSync(ROUTES, self._node, store, node.name)
+        self._objects: tuple[ObjectSync[Any], ...] = (self._rules, self._routes)
+        self._no_tables = False  # the node has no GetSummary (GetServicesSummary then)
         self._thread = threading.Thread(
             target=self._run, name=f"reconcile-{node.name}", daemon=True
         )
@@ -451,6 +462,10 @@ class NodeWorker:
         if self._store.generation > self._applied:
             self._change_pass()
             return True
+        for objects in self._objects:
+            if objects.need_read:
+                self._read_objects(objects)
+                return True
         if self._need_read or self._readback is not None:
             if self._readback is None:
                 self._readback = _ReadBack()
@@ -496,6 +511,7 @@ class NodeWorker:
         if self._ident is not None:
             self._log.warning("node.datapath_replaced", was=self._ident, now=ident)
         self._ident = ident
+        self._no_tables = False  # a new dpd may have GetSummary
         self._known = None  # whatever we believed is void
         self._synced = False
         self._need_read = True
@@ -545,6 +561,7 @@ class NodeWorker:
     def _change_pass(self) -> None:
         """Push what changed since ``applied``: O(changed), no snapshot of everything."""
         started = time.perf_counter()
+        since = self._applied
         self._record(last_attempt_ns=time.time_ns())
         changed = self._store.changed_specs(self._applied)
         if changed is None:  # the change log does not reach back: compare everything
@@ -560,6 +577,7 @@ class NodeWorker:
         puts, deletes = plan_changes(keys, desired, self._known)
         planned = time.perf_counter()
         calls, rpc_s = self._write(puts, deletes)
+        calls += self._push_objects(since)
         self._applied = generation
         result = SyncResult(
             services=count, put=len(puts), deleted=len(deletes), full=False,
@@ -568,11 +586,48 @@ class NodeWorker:
             rpc_s=rpc_s)
         self._synced_at(generation, result, started, snapshot_s)
 
+    # -- firewall rules and routes ---------------------------------------------------------
+
+    def _push_objects(self, since: int) -> int:
+        """Write the rules and routes changed after `since`; calls made. After writes, one
+        GetSummary takes the tables' new state (a route write moves the FIB digest)."""
+        calls = 0
+        for objects in self._objects:
+            calls += objects.push(since).calls
+        if calls:
+            self._observe_tables(self._node.tables())
+        return calls
+
+    def _observe_tables(self, tables: Mapping[str, Any] | None) -> None:
+        for objects in self._objects:
+            objects.observe(tables)
+
+    def _read_objects(self, objects: ObjectSync[Any]) -> None:
+        """Read one kind back, compare everything once and repair: O(objects), only when
+        its summary said so (or at the start)."""
+        started = time.perf_counter()
+        self._record(last_attempt_ns=time.time_ns())
+        w = objects.read_back()
+        if w is not None and w.calls:
+            self._observe_tables(self._node.tables())
+        if w is not None:
+            (self._log.info if w.put or w.deleted or w.refused else self._log.debug)(
+                "node.objects_read_back", kind=objects.kind.kind, held=objects.count,
+                put=w.put, deleted=w.deleted, refused=w.refused,
+                seconds=round(time.perf_counter() - started, 4))
+        self._record(error="", **self._object_status())
+        if self._synced and all(o.synced for o in self._objects):
+            self._record(observed_generation=self._applied, last_sync_ns=time.time_ns())
+
+    def _object_status(self) -> dict[str, Any]:
+        return {"firewall_rules": self._rules.count, "routes": self._routes.count,
+                "errors": tuple(e for o in self._objects for e in o.refused.values())}
+
     def _synced_at(self, generation: int, result: SyncResult, started: float,
                    snapshot_s: float) -> None:
         self._observe(PassReport(started, time.perf_counter(), generation, snapshot_s, result))
-        changes: dict[str, Any] = {"error": ""}
-        if self._synced:
+        changes: dict[str, Any] = {"error": "", **self._object_status()}
+        if self._synced and all(o.synced for o in self._objects):
             changes.update(observed_generation=generation, last_sync_ns=time.time_ns(),
                            services=result.services)
         previous = self._record(**changes)
@@ -586,7 +641,17 @@ class NodeWorker:
     # -- drift ---------------------------------------------------------------------------
 
     def _drift_check(self) -> None:
-        summary = self._node.summary()
+        for objects in self._objects:
+            objects.retry_refused()
+        tables = None if self._no_tables else self._node.tables()
+        self._no_tables = tables is None  # an older dpd: asked again after a restart
+        services = tables.get("services") if tables is not None else None
+        if services is not None:
+            summary = Summary(services.datapath_id, services.instance_id, services.generation,
+                              services.count)
+        else:
+            summary = self._node.summary()
+        self._observe_tables(tables)
         if summary.ident != self._ident:
             self._new_identity(summary.ident)
             self._node_gen = summary.generation
@@ -595,8 +660,9 @@ class NodeWorker:
                            generation=summary.generation)
             self._need_read = True
         if not self._need_read:
-            previous = self._record(error="", last_attempt_ns=time.time_ns())
-            if previous.error and self._synced:
+            previous = self._record(error="", last_attempt_ns=time.time_ns(),
+                                    **self._object_status())
+            if previous.error and self._synced and all(o.synced for o in self._objects):
                 self._record(last_sync_ns=time.time_ns(), observed_generation=self._applied)
 
     def _read_page(self, rb: _ReadBack) -> bool:
@@ -656,6 +722,8 @@ class NodeWorker:
         plan = diff_services(snapshot.services, known)
         diffed = time.perf_counter()
         calls, rpc_s = self._write(list(plan.to_put), list(plan.to_delete))
+        if snapshot.generation > self._applied:  # rules and routes changed meanwhile too
+            calls += self._push_objects(self._applied)
         self._applied = max(self._applied, snapshot.generation)
         self._synced = True
         self._check_due = time.monotonic() + jittered(self._settings.resync_interval,

@@ -59,7 +59,12 @@ class MemoryDatapathServicer(DatapathServicer):
         super().__init__(node)
         self.lock = threading.Lock()
         self.calls: dict[str, int] = {"ListServices": 0, "PutServices": 0, "DeleteServices": 0,
-                                      "ListServicesPage": 0, "GetServicesSummary": 0}
+                                      "ListServicesPage": 0, "GetServicesSummary": 0,
+                                      "GetSummary": 0, "PutFirewallRules": 0,
+                                      "DeleteFirewallRules": 0, "ListFirewallRules": 0,
+                                      "PutRoutes": 0, "DeleteRoutes": 0, "ListRoutes": 0}
+        # (method, rule names or route prefixes) of every rule and route write, in order
+        self.writes: list[tuple[str, list[str]]] = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -81,6 +86,39 @@ class MemoryDatapathServicer(DatapathServicer):
     def GetServicesSummary(self, request: Any, context: Any) -> datapath_pb2.ServicesSummary:  # noqa: N802
         self._count("GetServicesSummary")
         return cast(datapath_pb2.ServicesSummary, super().GetServicesSummary(request, context))
+
+    def GetSummary(self, request: Any, context: Any) -> datapath_pb2.GetSummaryResponse:  # noqa: N802
+        self._count("GetSummary")
+        return cast(datapath_pb2.GetSummaryResponse, super().GetSummary(request, context))
+
+    def _wrote(self, method: str, items: list[str]) -> None:
+        with self.lock:
+            self.calls[method] += 1
+            self.writes.append((method, items))
+
+    def PutFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._wrote("PutFirewallRules", [r.name for r in request.rules])
+        return super().PutFirewallRules(request, context)
+
+    def DeleteFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._wrote("DeleteFirewallRules", list(request.names))
+        return super().DeleteFirewallRules(request, context)
+
+    def ListFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._count("ListFirewallRules")
+        yield from super().ListFirewallRules(request, context)
+
+    def PutRoutes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._wrote("PutRoutes", [r.prefix for r in request.routes])
+        return super().PutRoutes(request, context)
+
+    def DeleteRoutes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._wrote("DeleteRoutes", list(request.prefixes))
+        return super().DeleteRoutes(request, context)
+
+    def ListRoutes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._count("ListRoutes")
+        yield from super().ListRoutes(request, context)
 
     def PutServices(self, request: Any, context: Any) -> datapath_pb2.PutServicesResponse:  # noqa: N802
         self._count("PutServices")
