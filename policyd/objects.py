@@ -69,6 +69,23 @@ ROUTES: Kind[RouteSpec] = Kind("route", "routes", True, Store.changed_routes,
                                NodeClient.delete_routes, NodeClient.list_routes)
 
 
+def object_reason(exc: BaseException) -> str:
+    """The node's reason for refusing one object, said of the object rather than of its
+    place in our batch: "rules[3].spec.match.in_interface: ..." -> "spec.match.in_interface:
+    ...", "routes[0].next_hops[1]..." -> "spec.next_hops[1]...", "routes[0]: ..." -> "..."."""
+    text = describe_error(exc)
+    code, sep, details = text.partition(": ")
+    m = _ITEM_RE.match(details)
+    if not sep or not m:
+        return text
+    rest = details[m.end():]
+    if rest.startswith(": "):
+        rest = rest[2:]
+    elif rest.startswith("."):
+        rest = rest[1:] if details.startswith("rules") else "spec" + rest
+    return f"{code}: {rest}"
+
+
 def refused_item(exc: BaseException) -> tuple[bool, int | None]:
     """(the node refused an object, the index of the item it named or None)."""
     if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
@@ -168,7 +185,7 @@ class ObjectSync(Generic[S]):
     # -- writes --------------------------------------------------------------------------
 
     def _refuse(self, key: str, names: Mapping[str, str], exc: BaseException) -> None:
-        error = ObjectError(self.kind.kind, names.get(key, key), describe_error(exc))
+        error = ObjectError(self.kind.kind, names.get(key, key), object_reason(exc))
         if self.refused.get(key) != error:
             self._log.warning("node.object_refused", name=error.name, error=error.message)
         self.refused[key] = error

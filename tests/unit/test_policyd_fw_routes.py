@@ -302,3 +302,46 @@ def test_apply_file_server_error_is_reported(capsys, policyd, tmp_path):
     path.write_text(json.dumps({"firewall_rules": [rule]}))
     rc, _, err = run(capsys, server, "apply-file", str(path))
     assert rc == 1 and "INVALID_ARGUMENT: rules[0].spec.match.dst" in err
+
+
+# -- reconcile decisions (pure) ---------------------------------------------------------
+
+
+class Refusal(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_refusals_are_told_of_the_object_not_its_place_in_the_batch():
+    from policyd.objects import object_reason, refused_item
+
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    rule = Refusal(bad, "rules[3].spec.match.in_interface: no interface 'eth9' on this node")
+    assert refused_item(rule) == (True, 3)
+    assert object_reason(rule) == (
+        "INVALID_ARGUMENT: spec.match.in_interface: no interface 'eth9' on this node")
+    hop = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "routes[0]: next hop 198.18.7.1 is x")
+    assert refused_item(hop) == (True, 0)
+    assert object_reason(hop) == "FAILED_PRECONDITION: next hop 198.18.7.1 is x"
+    dev = Refusal(bad, "routes[2].next_hops[1].interface: interface 'x' does not exist")
+    assert object_reason(dev) == (
+        "INVALID_ARGUMENT: spec.next_hops[1].interface: interface 'x' does not exist")
+    assert refused_item(Refusal(bad, "rules: 'a' appears twice")) == (True, None)
+    assert refused_item(Refusal(grpc.StatusCode.UNAVAILABLE, "rules[0]: gone")) == (False, None)
+
+
+def test_plan_writes_only_what_differs():
+    from policyd.objects import plan
+
+    a, b = rule_spec(1), rule_spec(2)
+    puts, deletes = plan({"x", "y", "z"}, {"x": a, "y": b, "z": None}, {"x": a, "y": a, "z": a})
+    assert (puts, deletes) == ([("y", b)], ["z"])
+    # unknown node: every changed key is written
+    puts, deletes = plan({"x", "z"}, {"x": a, "z": None}, None)
+    assert (puts, deletes) == ([("x", a)], ["z"])
