@@ -30,10 +30,10 @@ import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
+from dpd import rtnl
 from xlbcore.errors import PreconditionError, ValidationError, quote
 from xlbcore.route import NextHopSpec, RouteSpec, parse_route_prefix
 
@@ -44,7 +44,6 @@ MAIN_TABLE = 254
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255  # in a delete: any scope
-RTM_F_FIB_MATCH = 0x2000  # RTM_GETROUTE: return the FIB entry that matched
 HASH_POLICY_SYSCTLS = ("/proc/sys/net/ipv4/fib_multipath_hash_policy",
                        "/proc/sys/net/ipv6/fib_multipath_hash_policy")
 HASH_POLICY_L4 = "1"  # hash the 5-tuple (source, destination, protocol, ports)
@@ -239,32 +238,39 @@ class MemoryRoutes(RouteTable):
 
 
 class KernelRoutes(RouteTable):
-    """Routes in the kernel FIB of this network namespace (main table, `proto`)."""
+    """Routes in the kernel FIB of this network namespace (main table, `proto`).
+
+    Writes are pipelined (dpd/rtnl.py): a batch is one exchange of netlink messages, and
+    a failure anywhere in it undoes every route of the batch that was written."""
 
     kind = "kernel"
+    BULK = 32  # from this many routes in a put, one dump finds what exists (else lookups)
 
     def __init__(self, proto: int = RTPROT_XLB) -> None:
         super().__init__()
         self.proto = check_proto(proto)
-        self._ipr: Any = None
+        self._nl: rtnl.Rtnl | None = None
+        self._names: dict[int, str] = {}
         self._hash_policy_set = False
 
-    def _netlink(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute()
-        return self._ipr
+    def _netlink(self) -> rtnl.Rtnl:
+        if self._nl is None:
+            self._nl = rtnl.Rtnl()
+        return self._nl
 
     def close(self) -> None:
         with self._lock:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+            if self._nl is not None:
+                self._nl.close()
+                self._nl = None
 
-    def _link_names(self) -> dict[int, str]:
-        return {int(link["index"]): str(link.get_attr("IFLA_IFNAME"))
-                for link in self._netlink().get_links()}
+    @staticmethod
+    def _link_names() -> dict[int, str]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return {int(link["index"]): str(link.get_attr("IFLA_IFNAME"))
+                    for link in ipr.get_links()}
 
     def _links(self) -> Collection[str] | None:
         self._names = self._link_names()
@@ -282,200 +288,163 @@ class KernelRoutes(RouteTable):
         self._hash_policy_set = True
 
     # writing
-    def _request(self, r: RouteSpec) -> dict[str, Any]:
+    def _body(self, r: RouteSpec) -> bytes:
         index = {name: i for i, name in self._names.items()}
-        req: dict[str, Any] = {"dst": r.prefix, "proto": self.proto, "table": MAIN_TABLE,
-                               "family": _family(r)}
-        if len(r.next_hops) == 1:
-            h = r.next_hops[0]
-            if h.gateway:
-                req["gateway"] = h.gateway
-            if h.interface:
-                req["oif"] = index[h.interface]
-        else:
-            hops = []
-            for h in r.next_hops:
-                nh: dict[str, Any] = {"hops": h.weight - 1}
-                if h.gateway:
-                    nh["gateway"] = h.gateway
-                if h.interface:
-                    nh["oif"] = index[h.interface]
-                hops.append(nh)
-            req["multipath"] = hops
+        hops = [rtnl.Hop(h.gateway, index[h.interface] if h.interface else 0, h.weight)
+                for h in r.next_hops]
         on_link = all(not h.gateway for h in r.next_hops)
-        if r.family == 4:
-            req["scope"] = RT_SCOPE_LINK if on_link else RT_SCOPE_UNIVERSE
-        return req
+        scope = RT_SCOPE_LINK if on_link and r.family == 4 else RT_SCOPE_UNIVERSE
+        return rtnl.route_body(_family(r), r.prefix, MAIN_TABLE, self.proto, scope, hops)
 
-    def _current(self, r: RouteSpec) -> tuple[RouteSpec | None, int | None]:
-        """(xlb's route for r.prefix, or None; the protocol of another route that holds
-        r.prefix exactly, or None). A FIB-match lookup of the prefix's first address finds
-        the route for the exact prefix unless a more specific one covers that address;
-        then `_exact` answers from a dump."""
-        from pyroute2.netlink.exceptions import NetlinkError
+    def _restore_body(self, previous: rtnl.FibRoute) -> bytes:
+        return rtnl.route_body(previous.family, previous.prefix, MAIN_TABLE, self.proto,
+                               previous.scope, previous.hops, previous.type,
+                               previous.priority)
 
-        net = ipaddress.ip_network(r.prefix)
-        try:
-            found = self._netlink().route("get", dst=str(net.network_address),
-                                          family=_family(r), flags=RTM_F_FIB_MATCH)
-        except NetlinkError as e:
-            if e.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOENT, errno.ESRCH):
-                return None, None
-            raise
-        for msg in found:
-            if self._prefix_of(msg) == r.prefix:
-                if int(msg["proto"]) == self.proto and msg.get_attr("RTA_TABLE") == MAIN_TABLE:
-                    return self._from_fib(msg), None
-                return None, int(msg["proto"])
-        return self._exact(r)
+    def _del_body(self, family: int, prefix: str, table: int = MAIN_TABLE,
+                  priority: int | None = None) -> bytes:
+        # type 0 and scope NOWHERE match any; the protocol makes the kernel delete only
+        # a route of ours
+        return rtnl.route_body(family, prefix, table, self.proto, RT_SCOPE_NOWHERE, (),
+                               rtype=0, priority=priority)
 
-    def _exact(self, r: RouteSpec) -> tuple[RouteSpec | None, int | None]:
-        """As _current, from a dump of the family's main table (the rare case)."""
-        mine: RouteSpec | None = None
-        other: int | None = None
-        for msg in self._netlink().get_routes(family=_family(r), table=MAIN_TABLE):
-            if self._prefix_of(msg) != r.prefix:
-                continue
-            if int(msg["proto"]) == self.proto:
-                mine = self._from_fib(msg)
-            else:
-                other = int(msg["proto"])
-        return mine, other
+    def _existing(self, routes: list[RouteSpec]) -> dict[str, list[rtnl.FibRoute]]:
+        """The main table's routes for the prefixes of `routes`, by prefix. A FIB-match
+        lookup of a prefix's first address finds the route for the exact prefix unless a
+        more specific route covers that address; then (or for a large batch) a dump of
+        the family's routes answers."""
+        nl = self._netlink()
+        out: dict[str, list[rtnl.FibRoute]] = {}
+        dump_families: set[int] = set()
+        if len(routes) >= self.BULK:
+            dump_families = {_family(r) for r in routes}
+        else:
+            for r in routes:
+                net = ipaddress.ip_network(r.prefix)
+                found = nl.fib_match(_family(r), str(net.network_address))
+                if found is None:
+                    continue
+                if found.prefix == r.prefix and found.table == MAIN_TABLE:
+                    out[r.prefix] = [found]
+                elif found.prefix == r.prefix or ipaddress.ip_network(found.prefix).prefixlen \
+                        > net.prefixlen:
+                    dump_families.add(_family(r))  # shadowed (or another table): look closer
+        if dump_families:
+            wanted = {r.prefix for r in routes if _family(r) in dump_families}
+            for family in dump_families:
+                for fr in nl.dump(family):
+                    if fr.table == MAIN_TABLE and fr.prefix in wanted:
+                        out.setdefault(fr.prefix, []).append(fr)
+        return out
 
     def _write(self, routes: list[RouteSpec]) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         self._ensure_hash_policy()
-        done: list[tuple[RouteSpec, RouteSpec | None]] = []
-        try:
-            for i, r in enumerate(routes):
-                previous, other = self._current(r)
-                if other is not None:
-                    raise PreconditionError(
-                        f"routes[{i}].prefix: {r.prefix} is routed on this node by protocol "
-                        f"{_proto_name(other)}, not by xlb; xlb leaves that route alone")
-                try:
-                    self._netlink().route("replace" if previous else "add", **self._request(r))
-                except NetlinkError as e:
-                    if e.code == errno.EEXIST:  # a route _current did not see: look closer
-                        previous, other = self._exact(r)
-                        if other is not None or previous is None:
-                            raise PreconditionError(
-                                f"routes[{i}].prefix: {r.prefix} is routed on this node by "
-                                f"protocol {_proto_name(other or 0)}, not by xlb; xlb leaves "
-                                "that route alone") from None
-                        self._netlink().route("replace", **self._request(r))
-                    else:
-                        raise self._refused(i, r, e) from None
-                done.append((r, previous))
-        except BaseException:
-            self._roll_back(done)
-            raise
+        existing = self._existing(routes)
+        previous: list[rtnl.FibRoute | None] = []
+        for i, r in enumerate(routes):
+            found = existing.get(r.prefix, [])
+            other = [f.proto for f in found if f.proto != self.proto]
+            if other:
+                raise self._foreign(i, r, other[0])
+            mine = [f for f in found if f.proto == self.proto]
+            previous.append(mine[0] if mine else None)
+        requests = [(rtnl.RTM_NEWROUTE,
+                     rtnl.NLM_F_CREATE | (rtnl.NLM_F_REPLACE if prev else rtnl.NLM_F_EXCL),
+                     self._body(r)) for r, prev in zip(routes, previous, strict=True)]
+        codes = self._netlink().write(requests)
+        done = [i for i, c in enumerate(codes) if c == 0]
+        failed = [i for i, c in enumerate(codes) if c != 0]
+        if not failed:
+            return
+        self._roll_back([(routes[i], previous[i]) for i in done])
+        i = failed[0]
+        if codes[i] == errno.EEXIST:  # a route the lookups did not see: whose is it?
+            protos = [f.proto for f in self._netlink().dump(_family(routes[i]))
+                      if f.table == MAIN_TABLE and f.prefix == routes[i].prefix]
+            raise self._foreign(i, routes[i], next((p for p in protos if p != self.proto),
+                                                   protos[0] if protos else 0))
+        raise self._refused(i, routes[i], codes[i])
 
-    def _roll_back(self, done: list[tuple[RouteSpec, RouteSpec | None]]) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
+    def _foreign(self, i: int, r: RouteSpec, proto: int) -> PreconditionError:
+        return PreconditionError(
+            f"routes[{i}].prefix: {r.prefix} is routed on this node by protocol "
+            f"{_proto_name(proto)}, not by xlb; xlb leaves that route alone")
 
-        for r, previous in reversed(done):
-            try:
-                if previous is None:
-                    self._netlink().route("del", dst=r.prefix, proto=self.proto,
-                                          table=MAIN_TABLE, family=_family(r),
-                                          scope=RT_SCOPE_NOWHERE)
-                else:
-                    self._netlink().route("replace", **self._request(previous))
-            except (NetlinkError, KeyError) as e:
-                log.warning("route_rollback_failed", prefix=r.prefix, error=str(e))
-        if done:
-            log.info("routes_rolled_back", routes=[r.prefix for r, _ in done])
+    def _roll_back(self, done: list[tuple[RouteSpec, rtnl.FibRoute | None]]) -> None:
+        if not done:
+            return
+        requests = []
+        for r, prev in done:
+            if prev is None:
+                requests.append((rtnl.RTM_DELROUTE, 0, self._del_body(_family(r), r.prefix)))
+            else:
+                requests.append((rtnl.RTM_NEWROUTE, rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE,
+                                 self._restore_body(prev)))
+        codes = self._netlink().write(requests)
+        bad = [(r.prefix, c) for (r, _), c in zip(done, codes, strict=True) if c]
+        if bad:
+            log.warning("route_rollback_failed", routes=bad)
+        log.info("routes_rolled_back", routes=[r.prefix for r, _ in done])
 
-    def _refused(self, i: int, r: RouteSpec, e: Any) -> Exception:
-        """The error to report for the kernel's refusal `e` of routes[i]."""
-        code = e.code
+    def _refused(self, i: int, r: RouteSpec, code: int) -> Exception:
+        """The error to report for the kernel's refusal (errno `code`) of routes[i]."""
         if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             return unreachable(i, self._unreachable_gateway(r))
         if code == errno.ENODEV:
             return PreconditionError(f"routes[{i}]: an interface of the route is gone")
         if code == errno.EINVAL:
             return ValidationError(f"routes[{i}]: the kernel refused the route for "
-                                   f"{r.prefix} (invalid argument: a gateway that is one of "
-                                   "the node's own addresses, or on the wrong interface?)")
+                                   f"{r.prefix} (invalid argument: a gateway on the wrong "
+                                   "interface?)")
         return PreconditionError(f"routes[{i}]: the kernel refused the route for {r.prefix}: "
                                  f"{errno.errorcode.get(code, code)}")
 
     def _unreachable_gateway(self, r: RouteSpec) -> str:
-        """The first gateway of `r` that no connected route (of the given interface) holds."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
+        """The first gateway of `r` that no connected route (of its interface) holds."""
         index = {name: i for i, name in self._names.items()}
         gateways = [h for h in r.next_hops if h.gateway]
         for h in gateways:
-            kw: dict[str, Any] = {"dst": h.gateway, "family": _family(r)}
-            if h.interface:
-                kw["oif"] = index[h.interface]
-            try:
-                found = self._netlink().route("get", **kw)
-            except NetlinkError:
-                return h.gateway
-            if any(m.get_attr("RTA_GATEWAY") for m in found):  # not on a connected network
-                return h.gateway
+            found = self._netlink().route_get(_family(r), h.gateway,
+                                              index.get(h.interface, 0))
+            if found is None or any(x.gateway for x in found.hops):
+                return h.gateway  # no route, or only through another router
         return gateways[0].gateway if gateways else "?"
 
     def _delete(self, prefixes: list[str]) -> int:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        deleted = 0
-        for p in prefixes:
-            family = socket.AF_INET6 if ":" in p else socket.AF_INET
-            try:  # the kernel deletes only a route of this protocol
-                self._netlink().route("del", dst=p, proto=self.proto, table=MAIN_TABLE,
-                                      family=family, scope=RT_SCOPE_NOWHERE)
-                deleted += 1
-            except NetlinkError as e:
-                if e.code not in (errno.ESRCH, errno.ENOENT):
-                    raise PreconditionError(
-                        f"deleting {p}: {errno.errorcode.get(e.code, e.code)}") from None
-        return deleted
+        requests = [(rtnl.RTM_DELROUTE, 0,
+                     self._del_body(socket.AF_INET6 if ":" in p else socket.AF_INET, p))
+                    for p in prefixes]
+        codes = self._netlink().write(requests)
+        bad = [(p, c) for p, c in zip(prefixes, codes, strict=True)
+               if c not in (0, errno.ESRCH, errno.ENOENT)]
+        if bad:
+            p, c = bad[0]
+            raise PreconditionError(f"deleting {p}: {errno.errorcode.get(c, c)}")
+        return codes.count(0)
 
     # reading
     def _read(self) -> list[RouteSpec]:
         self._names = self._link_names()
         out = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._netlink().get_routes(family=family, table=MAIN_TABLE,
-                                                  proto=self.proto):
-                if int(msg["proto"]) == self.proto:
-                    out.append(self._from_fib(msg))
+            for fr in self._netlink().dump(family):
+                if fr.proto == self.proto and fr.table == MAIN_TABLE:
+                    out.append(self._spec(fr))
         return out
 
-    @staticmethod
-    def _prefix_of(msg: Any) -> str:
-        dst = msg.get_attr("RTA_DST")
-        if dst is None:
-            dst = "::" if msg["family"] == socket.AF_INET6 else "0.0.0.0"
-        return str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}"))
+    def _spec(self, fr: rtnl.FibRoute) -> RouteSpec:
+        def name(ifindex: int) -> str:
+            return self._names.get(ifindex, str(ifindex)) if ifindex else ""
 
-    def _from_fib(self, msg: Any) -> RouteSpec:
-        names = getattr(self, "_names", None) or self._link_names()
-
-        def name(oif: Any) -> str:
-            return names.get(int(oif), str(oif)) if oif else ""
-
-        hops = []
-        multipath = msg.get_attr("RTA_MULTIPATH")
-        if multipath:
-            for nh in multipath:
-                hops.append(NextHopSpec(str(nh.get_attr("RTA_GATEWAY") or ""),
-                                        name(nh["oif"]), int(nh["hops"]) + 1))
-        else:
-            hops.append(NextHopSpec(str(msg.get_attr("RTA_GATEWAY") or ""),
-                                    name(msg.get_attr("RTA_OIF")), 1))
-        return RouteSpec(self._prefix_of(msg), tuple(sorted(hops)))
+        return RouteSpec(fr.prefix, tuple(sorted(
+            NextHopSpec(h.gateway, name(h.ifindex), h.weight) for h in fr.hops)))
 
     def neighbors(self) -> list[Neighbor]:
-        with self._lock:
-            ipr = self._netlink()
-            names = self._link_names()
-            out = []
+        from pyroute2 import IPRoute
+
+        names = self._link_names()
+        out = []
+        with IPRoute() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for n in ipr.get_neighbours(family=family):
                     address = n.get_attr("NDA_DST")
@@ -498,24 +467,17 @@ def _proto_name(proto: int) -> str:
 def cleanup(proto: int = RTPROT_XLB) -> list[str]:
     """Delete every route of protocol `proto` in this network namespace (every table, v4
     and v6); routes of any other protocol are never touched."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    removed = []
-    with IPRoute() as ipr:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in list(ipr.get_routes(family=family, proto=proto)):  # every table
-                if int(msg["proto"]) != proto:
-                    continue
-                prefix = KernelRoutes._prefix_of(msg)
-                table = msg.get_attr("RTA_TABLE") or msg["table"]
-                try:
-                    ipr.route("del", dst=prefix, proto=proto, table=table, family=family,
-                              scope=RT_SCOPE_NOWHERE, priority=msg.get_attr("RTA_PRIORITY") or 0)
-                    removed.append(prefix)
-                except NetlinkError as e:
-                    if e.code not in (errno.ESRCH, errno.ENOENT):
-                        raise
+    table = KernelRoutes(proto)
+    nl = table._netlink()
+    try:
+        found = [fr for family in (socket.AF_INET, socket.AF_INET6) for fr in nl.dump(family)
+                 if fr.proto == proto]
+        codes = nl.write([(rtnl.RTM_DELROUTE, 0,
+                           table._del_body(fr.family, fr.prefix, fr.table, fr.priority))
+                          for fr in found])
+    finally:
+        table.close()
+    removed = [fr.prefix for fr, c in zip(found, codes, strict=True) if c == 0]
     if removed:
         log.info("routes_removed", count=len(removed), proto=proto)
     return removed
