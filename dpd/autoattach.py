@@ -57,8 +57,9 @@ class AutoAttacher:
         self._attach = attach
         self._detach = detach
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()  # _consider runs in start() and in the thread
         self._thread: threading.Thread | None = None
-        self._mon: Any = None
         self.attached: dict[int, str] = {}  # ifindex -> name, what this attacher attached
 
     def _eligible(self, ipr: Any, msg: Any) -> bool:
@@ -73,18 +74,22 @@ class AutoAttacher:
         """Subscribe to link events, attach to the links present, follow the rest in a
         thread. Returns the names attached now."""
         from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-        self._mon = IPRoute()
-        self._mon.bind(groups=RTMGRP_LINK)
+        # the thread subscribes first (a pyroute2 socket is read in the thread that made it)
+        self._thread = threading.Thread(target=self._run, name="dpd-autoattach", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(5.0):
+            raise RuntimeError("--attach auto: the link monitor did not start")
         with IPRoute() as ipr:
             for link in ipr.get_links():
                 self._consider(ipr, link)
-        self._thread = threading.Thread(target=self._run, name="dpd-autoattach", daemon=True)
-        self._thread.start()
         return sorted(self.attached.values())
 
     def _consider(self, ipr: Any, msg: Any) -> None:
+        with self._lock:
+            self._consider_locked(ipr, msg)
+
+    def _consider_locked(self, ipr: Any, msg: Any) -> None:
         index = int(msg["index"])
         name = str(msg.get_attr("IFLA_IFNAME"))
         if msg["event"] == "RTM_DELLINK":
@@ -113,14 +118,17 @@ class AutoAttacher:
 
     def _run(self) -> None:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-        with IPRoute() as ipr:
+        with IPRoute() as mon, IPRoute() as ipr:
+            mon.bind(groups=RTMGRP_LINK)
+            self._ready.set()
             while not self._stop.is_set():
                 try:
-                    ready, _, _ = select.select([self._mon.fileno()], [], [], POLL)
+                    ready, _, _ = select.select([mon.fileno()], [], [], POLL)
                     if not ready or self._stop.is_set():
                         continue
-                    for msg in self._mon.get():
+                    for msg in mon.get():
                         if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
                             self._consider(ipr, msg)
                 except Exception:  # noqa: BLE001 - a monitor that dies silently is worse
@@ -147,6 +155,3 @@ class AutoAttacher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._mon is not None and (self._thread is None or not self._thread.is_alive()):
-            self._mon.close()
-            self._mon = None
