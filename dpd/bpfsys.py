@@ -227,8 +227,18 @@ class TestRunResult:
     duration_ns: int
 
 
-def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> TestRunResult:
-    """Run a loaded program on `packet` (BPF_PROG_TEST_RUN); duration is the mean ns/run."""
+# struct __sk_buff up to ingress_ifindex (offset 36), the field a test run may set
+_SKB_CTX_SIZE = 40
+
+
+def prog_test_run(fd: int, packet: bytes, repeat: int = 1,
+                  ingress_ifindex: int = 0) -> TestRunResult:
+    """Run a loaded program on `packet` (BPF_PROG_TEST_RUN); duration is the mean ns/run.
+    `ingress_ifindex`: what the program reads as skb->ingress_ifindex (any number)."""
+    ctx = None
+    if ingress_ifindex:
+        ctx = ctypes.create_string_buffer(_SKB_CTX_SIZE)
+        ctypes.c_uint32.from_buffer(ctx, 36).value = ingress_ifindex
     buf_in = ctypes.create_string_buffer(packet, len(packet))
     out_size = len(packet) + 256
     buf_out = ctypes.create_string_buffer(out_size)
@@ -240,6 +250,9 @@ def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> TestRunResult:
         data_size_out=out_size,
         repeat=repeat,
     )
+    if ctx is not None:
+        opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+        opts.ctx_size_in = _SKB_CTX_SIZE
     rc = _lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
     if rc < 0:
         err = ctypes.get_errno() or errno.EINVAL

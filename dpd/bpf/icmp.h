@@ -78,6 +78,33 @@ static __always_inline int xlb_icmp_echo_reply(struct __sk_buff *skb)
     return bpf_redirect(skb->ifindex, 0);
 }
 
+/* Whether an ICMP error quotes a tracked flow (the quoted tuple, reversed, is the key of
+ * the flow's entry for the other direction): such errors belong to a flow the firewall
+ * already allowed, and are not judged again (as conntrack's RELATED). */
+static __always_inline int xlb_icmp_related(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct icmphdr *ic = data + XLB_L4_OFF;
+    struct iphdr *in = (void *)(ic + 1);
+    __u16 *ports = (void *)(in + 1);
+    if ((void *)(ports + 2) > data_end)
+        return 0;
+    if (ic->type != ICMP_DEST_UNREACH && ic->type != ICMP_TIME_EXCEEDED &&
+        ic->type != ICMP_PARAMETERPROB)
+        return 0;
+    if (*(__u8 *)in != 0x45 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP) ||
+        (in->frag_off & bpf_htons(0x1fff)))
+        return 0;
+    struct xlb_ct_key k = {};
+    k.saddr = in->daddr;
+    k.daddr = in->saddr;
+    k.sport = ports[1];
+    k.dport = ports[0];
+    k.proto = in->protocol;
+    return ct_v4_map.lookup(&k) != NULL;
+}
+
 static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
 {
     void *data = (void *)(long)skb->data;
@@ -113,7 +140,7 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
     k.dport = ports[0];
     k.proto = in->protocol;
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
-    if (!v)
+    if (!v || (v->flags & XLB_CTF_PASS)) /* a pass flow's errors need no translation */
         return xlb_icmp_pass();
 
     __be32 old_addr, new_addr = v->nat_addr;

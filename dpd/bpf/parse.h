@@ -1,4 +1,5 @@
-/* Ethernet / IPv4 / TCP / UDP / ICMP parsing and validation into struct xlb_pkt.
+/* Ethernet / IPv4 / TCP / UDP / ICMP parsing and validation into struct xlb_pkt (IPv6
+ * is recognised here and parsed into the firewall's key by acl.h).
  *
  * Every packet is checked here, before any lookup, with what is cheap because it is in
  * the headers already read: IP version, header length, total length against the frame,
@@ -32,6 +33,9 @@
 #define XLB_P_OPTIONS 3  /* IPv4 options: pass untouched, counted */
 #define XLB_P_FRAG 4     /* a fragment (first or later): the slow path decides */
 #define XLB_P_ICMP 5     /* ICMP: the slow path decides */
+#define XLB_P_V6 6       /* IPv6: the slow path's firewall decides (no conntrack or NAT yet) */
+#define XLB_P_ND 7       /* acl.h xlb_parse_v6: ICMPv6 neighbour discovery, never judged
+                          * (ARP's IPv6 counterpart) */
 
 struct xlb_pkt {
     __be32 saddr;
@@ -73,7 +77,7 @@ static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
     if ((void *)(eth + 1) > data_end)
         return XLB_P_NOT_OURS;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
-        return XLB_P_NOT_OURS;
+        return eth->h_proto == bpf_htons(ETH_P_IPV6) ? XLB_P_V6 : XLB_P_NOT_OURS;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end)
         return XLB_P_BAD;

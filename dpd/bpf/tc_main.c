@@ -1,6 +1,6 @@
 /* tc_packet_func: TC ingress entry. Established flows are rewritten and forwarded
  * here from a single conntrack lookup; everything else (new flows, TCP handshakes
- * and teardowns, fragments, ICMP, packets that are not ours) tail-calls
+ * and teardowns, fragments, ICMP, IPv6, packets that are not ours) tail-calls
  * tc_packet_func_slow. Malformed packets and IPv4 options pass untouched, counted. */
 
 #include <uapi/linux/pkt_cls.h>
@@ -17,7 +17,7 @@ int tc_packet_func(struct __sk_buff *skb)
     struct xlb_pkt p;
     int rc = xlb_parse(skb, &p);
     if (rc != XLB_P_OK) {
-        if (rc == XLB_P_FRAG || rc == XLB_P_ICMP)
+        if (rc >= XLB_P_FRAG) /* fragments, ICMP, IPv6 */
             goto slow;
         return xlb_pass_unparsed(rc);
     }
@@ -31,6 +31,8 @@ int tc_packet_func(struct __sk_buff *skb)
         if (want)
             xlb_ct_track_seq(v, &p);
         xlb_ct_touch(v);
+        if (v->flags & XLB_CTF_PASS) /* a flow the firewall allowed: no service, no NAT */
+            return TC_ACT_OK;
         xlb_count_flow(skb, v->svc_id, v->stat_id);
         if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
             return TC_ACT_OK;

@@ -2,10 +2,12 @@
  * established, and for new flows: validation, service lookup, endpoint selection,
  * creation of both conntrack entries (never over another flow's), DNAT. IPv4 fragments
  * follow their first fragment; ICMP errors quoting a flow are translated. Packets for
- * no service pass untouched. */
+ * no service pass untouched. The firewall (acl.h) judges what has no conntrack entry,
+ * before the service lookup; flows it allows to no service are tracked as pass flows. */
 
 #include <uapi/linux/pkt_cls.h>
 
+#include "acl.h"
 #include "ct.h"
 #include "fwd.h"
 #include "icmp.h"
@@ -39,6 +41,11 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
     fk.proto = p->proto;
     struct xlb_frag_val *fv = frag_v4_map.lookup(&fk);
     if (!fv) {
+        /* no flow to follow: the firewall judges it by its addresses (ports 0) */
+        int judged;
+        int act = xlb_fw_v4(skb, p, 0, &judged);
+        if (act >= 0)
+            return act;
         /* To a VIP but its first fragment was not seen (yet, or evicted): it cannot be
          * tied to a flow, and passing it would leak it to the stack untranslated. */
         __be32 dst = p->daddr;
@@ -54,7 +61,7 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, p);
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
-    if (!v) {
+    if (!v || (v->flags & XLB_CTF_PASS)) {
         xlb_count(XLB_STAT_PASS_FRAG);
         return TC_ACT_OK;
     }
@@ -85,14 +92,87 @@ static __always_inline int xlb_ct_reclaim(struct xlb_ct_key *rk)
     return 0;
 }
 
+/* A flow the firewall allowed that no service carries (TCP opened by a SYN, or picked up
+ * by a bare ACK; UDP): both conntrack entries, flagged XLB_CTF_PASS and rewriting
+ * nothing (the "NAT" address and port are the destination's own), so that its later
+ * packets and its replies take the fast path unjudged. A flow that cannot be tracked
+ * (an entry of another flow in the way, a martian source) is passed, judged per packet. */
+static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *p,
+                                          int first_frag)
+{
+    int midstream = 0;
+    if (p->proto == IPPROTO_TCP) {
+        __u8 c = p->tcp_flags & (XLB_TCP_FIN | XLB_TCP_SYN | XLB_TCP_RST | XLB_TCP_ACK);
+        if (c == XLB_TCP_ACK)
+            midstream = 1;
+        else if (c != XLB_TCP_SYN)
+            return;
+    }
+    if (xlb_martian(p->saddr))
+        return;
+    struct xlb_ct_key k;
+    struct xlb_ct_val v = {};
+    xlb_ct_key_of(&k, p);
+    v.nat_addr = p->daddr;
+    v.nat_port = p->dport;
+    v.dir = XLB_DIR_REPLY;
+    v.state = midstream ? XLB_CT_EST : XLB_CT_NEW;
+    v.flags = XLB_CTF_PASS;
+    v.last_ns = bpf_ktime_get_coarse_ns();
+    v.in_ifindex = skb->ingress_ifindex;
+    struct xlb_ct_key rk = {};
+    rk.saddr = p->daddr;
+    rk.sport = p->dport;
+    rk.daddr = p->saddr;
+    rk.dport = p->sport;
+    rk.proto = p->proto;
+    if (ct_v4_map.insert(&rk, &v))
+        return;
+    v.dir = XLB_DIR_ORIG;
+    if (p->proto == IPPROTO_TCP) {
+        v.seq_end = xlb_seq_end(p);
+        v.flags |= XLB_CTF_SEQ;
+    }
+    if (ct_v4_map.insert(&k, &v)) {
+        ct_v4_map.delete(&rk);
+        return;
+    }
+    xlb_count(XLB_STAT_FW_PASS_FLOW);
+    if (first_frag)
+        xlb_frag_record(p, &k);
+}
+
+/* IPv6: judged by the firewall per packet (no IPv6 conntrack yet), else passed. */
+static __always_inline int xlb_v6(struct __sk_buff *skb)
+{
+    struct xlb_acl_key k;
+    int rc = xlb_parse_v6(skb, &k);
+    if (rc == XLB_P_OK) {
+        __u32 redirect = 0;
+        int fw = xlb_fw_judge(skb, &k, &redirect);
+        if (fw == XLB_FW_DROP)
+            return TC_ACT_SHOT;
+        if (fw == XLB_FW_REDIRECT)
+            return bpf_redirect(redirect, 0);
+    }
+    return xlb_pass_unparsed(rc == XLB_P_BAD ? XLB_P_BAD : XLB_P_NOT_OURS);
+}
+
 static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p, int first_frag)
 {
+    /* the firewall first (when on): drop and redirect end here */
+    int judged;
+    int act = xlb_fw_v4(skb, p, 1, &judged);
+    if (act >= 0)
+        return act;
     struct xlb_nat_key nk = {};
     nk.vip = p->daddr;
     nk.port = p->dport;
     nk.proto = p->proto;
     struct xlb_nat_val *svc = nat_v4_map.lookup(&nk);
     if (!svc) {
+        if (judged)
+            xlb_pass_flow(skb, p, first_frag);
         xlb_count(XLB_STAT_PASS);
         return TC_ACT_OK;
     }
@@ -131,6 +211,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     v.stat_id = ep->stat_id;
     v.last_ns = now;
     v.svc = nk;
+    v.in_ifindex = skb->ingress_ifindex;
 
     struct xlb_ct_key rk = {};
     rk.saddr = ep->addr;
@@ -176,8 +257,18 @@ int tc_packet_func_slow(struct __sk_buff *skb)
     struct xlb_pkt p;
     xlb_count(XLB_STAT_SLOW_PATH);
     int rc = xlb_parse(skb, &p);
-    if (rc == XLB_P_ICMP)
+    if (rc == XLB_P_V6)
+        return xlb_v6(skb);
+    if (rc == XLB_P_ICMP) {
+        /* judged, except errors about a tracked flow (as conntrack's RELATED) */
+        if (xlb_fw_active() && !xlb_icmp_related(skb)) {
+            int judged;
+            int act = xlb_fw_v4(skb, &p, 0, &judged);
+            if (act >= 0)
+                return act;
+        }
         return xlb_icmp(skb, &p);
+    }
     int first_frag = 0;
     if (rc == XLB_P_FRAG) {
         if (p.frag & 0x1fff)
@@ -206,9 +297,11 @@ int tc_packet_func_slow(struct __sk_buff *skb)
                 return TC_ACT_SHOT;
             }
             xlb_ct_touch(v);
-            xlb_count_flow(skb, v->svc_id, v->stat_id);
             if (first_frag)
                 xlb_frag_record(&p, &k);
+            if (v->flags & XLB_CTF_PASS)
+                return TC_ACT_OK; /* a flow the firewall allowed: handed on untouched */
+            xlb_count_flow(skb, v->svc_id, v->stat_id);
             if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
                 return TC_ACT_OK;
             return xlb_forward(skb, &p);

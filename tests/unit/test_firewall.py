@@ -180,7 +180,7 @@ def test_compiled_classifier_agrees_with_the_rules(rules, seed):
 
 
 def live_gen(fw: FirewallTable) -> tuple[int, list[int]]:
-    c = fw._cfg.unpack(fw.cfg_map.get(bytes(4)))
+    c = fw._cfg.unpack(fw.cfg_map.get(bytes(4)) or b"")
     return c["gen"], list(c["n_tuples"])
 
 
