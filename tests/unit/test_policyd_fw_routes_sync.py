@@ -177,6 +177,14 @@ def test_a_refused_route_is_an_error_on_that_node_only(wait_for, policyd, fake_n
              what="node-a's other routes")
     assert set(rules_on(a)) == {"allow-admin", "no-ssh", "no-telnet"}
     assert (status(client, "node-a").firewall_rules, status(client, "node-a").routes) == (3, 2)
+    # while the route stays refused, each drift check offers it again (one PutRoutes)
+    # and reads nothing back
+    reads, summaries = a.datapath.calls["ListRoutes"], a.datapath.calls["GetSummary"]
+    offered = len(writes(a, "PutRoutes"))
+    wait_for(lambda: a.datapath.calls["GetSummary"] >= summaries + 4, what="drift checks")
+    assert a.datapath.calls["ListRoutes"] == reads
+    assert all(w == ["198.22.0.0/16"] for w in writes(a, "PutRoutes")[offered:])
+    assert status(client, "node-a").state == policy_pb2.SYNC_STATE_ERROR
 
     # the next hop becomes reachable: the route is retried at a drift check
     a.datapath.node.routes.reachable = None
