@@ -1,0 +1,162 @@
+"""The firewall on a real node: client, lb and two backend namespaces (named fw*), dpd
+attached to the lb's interfaces, real TCP and UDP sockets."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import require_root
+from tests.e2e.conftest import VIP, Lab
+from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
+
+pytestmark = pytest.mark.root
+
+ALLOWED = "198.18.0.2"  # the client namespace's address
+BLOCKED = "198.18.0.3"  # a second address of the client namespace
+TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_root()
+    from lab import netns
+    from lab.daemons import Dpd
+    from lab.servers import start_backends
+    from lab.topology import Topology
+    from xlb.dpd.v1 import datapath_pb2_grpc
+
+    topo = Topology(backends=2, vip=VIP, prefix="fw" + secrets.token_hex(2))
+    dpd = None
+    channel = None
+    try:
+        netns.run(topo.client_ns, ["ip", "addr", "add", f"{BLOCKED}/24", "dev",
+                                   topo.client_iface])
+        start_backends(topo, port=8080)
+        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
+                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
+        dpd.start()
+        channel = grpc.insecure_channel(dpd.address)
+        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
+    finally:
+        if dpd is not None:  # shown by pytest only when the test failed
+            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
+        if channel is not None:
+            channel.close()
+        if dpd is not None:
+            dpd.cleanup()
+        topo.cleanup()
+
+
+def services(lab: Any) -> None:
+    eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
+    lab.stub.PutServices(pb.PutServicesRequest(services=[
+        pb.Service(vip=VIP, port=80, protocol=TCP, endpoints=eps),
+        pb.Service(vip=VIP, port=53, protocol=UDP, endpoints=eps)]), timeout=10)
+
+
+def fw_rule(name: str, priority: int, action: int, **match: object) -> pb.FirewallRule:
+    return pb.FirewallRule(name=name, spec=tpb.FirewallRuleSpec(
+        priority=priority, action=action, match=tpb.FirewallMatch(**match)))  # type: ignore[arg-type]
+
+
+def put_rules(lab: Any, *rules: pb.FirewallRule, flush: bool = False
+              ) -> pb.PutFirewallRulesResponse:
+    return lab.stub.PutFirewallRules(pb.PutFirewallRulesRequest(
+        rules=list(rules), flush_existing=flush), timeout=10)
+
+
+def reach(lab: Any, source: str) -> dict[str, int]:
+    """Errors of TCP and UDP from `source` to the VIP and to a backend directly."""
+    from lab.client import run_tcp_who, run_udp_who
+
+    be = lab.topo.backend_ips[0]
+    out = {}
+    for what, fn, dst, port in (("tcp-vip", run_tcp_who, VIP, 80),
+                                ("udp-vip", run_udp_who, VIP, 53),
+                                ("tcp-be", run_tcp_who, be, 8080),
+                                ("udp-be", run_udp_who, be, 8080)):
+        res = fn(lab.topo, dst, port, count=3, timeout=0.5, source=source)
+        out[what] = res.get("errors", 0)
+    return out
+
+
+def test_drop_rule_stops_tcp_and_udp_while_a_higher_allow_lets_one_client_through(lab):
+    services(lab)
+    assert reach(lab, BLOCKED) == {"tcp-vip": 0, "udp-vip": 0, "tcp-be": 0, "udp-be": 0}
+    resp = put_rules(lab,
+                     fw_rule("allow-one", 200, tpb.FIREWALL_ACTION_ALLOW, src=f"{ALLOWED}/32"),
+                     fw_rule("drop-clients", 100, tpb.FIREWALL_ACTION_DROP,
+                             src="198.18.0.0/24", in_interface="c0"))
+    assert resp.written == 2
+    assert reach(lab, ALLOWED) == {"tcp-vip": 0, "udp-vip": 0, "tcp-be": 0, "udp-be": 0}
+    assert reach(lab, BLOCKED) == {"tcp-vip": 3, "udp-vip": 3, "tcp-be": 3, "udp-be": 3}
+
+    stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    rules = {r.name: r.counters.packets for r in stats.rules}
+    assert rules["drop-clients"] >= 12 and rules["allow-one"] >= 4
+    assert stats.global_counters["drop_firewall"] == rules["drop-clients"]
+    assert stats.global_counters["fw_pass_flow"] >= 6  # the allowed flows to the backend
+    c0 = next(i for i in lab.stub.ListInterfaces(pb.ListInterfacesRequest(), timeout=10)
+              if i.name == "c0")
+    assert c0.counters.drops["drop_firewall"] == rules["drop-clients"]
+    assert c0.counters.rx_packets > 0 and c0.counters.tx_packets > 0
+
+    # the rule gone, the blocked address gets through again
+    lab.stub.DeleteFirewallRules(pb.DeleteFirewallRulesRequest(names=["drop-clients"]),
+                                 timeout=10)
+    assert reach(lab, BLOCKED) == {"tcp-vip": 0, "udp-vip": 0, "tcp-be": 0, "udp-be": 0}
+
+
+def test_default_policy_drop_on_an_interface(lab):
+    services(lab)
+    intf = lab.stub.SetInterfaceConfig(pb.SetInterfaceConfigRequest(
+        name="c0", zone="clients", default_policy=tpb.DEFAULT_POLICY_DROP), timeout=10)
+    assert (intf.zone, intf.default_policy, intf.attached) == (
+        "clients", tpb.DEFAULT_POLICY_DROP, True)
+    assert reach(lab, ALLOWED)["tcp-vip"] == 3
+    put_rules(lab, fw_rule("web", 10, tpb.FIREWALL_ACTION_ALLOW, dst=f"{VIP}/32",
+                           protocol=TCP, dst_ports=tpb.PortRange(first=80, last=80)))
+    got = reach(lab, ALLOWED)
+    assert got["tcp-vip"] == 0 and got["udp-vip"] == 3 and got["tcp-be"] == 3
+    stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    assert stats.global_counters["drop_default_policy"] >= 9
+
+
+def test_flush_existing_cuts_established_flows_the_new_set_drops(lab):
+    from lab.client import start_tcp_long
+
+    services(lab)
+    be = lab.topo.backend_ips[0]
+    # the firewall on before the connections open, so that their verdict is tracked
+    put_rules(lab, fw_rule("unrelated", 1, tpb.FIREWALL_ACTION_DROP, src="198.18.200.0/24"))
+    lives = start_tcp_long(lab.topo, VIP, 80, duration=3.0, interval_ms=50)
+    cut_vip = start_tcp_long(lab.topo, VIP, 80, duration=7.0, interval_ms=50)
+    cut_be = start_tcp_long(lab.topo, be, 8080, duration=7.0, interval_ms=50)
+    time.sleep(1.0)
+    # a set that drops the client: established connections go on without flush ...
+    cut = fw_rule("cut-client", 100, tpb.FIREWALL_ACTION_DROP, src=f"{ALLOWED}/32")
+    assert put_rules(lab, cut).flushed == 0
+    res = lives.result()
+    assert res["errors"] == 0 and res["received"] == res["sent"] > 20, res
+    # ... and with flush_existing they end
+    assert put_rules(lab, cut, flush=True).flushed >= 2
+    for conn in (cut_vip, cut_be):
+        res = conn.result()
+        assert res["errors"] > 0 and res["received"] < res["sent"], res
+    stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    assert {r.name: r.counters.packets for r in stats.rules}["cut-client"] > 0
+
+
+def test_bad_rules_are_refused_naming_the_field(lab):
+    with pytest.raises(grpc.RpcError) as err:
+        put_rules(lab, fw_rule("x", 1, tpb.FIREWALL_ACTION_DROP, in_interface="nosuch0"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rules[0].spec.match.in_interface" in err.value.details()
