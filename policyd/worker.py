@@ -589,12 +589,16 @@ class NodeWorker:
     # -- firewall rules and routes ---------------------------------------------------------
 
     def _push_objects(self, since: int) -> int:
-        """Write the rules and routes changed after `since`; calls made. After writes, one
-        GetSummary takes the tables' new state (a route write moves the FIB digest)."""
+        """Write the rules and routes changed after `since`; calls made. After route
+        writes, one GetSummary takes the new FIB digest as the baseline (a rule write's
+        reply says all there is to know)."""
         calls = 0
+        digest_moved = False
         for objects in self._objects:
-            calls += objects.push(since).calls
-        if calls:
+            made = objects.push(since).calls
+            calls += made
+            digest_moved = digest_moved or bool(made and objects.kind.digest)
+        if digest_moved:
             self._observe_tables(self._node.tables())
         return calls
 
@@ -608,7 +612,7 @@ class NodeWorker:
         started = time.perf_counter()
         self._record(last_attempt_ns=time.time_ns())
         w = objects.read_back()
-        if w is not None and w.calls:
+        if w is not None and w.calls and objects.kind.digest:
             self._observe_tables(self._node.tables())
         if w is not None:
             (self._log.info if w.put or w.deleted or w.refused else self._log.debug)(
