@@ -428,8 +428,8 @@ class NodeWorker:
             backoff_delay(failures, s.backoff_initial, s.backoff_max), s.jitter)
         self._ready_kick = False
         if self._conn_state is not grpc.ChannelConnectivity.READY:
-            # Not connected: a wait-for-ready call connects (grpc retries within half a
-            # second) and returns as soon as the node answers.
+            # Not connected: a wait-for-ready call connects (grpc retries within 0.2 s)
+            # and returns as soon as the node answers.
             try:
                 self._node.summary(timeout=max(0.01, end - time.monotonic()),
                                    wait_for_ready=True)
