@@ -23,7 +23,8 @@ PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 class StatusCollector(Collector):
     """xlb_policyd_node_sync_state{node,state} (1 for the node's state, 0 for the others),
-    observed and desired generations, services per node, the desired generation."""
+    observed and desired generations, services, firewall rules, routes and refused objects
+    per node, the desired generation."""
 
     def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
@@ -38,6 +39,13 @@ class StatusCollector(Collector):
                                      labels=["node"])
         services = GaugeMetricFamily(f"{PREFIX}_node_services", "services the node held "
                                      "after its last successful sync", labels=["node"])
+        rules = GaugeMetricFamily(f"{PREFIX}_node_firewall_rules", "firewall rules the node "
+                                  "held after its last successful sync", labels=["node"])
+        routes = GaugeMetricFamily(f"{PREFIX}_node_routes", "routes the node held after its "
+                                   "last successful sync", labels=["node"])
+        refused = GaugeMetricFamily(f"{PREFIX}_node_refused_objects", "objects the node "
+                                    "refused (it is in error while any remain)",
+                                    labels=["node", "kind"])
         last_sync = GaugeMetricFamily(f"{PREFIX}_node_last_sync_timestamp_seconds",
                                       "when the node last synced (0: never)", labels=["node"])
         for n in nodes:
@@ -45,10 +53,17 @@ class StatusCollector(Collector):
                 state.add_metric([n.node, s.name.lower()], 1.0 if n.state == s else 0.0)
             observed.add_metric([n.node], n.observed_generation)
             services.add_metric([n.node], n.services)
+            rules.add_metric([n.node], n.firewall_rules)
+            routes.add_metric([n.node], n.routes)
+            for kind in ("firewall_rule", "route"):
+                refused.add_metric([n.node, kind], sum(1 for e in n.errors if e.kind == kind))
             last_sync.add_metric([n.node], n.last_sync_ns / 1e9)
         yield state
         yield observed
         yield services
+        yield rules
+        yield routes
+        yield refused
         yield last_sync
         desired = GaugeMetricFamily(f"{PREFIX}_desired_generation", "the store's generation "
                                     "(every node should reach it)")
