@@ -120,3 +120,24 @@ def test_datapath_reflection(grpcurl, datapath_socket):
     run(grpcurl, datapath_socket, "xlb.dpd.v1.Datapath/PutServices", data=json.dumps(request))
     listed = json.loads(run(grpcurl, datapath_socket, "xlb.dpd.v1.Datapath/ListServices"))
     assert (listed["protocol"], listed["endpoints"][0]["port"]) == ("PROTOCOL_TCP", 8080)
+
+
+def test_firewall_rules_and_routes_as_the_docs_show_them(grpcurl, policyd_socket):
+    """The grpcurl examples of docs/firewall.md and docs/routing.md."""
+    rule = {"rule": {"name": "allow-admin", "spec": {
+        "priority": 200, "action": "FIREWALL_ACTION_ALLOW",
+        "match": {"src": "198.18.9.0/24", "protocol": "PROTOCOL_TCP",
+                  "dst_ports": {"first": 22, "last": 22}}}}}
+    reply = json.loads(run(grpcurl, policyd_socket, "xlb.policy.v1.Policy/ApplyFirewallRule",
+                           data=json.dumps(rule)))
+    assert reply["spec"]["action"] == "FIREWALL_ACTION_ALLOW" and reply["generation"] == "1"
+    route = {"route": {"name": "lab", "spec": {"prefix": "198.20.0.0/16", "next_hops": [
+        {"gateway": "198.18.1.1"}, {"gateway": "198.18.2.1", "weight": 3}]}}}
+    reply = json.loads(run(grpcurl, policyd_socket, "xlb.policy.v1.Policy/ApplyRoute",
+                           data=json.dumps(route)))
+    assert [h["weight"] for h in reply["spec"]["next_hops"]] == [1, 3]
+    listed = json.loads(run(grpcurl, policyd_socket, "xlb.policy.v1.Policy/ListFirewallRules"))
+    assert listed["name"] == "allow-admin"
+    run(grpcurl, policyd_socket, "xlb.policy.v1.Policy/DeleteRoute", data='{"name":"lab"}')
+    out = run(grpcurl, policyd_socket, "describe", "xlb.policy.v1.NodeSyncStatus")
+    assert "repeated .xlb.policy.v1.ObjectError errors = 11;" in out
