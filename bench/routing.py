@@ -142,6 +142,14 @@ def neighbour_mac(i: int) -> str:
 
 
 @dataclass
+class RealRow:
+    routes: int
+    paths: int
+    to_stack: float  # xlb's fast path, redirect off (the kernel forwards)
+    redirect: float  # xlb's fast path, redirect on (bpf_fib_lookup + bpf_redirect)
+
+
+@dataclass
 class Row:
     routes: int
     paths: int
@@ -200,7 +208,7 @@ def _route(prefix: str, paths: int) -> Any:
     return RouteSpec(prefix, tuple(NextHopSpec(g, "", 1) for g in GATEWAYS[:paths]))
 
 
-def measure(repeat: int, changes: int) -> dict[str, Any]:
+def measure(repeat: int, changes: int, runs: int) -> dict[str, Any]:
     import ctypes
 
     from bcc import BPF
@@ -225,6 +233,8 @@ def measure(repeat: int, changes: int) -> dict[str, Any]:
 
     table = KernelRoutes()
     rows: list[Row] = []
+    real_rows: list[RealRow] = []
+    xlb = _XlbPath(ingress)
     bulk: dict[int, float] = {}
     latency: dict[int, dict[str, float]] = {}
     have = 0
@@ -245,12 +255,89 @@ def measure(repeat: int, changes: int) -> dict[str, Any]:
                 lpm_put(target, paths)
                 rows.append(Row(size, paths, _ns(fds["parse"], pkt, repeat),
                                 _ns(fds["fib"], pkt, repeat), _ns(fds["lpm"], pkt, repeat)))
+                real_rows.append(xlb.measure(size, paths, target_address(target), runs))
             latency[size] = _change_latency(table, fds["fib"], target, changes)
     finally:
         table.close()
         b.cleanup()
-    return {"rows": [r.__dict__ for r in rows], "bulk_put_us_per_route": bulk,
-            "change_latency_ms": latency}
+        xlb.close()
+    return {"rows": [r.__dict__ for r in rows], "real": [r.__dict__ for r in real_rows],
+            "bulk_put_us_per_route": bulk, "change_latency_ms": latency}
+
+
+class _XlbPath:
+    """xlb's own fast path (tc_packet_func) on an established NATed UDP flow whose
+    endpoint is in the measured route, with redirect off (handed to the stack) and on
+    (bpf_fib_lookup, TTL, MACs, bpf_redirect). A NATed packet is rewritten, so each run
+    is one BPF_PROG_TEST_RUN on a fresh copy (as bench.datapath_ns); the mean of the
+    kernel-measured durations."""
+
+    VIP = "198.19.255.10"
+
+    def __init__(self, ingress: int) -> None:
+        from dpd.loader import Settings
+        from dpd.node import Node
+
+        self.ingress = ingress
+        self.root = tempfile.mkdtemp(prefix="rtbench-")
+        self.settings = Settings(name="rtbench", bpf_root=self.root, max_services=16,
+                                 max_backends=64, ct_size=4096, redirect=False)
+        self.node = Node.load(self.settings, ct_aging_interval=0)
+        self.endpoint = ""
+
+    def _redirect(self, on: bool) -> None:
+        dp = self.node.dp
+        cfg, codec = dp.maps["cfg_map"], dp.abi.structs["xlb_cfg"].codec
+        value = codec.unpack(cfg.get(bytes(4)))
+        cfg.put(bytes(4), codec.pack(flags=dp.abi.const("XLB_CFG_REDIRECT") if on else 0,
+                                     build_id=value["build_id"]))
+
+    def _flow(self, endpoint: str) -> bytes:
+        """An established flow client:50000 -> VIP:53 NATed to endpoint:53."""
+        from scapy.layers.inet import IP, UDP
+        from scapy.layers.l2 import Ether
+
+        from dpd import bpfsys
+        from xlbcore.service import EndpointSpec, Proto, ServiceSpec
+
+        if endpoint != self.endpoint:
+            self.node.put_services([ServiceSpec(self.VIP, 53, Proto.UDP, endpoints=(
+                EndpointSpec(endpoint, 53),))])
+            self.node.flush_conntrack()
+            self.endpoint = endpoint
+            self._redirect(False)
+            bpfsys.prog_test_run(self.node.dp.fast_fd, _packet(self.VIP, 50000))
+            reply = bytes(Ether() / IP(src=endpoint, dst=CLIENT) / UDP(sport=53, dport=50000)
+                          / (b"x" * 64))
+            bpfsys.prog_test_run(self.node.dp.fast_fd, reply)
+            est = self.node.conntrack.states.est
+            if not any(e.state == est for e in self.node.list_conntrack()):
+                raise RuntimeError("the benchmark's UDP flow did not become established")
+        return _packet(self.VIP, 50000)
+
+    def measure(self, size: int, paths: int, endpoint: str, runs: int) -> RealRow:
+        from dpd import bpfsys
+
+        pkt = self._flow(endpoint)
+        fd = self.node.dp.fast_fd
+        out = []
+        for on, want in ((False, 0), (True, TC_ACT_REDIRECT)):
+            self._redirect(on)
+            total = 0
+            for _ in range(runs):
+                res = bpfsys.prog_test_run(fd, pkt, ingress_ifindex=self.ingress)
+                if res.retval != want:
+                    raise RuntimeError(f"xlb's verdict {res.retval}, expected {want}")
+                total += res.duration_ns
+            out.append(total / runs)
+        return RealRow(size, paths, out[0], out[1])
+
+    def close(self) -> None:
+        from dpd.node import cleanup
+
+        self.node.close()
+        cleanup(self.settings)
+        os.rmdir(self.root)
 
 
 def _change_latency(table: Any, fib_fd: int, target: int, changes: int) -> dict[str, float]:
@@ -310,6 +397,12 @@ def table_text(result: dict[str, Any], repeat: int) -> str:
         lines.append(f"| {r['routes']:,} | {r['paths']} | {r['parse']:.0f} | {r['fib']:.0f} | "
                      f"{r['lpm']:.0f} | {r['fib'] - r['parse']:.0f} | "
                      f"{r['lpm'] - r['parse']:.0f} |")
+    lines += ["", "xlb's fast path (tc_packet_func), an established NATed UDP flow, ns/packet "
+              "(mean of single runs)", "| routes | next hops | redirect off (to the stack) | "
+              "redirect on (bpf_fib_lookup) | difference |", "|---:|---:|---:|---:|---:|"]
+    for r in result["real"]:
+        lines.append(f"| {r['routes']:,} | {r['paths']} | {r['to_stack']:.0f} | "
+                     f"{r['redirect']:.0f} | {r['redirect'] - r['to_stack']:.0f} |")
     lines += ["", "route change through dpd (PutRoutes over gRPC -> FIB -> bpf_fib_lookup sees "
               "the new next hop), ms", "| routes present | p50 | p99 | max | bulk put, us/route |",
               "|---:|---:|---:|---:|---:|"]
@@ -324,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=200_000)
     p.add_argument("--changes", type=int, default=200)
+    p.add_argument("--runs", type=int, default=20_000,
+                   help="single runs per figure of xlb's own fast path")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -331,13 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         from xlbcore.logs import configure_logging
 
         configure_logging("kv", "warning")
-        sys.stdout.write(json.dumps(measure(args.repeat, args.changes)) + "\n")
+        sys.stdout.write(json.dumps(measure(args.repeat, args.changes, args.runs)) + "\n")
         return 0
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
         res = subprocess.run(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "bench.routing", "--inner",
-             "--repeat", str(args.repeat), "--changes", str(args.changes)],
+             "--repeat", str(args.repeat), "--changes", str(args.changes),
+             "--runs", str(args.runs)],
             capture_output=True, text=True, timeout=1800)
         if res.returncode != 0:
             sys.stderr.write(res.stderr[-4000:])
