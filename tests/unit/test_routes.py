@@ -3,6 +3,7 @@ the API over a node of in-memory maps, `--attach auto`'s choice of interfaces.""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 
 from dpd.autoattach import eligible
 from dpd.routes import MemoryRoutes, same_route
+from dpd.rtnl import Hop, route_body
+from dpd.rtnl import parse_route as rtnl_parse
 from tests.unit.conftest import MemoryDatapathServicer
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc
@@ -188,3 +191,19 @@ def test_api_unreachable_is_failed_precondition(dpd) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "routes[1]: next hop 198.18.9.1 is unreachable" in err.value.details()
     assert servicer.node.routes.specs() == []
+
+
+@pytest.mark.parametrize(("family", "prefix", "hops"), [
+    (socket.AF_INET, "198.19.0.0/16", (Hop("198.18.1.1", 3, 1),)),
+    (socket.AF_INET, "0.0.0.0/0", (Hop("", 7, 1),)),
+    (socket.AF_INET, "198.19.5.0/24", (Hop("198.18.1.1", 2, 7), Hop("198.18.2.1", 0, 1))),
+    (socket.AF_INET6, "2001:db8:5::/48", (Hop("2001:db8:1::2", 4, 256),
+                                          Hop("2001:db8:2::2", 5, 2))),
+])
+def test_rtnl_route_messages_round_trip(family: int, prefix: str,
+                                        hops: tuple[Hop, ...]) -> None:
+    body = route_body(family, prefix, 254, 200, 0, hops, priority=1024)
+    got = rtnl_parse(body, 0, len(body))
+    assert (got.family, got.prefix, got.proto, got.table, got.priority) == (
+        family, prefix, 200, 254, 1024)
+    assert got.hops == hops
