@@ -139,3 +139,21 @@ def test_route_a_node_cannot_reach_is_error_there_with_the_reason(cluster):
                                       timeout=5).generation
     for name in cluster.nodes:
         cluster.wait_state(name, SYNCED, generation=gen)
+
+
+def test_node_rebuilt_with_wiped_pins_gets_its_rules_back_without_any_call(cluster):
+    apply_web(cluster)
+    rule = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()),
+                                            timeout=5)
+    cluster.wait_state("node1", SYNCED, generation=rule.generation)
+    dpd = cluster.nodes["node1"]
+    dpd.kill()
+    dpd.wipe_pins()
+    dpd.start()
+    assert node_rules(cluster, "node1") == []  # a new, empty firewall table
+    # no call to policyd or dpd: the drift check sees a new dpd instance and refills it
+    wait_until(lambda: node_rules(cluster, "node1") == ["block-web"], timeout=20,
+               what="the rule back on node1")
+    cluster.wait_state("node1", SYNCED, generation=rule.generation)
+    seen = run_tcp_who(cluster.topos[0], VIP, 80, count=2, timeout=1.0)
+    assert seen.get("errors") == 2, seen
