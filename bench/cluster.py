@@ -92,6 +92,7 @@ class Row:
     rest_cpu_pct: float = 0.0
     rest_rss_mib: float = 0.0
     apply_cpu_s: float = 0.0
+    apply_dpd_cpu_s_per_node: float = 0.0  # dpd processes' CPU during the 10k apply / nodes
     dpd_rss_mib_per_node: float = 0.0
     killed: int = 0
     healthy_change_ms: float = 0.0
@@ -207,6 +208,9 @@ class Cluster:
     def dpd_rss(self) -> float:
         return sum(rss_mb(p.pid) for p in self.procs.values())
 
+    def dpd_cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs.values())
+
 
 def wait_all(client: PolicyClient, names: list[str], generation: int, timeout: float,
              poll: float = 0.002) -> float:
@@ -255,14 +259,17 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
 
         # 10k applied -> all SYNCED
         cpu0 = cpu_seconds(policyd.pid)
+        dpd0 = cluster.dpd_cpu()
         t0 = time.monotonic()
         reply = client.apply_services(services)
         gen = max(s.generation for s in reply.services)
         wait_all(client, names, gen, 600, poll=0.02)
         row.apply_s = round(time.monotonic() - t0, 3)
         row.apply_cpu_s = round(cpu_seconds(policyd.pid) - cpu0, 2)
+        row.apply_dpd_cpu_s_per_node = round((cluster.dpd_cpu() - dpd0) / n, 3)
         say(f"  {n} nodes: 10k applied -> all SYNCED in {row.apply_s:.2f} s "
-              f"(policyd CPU {row.apply_cpu_s:.1f} s)", flush=True)
+              f"(policyd CPU {row.apply_cpu_s:.1f} s, dpd CPU "
+              f"{row.apply_dpd_cpu_s_per_node:.2f} s per node)", flush=True)
         time.sleep(1.0)
 
         # one change -> all SYNCED
