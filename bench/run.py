@@ -65,6 +65,7 @@ class Config:
     warmup: bool = True
     ns_runs: int = 1_000_000  # BPF_PROG_TEST_RUN runs per per-packet figure
     ns_services: list[int] = field(default_factory=lambda: [1, 1000, 10_000, 100_000])
+    fw_rules: list[int] = field(default_factory=lambda: [10, 1000, 10_000])
     ct_counts: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
     changes: int = 200  # service changes timed for the change latency
     mem_counts: list[int] = field(default_factory=lambda: [10_000, 100_000])
@@ -312,6 +313,7 @@ def _config(args: argparse.Namespace) -> Config:
         warmup=not quick,
         ns_runs=20_000 if quick else 1_000_000,
         ns_services=[1, 10_000] if quick else [1, 1000, 10_000, 100_000],
+        fw_rules=[10, 1000] if quick else [10, 1000, 10_000],
         ct_counts=[100_000] if quick else [100_000, 1_000_000],
         changes=10 if quick else 200,
         mem_counts=[1_000] if quick else [0, 10_000, 100_000],
@@ -396,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             xlb_extra = xlb_report.run_in_topology(topo, backends, cfg.changes, cfg.others,
                                                    cfg.mem_counts)
     if "xlb" in cfg.targets and not args.no_xlb_extra:
-        xlb_extra.update(xlb_report.run_datapath(cfg.ns_services, cfg.ns_runs, cfg.ct_counts))
+        xlb_extra.update(xlb_report.run_datapath(cfg.ns_services, cfg.ns_runs, cfg.ct_counts,
+                                                 cfg.fw_rules, 20_000 if cfg.quick else 100_000))
     elapsed = time.monotonic() - started
     summary = summarize(samples, cp, cfg)
     result = {

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from bench import datapath_ns, xlb_phases
+from bench import datapath_ns, firewall, xlb_phases
 from bench.services import Endpoint
 from lab.topology import Topology
 
@@ -40,11 +40,18 @@ def run_in_topology(topo: Topology, backends: list[Endpoint], changes: int, fill
     return out
 
 
-def run_datapath(ns_services: list[int], ns_runs: int, ct_counts: list[int]) -> dict[str, Any]:
+def run_datapath(ns_services: list[int], ns_runs: int, ct_counts: list[int],
+                 fw_rules: list[int] | None = None, fw_packets: int = 100_000) -> dict[str, Any]:
     rows = datapath_ns.measure(ns_services, ns_runs)
     ct = datapath_ns.conntrack_scale(ct_counts, ns_runs) if ct_counts else []
-    return {"per_packet_ns": [r.__dict__ for r in rows], "per_packet_runs": ns_runs,
-            "conntrack": ct}
+    out: dict[str, Any] = {"per_packet_ns": [r.__dict__ for r in rows],
+                           "per_packet_runs": ns_runs, "conntrack": ct}
+    if fw_rules:
+        fw = firewall.xlb([0, *fw_rules], ns_runs)
+        nf = firewall.netfilter(fw_rules, fw_packets, rounds=3)
+        out["firewall"] = {"xlb": [r.__dict__ for r in fw], "netfilter": nf,
+                           "packets": fw_packets}
+    return out
 
 
 def tables(x: dict[str, Any]) -> str:
@@ -55,6 +62,13 @@ def tables(x: dict[str, Any]) -> str:
                      f"runs)\n{datapath_ns.table(rows)}")
     if x.get("conntrack"):
         parts.append(datapath_ns.ct_table(x["conntrack"]))
+    if x.get("firewall"):
+        fw = x["firewall"]
+        rows_fw = [firewall.XlbRow(**r) for r in fw["xlb"]]
+        nf = {k: {int(n): v for n, v in cells.items()} for k, cells in fw["netfilter"].items()}
+        parts.append("firewall: ns per packet against rules (xlb: BPF_PROG_TEST_RUN; "
+                     "iptables/nftables: what the rules add to a real forwarded packet, "
+                     f"median of 3 rounds of {fw['packets']:,})\n" + firewall.table(rows_fw, nf))
     if x.get("change_latency_ms"):
         lines = [f"one service change, API call -> first connection through it "
                  f"(node holding {x['change_latency_fillers']:,} services)",
