@@ -7,7 +7,7 @@
     xlbctl service apply-file FILE.json     # many services in one call (FILE - : stdin)
     xlbctl firewall apply --name no-telnet --priority 100 --action drop \
         --protocol tcp --dst 198.19.0.0/16 --dst-ports 23 [--src P] [--src-ports 1-1023] \
-        [--in-interface eth0] [--redirect-interface eth1]
+        [--in-interface eth0] [--redirect-interface eth1] [--flush-existing]
     xlbctl firewall list | get NAME | delete NAME [NAME...]
     xlbctl route apply --name via-a --prefix 198.19.0.0/16 \
         --next-hop 198.18.1.1 --next-hop 198.18.2.1,dev=eth2,weight=3 [--next-hop dev=eth3]
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--dst-ports", default="", metavar="PORT|FIRST-LAST")
     rule.add_argument("--in-interface", default="", help="ingress interface (checked per node)")
     rule.add_argument("--redirect-interface", default="", help="for --action redirect")
+    rule.add_argument("--flush-existing", action="store_true",
+                      help="when a node takes the rule, also end the established flows its "
+                           "new rule set drops (otherwise: new flows only)")
     fw.add_parser("delete", help="delete rules (several: atomically)").add_argument(
         "name", nargs="+")
     fw.add_parser("get", help="show a rule").add_argument("name")
@@ -299,7 +302,8 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
             rule = make_rule(args.name, args.action, args.priority, src=args.src, dst=args.dst,
                              protocol=args.protocol, src_ports=args.src_ports,
                              dst_ports=args.dst_ports, in_interface=args.in_interface,
-                             redirect_interface=args.redirect_interface)
+                             redirect_interface=args.redirect_interface,
+                             flush_existing=args.flush_existing)
             _print(_json(client.apply_rule(rule)))
         elif args.verb == "delete":
             _print(_delete(args.name, client.delete_rule, client.delete_rules))

@@ -108,6 +108,7 @@ def make_rule(
     dst_ports: str = "",
     in_interface: str = "",
     redirect_interface: str = "",
+    flush_existing: bool = False,
 ) -> policy_pb2.FirewallRule:
     if action.lower() not in ACTIONS:
         raise ValueError(f"action {quote(action)}: use one of {', '.join(ACTIONS)}")
@@ -122,7 +123,7 @@ def make_rule(
     spec = types_pb2.FirewallRuleSpec(priority=priority, match=match,
                                       action=ACTIONS[action.lower()],
                                       redirect_interface=redirect_interface)
-    return policy_pb2.FirewallRule(name=name, spec=spec)
+    return policy_pb2.FirewallRule(name=name, spec=spec, flush_existing=flush_existing)
 
 
 def parse_next_hop(text: str) -> types_pb2.NextHop:

@@ -53,6 +53,7 @@ def _fill_object(msg: Any, stored: StoredObject[Any], fill: Any) -> Any:
 
 def fill_rule_proto(msg: policy_pb2.FirewallRule, stored: StoredRule) -> policy_pb2.FirewallRule:
     """Write `stored` into an empty xlb.policy.v1.FirewallRule."""
+    msg.flush_existing = stored.flush
     return cast(policy_pb2.FirewallRule, _fill_object(msg, stored, fill_rule))
 
 

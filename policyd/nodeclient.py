@@ -302,8 +302,10 @@ class NodeClient:
     # firewall rules (keyed by name) and routes (keyed by prefix): one call per batch,
     # as dpd restages its rule set per call; refusals are the caller's to sort out
 
-    def put_rules(self, rules: Sequence[tuple[str, RuleSpec]]) -> Any:
-        request = datapath_pb2.PutFirewallRulesRequest()
+    def put_rules(self, rules: Sequence[tuple[str, RuleSpec]], flush: bool = False) -> Any:
+        """PutFirewallRules; `flush`: also end the established flows the node's new rule
+        set drops."""
+        request = datapath_pb2.PutFirewallRulesRequest(flush_existing=flush)
         for name, spec in rules:
             fill_rule(request.rules.add(name=name).spec, spec)
         return self.stub.PutFirewallRules(request, timeout=self.timeout)

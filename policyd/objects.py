@@ -36,7 +36,7 @@ import structlog
 
 from policyd.nodeclient import NodeClient, TableState, describe_error
 from policyd.status import ObjectError
-from policyd.store import ObjectChanges, Store
+from policyd.store import Desired, ObjectChanges, Store
 from xlbcore.firewall import RuleSpec
 from xlbcore.route import RouteSpec
 
@@ -55,8 +55,8 @@ class Kind(Generic[S]):
     table: str  # GetSummary's table name
     digest: bool  # the summary's digest shows drift (routes: edits made outside dpd)
     changed: Callable[[Store, int], ObjectChanges[S] | None]
-    desired: Callable[[Store], tuple[int, Mapping[str, S], Mapping[str, str]]]
-    put: Callable[[NodeClient, list[tuple[str, S]]], Any]
+    desired: Callable[[Store], Desired[S]]
+    put: Callable[[NodeClient, list[tuple[str, S]], bool], Any]  # (node, items, flush)
     delete: Callable[[NodeClient, list[str]], Any]
     list: Callable[[NodeClient], dict[str, S | None]]
 
@@ -65,7 +65,8 @@ RULES: Kind[RuleSpec] = Kind("firewall_rule", "firewall", False, Store.changed_r
                              Store.desired_rules, NodeClient.put_rules,
                              NodeClient.delete_rules, NodeClient.list_rules)
 ROUTES: Kind[RouteSpec] = Kind("route", "routes", True, Store.changed_routes,
-                               Store.desired_routes, NodeClient.put_routes,
+                               Store.desired_routes,
+                               lambda node, routes, _flush: node.put_routes(routes),
                                NodeClient.delete_routes, NodeClient.list_routes)
 
 
@@ -190,15 +191,18 @@ class ObjectSync(Generic[S]):
             self._log.warning("node.object_refused", name=error.name, error=error.message)
         self.refused[key] = error
 
-    def _put(self, items: list[tuple[str, S]], names: Mapping[str, str], w: Writes) -> None:
-        """Put `items`; an item the node refuses is recorded and the rest sent again."""
+    def _put(self, items: list[tuple[str, S]], names: Mapping[str, str], w: Writes,
+             flush: frozenset[str] = frozenset()) -> None:
+        """Put `items`; an item the node refuses is recorded and the rest sent again. A
+        call carries flush_existing when one of its items' objects asks for it."""
         pending = list(items)
         one_by_one = False
         while pending:
             batch = pending[:1] if one_by_one else pending
             try:
                 w.calls += 1
-                reply = self.kind.put(self._node, batch)
+                reply = self.kind.put(self._node, batch,
+                                      bool(flush) and any(k in flush for k, _ in batch))
             except grpc.RpcError as exc:
                 refused, index = refused_item(exc)
                 if not refused:
@@ -236,18 +240,19 @@ class ObjectSync(Generic[S]):
         """Write what changed in the store after `since`: O(changed)."""
         changes = self.kind.changed(self._store, since)
         if changes is None:  # the change log does not reach back: compare everything
-            _, desired, names = self.kind.desired(self._store)
-            keys: Iterable[str] = set(desired) | set(self.known or ()) | set(self.refused)
-            specs: Mapping[str, S | None] = desired
+            every = self.kind.desired(self._store)
+            keys: Iterable[str] = set(every.specs) | set(self.known or ()) | set(self.refused)
+            specs: Mapping[str, S | None] = every.specs
+            names, flush = every.names, every.flush
         else:
-            keys, specs, names = changes.specs, changes.specs, changes.names
+            keys, specs, names, flush = changes.specs, changes.specs, changes.names, changes.flush
         for key in keys:
             if specs.get(key) is None:
                 self.refused.pop(key, None)  # no longer desired: nothing to report
         puts, deletes = plan(keys, specs, self.known)
         w = Writes()
         self._delete(deletes, w)
-        self._put(puts, names, w)
+        self._put(puts, names, w, flush)
         return w
 
     def retry_refused(self) -> Writes:
@@ -256,13 +261,13 @@ class ObjectSync(Generic[S]):
         w = Writes()
         if not self.refused:
             return w
-        _, desired, names = self.kind.desired(self._store)
+        every = self.kind.desired(self._store)
         for key in list(self.refused):
-            spec = desired.get(key)
+            spec = every.specs.get(key)
             if spec is None:
                 del self.refused[key]
             else:
-                self._put([(key, spec)], names, w)
+                self._put([(key, spec)], every.names, w, every.flush)
         return w
 
     def read_back(self) -> Writes | None:
@@ -280,16 +285,16 @@ class ObjectSync(Generic[S]):
         self._ident = None  # take the table as it is now: the baseline
         self.observe(tables)
         actual = self.kind.list(self._node)
-        _, desired, names = self.kind.desired(self._store)
+        every = self.kind.desired(self._store)
         self.known = dict(actual)
         self.refused = {}
         self.need_read = False
         self.synced = True
-        keys = set(desired) | set(actual)
-        puts, deletes = plan(keys, desired, self.known)
+        keys = set(every.specs) | set(actual)
+        puts, deletes = plan(keys, every.specs, self.known)
         w = Writes()
         self._delete(deletes, w)
-        self._put(puts, names, w)
+        self._put(puts, every.names, w, every.flush)
         return w
 
     @property

@@ -117,7 +117,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyFirewallRuleRequest, context: grpc.ServicerContext
     ) -> policy_pb2.FirewallRule:
         name, spec = validate_rule(request.rule)
-        result = self._store.apply_rules([(name, spec)], field="")
+        flush = [name] if request.rule.flush_existing else []
+        result = self._store.apply_rules([(name, spec)], field="", flush=flush)
         if result.changed:
             self._reconciler.wake_all()
             log.info("firewall_rule.applied", name=name, action=spec.action.name.lower(),
@@ -129,7 +130,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyFirewallRulesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyFirewallRulesResponse:
         items = validate_rules(request.rules)
-        result = self._store.apply_rules(items)
+        result = self._store.apply_rules(
+            items, flush={r.name for r in request.rules if r.flush_existing})
         if result.changed:
             self._reconciler.wake_all()
             log.info("firewall_rules.applied", rules=len(items), changed=result.changed,

@@ -33,7 +33,7 @@ import bisect
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +70,16 @@ CREATE TABLE IF NOT EXISTS firewall_rules (
     name           TEXT PRIMARY KEY,
     spec           BLOB NOT NULL,      -- canonical xlb.types.v1.FirewallRuleSpec
     generation     INTEGER NOT NULL,
-    update_time_ns INTEGER NOT NULL
+    update_time_ns INTEGER NOT NULL,
+    flush          INTEGER NOT NULL DEFAULT 0  -- FirewallRule.flush_existing
 );
 CREATE TABLE IF NOT EXISTS routes (
     name           TEXT PRIMARY KEY,
     prefix         TEXT NOT NULL UNIQUE,  -- canonical
     spec           BLOB NOT NULL,         -- canonical xlb.types.v1.RouteSpec
     generation     INTEGER NOT NULL,
-    update_time_ns INTEGER NOT NULL
+    update_time_ns INTEGER NOT NULL,
+    flush          INTEGER NOT NULL DEFAULT 0  -- unused: routes have no flows to end
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name             TEXT PRIMARY KEY,
@@ -180,6 +182,7 @@ class StoredObject(Generic[S]):
     spec: S
     generation: int
     update_time_ns: int
+    flush: bool = False  # rules: FirewallRule.flush_existing
     blob: bytes = field(default=b"", compare=False, repr=False)  # the canonical spec bytes
 
 
@@ -205,6 +208,17 @@ class ObjectChanges(Generic[S]):
     specs: dict[str, S | None]
     names: dict[str, str]  # node key -> object name, for the keys still desired
     count: int  # objects desired now
+    flush: frozenset[str] = frozenset()  # the keys whose object asks for flush_existing
+
+
+@dataclass(frozen=True)
+class Desired(Generic[S]):
+    """Every object of a kind, read atomically: by node key, with their names."""
+
+    generation: int
+    specs: Mapping[str, S]
+    names: Mapping[str, str]  # node key -> object name
+    flush: frozenset[str]  # the keys whose object asks for flush_existing
 
 
 class _Objects(Generic[S]):
@@ -222,6 +236,7 @@ class _Objects(Generic[S]):
         self.node_key: Callable[[str, S], str] = node_key
         self.objects: dict[str, StoredObject[S]] = {}
         self.holders: dict[str, str] = {}  # node key -> name
+        self.flushing: set[str] = set()  # node keys of the objects with flush set
         self.log = ChangeLog(floor)
         self._desired: Mapping[str, S] | None = None
 
@@ -231,33 +246,34 @@ class _Objects(Generic[S]):
     def decode(self, blob: bytes) -> S:
         return self._parse(self._message.FromString(blob))
 
-    def load(self, rows: list[tuple[str, bytes, int, int]]) -> None:
-        for name, blob, generation, update_ns in rows:
-            obj = StoredObject(name, self.decode(blob), int(generation), int(update_ns), blob)
+    def load(self, rows: list[tuple[str, bytes, int, int, int]]) -> None:
+        for name, blob, generation, update_ns, flush in rows:
+            obj = StoredObject(name, self.decode(blob), int(generation), int(update_ns),
+                               bool(flush), blob)
             self.objects[name] = obj
-            self.holders[self.node_key(name, obj.spec)] = name
+            key = self.node_key(name, obj.spec)
+            self.holders[key] = name
+            if obj.flush:
+                self.flushing.add(key)
 
-    def committed(self, generation: int, now: int, written: list[tuple[str, S, bytes]],
-                  deleted: Sequence[str]) -> None:
+    def committed(self, generation: int, now: int,
+                  written: list[tuple[str, S, bytes, bool]], deleted: Sequence[str]) -> None:
         touched: list[str] = []
-        for name in deleted:
-            old = self.objects.pop(name)
-            key = self.node_key(name, old.spec)
-            touched.append(key)
-            if self.holders.get(key) == name:
-                del self.holders[key]
-        for name, _spec, _blob in written:
-            was = self.objects.get(name)
+        for name in [*deleted, *(w[0] for w in written)]:
+            was = self.objects.pop(name, None)
             if was is not None:
                 key = self.node_key(name, was.spec)
                 touched.append(key)
                 if self.holders.get(key) == name:
                     del self.holders[key]
-        for name, spec, blob in written:
+                    self.flushing.discard(key)
+        for name, spec, blob, flush in written:
             key = self.node_key(name, spec)
             touched.append(key)
-            self.objects[name] = StoredObject(name, spec, generation, now, blob)
+            self.objects[name] = StoredObject(name, spec, generation, now, flush, blob)
             self.holders[key] = name
+            if flush:
+                self.flushing.add(key)
         self.log.add(generation, touched)
         self._desired = None
 
@@ -268,6 +284,9 @@ class _Objects(Generic[S]):
             self._desired = MappingProxyType(
                 {key: objects[name].spec for key, name in self.holders.items()})
         return self._desired
+
+    def everything(self, generation: int) -> Desired[S]:
+        return Desired(generation, self.desired(), dict(self.holders), frozenset(self.flushing))
 
     def changes(self, since: int, generation: int) -> ObjectChanges[S] | None:
         keys = self.log.since(since)
@@ -282,7 +301,8 @@ class _Objects(Generic[S]):
             else:
                 specs[k] = self.objects[name].spec
                 names[k] = name
-        return ObjectChanges(generation, specs, names, len(self.holders))
+        return ObjectChanges(generation, specs, names, len(self.holders),
+                             frozenset(k for k in specs if k in self.flushing))
 
 
 def _rule_key(name: str, spec: RuleSpec) -> str:
@@ -317,6 +337,11 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
+            for table in ("firewall_rules", "routes"):  # stores from before the column
+                columns = {r[1] for r in cur.execute(f"PRAGMA table_info({table})")}
+                if "flush" not in columns:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN flush INTEGER NOT NULL"
+                                " DEFAULT 0")
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._closed = False
         # In-memory copy of the services table (see the module docstring).
@@ -342,7 +367,7 @@ class Store:
             self._generation)
         for objects in (self._rules, self._routes):
             objects.load(self._conn.execute(
-                f"SELECT name, spec, generation, update_time_ns FROM {objects.table}"
+                f"SELECT name, spec, generation, update_time_ns, flush FROM {objects.table}"
             ).fetchall())
 
     # -- plumbing -----------------------------------------------------------------
@@ -567,12 +592,12 @@ class Store:
 
     # -- firewall rules and routes ---------------------------------------------------
 
-    def apply_rules(self, items: Sequence[tuple[str, RuleSpec]], *,
-                    field: str = "rules") -> ObjectBatch[RuleSpec]:
+    def apply_rules(self, items: Sequence[tuple[str, RuleSpec]], *, field: str = "rules",
+                    flush: Collection[str] = ()) -> ObjectBatch[RuleSpec]:
         """Create or replace every (name, spec) of `items` (names unique), all or nothing,
         at one new generation; unchanged rules keep theirs, and nothing changed bumps
-        nothing."""
-        return self._apply(self._rules, items, field)
+        nothing. `flush`: the names whose rule has flush_existing set."""
+        return self._apply(self._rules, items, field, flush)
 
     def delete_rules(self, names: Sequence[str]) -> ObjectBatch[RuleSpec]:
         """Delete every rule of `names` at one new generation; NotFoundError, deleting
@@ -589,7 +614,7 @@ class Store:
                      field: str = "routes") -> ObjectBatch[RouteSpec]:
         """As ``apply_rules``; a prefix that a stored route not in `items` holds raises
         ConflictError naming ``field[i]``."""
-        return self._apply(self._routes, items, field)
+        return self._apply(self._routes, items, field, ())
 
     def delete_routes(self, names: Sequence[str]) -> ObjectBatch[RouteSpec]:
         return self._delete(self._routes, names)
@@ -611,18 +636,18 @@ class Store:
         with self._lock:
             return self._routes.changes(generation, self._generation)
 
-    def desired_rules(self) -> tuple[int, Mapping[str, RuleSpec], Mapping[str, str]]:
-        """(generation, {name: spec}, {name: name}) of every rule, read atomically."""
+    def desired_rules(self) -> Desired[RuleSpec]:
+        """Every rule by name, read atomically."""
         with self._lock:
-            return self._generation, self._rules.desired(), dict(self._rules.holders)
+            return self._rules.everything(self._generation)
 
-    def desired_routes(self) -> tuple[int, Mapping[str, RouteSpec], Mapping[str, str]]:
-        """(generation, {prefix: spec}, {prefix: route name}), read atomically."""
+    def desired_routes(self) -> Desired[RouteSpec]:
+        """Every route by prefix (as a node keys them), read atomically."""
         with self._lock:
-            return self._generation, self._routes.desired(), dict(self._routes.holders)
+            return self._routes.everything(self._generation)
 
     def _apply(self, objects: _Objects[S], items: Sequence[tuple[str, S]],
-               field: str) -> ObjectBatch[S]:
+               field: str, flush: Collection[str]) -> ObjectBatch[S]:
         names = {name for name, _ in items}
         keys = [objects.node_key(name, spec) for name, spec in items]
         if len(names) != len(items) or len(set(keys)) != len(items):
@@ -631,7 +656,8 @@ class Store:
             changed: list[int] = []
             for i, (name, spec) in enumerate(items):
                 current = objects.objects.get(name)
-                if current is not None and current.spec == spec:
+                if (current is not None and current.spec == spec
+                        and current.flush == (name in flush)):
                     continue
                 holder = objects.holders.get(keys[i])
                 if holder is not None and holder != name and holder not in names:
@@ -644,22 +670,23 @@ class Store:
                 return ObjectBatch([objects.objects[name] for name, _ in items],
                                    self._generation, 0)
             now = time.time_ns()
-            written = [(items[i][0], items[i][1], objects.encode(items[i][1])) for i in changed]
+            written = [(items[i][0], items[i][1], objects.encode(items[i][1]),
+                        items[i][0] in flush) for i in changed]
             with self._tx() as cur:
                 generation = self._bump(cur)
                 cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
-                                [(name,) for name, _, _ in written])
+                                [(w[0],) for w in written])
                 if objects is self._routes:
                     cur.executemany(
                         "INSERT INTO routes (name, prefix, spec, generation, update_time_ns)"
                         " VALUES (?, ?, ?, ?, ?)",
-                        [(n, keys[i], b, generation, now)
-                         for i, (n, _, b) in zip(changed, written, strict=True)])
+                        [(w[0], keys[i], w[2], generation, now)
+                         for i, w in zip(changed, written, strict=True)])
                 else:
                     cur.executemany(
-                        f"INSERT INTO {objects.table} (name, spec, generation, update_time_ns)"
-                        " VALUES (?, ?, ?, ?)",
-                        [(n, b, generation, now) for n, _, b in written])
+                        f"INSERT INTO {objects.table}"
+                        " (name, spec, generation, update_time_ns, flush) VALUES (?, ?, ?, ?, ?)",
+                        [(w[0], w[2], generation, now, int(w[3])) for w in written])
             objects.committed(generation, now, written, ())
             self._generation = generation
             return ObjectBatch([objects.objects[name] for name, _ in items], generation,

@@ -65,6 +65,7 @@ class MemoryDatapathServicer(DatapathServicer):
                                       "PutRoutes": 0, "DeleteRoutes": 0, "ListRoutes": 0}
         # (method, rule names or route prefixes) of every rule and route write, in order
         self.writes: list[tuple[str, list[str]]] = []
+        self.flushing: list[list[str]] = []  # rule writes that asked for flush_existing
         self.gate = threading.Event()
         self.gate.set()
 
@@ -91,13 +92,15 @@ class MemoryDatapathServicer(DatapathServicer):
         self._count("GetSummary")
         return cast(datapath_pb2.GetSummaryResponse, super().GetSummary(request, context))
 
-    def _wrote(self, method: str, items: list[str]) -> None:
+    def _wrote(self, method: str, items: list[str], flush: bool = False) -> None:
         with self.lock:
             self.calls[method] += 1
             self.writes.append((method, items))
+            if flush:
+                self.flushing.append(items)
 
     def PutFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
-        self._wrote("PutFirewallRules", [r.name for r in request.rules])
+        self._wrote("PutFirewallRules", [r.name for r in request.rules], request.flush_existing)
         return super().PutFirewallRules(request, context)
 
     def DeleteFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802

@@ -51,6 +51,20 @@ def test_rules_batch_is_one_generation_and_survives_reopen(store, tmp_path):
         assert reopened.generation == 2
 
 
+def test_flush_existing_is_stored_and_reported_with_the_changes(store, tmp_path):
+    store.apply_rules([("a", rule_spec()), ("b", rule_spec())], flush={"b"})
+    assert (store.get_rule("a").flush, store.get_rule("b").flush) == (False, True)
+    changes = store.changed_rules(0)
+    assert changes is not None and changes.flush == frozenset({"b"})
+    assert store.desired_rules().flush == frozenset({"b"})
+    flipped = store.apply_rules([("b", rule_spec())])  # only the flag: a change
+    assert flipped.changed == 1 and not store.get_rule("b").flush
+    store.apply_rules([("a", rule_spec())], flush={"a"})
+    store.close()
+    with Store(tmp_path / "state.db") as reopened:
+        assert reopened.get_rule("a").flush and reopened.desired_rules().flush == {"a"}
+
+
 def test_delete_rules_all_or_nothing(store):
     store.apply_rules([("a", rule_spec()), ("b", rule_spec())])
     with pytest.raises(NotFoundError, match="firewall rule 'zz' not found"):

@@ -213,3 +213,24 @@ def test_a_rule_naming_a_missing_interface_is_an_error(wait_for, policyd, fake_n
     fixed = client.apply_rule(make_rule("from-eth9", "drop", 300, in_interface="eth1"))
     wait_for(lambda: synced(client, "node-a", fixed.generation), what="synced")
     assert rules_on(node)["from-eth9"].match.in_interface == "eth1"
+
+
+def test_a_rule_with_flush_existing_is_put_with_flush(wait_for, policyd, fake_node, client_for):
+    node = fake_node("a").start()
+    client = client_for(policyd())
+    client.register_node("node-a", node.address)
+    first = client.apply_rules(RULES)
+    wait_for(lambda: synced(client, "node-a", first.generation), what="synced")
+    assert node.datapath.flushing == []
+    cut = client.apply_rule(make_rule("cut-ssh", "drop", 300, protocol="tcp", dst_ports="22",
+                                      flush_existing=True))
+    assert cut.flush_existing
+    wait_for(lambda: synced(client, "node-a", cut.generation), what="synced")
+    assert node.datapath.flushing == [["cut-ssh"]]
+    # only the flag changes: stored, no node change
+    quiet = client.apply_rule(make_rule("cut-ssh", "drop", 300, protocol="tcp",
+                                        dst_ports="22"))
+    assert quiet.generation > cut.generation and not quiet.flush_existing
+    wait_for(lambda: synced(client, "node-a", quiet.generation), what="synced")
+    assert writes(node, "PutFirewallRules")[-1] == ["cut-ssh"]
+    assert len(node.datapath.flushing) == 1
