@@ -6,7 +6,10 @@ client --- lb node (xlb-dpd: TC eBPF) --- backends be1..beN
 
 A TCP service on a VIP is applied to policyd, which reconciles it onto the node; the
 client then opens connections to the VIP and the result is shown: which backend answered
-each request, and the datapath's per-endpoint counters. Everything is removed at the end.
+each request, and the datapath's per-endpoint counters. Then two firewall rules go
+through policyd: the client network is blocked from the web service except one client (a
+higher priority allow); the allowed and the blocked client are shown with the rules'
+counters. Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -48,6 +51,47 @@ def wait_synced(policy: pgrpc.PolicyStub, node: str, timeout: float = 30.0) -> p
         if time.monotonic() > end:
             raise TimeoutError(f"node {node} not synced: {st}")
         time.sleep(0.1)
+
+
+GUEST = "198.18.0.3"  # a second client address, blocked by the demo's firewall rules
+
+
+def firewall_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.DatapathStub,
+                  requests: int) -> bool:
+    """Two firewall rules through policyd: the client network may not reach the web
+    service, except the client 198.18.0.2 (a higher priority allow). Shows the allowed
+    and the blocked client, and the rules' counters on the node."""
+    topo.run(topo.client_ns, ["ip", "addr", "add", f"{GUEST}/24", "dev", topo.client_iface])
+
+    def rule(name: str, priority: int, src: str,
+             action: tpb.FirewallAction.ValueType) -> ppb.FirewallRule:
+        return ppb.FirewallRule(name=name, spec=tpb.FirewallRuleSpec(
+            priority=priority, action=action, match=tpb.FirewallMatch(
+                src=src, dst=f"{VIP}/32", protocol=tpb.PROTOCOL_TCP,
+                dst_ports=tpb.PortRange(first=80, last=80))))
+
+    applied = policy.ApplyFirewallRules(ppb.ApplyFirewallRulesRequest(rules=[
+        rule("web-clients-drop", 10, "198.18.0.0/24", tpb.FIREWALL_ACTION_DROP),
+        rule("web-admin-allow", 20, f"{topo.client_ip}/32", tpb.FIREWALL_ACTION_ALLOW),
+    ]), timeout=5)
+    out(f"applied firewall rules at generation {applied.generation}: web-clients-drop "
+        f"(priority 10: TCP from 198.18.0.0/24 to {VIP}:80), web-admin-allow (priority 20: "
+        f"from {topo.client_ip})")
+    t0 = time.monotonic()
+    wait_synced(policy, "node1")
+    out(f"node1 SYNCED in {1000 * (time.monotonic() - t0):.0f} ms")
+    count = min(requests, 20)
+    allowed = run_tcp_who(topo, VIP, 80, count=count, source=topo.client_ip)
+    blocked = run_tcp_who(topo, VIP, 80, count=5, timeout=0.5, source=GUEST)
+    answered = sum(v for k, v in allowed.items() if k != "errors")
+    out(f"  from {topo.client_ip}: {answered} of {count} connections answered")
+    out(f"  from {GUEST}: {5 - blocked.get('errors', 0)} of 5 answered "
+        f"({blocked.get('errors', 0)} timed out: dropped)")
+    stats = datapath.GetStats(dpb.GetStatsRequest(), timeout=5)
+    for r in stats.rules:
+        out(f"  rule {r.name}: {r.counters.packets} packets")
+    out(f"  datapath drop_firewall: {stats.global_counters.get('drop_firewall', 0)} packets")
+    return answered == count and blocked.get("errors", 0) == 5
 
 
 def run(backends: int, requests: int) -> int:
@@ -108,6 +152,8 @@ def run(backends: int, requests: int) -> int:
                 flows = list(datapath.ListConntrack(dpb.ListConntrackRequest(), timeout=5))
                 out(f"conntrack entries: {len(flows)} (two per flow)")
                 ok = tcp.get("errors", 0) == 0 and udp.get("errors", 0) == 0
+                out()
+                ok = firewall_step(topo, policy, datapath, requests) and ok
         finally:
             dpd.cleanup()
             policyd.stop()
