@@ -64,7 +64,7 @@ def firewall_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.Data
     topo.run(topo.client_ns, ["ip", "addr", "add", f"{GUEST}/24", "dev", topo.client_iface])
 
     def rule(name: str, priority: int, src: str,
-             action: tpb.FirewallAction.ValueType) -> ppb.FirewallRule:
+             action: tpb.FirewallAction) -> ppb.FirewallRule:
         return ppb.FirewallRule(name=name, spec=tpb.FirewallRuleSpec(
             priority=priority, action=action, match=tpb.FirewallMatch(
                 src=src, dst=f"{VIP}/32", protocol=tpb.PROTOCOL_TCP,
