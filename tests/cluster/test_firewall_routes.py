@@ -157,3 +157,28 @@ def test_node_rebuilt_with_wiped_pins_gets_its_rules_back_without_any_call(clust
     cluster.wait_state("node1", SYNCED, generation=rule.generation)
     seen = run_tcp_who(cluster.topos[0], VIP, 80, count=2, timeout=1.0)
     assert seen.get("errors") == 2, seen
+
+
+def test_flush_existing_cuts_an_established_flow_a_plain_rule_leaves(cluster):
+    from lab.client import start_tcp_long
+
+    svc = apply_web(cluster)
+    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    topo = cluster.topos[0]
+    conn = start_tcp_long(topo, VIP, 80, duration=8.0, interval_ms=100, timeout=1.0)
+    time.sleep(1.0)
+    # a plain drop rule: new flows only; the established connection goes on
+    plain = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()),
+                                             timeout=5)
+    cluster.wait_state("node1", SYNCED, generation=plain.generation)
+    assert run_tcp_who(topo, VIP, 80, count=1, timeout=1.0).get("errors") == 1
+    time.sleep(2.0)
+    cut = block_web()
+    cut.name, cut.spec.priority, cut.flush_existing = "cut-web", 200, True
+    applied = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=cut),
+                                               timeout=5)
+    assert applied.flush_existing
+    cluster.wait_state("node1", SYNCED, generation=applied.generation)
+    res = conn.result()
+    assert res["broken"] or res["errors"], res
+    assert res["received"] >= 25, res  # it outlived the plain rule by about 2 s
