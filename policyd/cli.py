@@ -35,7 +35,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +278,13 @@ def apply_objects(client: PolicyClient, objects: dict[str, list[Message]],
                   full: bool) -> dict[str, Any]:
     """Apply each kind of `objects` in one call: rules, routes, services."""
     result: dict[str, Any] = {}
-    calls = (("firewall_rules", client.apply_rules), ("routes", client.apply_routes),
-             ("services", client.apply_services))
+    calls: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+        ("firewall_rules", client.apply_rules), ("routes", client.apply_routes),
+        ("services", client.apply_services))
     for key, apply in calls:
         if not objects[key]:
             continue
-        reply = apply(objects[key])  # type: ignore[operator]
+        reply = apply(objects[key])
         result[key] = _json(reply) if full else {
             "applied": len(objects[key]), "generation": str(reply.generation)}
     return result
