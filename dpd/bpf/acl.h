@@ -18,7 +18,6 @@
 #include "stats.h"
 
 /* xlb_fw_judge verdicts */
-#define XLB_FW_OFF 0      /* firewall off: nothing judged, the packet goes on as before */
 #define XLB_FW_ALLOW 1    /* judged and allowed */
 #define XLB_FW_DROP 2     /* dropped (counted): return TC_ACT_SHOT */
 #define XLB_FW_REDIRECT 3 /* send out of *redirect (bpf_redirect) */
@@ -41,30 +40,27 @@ static __always_inline void xlb_count_drop(__u32 ifindex, __u32 stat)
         c->packets++;
 }
 
-/* Whether the firewall is on: a rule set with tuples, or an interface whose policy is
- * drop. */
-static __always_inline int xlb_fw_active(void)
+/* acl_cfg when the firewall is on (a rule set with tuples, or an interface whose policy
+ * is drop), else NULL: while it is off, this one array lookup is all it costs. */
+static __always_inline struct xlb_acl_cfg *xlb_fw_on(void)
 {
     __u32 zero = 0;
     struct xlb_acl_cfg *cfg = acl_cfg_map.lookup(&zero);
-    return cfg && (cfg->n_tuples[cfg->gen & 1] || (cfg->flags & XLB_ACL_F_POLICY_DROP));
+    if (!cfg || (!cfg->n_tuples[cfg->gen & 1] && !(cfg->flags & XLB_ACL_F_POLICY_DROP)))
+        return NULL;
+    return cfg;
 }
 
-/* Judge the packet whose key (all but tuple and ifindex) is in *pk. */
-static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_key *pk,
-                                        __u32 *redirect)
+/* Judge the packet whose key (all but tuple and ifindex) is in *pk, with the firewall on
+ * (`cfg` from xlb_fw_on). */
+static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cfg *cfg,
+                                        struct xlb_acl_key *pk, __u32 *redirect)
 {
-    __u32 zero = 0;
-    struct xlb_acl_cfg *cfg = acl_cfg_map.lookup(&zero);
-    if (!cfg)
-        return XLB_FW_OFF;
     /* dpd changes one field per write (the count of the idle generation, then gen), so
      * gen and its count read apart are always a consistent pair */
     __u32 gen = cfg->gen & 1;
     __u64 n = cfg->n_tuples[gen]; /* 64-bit: the verifier follows the loop bound */
     __u32 flags = cfg->flags;
-    if (n == 0 && !(flags & XLB_ACL_F_POLICY_DROP))
-        return XLB_FW_OFF;
 
     __u32 ifindex = skb->ingress_ifindex;
     pk->ifindex = ifindex;
@@ -183,11 +179,14 @@ static __always_inline void xlb_acl_key_v4(struct xlb_acl_key *k, struct xlb_pkt
 static __always_inline int xlb_fw_v4(struct __sk_buff *skb, struct xlb_pkt *p, int ports,
                                      int *judged)
 {
+    struct xlb_acl_cfg *cfg = xlb_fw_on();
+    *judged = cfg != NULL;
+    if (!cfg)
+        return -1;
     struct xlb_acl_key k;
     __u32 redirect = 0;
     xlb_acl_key_v4(&k, p, ports);
-    int fw = xlb_fw_judge(skb, &k, &redirect);
-    *judged = fw != XLB_FW_OFF;
+    int fw = xlb_fw_judge(skb, cfg, &k, &redirect);
     if (fw == XLB_FW_DROP)
         return TC_ACT_SHOT;
     if (fw == XLB_FW_REDIRECT)

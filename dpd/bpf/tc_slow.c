@@ -145,11 +145,14 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
 /* IPv6: judged by the firewall per packet (no IPv6 conntrack yet), else passed. */
 static __always_inline int xlb_v6(struct __sk_buff *skb)
 {
+    struct xlb_acl_cfg *cfg = xlb_fw_on();
+    if (!cfg)
+        return xlb_pass_unparsed(XLB_P_NOT_OURS);
     struct xlb_acl_key k;
     int rc = xlb_parse_v6(skb, &k);
     if (rc == XLB_P_OK) {
         __u32 redirect = 0;
-        int fw = xlb_fw_judge(skb, &k, &redirect);
+        int fw = xlb_fw_judge(skb, cfg, &k, &redirect);
         if (fw == XLB_FW_DROP)
             return TC_ACT_SHOT;
         if (fw == XLB_FW_REDIRECT)
@@ -261,7 +264,7 @@ int tc_packet_func_slow(struct __sk_buff *skb)
         return xlb_v6(skb);
     if (rc == XLB_P_ICMP) {
         /* judged, except errors about a tracked flow (as conntrack's RELATED) */
-        if (xlb_fw_active() && !xlb_icmp_related(skb)) {
+        if (xlb_fw_on() && !xlb_icmp_related(skb)) {
             int judged;
             int act = xlb_fw_v4(skb, &p, 0, &judged);
             if (act >= 0)
