@@ -463,8 +463,15 @@ class NodeWorker:
             self._change_pass()
             return True
         for objects in self._objects:
-            if objects.need_read:
-                self._read_objects(objects)
+            if objects.need_read:  # a bulk read too: one of the shared slots
+                if not self._gate.try_acquire(self._wake):
+                    self._check_due = max(self._check_due, time.monotonic()
+                                          + self._settings.resync_interval)
+                    return False
+                try:
+                    self._read_objects(objects)
+                finally:
+                    self._gate.release()
                 return True
         if self._need_read or self._readback is not None:
             if self._readback is None:
