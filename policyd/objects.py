@@ -11,6 +11,8 @@ status; the node is ERROR while any remain).
 - **Change**: the store's change log names the keys changed since the worker's applied
   generation; only those are compared with ``known`` and written: one DeleteFirewallRules
   / DeleteRoutes call and one Put call (dpd restages its rule set once per call).
+- **Older nodes**: a node whose dpd does not have the kind's methods (UNIMPLEMENTED)
+  refuses every object of that kind: its other objects and its services still apply.
 - **Refusals**: a Put the node refuses with INVALID_ARGUMENT or FAILED_PRECONDITION
   naming ``rules[i]`` / ``routes[i]`` (an interface it does not have, a next hop it
   cannot reach) is sent again without item i, so the node's other objects still
@@ -85,6 +87,12 @@ def object_reason(exc: BaseException) -> str:
     elif rest.startswith("."):
         rest = rest[1:] if details.startswith("rules") else "spec" + rest
     return f"{code}: {rest}"
+
+
+def unimplemented(exc: BaseException) -> bool:
+    """The node's dpd does not have the method (an older dpd, during an upgrade)."""
+    return (isinstance(exc, grpc.RpcError) and hasattr(exc, "code")
+            and exc.code() == grpc.StatusCode.UNIMPLEMENTED)
 
 
 def refused_item(exc: BaseException) -> tuple[bool, int | None]:
@@ -204,6 +212,12 @@ class ObjectSync(Generic[S]):
                 reply = self.kind.put(self._node, batch,
                                       bool(flush) and any(k in flush for k, _ in batch))
             except grpc.RpcError as exc:
+                if unimplemented(exc):  # the node cannot hold this kind at all
+                    for key, _spec in batch:
+                        self._refuse(key, names, exc)
+                    w.refused += len(batch)
+                    pending = pending[len(batch):]
+                    continue
                 refused, index = refused_item(exc)
                 if not refused:
                     raise
@@ -229,8 +243,14 @@ class ObjectSync(Generic[S]):
         if not keys:
             return
         w.calls += 1
-        reply = self.kind.delete(self._node, keys)
-        self._seen_write(reply)
+        try:
+            reply = self.kind.delete(self._node, keys)
+        except grpc.RpcError as exc:
+            if not unimplemented(exc):
+                raise
+            reply = None  # a node without this kind holds none of it
+        if reply is not None:
+            self._seen_write(reply)
         for key in keys:
             if self.known is not None:
                 self.known.pop(key, None)

@@ -234,3 +234,48 @@ def test_a_rule_with_flush_existing_is_put_with_flush(wait_for, policyd, fake_no
     wait_for(lambda: synced(client, "node-a", quiet.generation), what="synced")
     assert writes(node, "PutFirewallRules")[-1] == ["cut-ssh"]
     assert len(node.datapath.flushing) == 1
+
+
+def test_a_node_whose_dpd_has_no_firewall_still_gets_its_services(wait_for, policyd,
+                                                                  fake_node, client_for):
+    import grpc
+
+    from tests.unit.conftest import MemoryDatapathServicer
+
+    class OlderDpd(MemoryDatapathServicer):
+        """A dpd from before the firewall and GetSummary (the generated base answers
+        UNIMPLEMENTED)."""
+
+        def _older(self, context: Any) -> None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+        def GetSummary(self, request: Any, context: Any) -> Any:  # noqa: N802
+            self._older(context)
+
+        def PutFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+            self._older(context)
+
+        def DeleteFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+            self._older(context)
+
+        def ListFirewallRules(self, request: Any, context: Any) -> Any:  # noqa: N802
+            self._older(context)
+
+    node = fake_node("old")
+    node.datapath.close()
+    node.datapath = OlderDpd()
+    node.start()
+    client = client_for(policyd())
+    client.register_node("node-old", node.address)
+    client.apply_rules(RULES[:2])
+    svc = client.apply_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:80"])
+    def both_refused() -> policy_pb2.NodeSyncStatus | None:
+        x = status(client, "node-old")
+        return x if len(x.errors) == 2 and x.observed_generation >= svc.generation else None
+
+    s = wait_for(both_refused, what="ERROR with both rules")
+    assert sorted(e.name for e in s.errors) == ["allow-admin", "no-ssh"]
+    assert s.errors[0].message.startswith("UNIMPLEMENTED")
+    assert len(node.datapath.snapshot()) == 1  # the service is there
+    client.delete_rules(["allow-admin", "no-ssh"])
+    wait_for(lambda: synced(client, "node-old"), what="SYNCED once no rule is wanted")
