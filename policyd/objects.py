@@ -151,6 +151,7 @@ class ObjectSync(Generic[S]):
         self._unsure = 0  # refused write calls since: each may or may not have bumped it
         self._digest: str | None = None
         self._wrote = False  # we wrote since the last summary (the digest moved)
+        self._lacking = False  # the node answered UNIMPLEMENTED for this kind
         self._log = log.bind(node=node_name, kind=kind.kind)
 
     # -- accounting ----------------------------------------------------------------------
@@ -213,6 +214,7 @@ class ObjectSync(Generic[S]):
                                       bool(flush) and any(k in flush for k, _ in batch))
             except grpc.RpcError as exc:
                 if unimplemented(exc):  # the node cannot hold this kind at all
+                    self._lacking = True
                     for key, _spec in batch:
                         self._refuse(key, names, exc)
                     w.refused += len(batch)
@@ -232,6 +234,7 @@ class ObjectSync(Generic[S]):
                 pending.remove(batch[index])
                 continue
             self._seen_write(reply)
+            self._lacking = False
             for key, spec in batch:
                 if self.known is not None:
                     self.known[key] = spec
@@ -288,6 +291,8 @@ class ObjectSync(Generic[S]):
                 del self.refused[key]
             else:
                 self._put([(key, spec)], every.names, w, every.flush)
+                if self._lacking:  # still an older dpd: one call told us, not one each
+                    break
         return w
 
     def read_back(self) -> Writes | None:
