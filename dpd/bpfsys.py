@@ -399,3 +399,21 @@ def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
         exc = BpfError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
         exc.done = n.value  # type: ignore[attr-defined]
         raise exc
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    """A loaded program's name (bpf_prog_info.name, at most 15 characters), or None when
+    no such program exists."""
+    fd = _lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        info = _ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+               "prog info")
+        # struct bpf_prog_info: name[16] at offset 64, i.e. 48 bytes into _rest
+        raw = bytes(info._rest[48:64])
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)

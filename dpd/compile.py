@@ -3,9 +3,9 @@
 bcc and LLVM load here only: compiling takes seconds of CPU and ~150 MiB, which the
 serving dpd process never pays. The child runs at low CPU priority so that compiling
 does not take CPU from traffic; it compiles dpd/bpf with bcc (which creates any map
-that is not pinned yet, and reuses the pinned ones), loads both programs and pins them
-as <pin-dir>/<program><suffix> for the parent to install. It exits 0 on success; on
-failure the compiler's message goes to stderr.
+that is not pinned yet, and reuses the pinned ones), loads the programs (TC and XDP)
+and pins them as <pin-dir>/<program><suffix> for the parent to install. It exits 0 on
+success; on failure the compiler's message goes to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import sys
 
 from dpd import bpfsys
-from dpd.loader import PROGRAMS, source_text
+from dpd.loader import PROGRAM_TYPES, PROGRAMS, source_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bpf = BPF(text=source_text().encode(), cflags=args.cflags)
     for name in PROGRAMS:
-        fn = bpf.load_func(name.encode(), BPF.SCHED_CLS)
+        fn = bpf.load_func(name.encode(), getattr(BPF, PROGRAM_TYPES.get(name, "SCHED_CLS")))
         path = os.path.join(args.pin_dir, name + args.suffix)
         if os.path.exists(path):
             os.unlink(path)

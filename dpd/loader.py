@@ -42,7 +42,9 @@ from xlbcore.errors import PreconditionError
 
 log = structlog.get_logger("dpd.loader")
 
-PROGRAMS = ("tc_packet_func", "tc_packet_func_slow")
+PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func")
+# programs of another type than TC (sched_cls): bcc's program type names
+PROGRAM_TYPES = {"xdp_packet_func": "XDP"}
 # Suffix of the program pins a compile made and dpd has not installed yet (bpffs
 # refuses names with a dot).
 STAGED = "_new"
@@ -206,6 +208,10 @@ class Datapath:
     def slow_fd(self) -> int:
         raise PreconditionError("this node has no kernel datapath (programs not loaded)")
 
+    @property
+    def xdp_fd(self) -> int:
+        raise PreconditionError("this node has no kernel datapath (programs not loaded)")
+
     def close(self) -> None:
         pass
 
@@ -304,6 +310,10 @@ class KernelDatapath(Datapath):
     @property
     def slow_fd(self) -> int:
         return self.progs["tc_packet_func_slow"]
+
+    @property
+    def xdp_fd(self) -> int:
+        return self.progs["xdp_packet_func"]
 
     def close(self) -> None:
         """Release this process's fds; pins and attachments stay."""

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from dpd import attach, bpfsys, maglev, routes
+from dpd import attach, bpfsys, maglev, routes, xdp
 from dpd.attach import Attachment
+from dpd.blocklist import Blocklist
 from dpd.conntrack import Conntrack, CtEntry
 from dpd.firewall import FirewallTable, Links, StaticLinks
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
 from dpd.services import Counter, ServiceTable, sum_counters
+from dpd.xdp import XdpMode, XdpState
 from xlbcore.errors import PreconditionError
 from xlbcore.service import MAX_ENDPOINTS, ServiceKey, ServiceSpec
 
@@ -42,6 +44,7 @@ class Node:
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp)
+        self.blocklist = Blocklist(dp)
         self.firewall = FirewallTable(dp, Links() if dp.kind == "kernel" else StaticLinks())
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())
@@ -53,6 +56,8 @@ class Node:
             # New program code: move every existing attachment onto it (atomic replace).
             for a in attach.attached():
                 attach.attach(a.name, dp.fast_fd)
+            for name, st in xdp.attached().items():
+                xdp.attach(name, dp.xdp_fd, st.mode)
 
     @classmethod
     def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
@@ -74,17 +79,43 @@ class Node:
                                     "datapath: it has no programs to attach")
 
     # interfaces
-    def attach(self, name: str) -> Attachment:
+    def attach(self, name: str, xdp_mode: XdpMode = XdpMode.UNSPECIFIED) -> Attachment:
+        """TC on `name`; with `xdp_mode` also the XDP stage (AUTO, NATIVE, GENERIC) or
+        without it (OFF); UNSPECIFIED leaves XDP as it is."""
         self._kernel()
-        for a in attach.attached():
-            if a.name == name and not self.dp.programs_changed:
-                return a  # already carries this program
-        a = attach.attach(name, self.dp.fast_fd)
-        self.firewall.ensure_interface(a.ifindex)  # its own drop counters
+        a = next((a for a in attach.attached()
+                  if a.name == name and not self.dp.programs_changed), None)
+        if a is None:  # not yet, or not this program
+            a = attach.attach(name, self.dp.fast_fd)
+            self.firewall.ensure_interface(a.ifindex)  # its own drop counters
+        self.set_xdp(name, xdp_mode)
         return a
 
-    def detach(self, name: str) -> Attachment:
+    def set_xdp(self, name: str, mode: XdpMode) -> XdpState:
         self._kernel()
+        if mode == XdpMode.UNSPECIFIED:
+            return xdp.state(name)
+        if mode == XdpMode.OFF:
+            xdp.detach(name)
+            return xdp.state(name)
+        now = xdp.state(name)
+        if now.ours and not self.dp.programs_changed and (
+                mode in (XdpMode.AUTO, now.mode)):
+            return now  # already carries this program in a mode asked for
+        return xdp.attach(name, self.dp.xdp_fd, mode)
+
+    def xdp_state(self, name: str) -> XdpState:
+        if self.dp.kind != "kernel":
+            return XdpState(XdpMode.OFF)
+        try:
+            return xdp.state(name)
+        except PreconditionError:
+            return XdpState(XdpMode.OFF)
+
+    def detach(self, name: str) -> Attachment:
+        """TC and XDP off `name`."""
+        self._kernel()
+        xdp.detach(name)
         return attach.detach(name)
 
     def interfaces(self) -> list[Attachment]:
@@ -181,6 +212,9 @@ def cleanup(settings: Settings, remove_routes: bool = False) -> dict[str, object
     for a in attach.attached():
         attach.detach(a.name)
         detached.append(a.name)
+    for name in xdp.attached():
+        xdp.detach(name)
+        detached.append(f"{name} (xdp)")
     removed = remove_pins(settings)
     unmounted = unmount_if_empty(settings.bpf_root)
     routes_removed = routes.cleanup(settings.route_proto) if remove_routes else []

@@ -7,6 +7,7 @@ from typing import Any
 
 import structlog
 
+from dpd.blocklist_rpcs import BlocklistRpcs, parse_xdp_mode
 from dpd.firewall_rpcs import FirewallRpcs
 from dpd.node import Node
 from dpd.route_rpcs import RouteRpcs
@@ -42,7 +43,7 @@ def _require(name: str, field: str = "name") -> str:
     return name
 
 
-class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
+class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
@@ -62,14 +63,16 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
         for m in n.maps():
             msg.maps.add(name=m.name, type=m.type, max_entries=m.max_entries, used=m.used)
         for a in n.interfaces():
-            msg.interfaces.append(self._interface_config(_interface(a, n.program_tag)))
+            msg.interfaces.append(self._xdp_config(
+                self._interface_config(_interface(a, n.program_tag))))
         msg.program_tags.update(n.dp.tags)
         return msg
 
     @rpc
     def AttachInterface(self, request: Any, context: Any) -> pb.Interface:  # noqa: N802
-        a = self.node.attach(_require(request.name))
-        return self._interface_config(_interface(a, self.node.program_tag))
+        mode = parse_xdp_mode(request.xdp_mode)
+        a = self.node.attach(_require(request.name), mode)
+        return self._xdp_config(self._interface_config(_interface(a, self.node.program_tag)))
 
     @rpc
     def DetachInterface(self, request: Any, context: Any) -> pb.DetachInterfaceResponse:  # noqa: N802
@@ -79,7 +82,7 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
     @rpc
     def ListInterfaces(self, request: Any, context: Any) -> Iterator[pb.Interface]:  # noqa: N802
         for a in self.node.interfaces():
-            yield self._interface_config(_interface(a, self.node.program_tag))
+            yield self._xdp_config(self._interface_config(_interface(a, self.node.program_tag)))
 
     @rpc
     def PutServices(self, request: Any, context: Any) -> pb.PutServicesResponse:  # noqa: N802
@@ -125,6 +128,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, pb_grpc.DatapathServicer):
         resp.tables.add(table="firewall", generation=generation, count=count)
         generation, count, digest = n.routes.summary()
         resp.tables.add(table="routes", generation=generation, count=count, digest=digest)
+        generation, count = n.blocklist.summary()
+        resp.tables.add(table="blocklist", generation=generation, count=count)
         for t in resp.tables:
             t.datapath_id, t.instance_id = n.datapath_id, n.instance_id
         return resp

@@ -82,4 +82,16 @@ BPF_TABLE_PINNED("hash", u32, struct xlb_intf, intf_map, XLB_MAX_INTF, XLB_PIN(i
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, intf_stats_map,
                  XLB_MAX_INTF * XLB_STAT_MAX, XLB_PIN(intf_stats_map));
 
+/* XDP stage: the blocklist (LPM tries by source address; prefixes across both share
+ * XLB_BLOCKLIST_SIZE ids) and each prefix's drop counter. */
+#ifndef XLB_BLOCKLIST_SIZE
+#define XLB_BLOCKLIST_SIZE 16384
+#endif
+BPF_TABLE_PINNED("lpm_trie", struct xlb_blk_v4_key, struct xlb_blk_val, blk_v4_map,
+                 XLB_BLOCKLIST_SIZE, XLB_PIN(blk_v4_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct xlb_blk_v6_key, struct xlb_blk_val, blk_v6_map,
+                 XLB_BLOCKLIST_SIZE, XLB_PIN(blk_v6_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, blk_stats_map,
+                 XLB_BLOCKLIST_SIZE, XLB_PIN(blk_stats_map));
+
 #endif

@@ -1,4 +1,5 @@
-/* The xlb TC datapath: one compilation unit (bcc compiles one text), one file per entry
- * section. Every header includes what it uses. */
+/* The xlb datapath (TC, and the XDP stage): one compilation unit (bcc compiles one
+ * text), one file per entry section. Every header includes what it uses. */
 #include "tc_main.c"
 #include "tc_slow.c"
+#include "xdp.c"

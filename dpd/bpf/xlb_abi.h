@@ -286,4 +286,29 @@ struct xlb_intf {
     __u8 zone[XLB_ZONE_LEN];
 };
 
+/* ---- XDP stage (docs/xdp.md) -------------------------------------------------------
+ * xdp_packet_func runs before TC on the interfaces it is attached to: it drops early
+ * what comes from a blocked prefix (blk_v4_map, blk_v6_map: LPM tries keyed by the
+ * source address) and passes everything else untouched to TC. Its counters share
+ * stats_map and intf_stats_map with TC (indexes above the TC ones). */
+#define XLB_STAT_XDP_PASS 30       /* XDP: passed on to TC untouched */
+#define XLB_STAT_DROP_BLOCKLIST 31 /* XDP: dropped, the source is in the blocklist */
+
+/* blk_v4_map / blk_v6_map keys (struct bpf_lpm_trie_key layout: prefixlen, then the
+ * address in network byte order) */
+struct xlb_blk_v4_key {
+    __u32 prefixlen;
+    __be32 addr;
+};
+
+struct xlb_blk_v6_key {
+    __u32 prefixlen;
+    __be32 addr[4];
+};
+
+struct xlb_blk_val {
+    __u32 id; /* index into blk_stats_map: the prefix's own drop counter */
+    __u32 pad;
+};
+
 #endif
