@@ -30,7 +30,7 @@ import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import attrgetter, itemgetter, mul
 from typing import NamedTuple
 
@@ -54,6 +54,7 @@ _ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"
                                  attrgetter("mode"))
 _ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
 _VIP_OF_KEY = itemgetter(slice(0, 4))  # a nat_v4_map key's first field
+_U32 = struct.Struct("<I")  # a vip_v4_map value: the VIP's service count
 
 
 class _Entry(NamedTuple):
@@ -260,12 +261,14 @@ class ServiceTable:
 
     def _write_vips(self, vips: list[bytes]) -> None:
         """Write the counts of `vips` (deleting those that carry no service any more)."""
-        gone = [v for v in vips if not self._vip_count.get(v)]
-        live = [v for v in vips if self._vip_count.get(v)]
+        counts = self._vip_count
+        held = list(map(counts.get, vips))
+        gone = [v for v, n in zip(vips, held, strict=True) if not n]
+        live = list(compress(vips, held))
         for v in gone:
-            self._vip_count.pop(v, None)
+            counts.pop(v, None)
         self.vips.delete_batch(gone)
-        self.vips.put_batch(live, [self._vip_count[v].to_bytes(4, "little") for v in live])
+        self.vips.put_batch(live, list(map(_U32.pack, map(counts.__getitem__, live))))
 
     def _count_vips(self, keys: list[bytes], step: int) -> None:
         """Count the services of `keys` (nat_v4_map keys: the VIP is the first 4 bytes)."""
