@@ -20,7 +20,7 @@ import structlog
 
 from dpd.ids import IdPool
 from dpd.loader import Datapath
-from dpd.maps import MapError
+from dpd.maps import MapFull
 from dpd.services import Counter, sum_counters
 from xlbcore.errors import Exhausted
 from xlbcore.firewall import parse_prefix
@@ -99,17 +99,12 @@ class Blocklist:
                     family, key = self._encode(prefix)
                     self.maps[family].put(key, self._val.pack(id=i))
                     written.append((family, key))
-            except (MapError, Exhausted) as e:
+            except BaseException as e:
                 for family, key in written:
                     self.maps[family].delete(key)
                 self.pool.rollback()
-                if isinstance(e, Exhausted):
-                    raise
-                raise Exhausted(f"blocklist: {e.strerror}; nothing was written") from None
-            except BaseException:
-                for family, key in written:
-                    self.maps[family].delete(key)
-                self.pool.rollback()
+                if isinstance(e, MapFull):
+                    raise Exhausted(f"blocklist: {e.strerror}; nothing was written") from None
                 raise
             self.pool.commit()
             self._ids.update(zip(new, ids, strict=True))

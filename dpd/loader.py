@@ -63,6 +63,7 @@ class Settings:
     max_backends: int = 262144
     ct_size: int = 262144
     redirect: bool = True
+    blocklist_size: int = 16384  # blocked prefixes, v4 and v6 together (the XDP stage)
     route_proto: int = RTPROT_XLB  # the protocol id of the routes dpd installs
 
     @property
@@ -75,6 +76,7 @@ class Settings:
             "XLB_MAX_SERVICES": self.max_services,
             "XLB_MAX_BACKENDS": self.max_backends,
             "XLB_CT_SIZE": self.ct_size,
+            "XLB_BLOCKLIST_SIZE": self.blocklist_size,
         }
 
     def cflags(self) -> list[str]:

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pick the same endpoint for a flow)")
     p.add_argument("--ct-size", type=int, default=Settings.ct_size,
                    help="conntrack entries (two per flow)")
+    p.add_argument("--blocklist-size", type=int, default=Settings.blocklist_size,
+                   help="blocked source prefixes the XDP stage holds (v4 and v6 together)")
+    p.add_argument("--xdp", choices=("off", "auto", "native", "generic"), default=None,
+                   help="also attach (or, off: remove) the XDP stage (early drop of blocked "
+                        "sources, docs/xdp.md) on the --attach interfaces: auto is native "
+                        "where the driver supports it, else generic; unset: as it is")
     p.add_argument("--no-redirect", action="store_true",
                    help="hand NATed packets to the kernel to route instead of bpf_redirect")
     p.add_argument("--ct-aging-interval", type=float, default=5.0,
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         max_services=args.max_services,
         max_backends=args.max_backends,
         ct_size=args.ct_size,
+        blocklist_size=args.blocklist_size,
         redirect=not args.no_redirect,
         route_proto=args.route_proto,
     )
@@ -212,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     server = None
     auto = None
+    from dpd.xdp import XdpMode
+
+    xdp_mode = XdpMode[args.xdp.upper()] if args.xdp else XdpMode.UNSPECIFIED
     try:
         for ifname in filter(None, (s.strip() for s in args.attach.split(","))):
             if stop.requested():
@@ -220,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             if ifname == "auto":
                 from dpd.autoattach import AutoAttacher
 
-                auto = AutoAttacher(node.attach, node.detach)
+                auto = AutoAttacher(lambda name: node.attach(name, xdp_mode), node.detach)
                 auto.start()
             else:
-                node.attach(ifname)
+                node.attach(ifname, xdp_mode)
         if not stop.requested():
             stop.step("serve")
             server = serve(node, args.listen, exporter=exporter)
