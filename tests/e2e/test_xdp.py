@@ -1,0 +1,161 @@
+"""The XDP stage on a real node: client, lb and two backend namespaces (named xd*), dpd
+attached to the lb's interfaces with xdp_packet_func native on the client side veth;
+real TCP and UDP sockets from two client addresses, one of them blocked."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import require_root
+from tests.e2e.conftest import VIP, Lab
+from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
+
+pytestmark = pytest.mark.root
+
+ALLOWED = "198.18.0.2"  # the client namespace's address
+BLOCKED = "198.18.0.3"  # a second address of the client namespace
+TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_root()
+    from lab import netns
+    from lab.daemons import Dpd
+    from lab.servers import start_backends
+    from lab.topology import Topology
+    from xlb.dpd.v1 import datapath_pb2_grpc
+
+    topo = Topology(backends=2, vip=VIP, prefix="xd" + secrets.token_hex(2))
+    dpd = None
+    channel = None
+    try:
+        netns.run(topo.client_ns, ["ip", "addr", "add", f"{BLOCKED}/24", "dev",
+                                   topo.client_iface])
+        start_backends(topo, port=8080)
+        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
+                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
+        dpd.start()
+        channel = grpc.insecure_channel(dpd.address)
+        lab = Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
+        eps = [tpb.Endpoint(address=ip, port=8080) for ip in topo.backend_ips]
+        lab.stub.PutServices(pb.PutServicesRequest(services=[  # type: ignore[attr-defined]
+            pb.Service(vip=VIP, port=80, protocol=TCP, endpoints=eps),
+            pb.Service(vip=VIP, port=53, protocol=UDP, endpoints=eps)]), timeout=10)
+        yield lab
+    finally:
+        if dpd is not None:  # shown by pytest only when the test failed
+            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
+        if channel is not None:
+            channel.close()
+        if dpd is not None:
+            dpd.cleanup()
+        topo.cleanup()
+
+
+def reach(lab: Any, source: str) -> dict[str, int]:
+    """Errors of TCP and UDP from `source` to the VIP and to a backend directly."""
+    from lab.client import run_tcp_who, run_udp_who
+
+    be = lab.topo.backend_ips[0]
+    out = {}
+    for what, fn, dst, port in (("tcp-vip", run_tcp_who, VIP, 80),
+                                ("udp-vip", run_udp_who, VIP, 53),
+                                ("tcp-be", run_tcp_who, be, 8080),
+                                ("udp-be", run_udp_who, be, 8080)):
+        res = fn(lab.topo, dst, port, count=3, timeout=0.5, source=source)
+        out[what] = res.get("errors", 0)
+    return out
+
+
+def xdp_of(lab: Any, ifname: str) -> str:
+    """`ip link` as the kernel reports the interface's XDP attachment."""
+    out = subprocess.run(["ip", "-n", lab.topo.lb_ns, "-d", "link", "show", ifname],
+                         capture_output=True, text=True, check=True).stdout
+    for word in ("xdpgeneric", "xdpdrv", "xdpoffload", "xdp"):
+        if f"{word}/" in out or f" {word} " in out:
+            return word
+    return ""
+
+
+NONE = {"tcp-vip": 0, "udp-vip": 0, "tcp-be": 0, "udp-be": 0}
+ALL = {"tcp-vip": 3, "udp-vip": 3, "tcp-be": 3, "udp-be": 3}
+
+
+def test_blocked_client_is_dropped_in_xdp_while_another_client_works(lab):
+    intf = lab.stub.AttachInterface(pb.AttachInterfaceRequest(
+        name="c0", xdp_mode=pb.XDP_MODE_AUTO), timeout=10)
+    assert intf.xdp_mode == pb.XDP_MODE_NATIVE  # veth has native XDP
+    assert intf.xdp_program_tag and intf.attached
+    assert xdp_of(lab, "c0") == "xdp"  # driver mode
+    assert reach(lab, BLOCKED) == NONE  # nothing blocked yet: XDP passes to TC
+    stub = lab.stub
+    r = stub.PutBlocklist(pb.PutBlocklistRequest(prefixes=[f"{BLOCKED}/32",
+                                                           "198.18.200.0/24"]), timeout=10)
+    assert r.written == 2
+    assert reach(lab, ALLOWED) == NONE
+    assert reach(lab, BLOCKED) == ALL
+
+    listed = {b.prefix: b.counters.packets
+              for b in stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)}
+    assert listed[f"{BLOCKED}/32"] >= 12 and listed["198.18.200.0/24"] == 0
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters
+    assert stats["drop_blocklist"] == listed[f"{BLOCKED}/32"]
+    assert stats["xdp_pass"] > 0
+    assert stats["drop_firewall"] == 0  # TC never saw them
+    c0 = next(i for i in stub.ListInterfaces(pb.ListInterfacesRequest(), timeout=10)
+              if i.name == "c0")
+    assert c0.counters.drops["drop_blocklist"] == stats["drop_blocklist"]
+    assert c0.xdp_mode == pb.XDP_MODE_NATIVE
+    b1 = next(i for i in stub.ListInterfaces(pb.ListInterfacesRequest(), timeout=10)
+              if i.name == "b1")
+    assert b1.xdp_mode == pb.XDP_MODE_OFF and not b1.xdp_program_tag
+
+    # deleted, the address gets through again
+    assert stub.DeleteBlocklist(pb.DeleteBlocklistRequest(prefixes=[BLOCKED]),
+                                timeout=10).deleted == 1
+    assert reach(lab, BLOCKED) == NONE
+
+
+def test_xdp_survives_a_dpd_restart_and_goes_with_cleanup(lab):
+    stub = lab.stub
+    stub.AttachInterface(pb.AttachInterfaceRequest(name="c0", xdp_mode=pb.XDP_MODE_GENERIC),
+                         timeout=10)
+    assert xdp_of(lab, "c0") == "xdpgeneric"
+    stub.PutBlocklist(pb.PutBlocklistRequest(prefixes=["198.18.0.0/30"]), timeout=10)
+    lab.dpd.stop()
+    assert reach(lab, BLOCKED) == ALL  # no dpd: the datapath goes on
+    assert reach(lab, "198.18.0.2") == ALL
+    lab.dpd.start()
+    assert [b.prefix for b in stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)] == [
+        "198.18.0.0/30"]
+    # switching to native, then off (TC stays)
+    intf = stub.AttachInterface(pb.AttachInterfaceRequest(
+        name="c0", xdp_mode=pb.XDP_MODE_NATIVE), timeout=10)
+    assert intf.xdp_mode == pb.XDP_MODE_NATIVE and xdp_of(lab, "c0") == "xdp"
+    intf = stub.AttachInterface(pb.AttachInterfaceRequest(name="c0",
+                                                          xdp_mode=pb.XDP_MODE_OFF), timeout=10)
+    assert intf.xdp_mode == pb.XDP_MODE_OFF and intf.attached and xdp_of(lab, "c0") == ""
+    assert reach(lab, BLOCKED) == NONE
+    stub.AttachInterface(pb.AttachInterfaceRequest(name="c0", xdp_mode=pb.XDP_MODE_AUTO),
+                         timeout=10)
+    assert xdp_of(lab, "c0") == "xdp"
+    lab.dpd.cleanup()
+    assert xdp_of(lab, "c0") == ""
+
+
+def test_bad_prefixes_are_refused_naming_the_field(lab):
+    with pytest.raises(grpc.RpcError) as err:
+        lab.stub.PutBlocklist(pb.PutBlocklistRequest(prefixes=["198.18.0.0/24",
+                                                               "198.18.0.3/24"]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prefixes[1]" in err.value.details() and "198.18.0.0/24" in err.value.details()
+    assert list(lab.stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)) == []
