@@ -746,6 +746,11 @@ class FirewallTable:
 
     # -- interfaces ----------------------------------------------------------------------
 
+    def interfaces(self) -> list[IntfConfig]:
+        """Every interface with an intf_map entry."""
+        with self._lock:
+            return list(self._intfs.values())
+
     def interface(self, ifindex: int) -> IntfConfig | None:
         with self._lock:
             return self._intfs.get(ifindex)

@@ -252,6 +252,33 @@ class NodeCollector(Collector):
         yield _gauge(f"{PREFIX}_services", "services in the table", name, count)
         yield _gauge(f"{PREFIX}_services_generation", "the service table's generation "
                      "(bumped by every write call)", name, generation)
+        yield from self.firewall(name)
+
+    def firewall(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per-rule counters, the rule table's size and generation, drops by interface."""
+        fw = self.node.firewall
+        packets = CounterMetricFamily(f"{PREFIX}_rule_packets", "packets a firewall rule "
+                                      "decided (flow openings, and every packet it dropped "
+                                      "or redirected)", labels=["node", "rule"])
+        nbytes = CounterMetricFamily(f"{PREFIX}_rule_bytes", "bytes of the packets a "
+                                     "firewall rule decided", labels=["node", "rule"])
+        for rule, counter in fw.stats():
+            packets.add_metric([name, rule], counter.packets)
+            nbytes.add_metric([name, rule], counter.bytes)
+        yield packets
+        yield nbytes
+        generation, count = fw.summary()
+        yield _gauge(f"{PREFIX}_firewall_rules", "firewall rules in the table", name, count)
+        yield _gauge(f"{PREFIX}_firewall_generation", "the rule table's generation (bumped "
+                     "by every write call)", name, generation)
+        drops = CounterMetricFamily(f"{PREFIX}_interface_drops", "packets dropped by the "
+                                    "datapath that came in on the interface, by reason",
+                                    labels=["node", "interface", "reason"])
+        for intf in fw.interfaces():
+            ifname = fw.links.name(intf.ifindex) or str(intf.ifindex)
+            for stat, n in fw.interface_drops(intf.ifindex).items():
+                drops.add_metric([name, ifname, stat.removeprefix("drop_")], n)
+        yield drops
 
 
 def _gauge(metric: str, help_text: str, node: str, value: float) -> GaugeMetricFamily:

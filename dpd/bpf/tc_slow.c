@@ -50,7 +50,7 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
          * tied to a flow, and passing it would leak it to the stack untranslated. */
         __be32 dst = p->daddr;
         if (vip_v4_map.lookup(&dst)) {
-            xlb_count(XLB_STAT_DROP_FRAG_NO_FIRST);
+            xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_FRAG_NO_FIRST);
             return TC_ACT_SHOT;
         }
         xlb_count(XLB_STAT_PASS_FRAG);
@@ -199,7 +199,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     }
     struct xlb_ep *ep = xlb_select(svc, p, midstream);
     if (!ep) {
-        xlb_count(XLB_STAT_DROP_NO_ENDPOINT);
+        xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_NO_ENDPOINT);
         return TC_ACT_SHOT;
     }
     __u64 now = bpf_ktime_get_coarse_ns();
@@ -237,13 +237,13 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
      * port instead, as the kernel's NAT does). */
     if (ct_v4_map.insert(&rk, &rv)) {
         if (xlb_ct_reclaim(&rk) || ct_v4_map.insert(&rk, &rv)) {
-            xlb_count(XLB_STAT_DROP_CT_CLASH);
+            xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
             return TC_ACT_SHOT;
         }
     }
     if (ct_v4_map.insert(&k, &v)) {
         ct_v4_map.delete(&rk);
-        xlb_count(XLB_STAT_DROP_CT_CLASH);
+        xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
         return TC_ACT_SHOT;
     }
     xlb_count(XLB_STAT_NEW_FLOW);
@@ -296,7 +296,7 @@ int tc_packet_func_slow(struct __sk_buff *skb)
         } else {
             int drop = xlb_ct_step(&p, &k, v);
             if (drop) {
-                xlb_count(drop);
+                xlb_count_drop(skb->ingress_ifindex, drop);
                 return TC_ACT_SHOT;
             }
             xlb_ct_touch(v);

@@ -318,3 +318,11 @@ def test_kernel_verdicts_match_the_model(fw, rules, drop_intf, seed):
         got = send(fw, frame_of(pkt), ifindex)
         fw.flush_conntrack()  # every packet a new flow
         assert got == want_of[model.action], (pkt, ifindex, model)
+
+
+def test_other_drops_are_counted_for_the_interface_too(fw):
+    before = drops(fw, IF_B)
+    fw.put_services([ServiceSpec(VIP, 80, Proto.TCP,
+                                 endpoints=(EndpointSpec(EP1, 8080, weight=0),))])
+    assert send(fw, tcp(CLIENT, VIP, 40000, 80, "S"), IF_B) == TC_ACT_SHOT
+    assert delta(drops(fw, IF_B), before) == {"drop_no_endpoint": 1}

@@ -148,6 +148,27 @@ def test_global_counters_by_drop_reason_and_event(node, exporter):
             frozenset({("node", "mem"), ("event", "drop_no_endpoint")})) not in s
 
 
+def test_firewall_rules_and_interface_drops(node, exporter):
+    from dpd.firewall import Policy
+    from xlbcore.firewall import Action, RuleMatch, RuleSpec
+
+    abi = node.dp.abi
+    node.firewall.put([("no-telnet", RuleSpec(100, RuleMatch(dst="198.19.0.0/16"),
+                                              Action.DROP))])
+    rule_id = node.firewall.rules()[0].rule_id
+    put_counter(node, "acl_stats_map", rule_id, [(3, 300), (4, 400)])
+    slot = node.firewall.set_interface("eth0", "", Policy.DROP).slot
+    put_counter(node, "intf_stats_map",
+                slot * abi.const("XLB_STAT_MAX") + abi.const("XLB_STAT_DROP_DEFAULT_POLICY"),
+                [(5, 0), (0, 0)])
+    s = get(exporter)
+    assert value(s, "xlb_dpd_rule_packets_total", node="mem", rule="no-telnet") == 7
+    assert value(s, "xlb_dpd_rule_bytes_total", node="mem", rule="no-telnet") == 700
+    assert value(s, "xlb_dpd_firewall_rules", node="mem") == 1
+    assert value(s, "xlb_dpd_interface_drops_total", node="mem", interface="eth0",
+                 reason="default_policy") == 5
+
+
 def test_map_fill_and_conntrack_by_state(node, exporter):
     node.put_services([svc(0)])
     abi = node.dp.abi
