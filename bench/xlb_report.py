@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from bench import datapath_ns, firewall, xlb_phases
+from bench import datapath_ns, early_drop, firewall, xlb_phases
 from bench.services import Endpoint
 from lab.topology import Topology
 
@@ -41,7 +41,8 @@ def run_in_topology(topo: Topology, backends: list[Endpoint], changes: int, fill
 
 
 def run_datapath(ns_services: list[int], ns_runs: int, ct_counts: list[int],
-                 fw_rules: list[int] | None = None, fw_packets: int = 100_000) -> dict[str, Any]:
+                 fw_rules: list[int] | None = None, fw_packets: int = 100_000,
+                 early_drop_packets: int = 1_000_000) -> dict[str, Any]:
     rows = datapath_ns.measure(ns_services, ns_runs)
     ct = datapath_ns.conntrack_scale(ct_counts, ns_runs) if ct_counts else []
     out: dict[str, Any] = {"per_packet_ns": [r.__dict__ for r in rows],
@@ -51,6 +52,9 @@ def run_datapath(ns_services: list[int], ns_runs: int, ct_counts: list[int],
         nf = firewall.netfilter(fw_rules, fw_packets, rounds=3)
         out["firewall"] = {"xlb": [r.__dict__ for r in fw], "netfilter": nf,
                            "packets": fw_packets}
+    if early_drop_packets:  # about 15 s: XDP, TC and nftables drops on one topology
+        ed = early_drop.measure(early_drop_packets, rounds=3)
+        out["early_drop"] = {"rows": [r.__dict__ for r in ed], "packets": early_drop_packets}
     return out
 
 
@@ -69,6 +73,12 @@ def tables(x: dict[str, Any]) -> str:
         parts.append("firewall: ns per packet against rules (xlb: BPF_PROG_TEST_RUN; "
                      "iptables/nftables: what the rules add to a real forwarded packet, "
                      f"median of 3 rounds of {fw['packets']:,})\n" + firewall.table(rows_fw, nf))
+    if x.get("early_drop"):
+        ed = x["early_drop"]
+        parts.append(f"early drop: 64-byte frames from a blocked source, one core generating "
+                     f"and dropping (XDP live frames into a veth, median of 3 runs of "
+                     f"{ed['packets']:,})\n"
+                     + early_drop.table([early_drop.Row(**r) for r in ed["rows"]]))
     if x.get("change_latency_ms"):
         lines = [f"one service change, API call -> first connection through it "
                  f"(node holding {x['change_latency_fillers']:,} services)",
