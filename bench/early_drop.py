@@ -212,6 +212,71 @@ def _xlb_points(topo: Any, dpd: Any, frame: bytes, packets: int, rounds: int,
     return rows
 
 
+def xdp_cost(runs: int = 200_000, prefixes: int = 10_000) -> dict[str, float]:
+    """The XDP stage's own ns per packet (BPF_PROG_TEST_RUN, mean of `runs`): a packet
+    passed with the blocklist empty, passed with `prefixes` v4 and as many v6 prefixes
+    that do not hold its source, and dropped."""
+    import ipaddress
+    import tempfile
+
+    from bench.datapath_ns import mean_ns, pkt
+    from dpd.loader import Settings
+    from dpd.node import Node, cleanup
+
+    root = tempfile.mkdtemp(prefix="xd-bench-")
+    settings = Settings(name="xdbench", bpf_root=root, max_services=16, max_backends=64,
+                        ct_size=4096, blocklist_size=2 * prefixes + 16)
+    node = None
+    out: dict[str, float] = {}
+    try:
+        node = Node.load(settings, ct_aging_interval=0)
+        fd = node.dp.xdp_fd
+        packets = [pkt("198.19.0.10", 1024 + i) for i in range(64)]  # from 198.18.0.2
+        floor = _xdp_pass_only()
+        try:
+            out["floor: a program that only returns XDP_PASS"] = mean_ns(floor, packets, runs)
+        finally:
+            os.close(floor)
+        out["pass, blocklist empty"] = mean_ns(fd, packets, runs)
+        base4 = int(ipaddress.ip_address("10.0.0.0"))
+        base6 = int(ipaddress.ip_address("2001:db8:100::"))
+        node.blocklist.put([f"{ipaddress.ip_address(base4 + i * 256)}/24"
+                            for i in range(prefixes)]
+                           + [f"{ipaddress.ip_address(base6 + (i << 80))}/48"
+                              for i in range(prefixes)])
+        out[f"pass, {prefixes:,} v4 + {prefixes:,} v6 prefixes"] = mean_ns(fd, packets, runs)
+        node.blocklist.put(["198.18.0.0/24"])
+        out["dropped (a /24 among them)"] = mean_ns(fd, packets, runs)
+    finally:
+        if node is not None:
+            node.close()
+        cleanup(settings)
+        os.rmdir(root)
+    return out
+
+
+def _xdp_pass_only() -> int:
+    """An XDP program of two instructions (r0 = XDP_PASS; exit): the test run's floor."""
+    import ctypes
+    import ctypes.util
+    import struct
+
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                  ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+    prog = struct.pack("<BBhi", 0xB7, 0, 0, 2) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    fd = lib.bpf_prog_load(6, b"xd_floor", b"GPL", prog, 2, None)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "loading the XDP floor program")
+    return int(fd)
+
+
+def cost_table(cost: dict[str, float]) -> str:
+    lines = ["| XDP stage (BPF_PROG_TEST_RUN) | ns/packet |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in cost.items()]
+    return "\n".join(lines)
+
+
 def table(rows: list[Row]) -> str:
     native = next((r.ns for r in rows if r.point.endswith("native")), 0.0)
     lines = ["| drop point | ns/frame (generator incl.) | frames/s, one core | "
@@ -233,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.packets, args.rounds)
     sys.stdout.write(f"{args.packets:,} 64-byte UDP frames per run (XDP live frames into "
                      f"a veth), median of {args.rounds} runs, kernel {os.uname().release}\n")
-    sys.stdout.write(table(rows) + "\n")
+    sys.stdout.write(table(rows) + "\n\n")
+    sys.stdout.write(cost_table(xdp_cost()) + "\n")
     return 0
 
 

@@ -54,7 +54,8 @@ def run_datapath(ns_services: list[int], ns_runs: int, ct_counts: list[int],
                            "packets": fw_packets}
     if early_drop_packets:  # about 15 s: XDP, TC and nftables drops on one topology
         ed = early_drop.measure(early_drop_packets, rounds=3)
-        out["early_drop"] = {"rows": [r.__dict__ for r in ed], "packets": early_drop_packets}
+        out["early_drop"] = {"rows": [r.__dict__ for r in ed], "packets": early_drop_packets,
+                             "xdp_cost": early_drop.xdp_cost(ns_runs)}
     return out
 
 
@@ -79,6 +80,8 @@ def tables(x: dict[str, Any]) -> str:
                      f"and dropping (XDP live frames into a veth, median of 3 runs of "
                      f"{ed['packets']:,})\n"
                      + early_drop.table([early_drop.Row(**r) for r in ed["rows"]]))
+        if ed.get("xdp_cost"):
+            parts.append(early_drop.cost_table(ed["xdp_cost"]))
     if x.get("change_latency_ms"):
         lines = [f"one service change, API call -> first connection through it "
                  f"(node holding {x['change_latency_fillers']:,} services)",
