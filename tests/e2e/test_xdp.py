@@ -159,3 +159,44 @@ def test_bad_prefixes_are_refused_naming_the_field(lab):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prefixes[1]" in err.value.details() and "198.18.0.0/24" in err.value.details()
     assert list(lab.stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)) == []
+
+
+def _doc_commands() -> list[list[str]]:
+    """The grpcurl commands of docs/xdp.md, as argument lists."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "xdp.md").read_text()
+    out = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            if cmd.strip().startswith("grpcurl"):
+                out.append(shlex.split(cmd))
+    return out
+
+
+def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
+    from tests.unit.test_policyd_grpcurl import GRPCURL
+
+    if GRPCURL is None:
+        pytest.skip("grpcurl is missing")
+    commands = _doc_commands()
+    assert len(commands) >= 6
+    sock = lab.dpd.socket
+    for argv in commands:
+        argv = [GRPCURL if a == "grpcurl" else sock if a == "/run/xlb/dpd.sock" else a
+                for a in argv]
+        if "-d" in argv:  # the docs' interface is eth0, the lab's c0
+            i = argv.index("-d") + 1
+            argv[i] = argv[i].replace('"eth0"', '"c0"')
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, f"{argv}: {res.stderr}"
+        if argv[-1].endswith("/ListBlocklist"):
+            assert '"prefix": "198.18.66.0/24"' in res.stdout
+            assert '"prefix": "2001:db8:66::/48"' in res.stdout
+        if argv[-1].endswith("/AttachInterface") and "XDP_MODE_AUTO" in " ".join(argv):
+            assert '"xdp_mode": "XDP_MODE_NATIVE"' in res.stdout
+    assert xdp_of(lab, "c0") == ""  # the last example turns it off
+    assert [b.prefix for b in lab.stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)] == [
+        "198.18.66.0/24", "2001:db8:66::/48"]
