@@ -15,9 +15,12 @@ import structlog
 from dpd import maglev
 from dpd.loader import LoaderError, Settings
 from dpd.routes import RTPROT_XLB, check_proto
+from xlbcore.address import parse_address
+from xlbcore.auth import AuthInterceptor
 from xlbcore.daemon import StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
 from xlbcore.server import Server, StartupError, start_server
+from xlbcore.tls import ServerTLS, check_listen, server_tls
 
 if TYPE_CHECKING:
     from dpd.metrics import Exporter
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dpd")
 
 DATAPATH_SERVICE = "xlb.dpd.v1.Datapath"
+DEFAULT_LISTEN = "unix:/run/xlb/dpd.sock"
+SOCKET_MODE = 0o600  # a unix socket: dpd's user alone
+TLS_FLAGS = "--tls-cert, --tls-key and --tls-ca"
 
 
 def _maglev_size(text: str) -> int:
@@ -44,7 +50,18 @@ def _route_proto(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlb-dpd", description=__doc__)
     p.add_argument("--name", required=True, help="node name; pins go under BPF_ROOT/NAME")
-    p.add_argument("--listen", default="127.0.0.1:50161", help="HOST:PORT or unix:PATH")
+    p.add_argument("--listen", default=DEFAULT_LISTEN,
+                   help="unix:PATH (mode 0600) or HOST:PORT; TCP needs --tls-cert, --tls-key "
+                        f"and --tls-ca (mutual TLS) or --insecure-tcp (default {DEFAULT_LISTEN})")
+    p.add_argument("--tls-cert", default="", metavar="FILE",
+                   help="this dpd's server certificate (xlbctl certs issue NAME --server HOST)")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="its private key")
+    p.add_argument("--tls-ca", default="", metavar="FILE",
+                   help="the CA whose client certificates may call: reads need role read-only, "
+                        "writes admin (docs/security.md)")
+    p.add_argument("--insecure-tcp", action="store_true",
+                   help="serve TCP without TLS: anyone who reaches the port controls the node "
+                        "(test networks only; logged as a warning)")
     p.add_argument("--bpf-root", default="/opt/xlb/dp/bpf",
                    help="bpffs mount for the pins (created if missing)")
     p.add_argument("--attach", default="",
@@ -99,17 +116,43 @@ def _enter_netns(name: str) -> None:
 
 
 def serve(node: object, listen: str, max_workers: int = 8,
-          exporter: Exporter | None = None) -> Server:
+          exporter: Exporter | None = None, tls: ServerTLS | None = None,
+          insecure_tcp: bool = False) -> Server:
+    """Serve `node` on `listen`: a unix socket (0600), or TCP with mutual TLS (`tls`:
+    every call needs a client certificate of its CA with a role, xlbcore.auth) or with
+    `insecure_tcp`; StartupError otherwise."""
     from dpd.servicer import DatapathServicer
     from xlb.dpd.v1 import datapath_pb2_grpc
 
+    try:
+        addr = parse_address(listen, "listen", allow_port_zero=True)
+        check_listen(addr, tls is not None, insecure_tcp, "xlb-dpd", TLS_FLAGS, warn=False)
+    except ValueError as exc:  # ValidationError, TLSError
+        raise StartupError(str(exc)) from None
+    interceptors = list(exporter.interceptors) if exporter else []
+    if tls is not None:
+        interceptors.append(AuthInterceptor(daemon="dpd"))
     servicer = DatapathServicer(node)  # type: ignore[arg-type]
     return start_server(
-        listen, DATAPATH_SERVICE,
+        addr, DATAPATH_SERVICE,
         lambda server: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, server),
         max_workers=max_workers,
-        interceptors=exporter.interceptors if exporter else (),
+        interceptors=interceptors,
+        credentials=tls.credentials() if tls is not None else None,
+        socket_mode=SOCKET_MODE,
     )
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    """The TLS of --tls-*, after checking --listen may be served with it (before
+    anything is loaded: a refusal costs nothing); StartupError otherwise."""
+    try:
+        tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+        addr = parse_address(args.listen.replace("{i}", "0"), "listen", allow_port_zero=True)
+        check_listen(addr, tls is not None, args.insecure_tcp, "xlb-dpd", TLS_FLAGS)
+    except ValueError as exc:  # TLSError, ValidationError
+        raise StartupError(str(exc)) from None
+    return tls
 
 
 def start_metrics(exporter: Exporter | None, nodes: list[Any]) -> None:
@@ -143,6 +186,7 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
     nodes: list[Node] = []
     servers: list[Server] = []
     try:
+        tls = _server_tls(args)
         for i in range(count):
             if stop.requested():
                 break
@@ -151,7 +195,8 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
                         maglev_size=args.maglev_size)
             nodes.append(node)
             servers.append(serve(node, args.listen.replace("{i}", str(i)),
-                                 max_workers=8 if count == 1 else 2, exporter=exporter))
+                                 max_workers=8 if count == 1 else 2, exporter=exporter,
+                                 tls=tls, insecure_tcp=args.insecure_tcp))
         start_metrics(exporter, nodes)
     except (StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
@@ -204,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.datapath == "memory":
         return simulate(args, settings, stop)
 
+    try:
+        tls = _server_tls(args)
+    except StartupError as e:
+        log.error("dpd_start_failed", error=str(e))
+        return 1
     stop.watch(log, prefix="dpd_")  # from here a stop ends the process within 2 s
     exporter = _exporter(args)
     stop.step("load")  # compiling (a child process) stops when a stop signal is pending
@@ -236,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 node.attach(ifname, xdp_mode)
         if not stop.requested():
             stop.step("serve")
-            server = serve(node, args.listen, exporter=exporter)
+            server = serve(node, args.listen, exporter=exporter, tls=tls,
+                           insecure_tcp=args.insecure_tcp)
             start_metrics(exporter, [node])
     except (InterfaceMissing, StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))

@@ -116,10 +116,15 @@ def start_server(
     max_workers: int = 16,
     options: list[tuple[str, int]] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    socket_mode: int | None = None,
 ) -> Server:
     """Serve `service_name` (added to the server by `register`), health and reflection
     on `listen` (``HOST:PORT``, port 0 for any free port, or ``unix:PATH``);
-    `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them)."""
+    `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them).
+    With `credentials` (xlbcore.tls) the port serves TLS; `socket_mode` is set on a unix
+    socket before the server accepts calls (dpd: 0600). Who may call what: the caller's
+    checks go in `interceptors` (xlbcore.auth.AuthInterceptor)."""
     try:
         addr = listen if isinstance(listen, Address) else parse_address(
             listen, "listen", allow_port_zero=True)
@@ -139,9 +144,18 @@ def start_server(
     if addr.is_unix:
         prepare_unix_socket(addr.path)
     try:
-        port = server.add_insecure_port(addr.text)
+        if credentials is not None:
+            port = server.add_secure_port(addr.text, credentials)
+        else:
+            port = server.add_insecure_port(addr.text)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {addr.text}: {exc}") from None
+    if addr.is_unix and socket_mode is not None:
+        try:
+            os.chmod(addr.path, socket_mode)  # bound (not yet accepting): before start()
+        except OSError as exc:
+            server.stop(0)
+            raise StartupError(f"{addr.path}: chmod: {exc.strerror}") from None
     server.start()
     for name in ("", service_name):
         hs.set(name, health_pb2.HealthCheckResponse.SERVING)
