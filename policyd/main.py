@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import structlog
 
@@ -10,6 +11,7 @@ from policyd.reconciler import ReconcilerSettings
 from policyd.server import DEFAULT_LISTEN, PolicydConfig, PolicyServer, StartupError
 from xlbcore.daemon import STOP_LIMIT, StopSignals
 from xlbcore.logs import FORMATS, LEVELS, configure_logging
+from xlbcore.tls import ClientTLS, ServerTLS, TLSError
 
 # In-flight calls get at most this on shutdown, so that the whole stop (API, reconciler
 # workers, store) fits in STOP_LIMIT: Server.stop waits about grace, at most grace + 1 s.
@@ -80,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, port 0: any free "
         "port, or unix:PATH; see docs/metrics.md); off by default",
     )
+    trust = p.add_argument_group("trust (docs/security.md)")
+    trust.add_argument("--tls-cert", default="", metavar="FILE",
+                       help="serve the API over TLS with this certificate (xlbctl certs issue "
+                       "NAME --server HOST)")
+    trust.add_argument("--tls-key", default="", metavar="FILE", help="its private key")
+    trust.add_argument("--tls-ca", default="", metavar="FILE",
+                       help="accept client certificates of this CA; their xlb-role (admin or "
+                       "read-only) decides what they may call")
+    trust.add_argument("--token-file", default="", metavar="FILE",
+                       help="accept bearer tokens listed here (NAME ROLE sha256:HEX a line; "
+                       "xlbctl certs token writes them); re-read when it changes")
+    trust.add_argument("--insecure-tcp", action="store_true",
+                       help="serve TCP without --tls-ca or --token-file: anyone who reaches "
+                       "the port is admin (test networks only; logged as a warning)")
+    trust.add_argument("--node-tls-ca", default="", metavar="FILE",
+                       help="the CA of the dpd nodes' server certificates (nodes at HOST:PORT "
+                       "are then dialled with TLS)")
+    trust.add_argument("--node-tls-cert", default="", metavar="FILE",
+                       help="policyd's client certificate towards dpd nodes (role admin)")
+    trust.add_argument("--node-tls-key", default="", metavar="FILE", help="its private key")
     p.add_argument("--log-format", choices=FORMATS, default="kv")
     p.add_argument("--log-level", choices=LEVELS, default="info")
     p.add_argument(
@@ -91,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
         f"a stop ends within {STOP_LIMIT:g} s)",
     )
     return p
+
+
+def _trust(args: argparse.Namespace) -> dict[str, Any]:
+    """PolicydConfig's trust fields from the flags; TLSError when they do not fit."""
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise TLSError("--tls-cert and --tls-key go together")
+        tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_ca)
+    elif args.tls_ca:
+        raise TLSError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    node_tls = None
+    if args.node_tls_ca or args.node_tls_cert or args.node_tls_key:
+        if not args.node_tls_ca:
+            raise TLSError("--node-tls-cert and --node-tls-key need --node-tls-ca")
+        node_tls = ClientTLS(ca=args.node_tls_ca, cert=args.node_tls_cert,
+                             key=args.node_tls_key)
+        node_tls.credentials()  # unreadable files fail now, not at the first node
+    return {"tls": tls, "token_file": args.token_file, "insecure_tcp": args.insecure_tcp,
+            "node_tls": node_tls}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
 
         exporter = Exporter(args.metrics)
         reconciler = exporter.settings(reconciler)  # pass durations and errors
+    try:
+        trust = _trust(args)
+    except (TLSError, StartupError) as exc:
+        log.error("policyd.start_failed", error=str(exc))
+        return 1
     config = PolicydConfig(listen=args.listen, db_path=args.db, reconciler=reconciler,
-                           interceptors=(exporter.rpc,) if exporter else ())
+                           interceptors=(exporter.rpc,) if exporter else (), **trust)
     server = None
     if not stop.requested():
         stop.step("server_start")

@@ -34,6 +34,7 @@ from xlbcore.service import (
     parse_service,
     parse_service_key,
 )
+from xlbcore.tls import ClientTLS
 
 log = structlog.get_logger()
 
@@ -59,8 +60,20 @@ CHANNEL_OPTIONS = [
 DETAILS_MAX = 200  # characters of an error's text kept in a node's status and the log
 
 
-def open_channel(address: str) -> grpc.Channel:
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None
+                 ) -> grpc.Channel:
+    """A channel to a dpd: with `credentials` (TLS with policyd's client certificate)
+    to a HOST:PORT; a unix socket is always plaintext (its file mode guards it)."""
+    if credentials is not None and not address.startswith("unix:"):
+        return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def node_channels(tls: ClientTLS | None) -> dict[str, Callable[[str], grpc.Channel]]:
+    """Reconciler keyword arguments for nodes reached with `tls` (none: the default)."""
+    if tls is None:
+        return {}
+    return {"channel_factory": functools.partial(open_channel, credentials=tls.credentials())}
 
 
 def describe_error(exc: BaseException) -> str:

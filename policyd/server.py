@@ -20,19 +20,25 @@ import grpc
 import structlog
 
 from policyd.defaults import DEFAULT_LISTEN
+from policyd.nodeclient import node_channels
 from policyd.reconciler import Reconciler, ReconcilerSettings
 from policyd.servicer import PolicyServicer
 from policyd.store import Store
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
 from xlbcore.address import Address, parse_address
+from xlbcore.auth import AuthInterceptor, TokenFile
 from xlbcore.errors import ValidationError
 from xlbcore.server import Server, StartupError, start_server
+from xlbcore.tls import ClientTLS, ServerTLS, TLSError, check_listen
 
 __all__ = ["DEFAULT_LISTEN", "PolicyServer", "PolicydConfig", "StartupError"]
 
 log = structlog.get_logger()
 
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+# A unix socket without credentials is local trust: its owner and group (chgrp it to
+# the operators' group) have every role.
+SOCKET_MODE = 0o660
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,13 @@ class PolicydConfig:
     max_workers: int = 16  # gRPC handler threads
     # see every call of the API (xlbcore.metrics.RpcMetrics with --metrics)
     interceptors: tuple[grpc.ServerInterceptor, ...] = ()
+    # Trust (docs/security.md): the API's TLS (its client_ca: client certificates with
+    # roles), a token file (bearer tokens with roles); either one turns on the role
+    # checks (xlbcore.auth). Without them: a unix socket only, unless insecure_tcp.
+    tls: ServerTLS | None = None
+    token_file: str = ""
+    insecure_tcp: bool = False
+    node_tls: ClientTLS | None = None  # policyd's certificate towards dpd nodes over TCP
 
 
 class PolicyServer:
@@ -65,14 +78,18 @@ class PolicyServer:
             raise StartupError(f"store {self.config.db_path}: {exc}") from exc
         store = self.store
         try:
-            self.reconciler = Reconciler(store, self.config.reconciler)
+            interceptors, credentials = self._security()
+            self.reconciler = Reconciler(store, self.config.reconciler,
+                                         **node_channels(self.config.node_tls))
             servicer = PolicyServicer(store, self.reconciler)
             self._server = start_server(
                 self._listen,
                 POLICY_SERVICE,
                 lambda server: policy_pb2_grpc.add_PolicyServicer_to_server(servicer, server),
                 max_workers=self.config.max_workers,
-                interceptors=self.config.interceptors,
+                interceptors=self.config.interceptors + interceptors,
+                credentials=credentials,
+                socket_mode=SOCKET_MODE,
             )
         except BaseException:
             store.close()
@@ -88,6 +105,30 @@ class PolicyServer:
             resync_interval=self.config.reconciler.resync_interval,
         )
         return self
+
+    def _security(self) -> tuple[tuple[grpc.ServerInterceptor, ...],
+                                 grpc.ServerCredentials | None]:
+        """The role checks and TLS credentials of the config; StartupError when the
+        listen address may not be served with them."""
+        config = self.config
+        try:
+            tokens = TokenFile(config.token_file) if config.token_file else None
+            tls = config.tls
+            credentials = tls.credentials() if tls is not None else None
+            authenticated = tokens is not None or bool(tls and tls.client_ca)
+            check_listen(self._listen, authenticated, config.insecure_tcp, "xlb-policyd",
+                         "--tls-ca (client certificates) or --token-file")
+        except TLSError as exc:
+            raise StartupError(str(exc)) from None
+        if tokens is not None and tls is None and not self._listen.is_unix:
+            log.warning("policyd.tokens_in_clear", listen=self._listen.text,
+                        note="bearer tokens over TCP without TLS can be read on the network; "
+                             "add --tls-cert and --tls-key")
+        if not authenticated:
+            return (), credentials
+        log.info("policyd.auth", tokens=len(tokens) if tokens is not None else 0,
+                 client_certificates=bool(tls and tls.client_ca), tls=tls is not None)
+        return (AuthInterceptor(tokens, daemon="policyd"),), credentials
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server ends (True) or `timeout` passes (False)."""
