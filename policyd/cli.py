@@ -43,6 +43,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from policyd import cli_certs
 from policyd.client import (
     ACTIONS,
     ALGORITHMS,
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"policyd address, HOST:PORT or unix:PATH (default ${ENV_SERVER} or {DEFAULT_LISTEN})",
     )
     p.add_argument("--rpc-timeout", type=float, default=10.0, help="seconds per call")
+    cli_certs.add_connection_args(p)
     sub = p.add_subparsers(dest="group", required=True)
+    cli_certs.add_certs_parser(sub)
 
     svc = sub.add_parser("service", help="desired services").add_subparsers(
         dest="verb", required=True
@@ -373,8 +376,11 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.group == "certs":  # local files only: no server
+        return cli_certs.run(args)
     try:
-        with PolicyClient(args.server, timeout=args.rpc_timeout) as client:
+        with PolicyClient(args.server, timeout=args.rpc_timeout,
+                          **cli_certs.connection(args)) as client:
             return run(args, client)
     except ValueError as exc:  # a malformed argument caught before any call
         parser.error(str(exc))

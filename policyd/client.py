@@ -150,14 +150,27 @@ def make_route(name: str, prefix: str, next_hops: Iterable[str | types_pb2.NextH
 
 
 class PolicyClient:
-    def __init__(self, target: str, timeout: float = 10.0) -> None:
+    """`credentials`: TLS (xlbcore.tls.ClientTLS(...).credentials()); `token`: a bearer
+    token sent with every call (docs/security.md)."""
+
+    def __init__(self, target: str, timeout: float = 10.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if credentials is not None:
+            self._raw = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._raw = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = self._raw
+        if token:
+            from xlbcore.auth import BearerToken
+
+            self.channel = grpc.intercept_channel(self._raw, BearerToken(token))
         self.stub = policy_pb2_grpc.PolicyStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw.close()
 
     def __enter__(self) -> PolicyClient:
         return self
@@ -167,7 +180,7 @@ class PolicyClient:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects; grpc.FutureTimeoutError otherwise."""
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        grpc.channel_ready_future(self._raw).result(timeout=timeout)
 
     # -- services ----------------------------------------------------------------------
 
