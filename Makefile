@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test lint unit bench bench-quick bench-cluster bench-cluster-sim clean
+.PHONY: setup run test lint unit bench bench-quick bench-cluster bench-cluster-sim cluster-test clean
 
 setup:
 	bash scripts/setup.sh
@@ -36,6 +36,11 @@ bench-cluster-sim: setup
 	$(PY) -m bench.cluster --nodes 1 20 --per-process 1 --kill 5 \
 		--out bench/results/cluster-sim-small-$(DATE).json
 	$(PY) -m bench.cluster --nodes 50 100 200 --out bench/results/cluster-sim-$(DATE).json
+
+# docker-compose.yml on a real Docker engine: build, bring up, check, tear down (docs/cluster.md).
+# Needs no venv: it installs docker.io/docker-compose if missing and builds the image.
+cluster-test:
+	bash scripts/cluster_test.sh
 
 clean:
 	rm -rf .venv xlb build *.egg-info
