@@ -1,7 +1,9 @@
 """Conntrack: read back, flush, and age ct_v4_map.
 
 ct_v4_map is an LRU hash, so a full table evicts the least recently used flows rather
-than refusing new ones; aging removes finished and idle flows before that happens.
+than refusing new ones (docs/conntrack.md says why); aging removes finished and idle
+flows before that happens, each by the timeouts of its service (a service's
+ConntrackTimeouts over the node's defaults, xlb-dpd --ct-timeout).
 A flow's two entries (ORIG and REPLY) age together: the flow is idle for as long as
 its most recently used direction. Entries are decoded by field name with the ABI's
 struct xlb_ct_key / xlb_ct_val; the table works on the map seam (dpd/maps.py).
@@ -13,14 +15,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import structlog
 
 from dpd.abi import Abi
 from dpd.loader import Datapath
-from xlbcore.service import Proto, ServiceKey
+from xlbcore.errors import ValidationError, quote
+from xlbcore.service import CT_TIMEOUT_FIELDS, CtTimeoutsSpec, Proto, ServiceKey
 
 log = structlog.get_logger("dpd.conntrack")
 
@@ -37,6 +40,28 @@ class Timeouts:
     tcp_closed: int = 10 * SECOND
     udp_new: int = 30 * SECOND
     udp_established: int = 180 * SECOND
+
+    def over(self, spec: CtTimeoutsSpec | None) -> Timeouts:
+        """These timeouts with a service's (seconds; 0: keep this one) over them."""
+        if spec is None:
+            return self
+        values = [getattr(spec, f) for f in CT_TIMEOUT_FIELDS]
+        return Timeouts(*[v * SECOND if v else getattr(self, f.name)
+                          for v, f in zip(values, fields(self), strict=True)])
+
+    @classmethod
+    def parse(cls, items: list[str]) -> Timeouts:
+        """From STATE=SECONDS items (xlb-dpd --ct-timeout), STATE one of
+        ConntrackTimeouts' fields (tcp_handshake, ..., udp_established)."""
+        t = cls()
+        names = dict(zip(CT_TIMEOUT_FIELDS, [f.name for f in fields(cls)], strict=True))
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in names or not value.isdigit() or not 0 < int(value) <= 7 * 86400:
+                raise ValidationError(f"--ct-timeout: {quote(item)} is not STATE=SECONDS "
+                                      f"(1..604800) with STATE one of {', '.join(names)}")
+            t = replace(t, **{names[name]: int(value) * SECOND})
+        return t
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,33 @@ def expired(proto: int, state: int, idle_ns: int, s: States, t: Timeouts) -> boo
 
 
 @dataclass(frozen=True)
+class CtFilter:
+    """What ListConntrack/FlushConntrack match: every field set must match a flow."""
+
+    service: ServiceKey | None = None
+    endpoint: str = ""  # the endpoint's address
+    endpoint_port: int = 0
+    client: str = ""
+    state: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v}" for k, v in (("service", self.service or ""),
+                                         ("endpoint", self.endpoint),
+                                         ("endpoint_port", self.endpoint_port or ""),
+                                         ("client", self.client), ("state", self.state or ""))
+                 if v]
+        return " ".join(parts)
+
+
+@dataclass
+class CtCounters:
+    """Flows removed by dpd since it started (docs/conntrack.md)."""
+
+    expired: int = 0
+    flushed: int = 0
+
+
+@dataclass(frozen=True)
 class CtEntry:
     proto: Proto
     src: str
@@ -87,9 +139,13 @@ class CtEntry:
 
 class Conntrack:
     def __init__(self, dp: Datapath, timeouts: Timeouts | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
-        """`clock`: the clock of last_ns (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC)."""
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 per_service: Callable[[], dict[int, CtTimeoutsSpec]] = dict) -> None:
+        """`clock`: the clock of last_ns (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC);
+        `per_service`: svc_id -> the timeouts of the services that set them."""
         self.map = dp.maps["ct_v4_map"]
+        self.per_service = per_service
+        self.counters = CtCounters()
         self.key = dp.abi.structs["xlb_ct_key"].codec
         self.val = dp.abi.structs["xlb_ct_val"].codec
         self.states = States.of(dp.abi)
@@ -109,10 +165,39 @@ class Conntrack:
         return self.key.pack(saddr=k["daddr"], daddr=v["nat_addr"], sport=k["dport"],
                              dport=v["nat_port"], proto=k["proto"])  # original: client -> VIP
 
-    def entries(self) -> list[CtEntry]:
+    def _matcher(self, f: CtFilter) -> Callable[[dict[str, Any], dict[str, Any]], bool]:
+        """A test of one decoded entry (both of a flow's entries answer alike)."""
+        orig = self.states.orig
+        svc_key = (socket.inet_aton(f.service.vip), f.service.port,
+                   int(f.service.proto)) if f.service is not None else None
+        ep = socket.inet_aton(f.endpoint) if f.endpoint else None
+        client = socket.inet_aton(f.client) if f.client else None
+
+        def match(k: dict[str, Any], v: dict[str, Any]) -> bool:
+            if f.state and v["state"] != f.state:
+                return False
+            if svc_key is not None:
+                s = v["svc"]
+                if (s["vip"], s["port"], s["proto"]) != svc_key:
+                    return False
+            if v["dir"] == orig:  # client -> VIP, rewritten to the endpoint
+                e_addr, e_port, c_addr = v["nat_addr"], v["nat_port"], k["saddr"]
+            else:  # endpoint -> client
+                e_addr, e_port, c_addr = k["saddr"], k["sport"], k["daddr"]
+            if ep is not None and (e_addr != ep or (f.endpoint_port
+                                                    and e_port != f.endpoint_port)):
+                return False
+            return client is None or c_addr == client
+
+        return match
+
+    def entries(self, match: CtFilter | None = None) -> list[CtEntry]:
         now = self.clock()
         out = []
+        test = self._matcher(match) if match else None
         for _, k, v in self._decoded():
+            if test is not None and not test(k, v):
+                continue
             svc = v["svc"]
             out.append(CtEntry(
                 Proto(k["proto"]), socket.inet_ntoa(k["saddr"]), k["sport"],
@@ -127,8 +212,16 @@ class Conntrack:
     def count(self) -> int:
         return self.map.count()
 
-    def flush(self) -> int:
-        return self.map.delete_batch([k for k, _ in self.map.items()])
+    def flush(self, match: CtFilter | None = None) -> int:
+        """Remove the entries of every flow `match` matches (all without it)."""
+        if match is None:
+            doomed = [k for k, _ in self.map.items()]
+        else:
+            test = self._matcher(match)
+            doomed = [raw for raw, k, v in self._decoded() if test(k, v)]
+        n = self.map.delete_batch(doomed)
+        self.counters.flushed += (n + 1) // 2
+        return n
 
     def age_once(self) -> int:
         """Delete expired flows (both entries); returns the number of entries removed.
@@ -138,22 +231,31 @@ class Conntrack:
         items = self._decoded()
         last_of = {raw: v["last_ns"] for raw, _, v in items}
         doomed: list[bytes] = []
+        flows = 0
+        base = self.timeouts
+        # svc_id -> its timeouts over the defaults (a firewall pass flow, no service: -1)
+        per_service = {i: base.over(spec) for i, spec in self.per_service().items()}
         for raw, k, v in items:
+            t = per_service.get(v["svc_id"] if v["svc"]["proto"] else -1, base) \
+                if per_service else base
             peer = self.peer_key(k, v)
             peer_last = last_of.get(peer)
             last = v["last_ns"]
             if v["dir"] == self.states.orig:
                 if peer_last is not None:
                     last = max(last, peer_last)
-                if expired(k["proto"], v["state"], now - last, self.states, self.timeouts):
+                if expired(k["proto"], v["state"], now - last, self.states, t):
                     doomed.append(raw)
+                    flows += 1
                     if peer_last is not None:
                         doomed.append(peer)
             elif peer_last is None and expired(k["proto"], v["state"], now - last,
-                                               self.states, self.timeouts):
+                                               self.states, t):
                 doomed.append(raw)
+                flows += 1
         removed = self.map.delete_batch(doomed) if doomed else 0
         if removed:
+            self.counters.expired += flows
             log.info("conntrack_aged", removed=removed, remaining=len(items) - removed)
         return removed
 

@@ -40,6 +40,22 @@ def _maglev_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ct_timeout(text: str) -> str:
+    from dpd.conntrack import Timeouts
+
+    try:
+        Timeouts.parse([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _ct_timeouts(args: argparse.Namespace) -> Any:
+    from dpd.conntrack import Timeouts
+
+    return Timeouts.parse(args.ct_timeout)
+
+
 def _route_proto(text: str) -> int:
     try:
         return check_proto(int(text))
@@ -90,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hand NATed packets to the kernel to route instead of bpf_redirect")
     p.add_argument("--ct-aging-interval", type=float, default=5.0,
                    help="seconds between conntrack aging sweeps (0: off)")
+    p.add_argument("--ct-timeout", type=_ct_timeout, action="append", default=[],
+                   metavar="STATE=SECONDS",
+                   help="the node's default idle timeout of a conntrack state (repeat for "
+                        "several): tcp_handshake (30), tcp_established (3600), tcp_closing "
+                        "(60), tcp_closed (10), udp_new (30), udp_established (180); a "
+                        "service's conntrack_timeouts override them (docs/conntrack.md)")
     p.add_argument("--datapath", choices=("kernel", "memory"), default="kernel",
                    help="kernel: load the eBPF datapath; memory: a simulated node (dpd's "
                         "real tables and API over in-memory maps, no kernel, no root)")
@@ -192,7 +214,7 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
                 break
             name = settings.name if count == 1 else f"{settings.name}-{i}"
             node = Node(MemoryDatapath(replace(settings, name=name)), ct_aging_interval=0,
-                        maglev_size=args.maglev_size)
+                        maglev_size=args.maglev_size, ct_timeouts=_ct_timeouts(args))
             nodes.append(node)
             servers.append(serve(node, args.listen.replace("{i}", str(i)),
                                  max_workers=8 if count == 1 else 2, exporter=exporter,
@@ -259,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.step("load")  # compiling (a child process) stops when a stop signal is pending
     try:
         node = Node.load(settings, ct_aging_interval=args.ct_aging_interval,
-                         should_stop=stop.requested, maglev_size=args.maglev_size)
+                         should_stop=stop.requested, maglev_size=args.maglev_size,
+                         ct_timeouts=_ct_timeouts(args))
     except LoaderError as e:
         if stop.requested():  # cancelled by the stop signal: a stop, not a failure
             log.info("dpd_signal", signal=stop.wait().name, during="start-up")

@@ -12,8 +12,9 @@ import structlog
 from dpd import attach, bpfsys, maglev, routes, xdp
 from dpd.attach import Attachment
 from dpd.blocklist import Blocklist
-from dpd.conntrack import Conntrack, CtEntry
+from dpd.conntrack import Conntrack, CtEntry, CtFilter, Timeouts
 from dpd.firewall import FirewallTable, Links, StaticLinks
+from dpd.health import HealthMonitor
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
 from dpd.services import Counter, ServiceTable, sum_counters
 from dpd.xdp import XdpMode, XdpState
@@ -33,7 +34,11 @@ class MapFill:
 
 class Node:
     def __init__(self, dp: Datapath, ct_aging_interval: float = 5.0,
-                 maglev_size: int = maglev.DEFAULT_SIZE) -> None:
+                 maglev_size: int = maglev.DEFAULT_SIZE,
+                 ct_timeouts: Timeouts | None = None,
+                 health_probes: bool | None = None) -> None:
+        """`health_probes`: run the prober (default: on a kernel datapath; a simulated
+        node probes nothing and reports its endpoints UNKNOWN)."""
         self.settings: Settings = dp.settings
         self.dp = dp
         if dp.abi.const("XLB_MAX_EPS") < MAX_ENDPOINTS:
@@ -43,13 +48,20 @@ class Node:
         self.services = ServiceTable(dp, maglev_size)
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
-        self.conntrack = Conntrack(dp)
+        self.conntrack = Conntrack(dp, ct_timeouts, per_service=self.services.ct_timeouts)
+        self.health = HealthMonitor(self.services.set_down)
+        self.health.update(self.services.specs())  # what a restarted dpd read back
+        if health_probes if health_probes is not None else dp.kind == "kernel":
+            self.health.start()
         self.blocklist = Blocklist(dp)
         self.firewall = FirewallTable(dp, Links() if dp.kind == "kernel" else StaticLinks())
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())
         self._stat_names = dp.abi.stat_names()
         self._counter = dp.abi.structs["xlb_counter"].codec
+        # what the datapath had created and held when this dpd started: the baseline
+        # of the evicted estimate (conntrack_counters)
+        self._ct_base = (self._created(self.global_stats()), self.conntrack.count() // 2)
         if ct_aging_interval > 0:
             self.conntrack.start_aging(ct_aging_interval)
         if dp.kind == "kernel" and dp.programs_changed:
@@ -62,13 +74,14 @@ class Node:
     @classmethod
     def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
              should_stop: Callable[[], bool] = lambda: False,
-             maglev_size: int = maglev.DEFAULT_SIZE) -> Node:
+             maglev_size: int = maglev.DEFAULT_SIZE,
+             ct_timeouts: Timeouts | None = None) -> Node:
         """A node on the kernel datapath (compiled, or reused from the pins)."""
         from dpd.loader import KernelDatapath
 
         dp = KernelDatapath(settings, should_stop)
         try:
-            return cls(dp, ct_aging_interval, maglev_size)
+            return cls(dp, ct_aging_interval, maglev_size, ct_timeouts)
         except BaseException:
             dp.close()
             raise
@@ -128,11 +141,13 @@ class Node:
     # services
     def put_services(self, specs: list[ServiceSpec]) -> int:
         n = self.services.put(specs)
+        self.health.update(specs)
         log.debug("services_put", count=n)
         return n
 
     def delete_services(self, keys: list[ServiceKey]) -> int:
         n = self.services.delete(keys)
+        self.health.remove(keys)
         log.debug("services_deleted", requested=len(keys), deleted=n)
         return n
 
@@ -148,12 +163,12 @@ class Node:
         return self.services.instance_id
 
     # conntrack
-    def list_conntrack(self) -> list[CtEntry]:
-        return self.conntrack.entries()
+    def list_conntrack(self, match: CtFilter | None = None) -> list[CtEntry]:
+        return self.conntrack.entries(match)
 
-    def flush_conntrack(self) -> int:
-        n = self.conntrack.flush()
-        log.info("conntrack_flushed", entries=n)
+    def flush_conntrack(self, match: CtFilter | None = None) -> int:
+        n = self.conntrack.flush(match)
+        log.info("conntrack_flushed", entries=n, filter=str(match) if match else "")
         return n
 
     # counters
@@ -166,8 +181,28 @@ class Node:
             out[name] = sum_counters(self._counter, m.split(raw) if raw else [])
         return out
 
+    @staticmethod
+    def _created(stats: Mapping[str, Counter]) -> int:
+        return sum(stats[n].packets for n in ("new_flow", "fw_pass_flow") if n in stats)
+
+    def conntrack_counters(self, stats: Mapping[str, Counter]) -> dict[str, int]:
+        """created, refused (from the datapath's counters `stats`), expired, flushed,
+        evicted (estimated since this dpd started), live and capacity, in flows."""
+        live = self.conntrack.count() // 2
+        created = self._created(stats)
+        c = self.conntrack.counters
+        base_created, base_live = self._ct_base
+        evicted = (created - base_created) - c.expired - c.flushed - (live - base_live)
+        return {"created": created,
+                "refused": sum(stats[n].packets for n in ("drop_ct_insert", "drop_ct_clash")
+                               if n in stats),
+                "expired": c.expired, "flushed": c.flushed, "evicted": max(0, evicted),
+                "live": live, "capacity": self.conntrack.map.spec.max_entries // 2}
+
     def reset_global_stats(self) -> None:
         self.dp.maps["stats_map"].zero(list(self._stat_names))
+        self._ct_base = (0, self.conntrack.count() // 2)
+        self.conntrack.counters.expired = self.conntrack.counters.flushed = 0
 
     # node
     def maps(self, used: Mapping[str, int] | None = None) -> list[MapFill]:
@@ -201,6 +236,7 @@ class Node:
     def close(self) -> None:
         """Stop background work and release fds; the datapath keeps running."""
         self.conntrack.stop()
+        self.health.stop()
         self.routes.close()
         self.dp.close()
 

@@ -8,7 +8,9 @@ from typing import Any
 import structlog
 
 from dpd.blocklist_rpcs import BlocklistRpcs, parse_xdp_mode
+from dpd.conntrack import CtFilter
 from dpd.firewall_rpcs import FirewallRpcs
+from dpd.health import EndpointHealth
 from dpd.node import Node
 from dpd.route_rpcs import RouteRpcs
 from xlb.dpd.v1 import datapath_pb2 as pb
@@ -18,8 +20,11 @@ from xlbcore import gcpause
 from xlbcore.errors import ValidationError
 from xlbcore.rpc import rpc
 from xlbcore.service import (
+    ServiceKey,
     fill_service,
     fill_service_key,
+    parse_ipv4,
+    parse_port,
     parse_service_key,
     parse_services,
     proto_to_api,
@@ -35,6 +40,32 @@ BULK = 1000  # a PutServices this large freezes the heap (see PutServices)
 def _interface(a: Any, tag: str) -> pb.Interface:
     return pb.Interface(name=a.name, ifindex=a.ifindex, attached=a.attached,
                         program_tag=tag if a.attached else "")
+
+
+def _fill_status(msgs: Any, statuses: list[EndpointHealth]) -> None:
+    add = msgs.add
+    for h in statuses:
+        add(address=h.address, port=h.port, health=int(h.state), reason=h.reason,
+            since_unix_ms=h.since_ms)
+
+
+def _ct_filter(request: Any) -> CtFilter | None:
+    """The filter fields of a List/FlushConntrackRequest; None when none is set."""
+    service = (parse_service_key(request.service, "service")
+               if request.HasField("service") else None)
+    endpoint = parse_ipv4(request.endpoint_address, "endpoint_address", unicast=False) \
+        if request.endpoint_address else ""
+    if request.endpoint_port and not endpoint:
+        raise ValidationError("endpoint_port: needs endpoint_address")
+    port = parse_port(request.endpoint_port, "endpoint_port") if request.endpoint_port else 0
+    client = parse_ipv4(request.client_address, "client_address", unicast=False) \
+        if request.client_address else ""
+    state = request.state
+    if state not in pb.ConntrackState.values():
+        raise ValidationError(f"state: unknown conntrack state {state}")
+    if service is None and not endpoint and not client and not state:
+        return None
+    return CtFilter(service, endpoint, port, client, state)
 
 
 def _require(name: str, field: str = "name") -> str:
@@ -106,8 +137,12 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathS
 
     @rpc
     def ListServices(self, request: Any, context: Any) -> Iterator[pb.Service]:  # noqa: N802
+        health = self.node.health
         for spec in self.node.list_services():
-            yield fill_service(pb.Service(), spec)
+            msg = fill_service(pb.Service(), spec)
+            if spec.health is not None:
+                _fill_status(msg.endpoint_status, health.status(spec.key))
+            yield msg
 
     @rpc
     def GetServicesSummary(self, request: Any, context: Any) -> pb.ServicesSummary:  # noqa: N802
@@ -130,6 +165,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathS
         resp.tables.add(table="routes", generation=generation, count=count, digest=digest)
         generation, count = n.blocklist.summary()
         resp.tables.add(table="blocklist", generation=generation, count=count)
+        generation, count = n.health.summary()
+        resp.tables.add(table="health", generation=generation, count=count)
         for t in resp.tables:
             t.datapath_id, t.instance_id = n.datapath_id, n.instance_id
         return resp
@@ -148,7 +185,7 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathS
 
     @rpc
     def ListConntrack(self, request: Any, context: Any) -> Iterator[pb.ConntrackEntry]:  # noqa: N802
-        for e in self.node.list_conntrack():
+        for e in self.node.list_conntrack(_ct_filter(request)):
             msg = pb.ConntrackEntry(
                 protocol=types_pb2.Protocol.ValueType(proto_to_api(e.proto)),
                 src=e.src,
@@ -167,14 +204,39 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathS
 
     @rpc
     def FlushConntrack(self, request: Any, context: Any) -> pb.FlushConntrackResponse:  # noqa: N802
-        return pb.FlushConntrackResponse(flushed=self.node.flush_conntrack())
+        return pb.FlushConntrackResponse(flushed=self.node.flush_conntrack(_ct_filter(request)))
+
+    @rpc
+    def ListEndpointHealth(self, request: Any, context: Any) -> pb.ListEndpointHealthResponse:  # noqa: N802
+        keys: list[ServiceKey] = [parse_service_key(k, f"services[{i}]")
+                                  for i, k in enumerate(request.services)]
+        health = self.node.health
+        generation, _ = health.summary()
+        resp = pb.ListEndpointHealthResponse(generation=generation,
+                                             instance_id=self.node.instance_id)
+        for key in keys or sorted(health.checked(), key=lambda k: (k.vip, k.port, k.proto)):
+            statuses = health.status(key)
+            if not statuses:
+                continue
+            s = resp.services.add()
+            fill_service_key(s.service, key)
+            _fill_status(s.endpoints, statuses)
+        return resp
 
     @rpc
     def GetStats(self, request: Any, context: Any) -> pb.GetStatsResponse:  # noqa: N802
         keys = [parse_service_key(k, f"services[{i}]") for i, k in enumerate(request.services)]
         resp = pb.GetStatsResponse()
-        for name, counter in self.node.global_stats().items():
+        stats = self.node.global_stats()
+        for name, counter in stats.items():
             resp.global_counters[name] = counter.packets
+        for name, value in self.node.conntrack_counters(stats).items():
+            setattr(resp.conntrack, name, value)
+        h = self.node.health
+        hc = h.counters
+        resp.health.probes, resp.health.failures = hc.probes, hc.failures
+        resp.health.went_down, resp.health.went_up = hc.went_down, hc.went_up
+        resp.health.deferred, resp.health.targets = hc.deferred, h.targets()
         if not keys:
             self._rule_stats(resp)
         for spec, total, eps in self.node.services.stats(keys or None):

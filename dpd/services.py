@@ -17,6 +17,15 @@ A Maglev service also has a lookup table in maglev_v4_map (dpd/maglev.py), one o
 keys per service (svc_id * 2 + the XLB_SVC_MAGLEV_B bit of its flags): a change writes
 the new table under the other key, then the service value that points at it, then
 deletes the old table (make-before-break); a delete removes the service, then its table.
+
+Endpoint health (dpd/health.py) takes an endpoint out of selection without changing the
+service: ``set_down`` rewrites the value with the slot table (and Maglev table) built
+as if the endpoint's weight were 0, while the value keeps the configured weights (the
+datapath reads only the slots), so ListServices and a restarted dpd read back what the
+API gave. It moves no generation. When every endpoint with weight is down, selection
+uses the configured weights (fail open: a check that is wrong must not take a service
+down). A service's health check and conntrack timeouts are kept in svc_cfg_map (dpd's
+record; the datapath never reads it).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import struct
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate, chain, compress, repeat
 from operator import attrgetter, itemgetter, mul
 from typing import NamedTuple
@@ -43,7 +52,18 @@ from dpd.maps import MapFull
 from dpd.slots import build_slots
 from xlbcore import gcpause
 from xlbcore.errors import Exhausted
-from xlbcore.service import Algorithm, EndpointSpec, Mode, Proto, ServiceKey, ServiceSpec
+from xlbcore.service import (
+    CT_TIMEOUT_FIELDS,
+    Algorithm,
+    CtTimeoutsSpec,
+    EndpointSpec,
+    HealthKind,
+    HealthSpec,
+    Mode,
+    Proto,
+    ServiceKey,
+    ServiceSpec,
+)
 
 log = structlog.get_logger("dpd.services")
 
@@ -53,6 +73,7 @@ _SPEC, _SVC_ID, _EP_IDS, _MAGLEV_B = (attrgetter("spec"), attrgetter("svc_id"),
 _ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"),
                                  attrgetter("mode"))
 _ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
+_HEALTH, _CT_TIMEOUTS = attrgetter("health"), attrgetter("ct_timeouts")
 _VIP_OF_KEY = itemgetter(slice(0, 4))  # a nat_v4_map key's first field
 _U32 = struct.Struct("<I")  # a vip_v4_map value: the VIP's service count
 
@@ -119,6 +140,10 @@ class ServiceTable:
         self.max_eps = abi.const("XLB_MAX_EPS")
         self.n_slots = abi.const("XLB_SLOTS")
         self.max_services = self.nat.spec.max_entries
+        self.cfg = dp.maps["svc_cfg_map"]
+        self._cfg = abi.structs["xlb_svc_cfg"].codec
+        # svc_id -> (address, port) of its endpoints out of selection (health)
+        self._down: dict[int, frozenset[tuple[str, int]]] = {}
         self._lock = threading.Lock()
         n_slots = self.n_slots
         # weights -> slot table, bounded (a process holds one table per node)
@@ -176,9 +201,72 @@ class ServiceTable:
     def _maglev_key(e: _Entry) -> bytes:
         return (e.svc_id * 2 + e.maglev_b).to_bytes(4, "little")
 
-    def _maglev_value(self, spec: ServiceSpec) -> bytes:
-        return self._maglev_table(tuple((ep.address, ep.port, ep.weight)
-                                        for ep in spec.endpoints))
+    def _maglev_value(self, e: _Entry) -> bytes:
+        weights = self._effective(e)
+        return self._maglev_table(tuple((ep.address, ep.port, w)
+                                        for ep, w in zip(e.spec.endpoints, weights, strict=True)))
+
+    def _effective(self, e: _Entry) -> tuple[int, ...]:
+        """The weights selection uses: 0 for an endpoint health took out of selection,
+        the configured weights when that leaves none (fail open)."""
+        configured = tuple(map(_WEIGHT, e.spec.endpoints))
+        down = self._down.get(e.svc_id) if e.spec.health is not None else None
+        if not down:
+            return configured
+        weights = tuple(0 if (ep.address, ep.port) in down else ep.weight
+                        for ep in e.spec.endpoints)
+        return weights if any(weights) else configured
+
+    # -- the record of health checks and conntrack timeouts (svc_cfg_map) -------------
+
+    def _cfg_value(self, spec: ServiceSpec) -> bytes:
+        h, ct = spec.health, spec.ct_timeouts
+        fields: dict[str, object] = {}
+        if h is not None:
+            path = h.http_path.encode()
+            fields.update(hc_kind=int(h.kind), hc_rise=h.rise, hc_fall=h.fall,
+                          hc_port=h.port, hc_status=h.http_status,
+                          hc_interval_ms=h.interval_ms, hc_timeout_ms=h.timeout_ms,
+                          hc_req_len=len(h.udp_request), hc_req=h.udp_request,
+                          hc_expect_len=len(h.udp_expect), hc_expect=h.udp_expect,
+                          hc_path_len=len(path), hc_path=path)
+        if ct is not None:
+            fields["ct_timeouts"] = tuple(getattr(ct, f) for f in CT_TIMEOUT_FIELDS)
+        return self._cfg.pack(**fields)
+
+    def _cfg_spec(self, raw: bytes) -> tuple[HealthSpec | None, CtTimeoutsSpec | None]:
+        v = self._cfg.unpack(raw)
+        health = None
+        if v["hc_kind"]:
+            health = HealthSpec(HealthKind(v["hc_kind"]), v["hc_port"], v["hc_interval_ms"],
+                                v["hc_timeout_ms"], v["hc_rise"], v["hc_fall"],
+                                bytes(v["hc_req"][:v["hc_req_len"]]),
+                                bytes(v["hc_expect"][:v["hc_expect_len"]]),
+                                bytes(v["hc_path"][:v["hc_path_len"]]).decode(),
+                                v["hc_status"])
+        ct = CtTimeoutsSpec(*v["ct_timeouts"]) if any(v["ct_timeouts"]) else None
+        return health, ct
+
+    @staticmethod
+    def _svc_key(svc_id: int) -> bytes:
+        return svc_id.to_bytes(4, "little")
+
+    def _write_cfg(self, entries: list[_Entry], old: list[_Entry | None]) -> None:
+        """The svc_cfg_map records of `entries` (what each replaced: `old`)."""
+        specs = list(map(_SPEC, entries))
+        if not (any(map(_HEALTH, specs)) or any(map(_CT_TIMEOUTS, specs))
+                or any(p is not None and (p.spec.health or p.spec.ct_timeouts)
+                       for p in old)):
+            return  # the common case: nothing set, nothing was
+        keys, vals, gone = [], [], []
+        for e in entries:
+            if e.spec.health is not None or e.spec.ct_timeouts is not None:
+                keys.append(self._svc_key(e.svc_id))
+                vals.append(self._cfg_value(e.spec))
+            else:
+                gone.append(self._svc_key(e.svc_id))
+        self.cfg.put_batch(keys, vals)
+        self.cfg.delete_batch(gone)
 
     def _values(self, entries: list[_Entry]) -> list[bytes]:
         """nat_v4_map values of `entries`, built column by column: every endpoint of
@@ -199,6 +287,11 @@ class ServiceTable:
         ep_bytes = map(blob.__getitem__, map(slice, map(mul, starts, repeat(size)),
                                              map(mul, ends, repeat(size))))
         tables = list(map(self._slot_table, map(weights.__getitem__, map(slice, starts, ends))))
+        if self._down:  # some endpoint is out of selection (health): its slots go
+            down = self._down
+            for i, e in enumerate(entries):
+                if e.svc_id in down:
+                    tables[i] = self._slot_table(self._effective(e))
         flags = map(mul, map(_MAGLEV_B, entries), repeat(self._maglev_flag))
         return list(map(self._pack_val, map(_SVC_ID, entries), map(_ALGORITHM, specs),
                         map(_MODE, specs), counts, flags, map(len, tables), ep_bytes, tables))
@@ -221,6 +314,14 @@ class ServiceTable:
                                Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]))
             out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
                                                1 if flags & flag else 0)
+        cfgs = {int.from_bytes(k, "little"): v for k, v in self.cfg.items()}
+        if cfgs:
+            for k, e in list(out.items()):
+                raw = cfgs.pop(e.svc_id, None)
+                if raw is not None:
+                    health, ct = self._cfg_spec(raw)
+                    out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct))
+            self.cfg.delete_batch([self._svc_key(i) for i in cfgs])  # of no service
         return out
 
     # -- reading ---------------------------------------------------------------------
@@ -330,11 +431,16 @@ class ServiceTable:
                 for i in range(0, len(tables), 256):  # 32 KiB values: bounded batches
                     part = tables[i:i + 256]
                     self.maglev.put_batch([self._maglev_key(e) for e in part],
-                                          [self._maglev_value(e.spec) for e in part])
+                                          [self._maglev_value(e) for e in part])
                 if plan:
                     self.nat.put_batch(keys, self._values(plan))
+                self._write_cfg(plan, old)
             except Exception as err:
                 self._restore(keys, old)
+                self._write_cfg([p for p in old if p is not None],
+                                [e for e, p in zip(plan, old, strict=True) if p is not None])
+                self.cfg.delete_batch([self._svc_key(e.svc_id)
+                                       for e, p in zip(plan, old, strict=True) if p is None])
                 self.maglev.delete_batch([self._maglev_key(e) for e in tables])
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
@@ -408,12 +514,78 @@ class ServiceTable:
                 self.nat.delete(k)
                 if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
                     self.maglev.delete_batch([self._maglev_key(e)])
+                if e.spec.health is not None or e.spec.ct_timeouts is not None:
+                    self.cfg.delete_batch([self._svc_key(e.svc_id)])
+                self._down.pop(e.svc_id, None)
                 del self._index[k]
                 self.svc_ids.release([e.svc_id])
                 self.stat_ids.release(e.ep_ids)
                 gone.append(k)
             self._count_vips(gone, -1)
             return len(gone)
+
+    # -- health ------------------------------------------------------------------------
+
+    def set_down(self, changes: dict[ServiceKey, frozenset[tuple[str, int]]]) -> int:
+        """Take endpoints out of selection, or put them back: for each service of
+        `changes`, the (address, port) of its endpoints that health found down (empty:
+        none). Rewrites each service whose set changed (slot and Maglev tables from the
+        weights less those endpoints); the spec, the index's configured weights and the
+        generation stay. Returns the services rewritten."""
+        with self._lock:
+            index, down = self._index, self._down
+            keys, plan, old = [], [], []
+            for key, out in changes.items():
+                k = self.key_bytes(key)
+                e = index.get(k)
+                if e is None:
+                    continue
+                if e.spec.health is None:
+                    out = frozenset()
+                now = down.get(e.svc_id, frozenset())
+                out = out & {(ep.address, ep.port) for ep in e.spec.endpoints}
+                if out == now:
+                    continue
+                if out:
+                    down[e.svc_id] = out
+                else:
+                    down.pop(e.svc_id, None)
+                maglev_b = e.maglev_b ^ 1 if e.spec.algorithm == Algorithm.MAGLEV else e.maglev_b
+                keys.append(k)
+                plan.append(e._replace(maglev_b=maglev_b))
+                old.append((e, now))
+            if not plan:
+                return 0
+            tables = [e for e in plan if e.spec.algorithm == Algorithm.MAGLEV]
+            try:
+                if tables:
+                    self.maglev.put_batch([self._maglev_key(e) for e in tables],
+                                          [self._maglev_value(e) for e in tables])
+                self.nat.put_batch(keys, self._values(plan))
+            except Exception:
+                for e, was in old:
+                    if was:
+                        down[e.svc_id] = was
+                    else:
+                        down.pop(e.svc_id, None)
+                self.maglev.delete_batch([self._maglev_key(e) for e in tables])
+                raise
+            self.maglev.delete_batch([self._maglev_key(e) for e, _ in old
+                                      if e.spec.algorithm == Algorithm.MAGLEV])
+            index.update(zip(keys, plan, strict=True))
+            return len(plan)
+
+    def ct_timeouts(self) -> dict[int, CtTimeoutsSpec]:
+        """svc_id -> its conntrack timeouts, for the services that set them."""
+        with self._lock:
+            return {e.svc_id: t for e in self._index.values()
+                    if (t := e.spec.ct_timeouts) is not None}
+
+    def down(self, key: ServiceKey) -> frozenset[tuple[str, int]]:
+        """The endpoints of `key` out of selection now."""
+        with self._lock:
+            e = self._index.get(self.key_bytes(key))
+            return self._down.get(e.svc_id, frozenset()) if e is not None else frozenset()
 
     # -- counters ------------------------------------------------------------------------
 

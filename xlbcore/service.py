@@ -70,6 +70,51 @@ class ServiceKey:
         return f"{self.proto.name.lower()}://{self.vip}:{self.port}"
 
 
+class HealthKind(enum.IntEnum):
+    """Values match xlb.types.v1.HealthCheckKind."""
+
+    TCP = 1
+    UDP = 2
+    HTTP = 3
+    ICMP = 4
+
+
+HC_PAYLOAD_MAX = 64  # bytes of udp_request, udp_expect, http_path
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    """A service's health check, canonical: every default filled in (docs/health.md)."""
+
+    kind: HealthKind
+    port: int = 0  # 0: the endpoint's port
+    interval_ms: int = 1000
+    timeout_ms: int = 1000
+    rise: int = 2
+    fall: int = 3
+    udp_request: bytes = b""
+    udp_expect: bytes = b""
+    http_path: str = ""
+    http_status: int = 0
+
+
+@dataclass(frozen=True)
+class CtTimeoutsSpec:
+    """Per-state idle timeouts of a service's flows in seconds; 0: the node's default."""
+
+    tcp_handshake: int = 0
+    tcp_established: int = 0
+    tcp_closing: int = 0
+    tcp_closed: int = 0
+    udp_new: int = 0
+    udp_established: int = 0
+
+
+CT_TIMEOUT_FIELDS = ("tcp_handshake", "tcp_established", "tcp_closing", "tcp_closed",
+                     "udp_new", "udp_established")
+CT_TIMEOUT_MAX = 7 * 86400  # a week
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     vip: str
@@ -78,6 +123,8 @@ class ServiceSpec:
     algorithm: Algorithm = Algorithm.ROUND_ROBIN
     mode: Mode = Mode.DNAT
     endpoints: tuple[EndpointSpec, ...] = ()
+    health: HealthSpec | None = None  # None: no health check
+    ct_timeouts: CtTimeoutsSpec | None = None  # None: the node's defaults
 
     @functools.cached_property
     def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
@@ -177,6 +224,89 @@ def parse_endpoints(msgs: Any, field: str = "endpoints") -> tuple[EndpointSpec, 
     return tuple(sorted(eps))
 
 
+def parse_health(msg: Any, field: str = "health") -> HealthSpec | None:
+    """An xlb.types.v1.HealthCheck, canonical (defaults filled); None: no check."""
+    kind = msg.kind
+    if kind == 0:
+        if msg.ByteSize():
+            raise ValidationError(f"{field}.kind: a health check states its kind "
+                                  "(HEALTH_CHECK_KIND_TCP, _UDP, _HTTP or _ICMP)")
+        return None
+    try:
+        hk = HealthKind(kind)
+    except ValueError:
+        raise ValidationError(f"{field}.kind: unknown health check kind {kind}") from None
+    port = msg.port
+    if port and not 1 <= port <= 65535:
+        raise ValidationError(f"{field}.port: port {port} is out of range 1..65535")
+    if port and hk == HealthKind.ICMP:
+        raise ValidationError(f"{field}.port: an ICMP check has no port")
+    interval = msg.interval_ms or 1000
+    if not 50 <= interval <= 3_600_000:
+        raise ValidationError(f"{field}.interval_ms: {interval} is out of range 50..3600000")
+    timeout = msg.timeout_ms or min(interval, 1000)
+    if not 10 <= timeout <= interval:
+        raise ValidationError(f"{field}.timeout_ms: {timeout} is out of range "
+                              f"10..interval_ms ({interval})")
+    rise, fall = msg.rise or 2, msg.fall or 3
+    for name, value in (("rise", rise), ("fall", fall)):
+        if not 1 <= value <= 100:
+            raise ValidationError(f"{field}.{name}: {value} is out of range 1..100")
+    request, expect = bytes(msg.udp_request), bytes(msg.udp_expect)
+    path, status = msg.http_path, msg.http_status
+    if hk != HealthKind.UDP and (request or expect):
+        raise ValidationError(f"{field}.udp_request: only a UDP check sends a request")
+    if hk != HealthKind.HTTP and (path or status):
+        raise ValidationError(f"{field}.http_path: only an HTTP check has a path and status")
+    for name, value in (("udp_request", request), ("udp_expect", expect)):
+        if len(value) > HC_PAYLOAD_MAX:
+            raise ValidationError(f"{field}.{name}: {len(value)} bytes, at most "
+                                  f"{HC_PAYLOAD_MAX}")
+    if hk == HealthKind.UDP and not request:
+        request = b"\0"
+    if hk == HealthKind.HTTP:
+        path = path or "/"
+        if (len(path) > HC_PAYLOAD_MAX or not path.startswith("/")
+                or not all(33 <= ord(c) <= 126 for c in path)):
+            raise ValidationError(f"{field}.http_path: {quote(path)} is not a path "
+                                  f"('/', printable ASCII, at most {HC_PAYLOAD_MAX})")
+        status = status or 200
+        if not 100 <= status <= 599:
+            raise ValidationError(f"{field}.http_status: {status} is out of range 100..599")
+    return HealthSpec(hk, port, interval, timeout, rise, fall, request, expect, path, status)
+
+
+def fill_health(msg: Any, spec: HealthSpec) -> Any:
+    msg.kind = int(spec.kind)
+    msg.port = spec.port
+    msg.interval_ms = spec.interval_ms
+    msg.timeout_ms = spec.timeout_ms
+    msg.rise = spec.rise
+    msg.fall = spec.fall
+    msg.udp_request = spec.udp_request
+    msg.udp_expect = spec.udp_expect
+    msg.http_path = spec.http_path
+    msg.http_status = spec.http_status
+    return msg
+
+
+def parse_ct_timeouts(msg: Any, field: str = "conntrack_timeouts") -> CtTimeoutsSpec | None:
+    """An xlb.types.v1.ConntrackTimeouts; None when every field is 0 (the node's defaults)."""
+    values = [getattr(msg, name) for name in CT_TIMEOUT_FIELDS]
+    if not any(values):
+        return None
+    for name, value in zip(CT_TIMEOUT_FIELDS, values, strict=True):
+        if value > CT_TIMEOUT_MAX:
+            raise ValidationError(f"{field}.{name}: {value} s is beyond {CT_TIMEOUT_MAX} s")
+    return CtTimeoutsSpec(*values)
+
+
+def fill_ct_timeouts(msg: Any, spec: CtTimeoutsSpec) -> Any:
+    for name in CT_TIMEOUT_FIELDS:
+        setattr(msg, name, getattr(spec, name))
+    return msg
+
+
 def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
     """From any message with vip, port and protocol fields."""
     prefix = f"{field}." if field else ""
@@ -198,6 +328,10 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
         algorithm=parse_algorithm(msg.algorithm),
         mode=parse_mode(msg.mode),
         endpoints=parse_endpoints(msg.endpoints, f"{prefix}endpoints"),
+        health=parse_health(msg.health, f"{prefix}health")
+        if msg.HasField("health") else None,
+        ct_timeouts=parse_ct_timeouts(msg.conntrack_timeouts, f"{prefix}conntrack_timeouts")
+        if msg.HasField("conntrack_timeouts") else None,
     )
 
 
@@ -211,6 +345,14 @@ def fill_service(msg: Any, spec: ServiceSpec) -> Any:
     del msg.endpoints[:]
     for ep in spec.endpoints:
         msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight)
+    if spec.health is not None:
+        fill_health(msg.health, spec.health)
+    else:
+        msg.ClearField("health")
+    if spec.ct_timeouts is not None:
+        fill_ct_timeouts(msg.conntrack_timeouts, spec.ct_timeouts)
+    else:
+        msg.ClearField("conntrack_timeouts")
     return msg
 
 
@@ -241,7 +383,10 @@ _ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight")
 
 def _service_fast(msg: Any) -> ServiceSpec | None:
     """parse_service's result for a valid service, read with few Python steps and no
-    error names; None for anything parse_service might refuse (it then says why)."""
+    error names; None for anything parse_service might refuse (it then says why), and
+    for a service with a health check or conntrack timeouts (parse_service reads them)."""
+    if msg.HasField("health") or msg.HasField("conntrack_timeouts"):
+        return None
     vip, port, api_proto, api_algorithm, api_mode, ep_msgs = _SERVICE_FIELDS(msg)
     vip = _unicast(vip)
     proto = _API_PROTO.get(api_proto)

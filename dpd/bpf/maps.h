@@ -55,6 +55,9 @@ BPF_TABLE_PINNED("hash", __be32, u32, vip_v4_map, XLB_MAX_SERVICES, XLB_PIN(vip_
  * per service while dpd replaces one (make-before-break), one otherwise. */
 BPF_TABLE_PINNED("hash", u32, struct xlb_maglev, maglev_v4_map, XLB_MAGLEV_TABLES,
                  XLB_PIN(maglev_v4_map), BPF_F_NO_PREALLOC);
+/* svc_id -> dpd's record of the service's health check and conntrack timeouts. */
+BPF_TABLE_PINNED("hash", u32, struct xlb_svc_cfg, svc_cfg_map, XLB_MAX_SERVICES,
+                 XLB_PIN(svc_cfg_map), BPF_F_NO_PREALLOC);
 /* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
 BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,

@@ -277,6 +277,29 @@ struct xlb_acl_rule {
     __u8 redirect_name[XLB_IFNAME_LEN];
 };
 
+/* svc_cfg_map[svc_id]: dpd's record of a service's health check and conntrack
+ * timeouts (only for services that set either), so that a restarted dpd reads back
+ * what the API gave it. The datapath never reads it. */
+#define XLB_HC_PAYLOAD 64
+#define XLB_CT_TIMEOUTS 6
+struct xlb_svc_cfg {
+    __u8 hc_kind; /* xlb.types.v1.HealthCheckKind; 0: no health check */
+    __u8 hc_rise;
+    __u8 hc_fall;
+    __u8 hc_req_len;
+    __u8 hc_expect_len;
+    __u8 hc_path_len;
+    __u16 hc_port; /* host order; 0: the endpoint's port */
+    __u16 hc_status;
+    __u16 pad;
+    __u32 hc_interval_ms;
+    __u32 hc_timeout_ms;
+    __u32 ct_timeouts[XLB_CT_TIMEOUTS]; /* seconds by state (ConntrackTimeouts' order); 0: default */
+    __u8 hc_req[XLB_HC_PAYLOAD];
+    __u8 hc_expect[XLB_HC_PAYLOAD];
+    __u8 hc_path[XLB_HC_PAYLOAD];
+};
+
 /* intf_map[ifindex]: per interface settings, written by dpd */
 #define XLB_ZONE_LEN 32
 struct xlb_intf {
