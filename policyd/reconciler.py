@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from policyd.health import NodeHealth
 from policyd.nodeclient import open_channel
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import Store
@@ -81,6 +82,11 @@ class Reconciler:
         with self._lock:
             for worker in self._workers.values():
                 worker.wake()
+
+    def node_health(self) -> dict[str, NodeHealth]:
+        """Every node's endpoint health as its worker last read it, by node name."""
+        with self._lock:
+            return {name: w.health for name, w in self._workers.items()}
 
     def status(self, name: str = "") -> tuple[int, list[NodeStatus]]:
         """(desired generation, status of every node or of node `name`)."""

@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from policyd import messages
+from policyd.health import fill_status
 from policyd.reconciler import Reconciler
 from policyd.store import Store
 from policyd.validation import (
@@ -101,7 +102,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     def GetService(  # noqa: N802
         self, request: policy_pb2.GetServiceRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Service:
-        return messages.service_to_proto(self._store.get_service(validate_name(request.name)))
+        stored = self._store.get_service(validate_name(request.name))
+        msg = messages.service_to_proto(stored)
+        if stored.spec.health is not None:
+            for node, health in sorted(self._reconciler.node_health().items()):
+                states = health.service(stored.spec.key)
+                if states:
+                    fill_status(msg.node_health.add(node=node).endpoints, states)
+        return msg
 
     @rpc
     def ListServices(  # noqa: N802
@@ -274,6 +282,26 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.GetSyncStatusResponse:
         name = validate_name(request.node, "node") if request.node else ""
         generation, statuses = self._reconciler.status(name)
-        return policy_pb2.GetSyncStatusResponse(
+        resp = policy_pb2.GetSyncStatusResponse(
             generation=generation, nodes=[messages.status_to_proto(s) for s in statuses]
         )
+        self._fill_health(resp, request.with_health)
+        return resp
+
+    def _fill_health(self, resp: policy_pb2.GetSyncStatusResponse, listed: bool) -> None:
+        """Each node's endpoint counts by health, and with `listed` every checked
+        service's endpoints (by the service's name)."""
+        health = self._reconciler.node_health()
+        names = ({s.spec.key: s.name for s in self._store.list_services()}
+                 if listed else {})
+        for status in resp.nodes:
+            node = health.get(status.node)
+            if node is None:
+                continue
+            status.endpoints_up, status.endpoints_down, status.endpoints_unknown = (
+                node.counts())
+            if listed:
+                for key, states in sorted(node.services().items(),
+                                          key=lambda kv: names.get(kv[0], str(kv[0]))):
+                    fill_status(status.service_health.add(
+                        service=names.get(key, str(key))).endpoints, states)

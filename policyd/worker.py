@@ -49,6 +49,7 @@ import grpc
 import structlog
 
 from policyd.diff import diff_services
+from policyd.health import NodeHealth
 from policyd.nodeclient import (
     BATCH_BYTES,
     BATCH_COUNT,
@@ -317,6 +318,7 @@ class NodeWorker:
         self._routes = ObjectSync(ROUTES, self._node, store, node.name)
         self._objects: tuple[ObjectSync[Any], ...] = (self._rules, self._routes)
         self._no_tables = False  # the node has no GetSummary (GetServicesSummary then)
+        self.health = NodeHealth()  # its endpoints' health (policyd/health.py)
         self._thread = threading.Thread(
             target=self._run, name=f"reconcile-{node.name}", daemon=True
         )
@@ -612,6 +614,7 @@ class NodeWorker:
     def _observe_tables(self, tables: Mapping[str, Any] | None) -> None:
         for objects in self._objects:
             objects.observe(tables)
+        self.health.observe(tables, self._node)
 
     def _read_objects(self, objects: ObjectSync[Any]) -> None:
         """Read one kind back, compare everything once and repair: O(objects), only when
