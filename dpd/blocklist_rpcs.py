@@ -1,7 +1,9 @@
-"""xlb.dpd.v1 blocklist methods (PutBlocklist, DeleteBlocklist, ListBlocklist) and the
-XDP side of the interface messages.
+"""xlb.dpd.v1 blocklist methods (PutBlocklist, DeleteBlocklist, ListBlocklist), mirror
+methods (PutMirrors, DeleteMirrors, ListMirrors) and the XDP side of the interface
+messages.
 
-A mixin of dpd.servicer.DatapathServicer: messages <-> dpd.blocklist and dpd.xdp calls."""
+A mixin of dpd.servicer.DatapathServicer: messages <-> dpd.blocklist, dpd.mirror and
+dpd.xdp calls."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from dpd.blocklist import parse_prefixes
+from dpd.mirror import parse_mirror
 from dpd.xdp import XdpMode
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlbcore.errors import ValidationError, quote
+from xlbcore.firewall import parse_ifname
 from xlbcore.rpc import rpc
 
 if TYPE_CHECKING:
@@ -55,4 +59,30 @@ class BlocklistRpcs:
         for b in self.node.blocklist.entries():
             msg = pb.BlockedPrefix(prefix=b.prefix)
             msg.counters.packets, msg.counters.bytes = b.counters.packets, b.counters.bytes
+            yield msg
+
+    @rpc
+    def PutMirrors(self, request: Any, context: Any) -> pb.PutMirrorsResponse:  # noqa: N802
+        specs = [parse_mirror(m.interface, m.mirror_interface, f"mirrors[{i}]")
+                 for i, m in enumerate(request.mirrors)]
+        names = [s.interface for s in specs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValidationError(f"mirrors: {quote(dup)} is mirrored twice in one call")
+        table = self.node.mirrors
+        written = table.put(specs)
+        return pb.PutMirrorsResponse(written=written, generation=table.generation)
+
+    @rpc
+    def DeleteMirrors(self, request: Any, context: Any) -> pb.DeleteMirrorsResponse:  # noqa: N802
+        names = [parse_ifname(n, f"interfaces[{i}]") for i, n in enumerate(request.interfaces)]
+        table = self.node.mirrors
+        deleted = table.delete(names)
+        return pb.DeleteMirrorsResponse(deleted=deleted, generation=table.generation)
+
+    @rpc
+    def ListMirrors(self, request: Any, context: Any) -> Iterator[pb.Mirror]:  # noqa: N802
+        for m in self.node.mirrors.entries():
+            msg = pb.Mirror(interface=m.spec.interface, mirror_interface=m.spec.mirror_interface)
+            msg.counters.packets, msg.counters.bytes = m.counters.packets, m.counters.bytes
             yield msg

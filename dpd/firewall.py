@@ -39,6 +39,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ _ALL16 = 0xFFFF
 _ALL32 = 0xFFFFFFFF
 _ALL128 = (1 << 128) - 1
 ZONE_MAX = 31
+FLIP_GRACE_S = 0.002  # after the flip, before the old generation's entries are deleted
 
 
 class Policy(enum.IntEnum):
@@ -591,7 +593,11 @@ class FirewallTable:
         self._write_cfg()
         self._gen = idle
         self._write_cfg()
-        # every new flow is judged by the new set now: the old generation goes
+        # every new flow is judged by the new set now: the old generation goes, once a
+        # packet that read the old gen just before the flip has finished its search (a
+        # judgement takes microseconds; TC programs do not sleep)
+        if self._live_keys:
+            time.sleep(FLIP_GRACE_S)
         self.acl.delete_batch(self._live_keys)
         self._live, self._live_keys = cls, keys
 

@@ -42,7 +42,7 @@ from xlbcore.errors import PreconditionError
 
 log = structlog.get_logger("dpd.loader")
 
-PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func")
+PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func", "tc_mirror_func")
 # programs of another type than TC (sched_cls): bcc's program type names
 PROGRAM_TYPES = {"xdp_packet_func": "XDP"}
 # Suffix of the program pins a compile made and dpd has not installed yet (bpffs
@@ -214,6 +214,10 @@ class Datapath:
     def xdp_fd(self) -> int:
         raise PreconditionError("this node has no kernel datapath (programs not loaded)")
 
+    @property
+    def mirror_fd(self) -> int:
+        raise PreconditionError("this node has no kernel datapath (programs not loaded)")
+
     def close(self) -> None:
         pass
 
@@ -316,6 +320,10 @@ class KernelDatapath(Datapath):
     @property
     def xdp_fd(self) -> int:
         return self.progs["xdp_packet_func"]
+
+    @property
+    def mirror_fd(self) -> int:
+        return self.progs["tc_mirror_func"]
 
     def close(self) -> None:
         """Release this process's fds; pins and attachments stay."""

@@ -16,6 +16,7 @@ from dpd.conntrack import Conntrack, CtEntry, CtFilter, Timeouts
 from dpd.firewall import FirewallTable, Links, StaticLinks
 from dpd.health import HealthMonitor
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
+from dpd.mirror import Filters, MirrorTable, NoFilters, detach_filter, filtered
 from dpd.services import Counter, ServiceTable, sum_counters
 from dpd.xdp import XdpMode, XdpState
 from xlbcore.errors import PreconditionError
@@ -55,6 +56,8 @@ class Node:
             self.health.start()
         self.blocklist = Blocklist(dp)
         self.firewall = FirewallTable(dp, Links() if dp.kind == "kernel" else StaticLinks())
+        self.mirrors = MirrorTable(dp, self.firewall.links,
+                                   Filters(dp.mirror_fd) if dp.kind == "kernel" else NoFilters())
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())
         self._stat_names = dp.abi.stat_names()
@@ -70,6 +73,7 @@ class Node:
                 attach.attach(a.name, dp.fast_fd)
             for name, st in xdp.attached().items():
                 xdp.attach(name, dp.xdp_fd, st.mode)
+            self.mirrors.reattach()
 
     @classmethod
     def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
@@ -251,6 +255,9 @@ def cleanup(settings: Settings, remove_routes: bool = False) -> dict[str, object
     for name in xdp.attached():
         xdp.detach(name)
         detached.append(f"{name} (xdp)")
+    for ifindex in filtered():
+        detach_filter(ifindex)
+        detached.append(f"ifindex {ifindex} (mirror)")
     removed = remove_pins(settings)
     unmounted = unmount_if_empty(settings.bpf_root)
     routes_removed = routes.cleanup(settings.route_proto) if remove_routes else []

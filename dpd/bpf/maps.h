@@ -97,4 +97,9 @@ BPF_TABLE_PINNED("lpm_trie", struct xlb_blk_v6_key, struct xlb_blk_val, blk_v6_m
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, blk_stats_map,
                  XLB_BLOCKLIST_SIZE, XLB_PIN(blk_stats_map));
 
+/* Mirroring: mirrored interface (ifindex) -> where copies go; copies per mirror. */
+BPF_TABLE_PINNED("hash", u32, struct xlb_mirr, mirr_map, XLB_MAX_INTF, XLB_PIN(mirr_map));
+BPF_TABLE_PINNED("percpu_hash", u32, struct xlb_counter, mirr_stats_map, XLB_MAX_INTF,
+                 XLB_PIN(mirr_stats_map));
+
 #endif

@@ -3,3 +3,4 @@
 #include "tc_main.c"
 #include "tc_slow.c"
 #include "xdp.c"
+#include "mirror.c"

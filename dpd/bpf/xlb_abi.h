@@ -334,4 +334,20 @@ struct xlb_blk_val {
     __u32 pad;
 };
 
+/* ---- Mirroring (docs/xdp.md#mirroring) ------------------------------------------------
+ * mirr_map[ifindex]: every packet arriving on the interface (past the XDP stage) is
+ * copied by tc_mirror_func, as it arrived (before TC's NAT), out of the mirror interface
+ * (bpf_clone_redirect). tc_mirror_func is its own TC filter, ahead of tc_packet_func,
+ * on the mirrored interfaces only. */
+#define XLB_STAT_MIRRORED 28    /* copies sent out of a mirror interface */
+#define XLB_STAT_MIRROR_FAIL 29 /* copies the kernel refused (mirror interface down or gone) */
+
+struct xlb_mirr {
+    __u32 ifindex; /* the mirror interface: copies leave by it */
+    __u32 pad;
+    /* both interfaces by name as the API gave them (read back by ListMirrors) */
+    __u8 name[XLB_IFNAME_LEN];
+    __u8 mirror_name[XLB_IFNAME_LEN];
+};
+
 #endif

@@ -5,6 +5,7 @@ swap, counters, pass flows in conntrack, and the kernel's verdict against dpd's 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 
@@ -326,3 +327,58 @@ def test_other_drops_are_counted_for_the_interface_too(fw):
                                  endpoints=(EndpointSpec(EP1, 8080, weight=0),))])
     assert send(fw, tcp(CLIENT, VIP, 40000, 80, "S"), IF_B) == TC_ACT_SHOT
     assert delta(drops(fw, IF_B), before) == {"drop_no_endpoint": 1}
+
+
+SENDER = """
+import json, os, sys
+from dpd import bpfsys
+prog, frames_path, ifindex, stop, ready = sys.argv[1:]
+fd = bpfsys.obj_get(prog)
+data = open(frames_path, "rb").read()
+size = int.from_bytes(data[:4], "little")
+frames = [data[4 + i:4 + i + size] for i in range(0, len(data) - 4, size)]
+counts = {}
+while not os.path.exists(stop):
+    for f in frames:
+        rv = bpfsys.prog_test_run(fd, f, ingress_ifindex=int(ifindex)).retval
+        counts[rv] = counts.get(rv, 0) + 1
+    if not os.path.exists(ready):
+        open(ready, "w").close()
+print(json.dumps(counts))
+"""
+
+
+def test_no_packet_sees_a_mixture_of_two_sets_while_they_are_swapped(fw, tmp_path):
+    """Both sets drop the packet, through different rules in different tuples; a mixture
+    (x of one set, y of the other) would allow it. Swapped back and forth while another
+    process sends the packet through the pinned program as fast as it can."""
+    import subprocess
+    import sys
+    import time
+
+    def pair(x_drops: bool) -> list[tuple[str, RuleSpec]]:
+        x = rule("x", 100 if x_drops else 50, Action.DROP if x_drops else Action.ALLOW,
+                 src="198.18.0.0/24")
+        y = rule("y", 50 if x_drops else 100, Action.ALLOW if x_drops else Action.DROP,
+                 dst=SERVER + "/32")
+        return [x, y]
+
+    fw.firewall.put(pair(True))
+    frames = [udp(CLIENT, SERVER, 1024 + i, 53) for i in range(2000)]
+    (tmp_path / "frames").write_bytes(len(frames[0]).to_bytes(4, "little") + b"".join(frames))
+    stop, ready = tmp_path / "stop", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SENDER, fw.dp.pin("tc_packet_func"), str(tmp_path / "frames"),
+         str(IF_A), str(stop), str(ready)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(100):
+            fw.firewall.put(pair(i % 2 == 1))
+    finally:
+        stop.touch()
+        out, _ = proc.communicate(timeout=30)
+    counts = {int(k): v for k, v in json.loads(out).items()}
+    assert sum(counts.values()) > 2000
+    assert counts == {TC_ACT_SHOT: sum(counts.values())}

@@ -131,12 +131,16 @@ def test_xdp_survives_a_dpd_restart_and_goes_with_cleanup(lab):
                          timeout=10)
     assert xdp_of(lab, "c0") == "xdpgeneric"
     stub.PutBlocklist(pb.PutBlocklistRequest(prefixes=["198.18.0.0/30"]), timeout=10)
+    stub.PutMirrors(pb.PutMirrorsRequest(mirrors=[pb.Mirror(interface="c0",
+                                                            mirror_interface="b2")]), timeout=10)
     lab.dpd.stop()
     assert reach(lab, BLOCKED) == ALL  # no dpd: the datapath goes on
     assert reach(lab, "198.18.0.2") == ALL
     lab.dpd.start()
     assert [b.prefix for b in stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)] == [
         "198.18.0.0/30"]
+    assert [(m.interface, m.mirror_interface) for m in stub.ListMirrors(
+        pb.ListMirrorsRequest(), timeout=10)] == [("c0", "b2")]
     # switching to native, then off (TC stays)
     intf = stub.AttachInterface(pb.AttachInterfaceRequest(
         name="c0", xdp_mode=pb.XDP_MODE_NATIVE), timeout=10)
@@ -150,6 +154,9 @@ def test_xdp_survives_a_dpd_restart_and_goes_with_cleanup(lab):
     assert xdp_of(lab, "c0") == "xdp"
     lab.dpd.cleanup()
     assert xdp_of(lab, "c0") == ""
+    filters = subprocess.run(["tc", "-n", lab.topo.lb_ns, "filter", "show", "dev", "c0",
+                              "ingress"], capture_output=True, text=True).stdout
+    assert "xlb_" not in filters  # TC and the mirror filter gone too
 
 
 def test_bad_prefixes_are_refused_naming_the_field(lab):
@@ -200,3 +207,90 @@ def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
     assert xdp_of(lab, "c0") == ""  # the last example turns it off
     assert [b.prefix for b in lab.stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)] == [
         "198.18.66.0/24", "2001:db8:66::/48"]
+
+
+CAPTURE = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+s.bind((sys.argv[1], 0))
+s.settimeout(0.1)
+print("ready", flush=True)
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    try:
+        data = s.recv(65535)
+    except socket.timeout:
+        continue
+    print(data.hex(), flush=True)
+"""
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for frame in sys.argv[2:]:
+    s.send(bytes.fromhex(frame))
+"""
+
+
+def test_mirror_copies_each_packet_byte_for_byte_before_nat(lab):
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    from lab import netns
+    from lab.client import run_tcp_who
+
+    topo = lab.topo
+    cap_ns = f"{topo.prefix}-mi"
+    subprocess.run(["ip", "netns", "add", cap_ns], check=True)
+    proc = None
+    try:
+        subprocess.run(["ip", "-n", topo.lb_ns, "link", "add", "xdm0", "type", "veth",
+                        "peer", "name", "eth0", "netns", cap_ns], check=True)
+        subprocess.run(["ip", "-n", topo.lb_ns, "link", "set", "xdm0", "up"], check=True)
+        subprocess.run(["ip", "-n", cap_ns, "link", "set", "eth0", "up"], check=True)
+        r = lab.stub.PutMirrors(pb.PutMirrorsRequest(mirrors=[
+            pb.Mirror(interface="c0", mirror_interface="xdm0")]), timeout=10)
+        assert r.written == 1
+        proc = subprocess.Popen(["ip", "netns", "exec", cap_ns, sys.executable, "-c", CAPTURE,
+                                 "eth0", "8"], stdout=subprocess.PIPE, text=True,
+                                env=netns.python_env())
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        mac_c, mac_l = topo.mac(topo.client_ns, topo.client_iface), topo.mac(topo.lb_ns, "c0")
+        frames = [
+            bytes(Ether(src=mac_c, dst=mac_l) / IP(src=ALLOWED, dst=VIP, ttl=61, id=4242)
+                  / UDP(sport=40001, dport=53) / b"mirror me, as I am"),
+            bytes(Ether(src=mac_c, dst=mac_l) / IP(src=ALLOWED, dst=VIP, id=4243)
+                  / TCP(sport=40002, dport=80, flags="S", seq=7, options=[("MSS", 1400)])),
+            bytes(Ether(src=mac_c, dst=mac_l, type=0x88B5) / (b"\x00" * 50)),  # not IP
+        ]
+        topo.run(topo.client_ns, [sys.executable, "-c", SEND, topo.client_iface,
+                                  *(f.hex() for f in frames)])
+        assert run_tcp_who(topo, VIP, 80, count=3, timeout=1.0)["errors"] == 0
+        out, _ = proc.communicate(timeout=30)
+        seen = [bytes.fromhex(line) for line in out.split()]
+        for f in frames:
+            assert f in seen  # byte for byte, as it arrived
+        # the real connections were copied before NAT: to the VIP, not to a backend
+        to_vip = [Ether(x) for x in seen if IP in Ether(x) and Ether(x)[IP].dst == VIP
+                  and TCP in Ether(x) and Ether(x)[TCP].dport == 80]
+        assert len(to_vip) >= 3 * 3  # SYN, ACK, data ... of three connections
+        stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters
+        listed = list(lab.stub.ListMirrors(pb.ListMirrorsRequest(), timeout=10))
+        assert [(m.interface, m.mirror_interface) for m in listed] == [("c0", "xdm0")]
+        assert listed[0].counters.packets == stats["mirrored"] >= len(frames) + 9
+        assert stats["mirror_fail"] == 0
+        # deleted: no more copies, and the filter is gone
+        assert lab.stub.DeleteMirrors(pb.DeleteMirrorsRequest(interfaces=["c0"]),
+                                      timeout=10).deleted == 1
+        filters = subprocess.run(["tc", "-n", topo.lb_ns, "filter", "show", "dev", "c0",
+                                  "ingress"], capture_output=True, text=True).stdout
+        assert "xlb_tc_mirror_func" not in filters and "xlb_tc_packet_func" in filters
+        assert run_tcp_who(topo, VIP, 80, count=2, timeout=1.0)["errors"] == 0
+        assert lab.stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters[
+            "mirrored"] == stats["mirrored"]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", cap_ns], check=False)
