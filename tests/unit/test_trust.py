@@ -489,3 +489,96 @@ def test_policyd_without_its_certificate_cannot_reach_dpd(pki, tls_dpd, tmp_path
         assert node.services.count() == 0
     finally:
         server.stop(0)
+
+
+# -- the commands, as docs/security.md runs them --------------------------------------
+
+
+def _start(argv: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a daemon; return it and the `listen=` of its `ready` log line."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--log-format", "kv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if ready in line:
+            listen = line.split(" listen=", 1)[1].split()[0]
+            # keep draining the pipe so that the daemon never blocks on a full one
+            import threading
+
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, listen
+    raise AssertionError(f"{argv[0]} exited ({proc.wait()}) before {ready}")
+
+
+def test_policyd_command_refuses_plain_tcp_and_half_flags(tmp_path, pki):
+    base = [sys.executable, "-m", "policyd.main", "--db", str(tmp_path / "p.db")]
+    cert, key = pki.cert("policyd")
+    for extra, expected in (
+            (["--listen", "127.0.0.1:0"], "--insecure-tcp"),
+            (["--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key],
+             "--tls-ca (client certificates) or --token-file"),
+            (["--listen", "127.0.0.1:0", "--tls-ca", pki.ca], "needs --tls-cert"),
+            (["--node-tls-cert", cert, "--node-tls-key", key], "need --node-tls-ca"),
+            (["--listen", "127.0.0.1:0", "--token-file", str(tmp_path / "none")], "token file")):
+        res = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60,
+                             cwd=ROOT)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1 and "policyd.start_failed" in out and expected in out, out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dpd_policyd_and_xlbctl_commands_over_tls(pki, tmp_path):
+    cert, key = pki.cert("node1")
+    dpd_at = f"127.0.0.1:{_free_port()}"  # (a simulated dpd logs --listen as given)
+    dpd, _ = _start(["dpd.main", "--name", "node1", "--datapath", "memory",
+                     "--listen", dpd_at, "--tls-cert", cert, "--tls-key", key,
+                     "--tls-ca", pki.ca], "dpd_started")
+    procs = [dpd]
+    try:
+        cert, key = pki.cert("policyd")
+        policyd, policyd_at = _start(
+            ["policyd.main", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "p.db"),
+             "--resync-interval", "1", "--tls-cert", cert, "--tls-key", key,
+             "--tls-ca", pki.ca, "--token-file", str(pki.tokens),
+             "--node-tls-ca", pki.ca, "--node-tls-cert", cert, "--node-tls-key", key],
+            "policyd.started")
+        procs.append(policyd)
+        ops_cert, ops_key = pki.cert("ops")
+        env = {**os.environ, "XLB_POLICYD": policyd_at, "XLB_CA": pki.ca}
+
+        def xlbctl(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "policyd.cli", *args],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                  env={**env, **extra})
+
+        ops = ["--cert", ops_cert, "--key", ops_key]
+        assert xlbctl(*ops, "node", "register", "node1", dpd_at).returncode == 0
+        assert xlbctl(*ops, "service", "apply", "--name", "web", "--vip", "198.19.0.10",
+                      "--port", "80", "--endpoint", "198.18.1.2:8080").returncode == 0
+        viewer_cert, viewer_key = pki.cert("viewer")
+        res = xlbctl("--cert", viewer_cert, "--key", viewer_key, "status", "--wait",
+                     "--timeout", "20")
+        assert res.returncode == 0 and "SYNC_STATE_SYNCED" in res.stdout, res.stderr
+        res = xlbctl("--cert", viewer_cert, "--key", viewer_key, "service", "delete", "web")
+        assert res.returncode == 1 and "PERMISSION_DENIED" in res.stderr
+        # the certificate with a token that does not raise it: still read-only
+        res = xlbctl("--cert", viewer_cert, "--key", viewer_key, "service", "delete", "web",
+                     XLB_TOKEN=pki.read_token)
+        assert res.returncode == 1 and "PERMISSION_DENIED" in res.stderr
+        assert xlbctl("status").returncode == 1  # no certificate: the handshake fails
+        with grpc.secure_channel(dpd_at, tls.ClientTLS(
+                ca=pki.ca, cert=viewer_cert, key=viewer_key).credentials()) as channel:
+            held = list(datapath_pb2_grpc.DatapathStub(channel).ListServices(
+                datapath_pb2.ListServicesRequest(), timeout=5))
+        assert [(s.vip, s.port) for s in held] == [("198.19.0.10", 80)]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
