@@ -30,6 +30,7 @@ import enum
 import errno
 import heapq
 import itertools
+import operator
 import os
 import random
 import selectors
@@ -46,6 +47,8 @@ import structlog
 from xlbcore.service import HealthKind, HealthSpec, ServiceKey, ServiceSpec
 
 log = structlog.get_logger("dpd.health")
+
+_HEALTH = operator.attrgetter("health")
 
 MAX_INFLIGHT = 512  # probes in flight (each holds a socket; ICMP shares one)
 
@@ -340,7 +343,7 @@ class HealthMonitor:
     def update(self, specs: Iterable[ServiceSpec]) -> None:
         """Services put (new or replaced): start, change or stop their probes."""
         specs = list(specs)
-        if not self._services and not any(s.health is not None for s in specs):
+        if not self._services and not any(map(_HEALTH, specs)):
             return  # nothing checked before or now: the common case, no work
         with self._lock:
             for spec in specs:

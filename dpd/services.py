@@ -254,9 +254,9 @@ class ServiceTable:
     def _write_cfg(self, entries: list[_Entry], old: list[_Entry | None]) -> None:
         """The svc_cfg_map records of `entries` (what each replaced: `old`)."""
         specs = list(map(_SPEC, entries))
+        olds = list(map(_SPEC, filter(None, old)))  # no Python step per item
         if not (any(map(_HEALTH, specs)) or any(map(_CT_TIMEOUTS, specs))
-                or any(p is not None and (p.spec.health or p.spec.ct_timeouts)
-                       for p in old)):
+                or any(map(_HEALTH, olds)) or any(map(_CT_TIMEOUTS, olds))):
             return  # the common case: nothing set, nothing was
         keys, vals, gone = [], [], []
         for e in entries:
