@@ -262,7 +262,7 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
         dpd0 = cluster.dpd_cpu()
         t0 = time.monotonic()
         reply = client.apply_services(services)
-        gen = max(s.generation for s in reply.services)
+        gen = reply.generation  # the store's revision after the batch
         wait_all(client, names, gen, 600, poll=0.02)
         row.apply_s = round(time.monotonic() - t0, 3)
         row.apply_cpu_s = round(cpu_seconds(policyd.pid) - cpu0, 2)
@@ -281,7 +281,7 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
             svc.endpoints[0].weight = 2 + i % 50
             t0 = time.monotonic()
             stored = client.apply(svc)
-            wait_all(client, names, stored.generation, 60)
+            wait_all(client, names, stored.revision, 60)
             lat.append((time.monotonic() - t0) * 1000)
             time.sleep(args.change_gap)
         row.changes = len(lat)
@@ -314,7 +314,7 @@ def run(n: int, args: argparse.Namespace, services: list[policy_pb2.Service]) ->
             svc.endpoints[0].weight = 99
             t0 = time.monotonic()
             stored = client.apply(svc)
-            wait_all(client, healthy, stored.generation, 60)
+            wait_all(client, healthy, stored.revision, 60)
             row.healthy_change_ms = round((time.monotonic() - t0) * 1000, 1)
             say(f"  {len(killed)} of {n} killed: healthy {len(healthy)} SYNCED after a "
                   f"change in {row.healthy_change_ms} ms", flush=True)

@@ -95,12 +95,12 @@ def main() -> int:
             for i in range(args.changes):
                 t = time.perf_counter()
                 g = client.apply_rule(make_rule(f"r{i}", "drop", 5000 + i, protocol="udp")
-                                      ).generation
+                                      ).revision
                 wait_all(client, g)
                 rule_s.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 g = client.apply_route(make_route(f"rt{i % max(1, args.routes)}",
-                                                  f"198.30.{i}.0/24", ["198.18.3.1"])).generation
+                                                  f"198.30.{i}.0/24", ["198.18.3.1"])).revision
                 wait_all(client, g)
                 route_s.append(time.perf_counter() - t)
             before = cpu_seconds(policyd.proc.pid)

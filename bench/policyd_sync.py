@@ -199,7 +199,7 @@ def one_run(args: argparse.Namespace, services: list[policy_pb2.Service]) -> Run
             else:
                 generation = 0
                 for svc in services:
-                    generation = client.apply(svc).generation
+                    generation = client.apply(svc).revision
             called = time.perf_counter()
             client.wait_synced([NODE], timeout=600, generation=generation, poll=0.005)
             synced = time.perf_counter()

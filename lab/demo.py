@@ -124,7 +124,7 @@ def run(backends: int, requests: int) -> int:
                     out(f"applied service {svc.name}: {VIP}:{port}/"
                         f"{'tcp' if proto == tpb.PROTOCOL_TCP else 'udp'} -> "
                         f"{len(svc.endpoints)} endpoints, weights {weights}, "
-                        f"generation {svc.generation}")
+                        f"revision {svc.revision}")
                 t0 = time.monotonic()
                 st = wait_synced(policy, "node1")
                 out(f"node1 SYNCED at generation {st.observed_generation} "

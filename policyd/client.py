@@ -292,9 +292,11 @@ class PolicyClient:
 
     # -- nodes -------------------------------------------------------------------------
 
-    def register_node(self, name: str, address: str) -> policy_pb2.Node:
+    def register_node(self, name: str, address: str,
+                      labels: dict[str, str] | None = None) -> policy_pb2.Node:
         result: policy_pb2.Node = self.stub.RegisterNode(
-            policy_pb2.RegisterNodeRequest(node=policy_pb2.Node(name=name, address=address)),
+            policy_pb2.RegisterNodeRequest(node=policy_pb2.Node(name=name, address=address,
+                                                                labels=labels or {})),
             timeout=self.timeout,
         )
         return result
@@ -304,6 +306,19 @@ class PolicyClient:
 
     def list_nodes(self) -> list[policy_pb2.Node]:
         return list(self.stub.ListNodes(policy_pb2.ListNodesRequest(), timeout=self.timeout))
+
+    # -- watch ---------------------------------------------------------------------------
+
+    def watch(self, from_revision: int = 0, kinds: Sequence[str] = (),
+              timeout: float | None = None) -> Any:
+        """The Watch stream (an iterator of WatchEvent; cancel() ends it)."""
+        return self.stub.Watch(policy_pb2.WatchRequest(from_revision=from_revision,
+                                                       kinds=kinds), timeout=timeout)
+
+    def watch_sync_status(self, node: str = "", timeout: float | None = None) -> Any:
+        """The WatchSyncStatus stream (an iterator of SyncStatusEvent)."""
+        return self.stub.WatchSyncStatus(policy_pb2.WatchSyncStatusRequest(node=node),
+                                         timeout=timeout)
 
     # -- status ------------------------------------------------------------------------
 

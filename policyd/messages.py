@@ -7,7 +7,15 @@ from typing import Any, cast
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policyd.status import NodeStatus
-from policyd.store import NodeRecord, StoredObject, StoredRoute, StoredRule, StoredService
+from policyd.store import (
+    Change,
+    NodeRecord,
+    StoredObject,
+    StoredRoute,
+    StoredRule,
+    StoredService,
+)
+from policyd.watch import ObjectStatus, StatusEvent
 from xlb.policy.v1 import policy_pb2
 from xlbcore.firewall import fill_rule
 from xlbcore.route import fill_route
@@ -30,9 +38,12 @@ def fill_service_proto(msg: policy_pb2.Service, stored: StoredService) -> policy
         msg.name = stored.name
         fill_service(msg, stored.spec)
     msg.generation = stored.generation
+    msg.revision = stored.revision
     seconds, nanos = divmod(stored.update_time_ns, 1_000_000_000)
     msg.update_time.seconds = seconds
     msg.update_time.nanos = nanos
+    if stored.selector:
+        msg.node_selector.update(stored.selector)
     return msg
 
 
@@ -47,7 +58,10 @@ def _fill_object(msg: Any, stored: StoredObject[Any], fill: Any) -> Any:
     else:
         fill(msg.spec, stored.spec)
     msg.generation = stored.generation
+    msg.revision = stored.revision
     msg.update_time.FromNanoseconds(stored.update_time_ns)
+    if stored.selector:
+        msg.node_selector.update(stored.selector)
     return msg
 
 
@@ -70,7 +84,7 @@ def route_to_proto(stored: StoredRoute) -> policy_pb2.Route:
 
 
 def node_to_proto(node: NodeRecord) -> policy_pb2.Node:
-    msg = policy_pb2.Node(name=node.name, address=node.address)
+    msg = policy_pb2.Node(name=node.name, address=node.address, labels=dict(node.labels))
     msg.register_time.FromNanoseconds(node.register_time_ns)
     return msg
 
@@ -89,4 +103,38 @@ def status_to_proto(status: NodeStatus) -> policy_pb2.NodeSyncStatus:
         routes=status.routes,
         errors=[policy_pb2.ObjectError(kind=e.kind, name=e.name, message=e.message)
                 for e in status.errors],
+        drift_found=status.drift_found,
+        drift_repaired=status.drift_repaired,
+        drift_repaired_total=status.drift_repaired_total,
+        epoch=status.epoch,
+        foreign=[policy_pb2.ObjectRef(kind=kind, key=key) for kind, key in status.foreign],
     )
+
+
+def change_to_event(revision: int, change: Change) -> policy_pb2.WatchEvent:
+    """A committed change as Watch sends it."""
+    event = policy_pb2.WatchEvent(
+        type=policy_pb2.EVENT_TYPE_DELETE if change.deleted else policy_pb2.EVENT_TYPE_PUT,
+        revision=revision, kind=change.kind, name=change.name)
+    if change.kind == "service":
+        fill_service_proto(event.service, change.obj)
+    elif change.kind == "firewall_rule":
+        fill_rule_proto(event.firewall_rule, change.obj)
+    else:
+        fill_route_proto(event.route, change.obj)
+    return event
+
+
+def status_event(event: StatusEvent) -> policy_pb2.SyncStatusEvent:
+    """One WatchSyncStatus event."""
+    generation, what = event
+    msg = policy_pb2.SyncStatusEvent(generation=generation)
+    if isinstance(what, str):
+        msg.node_removed = what
+    elif isinstance(what, ObjectStatus):
+        msg.object.CopyFrom(policy_pb2.ObjectSyncStatus(
+            node=what.node, kind=what.kind, name=what.name,
+            state=policy_pb2.SyncState.ValueType(int(what.state)), message=what.message))
+    else:
+        msg.node.CopyFrom(status_to_proto(what))
+    return msg

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from policyd.reconciler import PassReport, Reconciler, ReconcilerSettings
@@ -29,7 +29,7 @@ class StatusCollector(Collector):
     def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         generation, nodes = self.reconciler.status()
         state = GaugeMetricFamily(f"{PREFIX}_node_sync_state", "1 for the node's sync "
                                   "state (pending, synced, error), 0 for the others",
@@ -48,6 +48,12 @@ class StatusCollector(Collector):
                                     labels=["node", "kind"])
         last_sync = GaugeMetricFamily(f"{PREFIX}_node_last_sync_timestamp_seconds",
                                       "when the node last synced (0: never)", labels=["node"])
+        drift = CounterMetricFamily(f"{PREFIX}_node_drift_repaired", "writes that repaired "
+                                    "drift found on the node (objects changed behind policyd's"
+                                    " back) since policyd started", labels=["node"])
+        epoch = GaugeMetricFamily(f"{PREFIX}_node_epoch", "datapaths (dpd instances, tables) "
+                                  "policyd has seen on the node since it started",
+                                  labels=["node"])
         for n in nodes:
             for s in SyncState:
                 state.add_metric([n.node, s.name.lower()], 1.0 if n.state == s else 0.0)
@@ -58,6 +64,8 @@ class StatusCollector(Collector):
             for kind in ("firewall_rule", "route"):
                 refused.add_metric([n.node, kind], sum(1 for e in n.errors if e.kind == kind))
             last_sync.add_metric([n.node], n.last_sync_ns / 1e9)
+            drift.add_metric([n.node], n.drift_repaired_total)
+            epoch.add_metric([n.node], n.epoch)
         yield state
         yield observed
         yield services
@@ -65,6 +73,8 @@ class StatusCollector(Collector):
         yield routes
         yield refused
         yield last_sync
+        yield drift
+        yield epoch
         desired = GaugeMetricFamily(f"{PREFIX}_desired_generation", "the store's generation "
                                     "(every node should reach it)")
         desired.add_metric([], generation)

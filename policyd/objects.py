@@ -56,8 +56,9 @@ class Kind(Generic[S]):
     kind: str  # ObjectError.kind
     table: str  # GetSummary's table name
     digest: bool  # the summary's digest shows drift (routes: edits made outside dpd)
-    changed: Callable[[Store, int], ObjectChanges[S] | None]
-    desired: Callable[[Store], Desired[S]]
+    # (store, since, labels of the node): what it takes of the changes / of everything
+    changed: Callable[[Store, int, Mapping[str, str] | None], ObjectChanges[S] | None]
+    desired: Callable[[Store, Mapping[str, str] | None], Desired[S]]
     put: Callable[[NodeClient, list[tuple[str, S]], bool], Any]  # (node, items, flush)
     delete: Callable[[NodeClient, list[str]], Any]
     list: Callable[[NodeClient], dict[str, S | None]]
@@ -131,16 +132,21 @@ class Writes:
     put: int = 0
     deleted: int = 0
     refused: int = 0
+    drift: int | None = None  # read-back (not the first): objects that differed
 
 
 class ObjectSync(Generic[S]):
     """One node's objects of one kind (see the module docstring). Used by the node's
     worker thread only."""
 
-    def __init__(self, kind: Kind[S], node: NodeClient, store: Store, node_name: str) -> None:
+    def __init__(self, kind: Kind[S], node: NodeClient, store: Store, node_name: str,
+                 labels: Mapping[str, str] | None = None) -> None:
         self.kind: Kind[S] = kind
         self._node = node
         self._store = store
+        # the node's labels (the worker's dict, updated in place on a relabel)
+        self.labels: Mapping[str, str] = labels if labels is not None else {}
+        self._reads = 0  # read-backs done (the first finds what is foreign)
         self.known: dict[str, S | None] | None = None
         self.refused: dict[str, ObjectError] = {}
         self.need_read = True
@@ -261,14 +267,23 @@ class ObjectSync(Generic[S]):
 
     def push(self, since: int) -> Writes:
         """Write what changed in the store after `since`: O(changed)."""
-        changes = self.kind.changed(self._store, since)
+        changes = self.kind.changed(self._store, since, self.labels)
         if changes is None:  # the change log does not reach back: compare everything
-            every = self.kind.desired(self._store)
+            every = self.kind.desired(self._store, self.labels)
             keys: Iterable[str] = set(every.specs) | set(self.known or ()) | set(self.refused)
             specs: Mapping[str, S | None] = every.specs
             names, flush = every.names, every.flush
         else:
             keys, specs, names, flush = changes.specs, changes.specs, changes.names, changes.flush
+        return self._apply(keys, specs, names, flush)
+
+    def apply_changes(self, changes: ObjectChanges[S]) -> Writes:
+        """Bring the keys of `changes` to their specs (a relabel: the objects with a
+        node selector, each wanted here or not)."""
+        return self._apply(changes.specs, changes.specs, changes.names, changes.flush)
+
+    def _apply(self, keys: Iterable[str], specs: Mapping[str, S | None],
+               names: Mapping[str, str], flush: frozenset[str]) -> Writes:
         for key in keys:
             if specs.get(key) is None:
                 self.refused.pop(key, None)  # no longer desired: nothing to report
@@ -284,7 +299,7 @@ class ObjectSync(Generic[S]):
         w = Writes()
         if not self.refused:
             return w
-        every = self.kind.desired(self._store)
+        every = self.kind.desired(self._store, self.labels)
         for key in list(self.refused):
             spec = every.specs.get(key)
             if spec is None:
@@ -295,9 +310,12 @@ class ObjectSync(Generic[S]):
                     break
         return w
 
-    def read_back(self) -> Writes | None:
+    def read_back(self, foreign: Callable[[str, list[str]], None] | None = None
+                  ) -> Writes | None:
         """List the node's table, compare with everything desired once, repair. None
-        when the node has no such table (an older dpd): nothing to read."""
+        when the node has no such table (an older dpd): nothing to read. At the first
+        read-back, `foreign(kind, keys)` is told what will be removed before it is; at
+        the others, Writes.drift counts what differed."""
         tables = self._node.tables()
         if tables is None or self.kind.table not in tables:
             if self.supported:
@@ -310,7 +328,7 @@ class ObjectSync(Generic[S]):
         self._ident = None  # take the table as it is now: the baseline
         self.observe(tables)
         actual = self.kind.list(self._node)
-        every = self.kind.desired(self._store)
+        every = self.kind.desired(self._store, self.labels)
         self.known = dict(actual)
         self.refused = {}
         self.need_read = False
@@ -318,6 +336,11 @@ class ObjectSync(Generic[S]):
         keys = set(every.specs) | set(actual)
         puts, deletes = plan(keys, every.specs, self.known)
         w = Writes()
+        if self._reads == 0 and foreign is not None:
+            foreign(self.kind.kind, deletes)
+        elif self._reads:
+            w.drift = len(puts) + len(deletes)
+        self._reads += 1
         self._delete(deletes, w)
         self._put(puts, every.names, w, every.flush)
         return w

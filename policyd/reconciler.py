@@ -5,6 +5,10 @@ workers.
 per node registered in the store, each with its own ``NodeClient`` (policyd.nodeclient:
 the calls to the node's ``xlb.dpd.v1.Datapath``), and answers for their status.
 
+A node's labels changing (RegisterNode again with other labels) does not restart its
+worker: the worker moves the objects with a node selector onto or off the node.
+Every change of a node's status goes to ``status_watch`` (policyd.watch: WatchSyncStatus).
+
 Deregistering a node stops its worker and leaves the node's datapath as it is: policyd
 no longer manages it, and its services keep serving until someone deletes them through
 dpd (or registers the node again). Stopping the reconciler closes every channel.
@@ -23,6 +27,7 @@ from policyd.health import NodeHealth
 from policyd.nodeclient import open_channel
 from policyd.status import NodeProgress, NodeStatus, node_status
 from policyd.store import Store
+from policyd.watch import StatusWatch
 from policyd.worker import NodeWorker, PassReport, ReadGate, ReconcilerSettings, SyncResult
 from xlbcore.errors import NotFoundError, quote
 
@@ -46,6 +51,7 @@ class Reconciler:
         self._gate = ReadGate(self._settings.readback_concurrency)
         self._lock = threading.Lock()
         self._closed = False
+        self.status_watch = StatusWatch()
 
     @property
     def settings(self) -> ReconcilerSettings:
@@ -67,16 +73,28 @@ class Reconciler:
                 if node is None or node.address != worker.address:
                     stopping.append(self._workers.pop(name))
                     worker.signal_stop()
+                elif node.labels != worker.labels:
+                    worker.relabel(node.labels)
             for worker in self._workers.values():
                 worker.wake()
             for name, node in nodes.items():
                 if name not in self._workers:  # a new worker makes its first pass at once
                     worker = NodeWorker(node, self._store, self._settings, self._channel_factory,
-                                        self._gate)
+                                        self._gate, self._progressed)
                     self._workers[name] = worker
                     worker.start()
         for worker in stopping:
             worker.join(self._settings.rpc_timeout)
+            if worker.name not in nodes:
+                self.status_watch.removed(worker.name, self._store.generation)
+
+    def _progressed(self, name: str, progress: NodeProgress) -> None:
+        """A worker recorded progress (its thread): publish the node's status."""
+        self.status_watch.update(node_status(name, progress, self._store.generation))
+
+    def statuses(self) -> dict[str, NodeStatus]:
+        """Every node's status now, by name."""
+        return {s.node: s for s in self.status()[1]}
 
     def wake_all(self) -> None:
         with self._lock:
@@ -110,6 +128,7 @@ class Reconciler:
         wait at most `timeout` seconds in all for the threads to end (they are daemon
         threads: one stuck elsewhere does not hold the process). The reconciler stays
         stopped."""
+        self.status_watch.close()
         with self._lock:
             self._closed = True
             workers = list(self._workers.values())

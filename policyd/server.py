@@ -69,6 +69,7 @@ class PolicyServer:
         self.store: Store | None = None
         self.reconciler: Reconciler | None = None
         self._server: Server | None = None
+        self._servicer: PolicyServicer | None = None
         self._stopped = False
 
     def start(self) -> PolicyServer:
@@ -81,7 +82,7 @@ class PolicyServer:
             interceptors, credentials = self._security()
             self.reconciler = Reconciler(store, self.config.reconciler,
                                          **node_channels(self.config.node_tls))
-            servicer = PolicyServicer(store, self.reconciler)
+            servicer = self._servicer = PolicyServicer(store, self.reconciler)
             self._server = start_server(
                 self._listen,
                 POLICY_SERVICE,
@@ -142,6 +143,8 @@ class PolicyServer:
         if self._stopped:
             return
         self._stopped = True
+        if self._servicer is not None:
+            self._servicer.close()  # Watch streams end (UNAVAILABLE) before the grace
         if self._server is not None:
             self._server.stop(grace)
         if self.reconciler is not None:

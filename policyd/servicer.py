@@ -15,29 +15,47 @@ import structlog
 from policyd import messages
 from policyd.health import fill_status
 from policyd.reconciler import Reconciler
-from policyd.store import Store
+from policyd.selectors import describe
+from policyd.store import GenerationConflict, Store
 from policyd.validation import (
+    validate_expected,
+    validate_expected_one,
     validate_name,
     validate_names,
     validate_node,
+    validate_node_labels,
     validate_route,
     validate_routes,
     validate_rule,
     validate_rules,
+    validate_selectors,
     validate_service,
     validate_services,
 )
+from policyd.watch import ObjectWatch, OutOfRange, Stopping, check_kinds
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
+from xlbcore.errors import Exhausted
 from xlbcore.rpc import rpc
 
 log = structlog.get_logger()
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
-    STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),)
+    STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),
+                  (GenerationConflict, grpc.StatusCode.ABORTED),
+                  (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+                  (Stopping, grpc.StatusCode.UNAVAILABLE))
+    POLL = 0.5  # seconds a stream waits for events before it checks its call
 
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler,
+                 watch: ObjectWatch | None = None) -> None:
         self._store = store
         self._reconciler = reconciler
+        self.watch = watch if watch is not None else ObjectWatch(store)
+
+    def close(self) -> None:
+        """End every Watch and WatchSyncStatus stream (policyd stopping)."""
+        self.watch.close()
+        self._reconciler.status_watch.close()
 
     # -- services ----------------------------------------------------------------------
 
@@ -46,7 +64,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyServiceRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Service:
         name, spec = validate_service(request.service)
-        stored, changed = self._store.apply_service(name, spec)
+        selector = validate_selectors([request.service], "service", single=True).get(name, ())
+        stored, changed = self._store.apply_service(
+            name, spec, selector=selector,
+            expected=(validate_expected_one(request, name) or {}).get(name))
         if changed:
             self._reconciler.wake_all()
             log.info(
@@ -63,7 +84,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyServicesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyServicesResponse:
         items = validate_services(request.services)
-        result = self._store.apply_services(items)
+        result = self._store.apply_services(
+            items, selectors=validate_selectors(request.services, "services"),
+            expected=(validate_expected(request.services, "services")
+                      if request.check_generations else None))
         if result.changed:
             self._reconciler.wake_all()  # before building the reply: the pass starts now
             log.info(
@@ -126,7 +150,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.FirewallRule:
         name, spec = validate_rule(request.rule)
         flush = [name] if request.rule.flush_existing else []
-        result = self._store.apply_rules([(name, spec)], field="", flush=flush)
+        result = self._store.apply_rules(
+            [(name, spec)], field="", flush=flush,
+            selectors=validate_selectors([request.rule], "rule", single=True),
+            expected=validate_expected_one(request, name))
         if result.changed:
             self._reconciler.wake_all()
             log.info("firewall_rule.applied", name=name, action=spec.action.name.lower(),
@@ -139,7 +166,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.ApplyFirewallRulesResponse:
         items = validate_rules(request.rules)
         result = self._store.apply_rules(
-            items, flush={r.name for r in request.rules if r.flush_existing})
+            items, flush={r.name for r in request.rules if r.flush_existing},
+            selectors=validate_selectors(request.rules, "rules"),
+            expected=(validate_expected(request.rules, "rules")
+                      if request.check_generations else None))
         if result.changed:
             self._reconciler.wake_all()
             log.info("firewall_rules.applied", rules=len(items), changed=result.changed,
@@ -189,7 +219,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyRouteRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Route:
         name, spec = validate_route(request.route)
-        result = self._store.apply_routes([(name, spec)], field="")
+        result = self._store.apply_routes(
+            [(name, spec)], field="",
+            selectors=validate_selectors([request.route], "route", single=True),
+            expected=validate_expected_one(request, name))
         if result.changed:
             self._reconciler.wake_all()
             log.info("route.applied", name=name, prefix=spec.prefix,
@@ -201,7 +234,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyRoutesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyRoutesResponse:
         items = validate_routes(request.routes)
-        result = self._store.apply_routes(items)
+        result = self._store.apply_routes(
+            items, selectors=validate_selectors(request.routes, "routes"),
+            expected=(validate_expected(request.routes, "routes")
+                      if request.check_generations else None))
         if result.changed:
             self._reconciler.wake_all()
             log.info("routes.applied", routes=len(items), changed=result.changed,
@@ -251,10 +287,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.RegisterNodeRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Node:
         name, address = validate_node(request.node.name, request.node.address)
-        node, changed = self._store.register_node(name, address)
+        labels = validate_node_labels(request.node)
+        node, changed = self._store.register_node(name, address, labels)
         self._reconciler.refresh_nodes()
         if changed:
-            log.info("node.registered", node=name, address=address)
+            log.info("node.registered", node=name, address=address,
+                     labels=describe(labels))
         return messages.node_to_proto(node)
 
     @rpc
@@ -273,6 +311,56 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> Iterator[policy_pb2.Node]:
         for node in self._store.list_nodes():
             yield messages.node_to_proto(node)
+
+    # -- watch -------------------------------------------------------------------------
+
+    @rpc
+    def Watch(  # noqa: N802
+        self, request: policy_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.WatchEvent]:
+        kinds = check_kinds(request.kinds)
+        watcher, initial, revision = self.watch.subscribe(int(request.from_revision), kinds)
+        context.add_callback(lambda: self.watch.fanout.remove(watcher))
+        log.info("watch.started", from_revision=request.from_revision, kinds=sorted(kinds),
+                 initial=len(initial))
+        try:
+            for rev, change in initial:
+                yield messages.change_to_event(rev, change)
+            if request.from_revision == 0:
+                yield policy_pb2.WatchEvent(type=policy_pb2.EVENT_TYPE_CURRENT,
+                                            revision=revision)
+            while context.is_active():
+                for rev, change in watcher.get(self.POLL):
+                    yield messages.change_to_event(rev, change)
+        except Exhausted:
+            log.warning("watch.dropped", reason="fell behind", limit=watcher.limit)
+            raise
+        finally:
+            self.watch.fanout.remove(watcher)
+
+    @rpc
+    def WatchSyncStatus(  # noqa: N802
+        self, request: policy_pb2.WatchSyncStatusRequest, context: grpc.ServicerContext
+    ) -> Iterator[policy_pb2.SyncStatusEvent]:
+        name = validate_name(request.node, "node") if request.node else ""
+        hub = self._reconciler.status_watch
+        current = self._reconciler.statuses()
+        if name and name not in current:
+            self._store.get_node(name)  # NOT_FOUND
+        watcher, initial = hub.subscribe(name, current)
+        context.add_callback(lambda: hub.fanout.remove(watcher))
+        try:
+            for event in initial:
+                yield messages.status_event(event)
+            yield policy_pb2.SyncStatusEvent(generation=self._store.generation, current=True)
+            while context.is_active():
+                for event in watcher.get(self.POLL):
+                    yield messages.status_event(event)
+        except Exhausted:
+            log.warning("watch_sync_status.dropped", reason="fell behind", limit=watcher.limit)
+            raise
+        finally:
+            hub.fanout.remove(watcher)
 
     # -- status ------------------------------------------------------------------------
 

@@ -35,6 +35,11 @@ class NodeProgress:
     firewall_rules: int = 0  # rules it held after the last successful sync
     routes: int = 0
     errors: tuple[ObjectError, ...] = ()  # objects the node refused (it is ERROR)
+    drift_found: int = 0  # objects that differed at the last read-back (not the first)
+    drift_repaired: int = 0  # writes that repaired them
+    drift_repaired_total: int = 0  # every repair since the worker started
+    epoch: int = 0  # datapaths (dpd instances, tables) seen on the node
+    foreign: tuple[tuple[str, str], ...] = ()  # (kind, key) found at the first read, removed
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,11 @@ class NodeStatus:
     firewall_rules: int = 0
     routes: int = 0
     errors: tuple[ObjectError, ...] = field(default=())
+    drift_found: int = 0
+    drift_repaired: int = 0
+    drift_repaired_total: int = 0
+    epoch: int = 0
+    foreign: tuple[tuple[str, str], ...] = ()
 
 
 def sync_state(progress: NodeProgress, desired_generation: int) -> SyncState:
@@ -76,6 +86,11 @@ def node_status(name: str, progress: NodeProgress, desired_generation: int) -> N
         firewall_rules=progress.firewall_rules,
         routes=progress.routes,
         errors=progress.errors,
+        drift_found=progress.drift_found,
+        drift_repaired=progress.drift_repaired,
+        drift_repaired_total=progress.drift_repaired_total,
+        epoch=progress.epoch,
+        foreign=progress.foreign,
     )
 
 

@@ -1,10 +1,26 @@
 """Durable desired state of policyd in SQLite: services, firewall rules, routes, nodes and
-a global generation.
+a global revision.
 
-- ``generation`` is one counter for the whole desired state. Every change to a service
-  or a node bumps it by one, in the same transaction as the change; a service records
-  the generation it was last changed at. Re-applying an identical service, or
-  re-registering a node at the same address, is not a change and bumps nothing.
+- The store's ``generation`` (the API's "revision") is one counter for the objects:
+  every change to a service, rule or route bumps it by one, in the same transaction as
+  the change; nodes do not move it. It orders the change logs, Watch and the nodes'
+  desired/observed generations. Re-applying an identical object is not a change and
+  bumps nothing.
+- Each object also has its own ``generation``: 1 when created, +1 each time it changes
+  (its spec, its node selector, a rule's flush flag), kept when an apply changes
+  nothing; ``revision`` is the store's generation at its last change. An apply may name
+  the generations it expects (compare-and-swap): any mismatch raises
+  GenerationConflict (ABORTED) and writes nothing.
+- Objects carry an optional node selector (policyd.selectors), nodes carry labels; a
+  selector change is an object change (logged like a spec change), so nodes take or
+  drop the object in the next change pass. Reads for a node (``changed_specs``,
+  ``desired_services``, ... with ``labels``) leave out what the node's labels do not
+  select; with no selector anywhere they return the shared mappings as before.
+- One dpd address is one node: registering a second name at an address another node
+  has raises ConflictError.
+- Listeners (``add_listener``) get every committed change (kind, name, object as stored
+  or last stored, deleted?) at its revision, in order, under the store's lock: Watch's
+  source.
 - A batch (``apply_services``, ``delete_services``) is one transaction and one bump:
   all of it is written, at one new generation, or none of it.
 - A service name is unique, and so is (vip, port, protocol) across services: applying
@@ -33,21 +49,30 @@ import bisect
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
+from policyd.selectors import Labels, from_text, matches, to_text
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
-from xlbcore.errors import ConflictError, NotFoundError, ValidationError, quote
+from xlbcore.errors import ConflictError, NotFoundError, ValidationError, XlbError, quote
 from xlbcore.firewall import RuleSpec, fill_rule, parse_rule
 from xlbcore.route import RouteSpec, fill_route, parse_route
 from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
-SCHEMA_VERSION = 2  # 2: firewall_rules and routes
+SCHEMA_VERSION = 3  # 2: firewall_rules and routes; 3: object generations, selectors, labels
 CHANGE_LOG_KEYS = 1_000_000  # keys a change log remembers (per kind)
 
 _SCHEMA = """
@@ -88,15 +113,46 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
+# Columns added by schema 3 (and added to older stores when they open); ``generation``
+# columns hold the store's revision at the object's last change.
+_ADDED_COLUMNS = (
+    ("services", "object_generation", "INTEGER NOT NULL DEFAULT 1"),
+    ("services", "selector", "TEXT NOT NULL DEFAULT ''"),
+    ("firewall_rules", "object_generation", "INTEGER NOT NULL DEFAULT 1"),
+    ("firewall_rules", "selector", "TEXT NOT NULL DEFAULT ''"),
+    ("routes", "object_generation", "INTEGER NOT NULL DEFAULT 1"),
+    ("routes", "selector", "TEXT NOT NULL DEFAULT ''"),
+    ("nodes", "labels", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+class GenerationConflict(XlbError):
+    """An apply's expected generation is not the stored one (-> ABORTED)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change, as listeners see it."""
+
+    kind: str  # "service", "firewall_rule", "route"
+    name: str
+    obj: Any  # StoredService / StoredObject: as stored now, or (deleted) as last stored
+    deleted: bool
+
+
+Listener = Callable[[int, list[Change]], None]
+
 
 @dataclass(frozen=True)
 class StoredService:
     name: str
     spec: ServiceSpec
-    generation: int
+    generation: int  # the object's own generation
     update_time_ns: int
     # encode_spec(name, spec), as stored; lets replies skip building the message
     blob: bytes = field(default=b"", compare=False, repr=False)
+    selector: Labels = ()
+    revision: int = 0  # the store's generation at the last change
 
 
 @dataclass(frozen=True)
@@ -104,6 +160,7 @@ class NodeRecord:
     name: str
     address: str
     register_time_ns: int
+    labels: Labels = ()
 
 
 @dataclass(frozen=True)
@@ -172,6 +229,7 @@ class ChangeLog:
 
 
 S = TypeVar("S", RuleSpec, RouteSpec)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -180,10 +238,12 @@ class StoredObject(Generic[S]):
 
     name: str
     spec: S
-    generation: int
+    generation: int  # the object's own generation
     update_time_ns: int
     flush: bool = False  # rules: FirewallRule.flush_existing
     blob: bytes = field(default=b"", compare=False, repr=False)  # the canonical spec bytes
+    selector: Labels = ()
+    revision: int = 0  # the store's generation at the last change
 
 
 StoredRule = StoredObject[RuleSpec]
@@ -227,8 +287,9 @@ class _Objects(Generic[S]):
 
     def __init__(self, kind: str, table: str, message: Any, parse: Callable[[Any], S],
                  fill: Callable[[Any, S], Any], node_key: Callable[[str, S], str],
-                 floor: int) -> None:
+                 floor: int, event_kind: str) -> None:
         self.kind = kind  # "firewall rule", "route"
+        self.event_kind = event_kind  # "firewall_rule", "route"
         self.table = table
         self._message = message
         self._parse: Callable[[Any], S] = parse
@@ -237,6 +298,7 @@ class _Objects(Generic[S]):
         self.objects: dict[str, StoredObject[S]] = {}
         self.holders: dict[str, str] = {}  # node key -> name
         self.flushing: set[str] = set()  # node keys of the objects with flush set
+        self.selected: set[str] = set()  # node keys of the objects with a node selector
         self.log = ChangeLog(floor)
         self._desired: Mapping[str, S] | None = None
 
@@ -246,61 +308,98 @@ class _Objects(Generic[S]):
     def decode(self, blob: bytes) -> S:
         return self._parse(self._message.FromString(blob))
 
-    def load(self, rows: list[tuple[str, bytes, int, int, int]]) -> None:
-        for name, blob, generation, update_ns, flush in rows:
+    def load(self, rows: list[tuple[str, bytes, int, int, int, int, str]]) -> None:
+        for name, blob, revision, update_ns, flush, generation, selector in rows:
             obj = StoredObject(name, self.decode(blob), int(generation), int(update_ns),
-                               bool(flush), blob)
+                               bool(flush), blob, from_text(selector), int(revision))
             self.objects[name] = obj
             key = self.node_key(name, obj.spec)
             self.holders[key] = name
             if obj.flush:
                 self.flushing.add(key)
+            if obj.selector:
+                self.selected.add(key)
 
     def committed(self, generation: int, now: int,
-                  written: list[tuple[str, S, bytes, bool]], deleted: Sequence[str]) -> None:
+                  written: list[tuple[str, S, bytes, bool, Labels]],
+                  deleted: Sequence[str]) -> list[Change]:
         touched: list[str] = []
+        changes: list[Change] = []
+        gens: dict[str, int] = {}
         for name in [*deleted, *(w[0] for w in written)]:
             was = self.objects.pop(name, None)
             if was is not None:
+                gens[name] = was.generation
                 key = self.node_key(name, was.spec)
                 touched.append(key)
+                if name in deleted:
+                    changes.append(Change(self.event_kind, name, was, True))
                 if self.holders.get(key) == name:
                     del self.holders[key]
                     self.flushing.discard(key)
-        for name, spec, blob, flush in written:
+                    self.selected.discard(key)
+        for name, spec, blob, flush, selector in written:
             key = self.node_key(name, spec)
             touched.append(key)
-            self.objects[name] = StoredObject(name, spec, generation, now, flush, blob)
+            obj = StoredObject(name, spec, gens.get(name, 0) + 1, now, flush, blob,
+                               selector, generation)
+            self.objects[name] = obj
+            changes.append(Change(self.event_kind, name, obj, False))
             self.holders[key] = name
             if flush:
                 self.flushing.add(key)
+            if selector:
+                self.selected.add(key)
         self.log.add(generation, touched)
         self._desired = None
+        return changes
 
-    def desired(self) -> Mapping[str, S]:
-        """Node key -> spec of every object (shared until the next change)."""
+    def _wanted(self, key: str, labels: Mapping[str, str] | None) -> S | None:
+        """The spec a node with `labels` wants at `key` (None: none; labels None: any)."""
+        name = self.holders.get(key)
+        if name is None:
+            return None
+        obj = self.objects[name]
+        if labels is not None and obj.selector and not matches(obj.selector, labels):
+            return None
+        return obj.spec
+
+    def desired(self, labels: Mapping[str, str] | None = None) -> Mapping[str, S]:
+        """Node key -> spec of every object (shared until the next change); with
+        `labels`, of those a node with these labels takes (a copy, when any object has
+        a selector)."""
         if self._desired is None:
             objects = self.objects
             self._desired = MappingProxyType(
                 {key: objects[name].spec for key, name in self.holders.items()})
-        return self._desired
+        if labels is None or not self.selected:
+            return self._desired
+        out = dict(self._desired)
+        for key in self.selected:
+            if self._wanted(key, labels) is None:
+                del out[key]
+        return out
 
-    def everything(self, generation: int) -> Desired[S]:
-        return Desired(generation, self.desired(), dict(self.holders), frozenset(self.flushing))
+    def everything(self, generation: int,
+                   labels: Mapping[str, str] | None = None) -> Desired[S]:
+        return Desired(generation, self.desired(labels), dict(self.holders),
+                       frozenset(self.flushing))
 
-    def changes(self, since: int, generation: int) -> ObjectChanges[S] | None:
+    def changes(self, since: int, generation: int,
+                labels: Mapping[str, str] | None = None) -> ObjectChanges[S] | None:
         keys = self.log.since(since)
         if keys is None:
             return None
+        return self.at_keys(keys, generation, labels)
+
+    def at_keys(self, keys: Iterable[str], generation: int,
+                labels: Mapping[str, str] | None = None) -> ObjectChanges[S]:
         specs: dict[str, S | None] = {}
         names: dict[str, str] = {}
         for k in keys:
-            name = self.holders.get(k)
-            if name is None:
-                specs[k] = None
-            else:
-                specs[k] = self.objects[name].spec
-                names[k] = name
+            specs[k] = spec = self._wanted(k, labels)
+            if spec is not None:
+                names[k] = self.holders[k]
         return ObjectChanges(generation, specs, names, len(self.holders),
                              frozenset(k for k in specs if k in self.flushing))
 
@@ -342,6 +441,10 @@ class Store:
                 if "flush" not in columns:
                     cur.execute(f"ALTER TABLE {table} ADD COLUMN flush INTEGER NOT NULL"
                                 " DEFAULT 0")
+            for table, column, decl in _ADDED_COLUMNS:  # stores from before schema 3
+                columns = {r[1] for r in cur.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._closed = False
         # In-memory copy of the services table (see the module docstring).
@@ -352,22 +455,28 @@ class Store:
         self._holders: dict[ServiceKey, str] = {}
         self._desired: Mapping[ServiceKey, ServiceSpec] | None = None
         self._log = ChangeLog(self._generation)  # service keys changed, by generation
+        self._selected: set[ServiceKey] = set()  # keys of services with a node selector
+        self._listeners: list[Listener] = []
         rows = self._conn.execute(
-            "SELECT name, spec, generation, update_time_ns FROM services"
+            "SELECT name, spec, generation, update_time_ns, object_generation, selector"
+            " FROM services"
         ).fetchall()
         for row in rows:
             stored = self._service_row(row)
             self._services[stored.name] = stored
             self._holders[stored.spec.key] = stored.name
+            if stored.selector:
+                self._selected.add(stored.spec.key)
         self._rules: _Objects[RuleSpec] = _Objects(
             "firewall rule", "firewall_rules", types_pb2.FirewallRuleSpec, parse_rule,
-            fill_rule, _rule_key, self._generation)
+            fill_rule, _rule_key, self._generation, "firewall_rule")
         self._routes: _Objects[RouteSpec] = _Objects(
             "route", "routes", types_pb2.RouteSpec, parse_route, fill_route, _route_key,
-            self._generation)
+            self._generation, "route")
         for objects in (self._rules, self._routes):
             objects.load(self._conn.execute(
-                f"SELECT name, spec, generation, update_time_ns, flush FROM {objects.table}"
+                "SELECT name, spec, generation, update_time_ns, flush, object_generation,"
+                f" selector FROM {objects.table}"
             ).fetchall())
 
     # -- plumbing -----------------------------------------------------------------
@@ -409,27 +518,76 @@ class Store:
 
     @property
     def generation(self) -> int:
+        """The store's revision: moved by every change to an object (not by nodes)."""
         with self._lock:
             return self._generation
+
+    # -- listeners (Watch) ------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(revision, changes)` after each committed change, under the
+        store's lock (keep it short; never call the store from it)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def read_locked(self, read: Callable[[], T]) -> T:
+        """Run `read` under the store's lock: nothing commits meanwhile (a consistent
+        view of the current state and a listener registered at the same revision)."""
+        with self._lock:
+            return read()
+
+    def _emit(self, revision: int, changes: list[Change]) -> None:
+        for listener in self._listeners:
+            listener(revision, changes)
+
+    @staticmethod
+    def _check_expected(current: Mapping[str, Any], expected: Mapping[str, int] | None,
+                        names: Sequence[str], field: str, kind: str) -> None:
+        """GenerationConflict when an expected generation differs from the stored one."""
+        if not expected:
+            return
+        for i, name in enumerate(names):
+            if name not in expected:
+                continue
+            stored = current.get(name)
+            have = stored.generation if stored is not None else 0
+            if have != expected[name]:
+                where = f"{field}[{i}]: " if field else ""
+                now = f"is at generation {have}" if stored is not None else "does not exist"
+                raise GenerationConflict(
+                    f"{where}{kind} {quote(name)} {now}, not {expected[name]}: it changed"
+                    " since it was read; read it again and retry")
 
     # -- services -------------------------------------------------------------------
 
     @staticmethod
-    def _service_row(row: tuple[str, bytes, int, int]) -> StoredService:
-        name, blob, generation, update_ns = row
-        return StoredService(name, decode_spec(blob), int(generation), int(update_ns), blob)
+    def _service_row(row: tuple[str, bytes, int, int, int, str]) -> StoredService:
+        name, blob, revision, update_ns, generation, selector = row
+        return StoredService(name, decode_spec(blob), int(generation), int(update_ns), blob,
+                             from_text(selector), int(revision))
 
-    def apply_service(self, name: str, spec: ServiceSpec) -> tuple[StoredService, bool]:
+    def apply_service(self, name: str, spec: ServiceSpec, *, selector: Labels = (),
+                      expected: int | None = None) -> tuple[StoredService, bool]:
         """Create or replace service `name`. Returns (stored, changed).
 
         Raises ConflictError when another service already holds spec's (vip, port,
-        protocol); nothing is written then.
+        protocol), GenerationConflict when `expected` is not the stored generation (0:
+        the service must not exist); nothing is written then.
         """
-        result = self.apply_services([(name, spec)], field="")
+        result = self.apply_services(
+            [(name, spec)], field="", selectors={name: selector} if selector else None,
+            expected=None if expected is None else {name: expected})
         return result.services[0], bool(result.changed)
 
     def apply_services(
-        self, items: Sequence[tuple[str, ServiceSpec]], *, field: str = "services"
+        self, items: Sequence[tuple[str, ServiceSpec]], *, field: str = "services",
+        selectors: Mapping[str, Labels] | None = None,
+        expected: Mapping[str, int] | None = None,
     ) -> BatchResult:
         """Create or replace every (name, spec) of `items`, all or nothing.
 
@@ -444,11 +602,15 @@ class Store:
         keys = [spec.key for _, spec in items]  # a ServiceKey is built on each .key
         if len(names) != len(items) or len(set(keys)) != len(items):
             raise ValidationError(f"{field or 'services'}: names and keys must be unique")
+        selectors = selectors or {}
         with self._lock:
+            self._check_expected(self._services, expected, [n for n, _ in items], field,
+                                 "service")
             changed: list[int] = []
             for i, (name, spec) in enumerate(items):
                 current = self._services.get(name)
-                if current is not None and current.spec == spec:
+                if (current is not None and current.spec == spec
+                        and current.selector == selectors.get(name, ())):
                     continue
                 holder = self._holders.get(keys[i])
                 if holder is not None and holder != name and holder not in names:
@@ -470,6 +632,8 @@ class Store:
                     [(items[i][0],) for i in changed if items[i][0] in self._services],
                 )
                 blobs = {i: encode_spec(*items[i]) for i in changed}
+                gens = {i: self._services[items[i][0]].generation + 1
+                        if items[i][0] in self._services else 1 for i in changed}
                 rows = [
                     (
                         items[i][0],
@@ -479,13 +643,15 @@ class Store:
                         blobs[i],
                         generation,
                         now,
+                        gens[i],
+                        to_text(selectors.get(items[i][0], ())),
                     )
                     for i in changed
                 ]
                 cur.executemany(
                     "INSERT INTO services"
-                    " (name, vip, port, protocol, spec, generation, update_time_ns)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " (name, vip, port, protocol, spec, generation, update_time_ns,"
+                    " object_generation, selector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             # Committed: bring the in-memory copy along.
@@ -497,13 +663,22 @@ class Store:
                     touched.append(old.spec.key)
                 if old is not None and self._holders.get(old.spec.key) == old.name:
                     del self._holders[old.spec.key]
+                    self._selected.discard(old.spec.key)
             self._log_change(generation, touched)
+            events: list[Change] = []
             for i in changed:
                 name, spec = items[i]
-                self._services[name] = StoredService(name, spec, generation, now, blobs[i])
+                selector = selectors.get(name, ())
+                stored = StoredService(name, spec, gens[i], now, blobs[i], selector,
+                                       generation)
+                self._services[name] = stored
                 self._holders[keys[i]] = name
+                if selector:
+                    self._selected.add(keys[i])
+                events.append(Change("service", name, stored, False))
             self._generation = generation
             self._desired = None
+            self._emit(generation, events)
             return BatchResult(
                 [self._services[name] for name, _ in items], generation, len(changed)
             )
@@ -528,14 +703,18 @@ class Store:
                 generation = self._bump(cur)
                 cur.executemany("DELETE FROM services WHERE name = ?", [(n,) for n in names])
             touched = []
+            events: list[Change] = []
             for name in names:
                 old = self._services.pop(name)
                 touched.append(old.spec.key)
+                events.append(Change("service", name, old, True))
                 if self._holders.get(old.spec.key) == name:
                     del self._holders[old.spec.key]
+                    self._selected.discard(old.spec.key)
             self._log_change(generation, touched)
             self._generation = generation
             self._desired = None
+            self._emit(generation, events)
             return BatchResult([], generation, len(names))
 
     def get_service(self, name: str) -> StoredService:
@@ -562,21 +741,57 @@ class Store:
             return self._log.since(generation, upto)
 
     def changed_specs(
-        self, generation: int
+        self, generation: int, labels: Mapping[str, str] | None = None
     ) -> tuple[int, dict[ServiceKey, ServiceSpec | None], int] | None:
         """(generation now, {key changed after `generation`: its spec now, None when
-        deleted}, services now), read atomically in O(changes); None when the change
-        log does not reach back that far."""
+        deleted or (with `labels`) not selected for a node with these labels}, services
+        now), read atomically in O(changes); None when the change log does not reach
+        back that far."""
         with self._lock:
             keys = self.changes_since(generation)
             if keys is None:
                 return None
-            holders, services = self._holders, self._services
-            specs: dict[ServiceKey, ServiceSpec | None] = {}
-            for k in keys:
-                name = holders.get(k)
-                specs[k] = services[name].spec if name is not None else None
-            return self._generation, specs, len(holders)
+            return self._generation, self._service_specs(keys, labels), len(self._holders)
+
+    def _service_specs(self, keys: Iterable[ServiceKey], labels: Mapping[str, str] | None
+                       ) -> dict[ServiceKey, ServiceSpec | None]:
+        holders, services = self._holders, self._services
+        specs: dict[ServiceKey, ServiceSpec | None] = {}
+        for k in keys:
+            name = holders.get(k)
+            if name is None:
+                specs[k] = None
+                continue
+            stored = services[name]
+            selected = labels is None or not stored.selector or matches(stored.selector, labels)
+            specs[k] = stored.spec if selected else None
+        return specs
+
+    def selected_specs(self, labels: Mapping[str, str]
+                       ) -> tuple[dict[ServiceKey, ServiceSpec | None],
+                                  ObjectChanges[RuleSpec], ObjectChanges[RouteSpec]]:
+        """For a node whose labels changed to `labels`: every object that has a node
+        selector (the only ones a relabel can move), with its spec when the node takes
+        it, else None; O(objects with a selector). Services by key, rules and routes as
+        ``changed_rules`` answers."""
+        with self._lock:
+            return (self._service_specs(self._selected, labels),
+                    self._rules.at_keys(self._rules.selected, self._generation, labels),
+                    self._routes.at_keys(self._routes.selected, self._generation, labels))
+
+    def desired_services(self, labels: Mapping[str, str] | None = None
+                         ) -> Mapping[ServiceKey, ServiceSpec]:
+        """The services a node with `labels` takes (None: all): the shared snapshot when
+        no service has a selector, else a copy without those it does not select."""
+        with self._lock:
+            snapshot = self.snapshot()
+            if labels is None or not self._selected:
+                return snapshot.services
+            out = dict(snapshot.services)
+            for k, spec in self._service_specs(self._selected, labels).items():
+                if spec is None:
+                    out.pop(k, None)
+            return out
 
     def snapshot(self) -> Snapshot:
         """The generation and the desired services at that generation, in one read.
@@ -593,11 +808,13 @@ class Store:
     # -- firewall rules and routes ---------------------------------------------------
 
     def apply_rules(self, items: Sequence[tuple[str, RuleSpec]], *, field: str = "rules",
-                    flush: Collection[str] = ()) -> ObjectBatch[RuleSpec]:
+                    flush: Collection[str] = (), selectors: Mapping[str, Labels] | None = None,
+                    expected: Mapping[str, int] | None = None) -> ObjectBatch[RuleSpec]:
         """Create or replace every (name, spec) of `items` (names unique), all or nothing,
         at one new generation; unchanged rules keep theirs, and nothing changed bumps
-        nothing. `flush`: the names whose rule has flush_existing set."""
-        return self._apply(self._rules, items, field, flush)
+        nothing. `flush`: the names whose rule has flush_existing set; `selectors`:
+        node selectors by name; `expected`: generations by name (compare-and-swap)."""
+        return self._apply(self._rules, items, field, flush, selectors, expected)
 
     def delete_rules(self, names: Sequence[str]) -> ObjectBatch[RuleSpec]:
         """Delete every rule of `names` at one new generation; NotFoundError, deleting
@@ -611,10 +828,11 @@ class Store:
         return self._list(self._rules)
 
     def apply_routes(self, items: Sequence[tuple[str, RouteSpec]], *,
-                     field: str = "routes") -> ObjectBatch[RouteSpec]:
+                     field: str = "routes", selectors: Mapping[str, Labels] | None = None,
+                     expected: Mapping[str, int] | None = None) -> ObjectBatch[RouteSpec]:
         """As ``apply_rules``; a prefix that a stored route not in `items` holds raises
         ConflictError naming ``field[i]``."""
-        return self._apply(self._routes, items, field, ())
+        return self._apply(self._routes, items, field, (), selectors, expected)
 
     def delete_routes(self, names: Sequence[str]) -> ObjectBatch[RouteSpec]:
         return self._delete(self._routes, names)
@@ -625,39 +843,47 @@ class Store:
     def list_routes(self) -> list[StoredRoute]:
         return self._list(self._routes)
 
-    def changed_rules(self, generation: int) -> ObjectChanges[RuleSpec] | None:
-        """Rules changed after `generation`, by name, with their specs now; O(changes).
-        None when the change log does not reach back that far."""
+    def changed_rules(self, generation: int, labels: Mapping[str, str] | None = None
+                      ) -> ObjectChanges[RuleSpec] | None:
+        """Rules changed after `generation`, by name, with their specs now (None: deleted,
+        or not selected for a node with `labels`); O(changes). None when the change log
+        does not reach back that far."""
         with self._lock:
-            return self._rules.changes(generation, self._generation)
+            return self._rules.changes(generation, self._generation, labels)
 
-    def changed_routes(self, generation: int) -> ObjectChanges[RouteSpec] | None:
+    def changed_routes(self, generation: int, labels: Mapping[str, str] | None = None
+                       ) -> ObjectChanges[RouteSpec] | None:
         """Routes changed after `generation`, by prefix (as a node keys them)."""
         with self._lock:
-            return self._routes.changes(generation, self._generation)
+            return self._routes.changes(generation, self._generation, labels)
 
-    def desired_rules(self) -> Desired[RuleSpec]:
-        """Every rule by name, read atomically."""
+    def desired_rules(self, labels: Mapping[str, str] | None = None) -> Desired[RuleSpec]:
+        """Every rule by name (that a node with `labels` takes), read atomically."""
         with self._lock:
-            return self._rules.everything(self._generation)
+            return self._rules.everything(self._generation, labels)
 
-    def desired_routes(self) -> Desired[RouteSpec]:
+    def desired_routes(self, labels: Mapping[str, str] | None = None) -> Desired[RouteSpec]:
         """Every route by prefix (as a node keys them), read atomically."""
         with self._lock:
-            return self._routes.everything(self._generation)
+            return self._routes.everything(self._generation, labels)
 
     def _apply(self, objects: _Objects[S], items: Sequence[tuple[str, S]],
-               field: str, flush: Collection[str]) -> ObjectBatch[S]:
+               field: str, flush: Collection[str], selectors: Mapping[str, Labels] | None,
+               expected: Mapping[str, int] | None) -> ObjectBatch[S]:
         names = {name for name, _ in items}
         keys = [objects.node_key(name, spec) for name, spec in items]
         if len(names) != len(items) or len(set(keys)) != len(items):
             raise ValidationError(f"{field or objects.table}: names and prefixes must be unique")
+        selectors = selectors or {}
         with self._lock:
+            self._check_expected(objects.objects, expected, [n for n, _ in items], field,
+                                 objects.kind)
             changed: list[int] = []
             for i, (name, spec) in enumerate(items):
                 current = objects.objects.get(name)
                 if (current is not None and current.spec == spec
-                        and current.flush == (name in flush)):
+                        and current.flush == (name in flush)
+                        and current.selector == selectors.get(name, ())):
                     continue
                 holder = objects.holders.get(keys[i])
                 if holder is not None and holder != name and holder not in names:
@@ -671,24 +897,28 @@ class Store:
                                    self._generation, 0)
             now = time.time_ns()
             written = [(items[i][0], items[i][1], objects.encode(items[i][1]),
-                        items[i][0] in flush) for i in changed]
+                        items[i][0] in flush, selectors.get(items[i][0], ())) for i in changed]
+            gens = {w[0]: objects.objects[w[0]].generation + 1 if w[0] in objects.objects
+                    else 1 for w in written}
             with self._tx() as cur:
                 generation = self._bump(cur)
                 cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
                                 [(w[0],) for w in written])
                 if objects is self._routes:
                     cur.executemany(
-                        "INSERT INTO routes (name, prefix, spec, generation, update_time_ns)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        [(w[0], keys[i], w[2], generation, now)
+                        "INSERT INTO routes (name, prefix, spec, generation, update_time_ns,"
+                        " object_generation, selector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(w[0], keys[i], w[2], generation, now, gens[w[0]], to_text(w[4]))
                          for i, w in zip(changed, written, strict=True)])
                 else:
                     cur.executemany(
-                        f"INSERT INTO {objects.table}"
-                        " (name, spec, generation, update_time_ns, flush) VALUES (?, ?, ?, ?, ?)",
-                        [(w[0], w[2], generation, now, int(w[3])) for w in written])
-            objects.committed(generation, now, written, ())
+                        f"INSERT INTO {objects.table} (name, spec, generation, update_time_ns,"
+                        " flush, object_generation, selector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(w[0], w[2], generation, now, int(w[3]), gens[w[0]], to_text(w[4]))
+                         for w in written])
+            events = objects.committed(generation, now, written, ())
             self._generation = generation
+            self._emit(generation, events)
             return ObjectBatch([objects.objects[name] for name, _ in items], generation,
                                len(changed))
 
@@ -706,8 +936,9 @@ class Store:
                 generation = self._bump(cur)
                 cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
                                 [(n,) for n in names])
-            objects.committed(generation, time.time_ns(), [], names)
+            events = objects.committed(generation, time.time_ns(), [], names)
             self._generation = generation
+            self._emit(generation, events)
             return ObjectBatch([], generation, len(names))
 
     def _get(self, objects: _Objects[S], name: str) -> StoredObject[S]:
@@ -725,49 +956,58 @@ class Store:
 
     # -- nodes ----------------------------------------------------------------------
 
-    def register_node(self, name: str, address: str) -> tuple[NodeRecord, bool]:
-        """Add node `name` or move it to `address`. Returns (record, changed)."""
+    def register_node(self, name: str, address: str,
+                      labels: Labels = ()) -> tuple[NodeRecord, bool]:
+        """Add node `name`, or move it to `address` or other `labels`. Returns (record,
+        changed). ConflictError when another node has `address`. Nodes do not move the
+        store's revision (the objects' generations are theirs alone)."""
         with self._lock:
             with self._tx() as cur:
+                other = cur.execute("SELECT name FROM nodes WHERE address = ? AND name != ?",
+                                    (address, name)).fetchone()
+                if other is not None:
+                    raise ConflictError(
+                        f"node.address: {quote(address)} is node {quote(other[0])}'s; one dpd"
+                        " is one node (deregister it first, or use its name)")
                 row = cur.execute(
-                    "SELECT name, address, register_time_ns FROM nodes WHERE name = ?", (name,)
-                ).fetchone()
-                if row is not None and row[1] == address:
-                    return NodeRecord(row[0], row[1], int(row[2])), False
-                generation = self._bump(cur)
+                    "SELECT name, address, register_time_ns, labels FROM nodes WHERE name = ?",
+                    (name,)).fetchone()
+                if row is not None and row[1] == address and from_text(row[3]) == labels:
+                    return NodeRecord(row[0], row[1], int(row[2]), labels), False
                 now = time.time_ns()
+                if row is not None and row[1] == address:
+                    now = int(row[2])  # relabeled, not registered anew
                 cur.execute(
-                    "INSERT INTO nodes (name, address, register_time_ns) VALUES (?, ?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET address = excluded.address,"
-                    " register_time_ns = excluded.register_time_ns",
-                    (name, address, now),
+                    "INSERT INTO nodes (name, address, register_time_ns, labels)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                    " address = excluded.address, register_time_ns = excluded.register_time_ns,"
+                    " labels = excluded.labels",
+                    (name, address, now, to_text(labels)),
                 )
-            self._generation = generation
-            return NodeRecord(name, address, now), True
+            return NodeRecord(name, address, now, labels), True
 
     def deregister_node(self, name: str) -> int:
-        """Remove node `name`; returns the new generation. NotFoundError if missing."""
+        """Remove node `name`; returns the store's generation (unchanged). NotFoundError if
+        missing."""
         with self._lock:
             with self._tx() as cur:
                 cur.execute("DELETE FROM nodes WHERE name = ?", (name,))
                 if cur.rowcount == 0:
                     raise NotFoundError(f"node {quote(name)} not found")
-                generation = self._bump(cur)
-            self._generation = generation
-            return generation
+            return self._generation
 
     def get_node(self, name: str) -> NodeRecord:
         with self._lock:
             row = self._conn.execute(
-                "SELECT name, address, register_time_ns FROM nodes WHERE name = ?", (name,)
-            ).fetchone()
+                "SELECT name, address, register_time_ns, labels FROM nodes WHERE name = ?",
+                (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"node {quote(name)} not found")
-        return NodeRecord(row[0], row[1], int(row[2]))
+        return NodeRecord(row[0], row[1], int(row[2]), from_text(row[3]))
 
     def list_nodes(self) -> list[NodeRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT name, address, register_time_ns FROM nodes ORDER BY name"
+                "SELECT name, address, register_time_ns, labels FROM nodes ORDER BY name"
             ).fetchall()
-        return [NodeRecord(r[0], r[1], int(r[2])) for r in rows]
+        return [NodeRecord(r[0], r[1], int(r[2]), from_text(r[3])) for r in rows]

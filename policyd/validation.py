@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from policyd.selectors import Labels, validate_labels
 from xlbcore.address import parse_address
 from xlbcore.errors import ValidationError, quote
 from xlbcore.firewall import RuleSpec, parse_rule
@@ -142,3 +143,39 @@ def validate_routes(msgs: Sequence[Any], field: str = "routes") -> list[tuple[st
                 f" ({quote(items[first][0])})")
         items.append((name, spec))
     return items
+
+
+def validate_selectors(msgs: Sequence[Any], field: str,
+                       single: bool = False) -> dict[str, Labels]:
+    """Node selectors by object name (objects without one left out); errors name
+    ``field[i].node_selector`` (``field.node_selector`` when `single`)."""
+    out: dict[str, Labels] = {}
+    for i, msg in enumerate(msgs):
+        if msg.node_selector:
+            where = field if single else f"{field}[{i}]"
+            out[msg.name] = validate_labels(msg.node_selector, f"{where}.node_selector")
+    return out
+
+
+def validate_expected(msgs: Sequence[Any], field: str) -> dict[str, int]:
+    """Compare-and-swap of a batch: each object's ``generation`` is the one expected."""
+    out: dict[str, int] = {}
+    for i, msg in enumerate(msgs):
+        if msg.generation < 0:
+            raise ValidationError(f"{field}[{i}].generation: {msg.generation} is negative")
+        out[msg.name] = int(msg.generation)
+    return out
+
+
+def validate_expected_one(request: Any, name: str) -> dict[str, int] | None:
+    """Compare-and-swap of a single apply: its optional ``expected_generation``."""
+    if not request.HasField("expected_generation"):
+        return None
+    if request.expected_generation < 0:
+        raise ValidationError(
+            f"expected_generation: {request.expected_generation} is negative")
+    return {name: int(request.expected_generation)}
+
+
+def validate_node_labels(msg: Any, field: str = "node") -> Labels:
+    return validate_labels(msg.labels, f"{field}.labels")

@@ -284,9 +284,15 @@ class NodeWorker:
         settings: ReconcilerSettings,
         channel_factory: Callable[[str], grpc.Channel] = open_channel,
         gate: ReadGate | None = None,
+        on_progress: Callable[[str, NodeProgress], None] | None = None,
     ) -> None:
         self.name = node.name
         self.address = node.address
+        self.labels = node.labels
+        self._labels: dict[str, str] = dict(node.labels)  # this thread's view
+        self._relabel_to: dict[str, str] | None = None  # set by relabel(), taken by step()
+        self._on_progress = on_progress
+        self._reads = 0  # service read-backs finished (the first finds foreign state)
         self._store = store
         self._settings = settings
         self._gate = gate or ReadGate(settings.readback_concurrency)
@@ -314,8 +320,8 @@ class NodeWorker:
         self._ready_kick = False  # the channel became READY: cut a backoff short
         self._conn_state: grpc.ChannelConnectivity | None = None
         self._log = log.bind(node=node.name, address=node.address)
-        self._rules = ObjectSync(RULES, self._node, store, node.name)
-        self._routes = ObjectSync(ROUTES, self._node, store, node.name)
+        self._rules = ObjectSync(RULES, self._node, store, node.name, self._labels)
+        self._routes = ObjectSync(ROUTES, self._node, store, node.name, self._labels)
         self._objects: tuple[ObjectSync[Any], ...] = (self._rules, self._routes)
         self._no_tables = False  # the node has no GetSummary (GetServicesSummary then)
         self.health = NodeHealth()  # its endpoints' health (policyd/health.py)
@@ -336,8 +342,37 @@ class NodeWorker:
     def _record(self, **changes: Any) -> NodeProgress:
         with self._lock:
             previous = self._progress
-            self._progress = replace(previous, **changes)
-            return previous
+            self._progress = progress = replace(previous, **changes)
+        if self._on_progress is not None and progress != previous:
+            try:
+                self._on_progress(self.name, progress)
+            except Exception:
+                self._log.exception("node.progress_observer_failed")
+        return previous
+
+    def relabel(self, labels: tuple[tuple[str, str], ...]) -> None:
+        """The node's labels changed: its next step moves the objects with a node
+        selector onto or off it (O(objects with a selector))."""
+        with self._lock:
+            self.labels = labels
+            self._relabel_to = dict(labels)
+        self._wake.set()
+
+    def _relabel_pass(self, labels: dict[str, str]) -> None:
+        started = time.perf_counter()
+        self._labels.clear()
+        self._labels.update(labels)  # shared with the ObjectSyncs
+        services, rules, routes = self._store.selected_specs(labels)
+        puts, deletes = plan_changes(services, services, self._known)
+        calls, rpc_s = self._write(puts, deletes)
+        calls += self._rules.apply_changes(rules).calls
+        w = self._routes.apply_changes(routes)
+        calls += w.calls
+        if w.calls:
+            self._observe_tables(self._node.tables())
+        self._log.info("node.relabeled", labels=labels, put=len(puts), deleted=len(deletes),
+                       calls=calls, seconds=round(time.perf_counter() - started, 4))
+        self._record(**self._object_status())
 
     def start(self) -> None:
         self._thread.start()
@@ -460,7 +495,19 @@ class NodeWorker:
 
     def step(self) -> bool:
         """Do the most urgent piece of work; True when more is waiting. Raises when a
-        call fails. Order: pending changes, then a read-back page, then the drift check."""
+        call fails. Order: a relabel, pending changes, then a read-back page, then the
+        drift check."""
+        with self._lock:
+            relabel, self._relabel_to = self._relabel_to, None
+        if relabel is not None:
+            try:
+                self._relabel_pass(relabel)
+            except BaseException:
+                with self._lock:  # retried after the backoff (unless relabeled again)
+                    if self._relabel_to is None:
+                        self._relabel_to = relabel
+                raise
+            return True
         if self._store.generation > self._applied:
             self._change_pass()
             return True
@@ -520,6 +567,7 @@ class NodeWorker:
         if self._ident is not None:
             self._log.warning("node.datapath_replaced", was=self._ident, now=ident)
         self._ident = ident
+        self._record(epoch=self._progress.epoch + 1)
         self._no_tables = False  # a new dpd may have GetSummary
         self._known = None  # whatever we believed is void
         self._synced = False
@@ -572,12 +620,14 @@ class NodeWorker:
         started = time.perf_counter()
         since = self._applied
         self._record(last_attempt_ns=time.time_ns())
-        changed = self._store.changed_specs(self._applied)
+        labels = self._labels
+        changed = self._store.changed_specs(self._applied, labels)
         if changed is None:  # the change log does not reach back: compare everything
-            snapshot = self._store.snapshot()
-            generation, count = snapshot.generation, len(snapshot.services)
-            keys: Iterable[ServiceKey] = set(snapshot.services) | set(self._known or ())
-            desired: Mapping[ServiceKey, ServiceSpec | None] = snapshot.services
+            generation, services = self._store.read_locked(
+                lambda: (self._store.generation, self._store.desired_services(labels)))
+            count = len(services)
+            keys: Iterable[ServiceKey] = set(services) | set(self._known or ())
+            desired: Mapping[ServiceKey, ServiceSpec | None] = services
         else:
             generation, desired, count = changed
             keys = desired
@@ -621,17 +671,37 @@ class NodeWorker:
         its summary said so (or at the start)."""
         started = time.perf_counter()
         self._record(last_attempt_ns=time.time_ns())
-        w = objects.read_back()
+        w = objects.read_back(self._report_foreign)
         if w is not None and w.calls and objects.kind.digest:
             self._observe_tables(self._node.tables())
+        drift: dict[str, Any] = {}
         if w is not None:
             (self._log.info if w.put or w.deleted or w.refused else self._log.debug)(
                 "node.objects_read_back", kind=objects.kind.kind, held=objects.count,
                 put=w.put, deleted=w.deleted, refused=w.refused,
                 seconds=round(time.perf_counter() - started, 4))
-        self._record(error="", **self._object_status())
+            if w.drift is not None:
+                drift = self._drift(w.drift, w.put + w.deleted)
+        self._record(error="", **self._object_status(), **drift)
         if self._synced and all(o.synced for o in self._objects):
             self._record(observed_generation=self._applied, last_sync_ns=time.time_ns())
+
+    def _drift(self, found: int, repaired: int) -> dict[str, Any]:
+        """Status fields after a read-back that was not the node's first."""
+        if found:
+            self._log.info("node.drift_repaired", found=found, repaired=repaired)
+        return {"drift_found": found, "drift_repaired": repaired,
+                "drift_repaired_total": self._progress.drift_repaired_total + repaired}
+
+    def _report_foreign(self, kind: str, keys: list[str]) -> None:
+        """What the node held that policyd does not want, at its first read: reported
+        (status and one event per object) before it is removed."""
+        if not keys:
+            return
+        for key in keys:
+            self._log.warning("node.foreign_object", kind=kind, key=key, action="removing")
+        foreign = tuple(f for f in self._progress.foreign if f[0] != kind)
+        self._record(foreign=foreign + tuple((kind, k) for k in keys))
 
     def _object_status(self) -> dict[str, Any]:
         return {"firewall_rules": self._rules.count, "routes": self._routes.count,
@@ -720,8 +790,9 @@ class NodeWorker:
                 known.pop(k, None)
             else:
                 known[k] = spec
-        snapshot = self._store.snapshot()
-        desired = snapshot.services
+        labels = self._labels
+        generation, desired = self._store.read_locked(
+            lambda: (self._store.generation, self._store.desired_services(labels)))
         for k, spec in known.items():  # share the desired objects: memory per node
             want = desired.get(k)
             if want is not None and want is not spec and want == spec:
@@ -733,20 +804,27 @@ class NodeWorker:
             gc.freeze()
         snapshot_s = time.perf_counter() - started
         listed = time.perf_counter()
-        plan = diff_services(snapshot.services, known)
+        plan = diff_services(desired, known)
         diffed = time.perf_counter()
+        first = self._reads == 0
+        if first:
+            self._report_foreign("service", [str(k) for k in plan.to_delete])
         calls, rpc_s = self._write(list(plan.to_put), list(plan.to_delete))
-        if snapshot.generation > self._applied:  # rules and routes changed meanwhile too
+        self._reads += 1
+        if not first:
+            changes = len(plan.to_put) + len(plan.to_delete)
+            self._record(**self._drift(changes, changes))
+        if generation > self._applied:  # rules and routes changed meanwhile too
             calls += self._push_objects(self._applied)
-        self._applied = max(self._applied, snapshot.generation)
+        self._applied = max(self._applied, generation)
         self._synced = True
         self._check_due = time.monotonic() + jittered(self._settings.resync_interval,
                                                       self._settings.jitter)
         result = SyncResult(
-            services=len(snapshot.services), put=len(plan.to_put),
+            services=len(desired), put=len(plan.to_put),
             deleted=len(plan.to_delete), full=True, calls=calls,
             datapath_id=rb.ident[0] if rb.ident else "", list_s=rb.seconds,
             diff_s=diffed - listed, convert_s=time.perf_counter() - diffed - rpc_s,
             rpc_s=rpc_s)
-        self._synced_at(snapshot.generation, result, started, snapshot_s)
+        self._synced_at(generation, result, started, snapshot_s)
 

@@ -71,14 +71,14 @@ def wait_until(predicate, timeout: float, what: str):
 def test_rules_and_routes_reach_both_nodes_and_are_enforced(cluster):
     svc = apply_web(cluster)
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=svc.generation)
+        cluster.wait_state(name, SYNCED, generation=svc.revision)
     for topo in cluster.topos:  # the service carries traffic before the rule
         assert run_tcp_who(topo, VIP, 80, count=4).get("errors") == 0
 
     cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()), timeout=5)
     routes = cluster.policy.ApplyRoute(ppb.ApplyRouteRequest(route=lab_route()), timeout=5)
     for name, topo in zip(cluster.nodes, cluster.topos, strict=True):
-        st = cluster.wait_state(name, SYNCED, generation=routes.generation)
+        st = cluster.wait_state(name, SYNCED, generation=routes.revision)
         assert (st.firewall_rules, st.routes, list(st.errors)) == (1, 1, [])
         assert node_rules(cluster, name) == ["block-web"]
         assert f"{ROUTE_PREFIX} via 198.18.1.2" in fib_routes(topo)
@@ -106,7 +106,7 @@ def test_rule_deleted_by_hand_on_one_node_is_restored_at_the_next_resync(cluster
     rule = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()),
                                             timeout=5)
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=rule.generation)
+        cluster.wait_state(name, SYNCED, generation=rule.revision)
     node1 = cluster.datapath("node1")
     reply = node1.DeleteFirewallRules(dpb.DeleteFirewallRulesRequest(names=["block-web"]),
                                       timeout=5)
@@ -125,7 +125,7 @@ def test_rule_deleted_by_hand_on_one_node_is_restored_at_the_next_resync(cluster
 def test_route_a_node_cannot_reach_is_error_there_with_the_reason(cluster):
     good = cluster.policy.ApplyRoute(ppb.ApplyRouteRequest(route=lab_route()), timeout=5)
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=good.generation)
+        cluster.wait_state(name, SYNCED, generation=good.revision)
     # no connected network of either node holds 198.18.77.1
     cluster.policy.ApplyRoute(ppb.ApplyRouteRequest(
         route=lab_route("far", "198.21.0.0/16", "198.18.77.1")), timeout=5)
@@ -145,7 +145,7 @@ def test_node_rebuilt_with_wiped_pins_gets_its_rules_back_without_any_call(clust
     apply_web(cluster)
     rule = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()),
                                             timeout=5)
-    cluster.wait_state("node1", SYNCED, generation=rule.generation)
+    cluster.wait_state("node1", SYNCED, generation=rule.revision)
     dpd = cluster.nodes["node1"]
     dpd.kill()
     dpd.wipe_pins()
@@ -154,7 +154,7 @@ def test_node_rebuilt_with_wiped_pins_gets_its_rules_back_without_any_call(clust
     # no call to policyd or dpd: the drift check sees a new dpd instance and refills it
     wait_until(lambda: node_rules(cluster, "node1") == ["block-web"], timeout=20,
                what="the rule back on node1")
-    cluster.wait_state("node1", SYNCED, generation=rule.generation)
+    cluster.wait_state("node1", SYNCED, generation=rule.revision)
     seen = run_tcp_who(cluster.topos[0], VIP, 80, count=2, timeout=1.0)
     assert seen.get("errors") == 2, seen
 
@@ -163,14 +163,14 @@ def test_flush_existing_cuts_an_established_flow_a_plain_rule_leaves(cluster):
     from lab.client import start_tcp_long
 
     svc = apply_web(cluster)
-    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    cluster.wait_state("node1", SYNCED, generation=svc.revision)
     topo = cluster.topos[0]
     conn = start_tcp_long(topo, VIP, 80, duration=8.0, interval_ms=100, timeout=1.0)
     time.sleep(1.0)
     # a plain drop rule: new flows only; the established connection goes on
     plain = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=block_web()),
                                              timeout=5)
-    cluster.wait_state("node1", SYNCED, generation=plain.generation)
+    cluster.wait_state("node1", SYNCED, generation=plain.revision)
     assert run_tcp_who(topo, VIP, 80, count=1, timeout=1.0).get("errors") == 1
     time.sleep(2.0)
     cut = block_web()
@@ -178,7 +178,7 @@ def test_flush_existing_cuts_an_established_flow_a_plain_rule_leaves(cluster):
     applied = cluster.policy.ApplyFirewallRule(ppb.ApplyFirewallRuleRequest(rule=cut),
                                                timeout=5)
     assert applied.flush_existing
-    cluster.wait_state("node1", SYNCED, generation=applied.generation)
+    cluster.wait_state("node1", SYNCED, generation=applied.revision)
     res = conn.result()
     assert res["broken"] or res["errors"], res
     assert res["received"] >= 25, res  # it outlived the plain rule by about 2 s

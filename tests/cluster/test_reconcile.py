@@ -34,7 +34,7 @@ def node_services(cluster, name):
 def test_applied_service_reaches_every_node_and_carries_traffic(cluster):
     svc = apply_web(cluster)
     for name in cluster.nodes:
-        st = cluster.wait_state(name, SYNCED, generation=svc.generation)
+        st = cluster.wait_state(name, SYNCED, generation=svc.revision)
         assert st.services == 1
         assert node_services(cluster, name) == [
             (VIP, 80, [("198.18.1.2", 1), ("198.18.2.2", 1)])]
@@ -43,9 +43,9 @@ def test_applied_service_reaches_every_node_and_carries_traffic(cluster):
         assert seen.get("errors") == 0 and seen["be1"] == 5 and seen["be2"] == 5, seen
 
     changed = apply_web(cluster, weights=(1, 0))
-    assert changed.generation > svc.generation
+    assert changed.revision > svc.revision
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=changed.generation)
+        cluster.wait_state(name, SYNCED, generation=changed.revision)
     for topo in cluster.topos:
         assert run_tcp_who(topo, VIP, 80, count=6) == {"be1": 6, "errors": 0}
 
@@ -58,7 +58,7 @@ def test_applied_service_reaches_every_node_and_carries_traffic(cluster):
 
 def test_node_rebuilt_with_wiped_pins_gets_services_back_without_any_call(cluster):
     svc = apply_web(cluster)
-    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    cluster.wait_state("node1", SYNCED, generation=svc.revision)
     dpd = cluster.nodes["node1"]
     dpd.kill()
     dpd.wipe_pins()
@@ -80,10 +80,10 @@ def test_unreachable_node_reports_error_then_recovers(cluster):
     dpd.stop()
     svc = apply_web(cluster)
     st = cluster.wait_state("node2", ppb.SYNC_STATE_ERROR)
-    assert st.message and st.observed_generation < svc.generation
-    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    assert st.message and st.observed_generation < svc.revision
+    cluster.wait_state("node1", SYNCED, generation=svc.revision)
     dpd.start()
-    cluster.wait_state("node2", SYNCED, generation=svc.generation)
+    cluster.wait_state("node2", SYNCED, generation=svc.revision)
     assert run_tcp_who(cluster.topos[1], VIP, 80, count=4).get("errors") == 0
 
 
@@ -103,7 +103,7 @@ def test_bad_service_is_refused_by_policyd_and_no_node_changes(cluster):
 @pytest.mark.resync(60)
 def test_rebuilt_node_is_refilled_on_the_next_change_not_the_next_resync(cluster):
     svc = apply_web(cluster)
-    cluster.wait_state("node1", SYNCED, generation=svc.generation)
+    cluster.wait_state("node1", SYNCED, generation=svc.revision)
     dpd = cluster.nodes["node1"]
     dpd.kill()
     dpd.wipe_pins()
@@ -113,5 +113,5 @@ def test_rebuilt_node_is_refilled_on_the_next_change_not_the_next_resync(cluster
     other = cluster.policy.ApplyService(ppb.ApplyServiceRequest(service=ppb.Service(
         name="dns", vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP,
         endpoints=[tpb.Endpoint(address="198.18.1.2", port=8080)])), timeout=5)
-    cluster.wait_state("node1", SYNCED, generation=other.generation, timeout=10)
+    cluster.wait_state("node1", SYNCED, generation=other.revision, timeout=10)
     assert sorted(s[1] for s in node_services(cluster, "node1")) == [53, 80]

@@ -36,7 +36,7 @@ def wait_services(cluster, name, expected, timeout=30.0):
 def test_hand_edit_through_dpd_is_repaired(cluster):
     svc = apply_web(cluster)
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=svc.generation)
+        cluster.wait_state(name, SYNCED, generation=svc.revision)
     stub = cluster.datapath("node1")
     stub.PutServices(dpb.PutServicesRequest(services=[
         dpb.Service(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP,
@@ -59,7 +59,7 @@ def test_node_serving_again_is_synced_without_waiting_out_its_backoff(cluster):
     cluster.wait_state("node2", ppb.SYNC_STATE_ERROR)  # a 300 s backoff starts
     dpd.start()
     # the channel turns READY: the worker goes at once (well inside 300 s)
-    cluster.wait_state("node2", SYNCED, generation=changed.generation, timeout=60)
+    cluster.wait_state("node2", SYNCED, generation=changed.revision, timeout=60)
     assert node_services(cluster, "node2") == [(VIP, 80, [("198.18.1.2", 1),
                                                           ("198.18.2.2", 0)])]
 
@@ -83,12 +83,12 @@ def test_change_lands_everywhere_while_a_read_back_is_stuck(cluster):
             keys=[tpb.ServiceKey(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP)]), timeout=5)
         changed = apply_web(cluster, weights=(1, 0))
         for name in ("node1", "node2"):
-            cluster.wait_state(name, SYNCED, generation=changed.generation)
-        assert cluster.status("node3").observed_generation < changed.generation
+            cluster.wait_state(name, SYNCED, generation=changed.revision)
+        assert cluster.status("node3").observed_generation < changed.revision
         want = [(VIP, 80, [("198.18.1.2", 1), ("198.18.2.2", 0)])]
         assert node_services(cluster, "node1") == want
         assert node_services(cluster, "node2") == want
     finally:
         frozen.proc.send_signal(signal.SIGCONT)
-    cluster.wait_state("node3", SYNCED, generation=changed.generation)
+    cluster.wait_state("node3", SYNCED, generation=changed.revision)
     assert node_services(cluster, "node3") == want

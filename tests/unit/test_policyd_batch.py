@@ -71,12 +71,14 @@ def test_unchanged_services_keep_their_generation(policyd, client_for):
 
     again = client.apply_services([svc(1), svc(0)])  # same services: nothing changes
     assert again.generation == first.generation
-    assert [s.generation for s in again.services] == [first.generation] * 2
+    assert [s.revision for s in again.services] == [first.generation] * 2
+    assert [s.generation for s in again.services] == [1, 1]  # each object's own
 
     mixed = client.apply_services([svc(0), svc(1, endpoint="198.18.7.7:80"), svc(2)])
     assert mixed.generation == first.generation + 1
-    by_name = {s.name: s.generation for s in mixed.services}
+    by_name = {s.name: s.revision for s in mixed.services}
     assert by_name == {"s0": first.generation, "s1": mixed.generation, "s2": mixed.generation}
+    assert {s.name: s.generation for s in mixed.services} == {"s0": 1, "s1": 2, "s2": 1}
     assert client.get_service("s0").update_time == first.services[0].update_time
 
     endpoints = ["198.18.9.9:80", "198.18.2.1:80"]
@@ -198,8 +200,8 @@ def test_apply_service_still_works_beside_batches(policyd, client_for):
     client = client_for(policyd())
     batch = client.apply_services([svc(0)])
     one = client.apply(svc(1))
-    assert one.generation == batch.generation + 1
-    assert client.apply(svc(1)).generation == one.generation
+    assert one.revision == batch.generation + 1
+    assert client.apply(svc(1)).revision == one.revision
     err = rpc_error(client.apply, replace_name(svc(0), "other"))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "service 's0' already uses" in err.details()

@@ -68,7 +68,7 @@ def test_nodes_and_status(capsys, policyd, fake_node):
     assert rc == 0
     (entry,) = status["nodes"]
     assert entry["state"] == "SYNC_STATE_SYNCED"
-    assert entry["observed_generation"] == status["generation"] == "2"
+    assert entry["observed_generation"] == status["generation"] == "1"
     rc, nodes, _ = run(capsys, server, "node", "list")
     assert [n["name"] for n in nodes] == ["node-a"]
     rc, out, _ = run(capsys, server, "node", "deregister", "node-a")

@@ -110,7 +110,7 @@ def test_services_and_objects_share_one_generation(store):
 
     svc = ServiceSpec("198.19.0.10", 80, Proto.TCP, endpoints=(EndpointSpec("198.18.1.2", 80),))
     stored, _ = store.apply_service("web", svc)
-    assert stored.generation == 2
+    assert (stored.revision, stored.generation) == (2, 1)  # the store's, the object's
     assert store.apply_routes([("r", route_spec())]).generation == 3
 
 

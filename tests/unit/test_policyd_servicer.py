@@ -67,13 +67,15 @@ def test_apply_converges_to_synced(wait_for, policyd, fake_node, client_for):
     client.register_node("node-a", node.address)
     stored = client.apply_service(**WEB)
 
-    assert stored.generation == client.sync_status().generation == 2  # register + apply
+    # the store's revision moves with objects only (not with node registration)
+    assert stored.revision == client.sync_status().generation == 1
+    assert stored.generation == 1  # the service's own generation
     assert stored.update_time.seconds > 0
     assert [(e.address, e.port, e.weight) for e in stored.endpoints] == [
         ("198.18.1.2", 8080, 1),
         ("198.18.1.3", 8080, 2),
     ]
-    wait_for(lambda: synced_at(client, "node-a", stored.generation), what="node-a SYNCED")
+    wait_for(lambda: synced_at(client, "node-a", stored.revision), what="node-a SYNCED")
     assert node.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
     status = node_status(client, "node-a")
     assert status.services == 1
@@ -96,12 +98,12 @@ def test_delete_propagates(wait_for, policyd, fake_node, client_for):
     client.register_node("node-a", node.address)
     client.apply_service(**WEB)
     dns = client.apply_service("dns", "198.19.0.53", 53, "udp", ["198.18.1.53:53"])
-    wait_for(lambda: synced_at(client, "node-a", dns.generation))
+    wait_for(lambda: synced_at(client, "node-a", dns.revision))
     assert len(node.datapath.snapshot()) == 2
 
     client.delete_service("web")
     generation = client.sync_status().generation
-    assert generation == dns.generation + 1
+    assert generation == dns.revision + 1
     wait_for(lambda: synced_at(client, "node-a", generation), what="delete synced")
     assert list(node.datapath.snapshot()) == [("198.19.0.53", 53, 2)]
     assert [s.name for s in client.list_services()] == ["dns"]
@@ -187,11 +189,11 @@ def test_node_down_then_up_converges_without_api_calls(wait_for, policyd, fake_n
     )
     assert "UNAVAILABLE" in down.message
     assert down.observed_generation == 0
-    assert down.desired_generation == stored.generation
+    assert down.desired_generation == stored.revision
     assert down.last_attempt_time.seconds > 0
 
     node.start()  # no call to policyd's API from here on except reading the status
-    wait_for(lambda: synced_at(client, "node-late", stored.generation), what="recovery")
+    wait_for(lambda: synced_at(client, "node-late", stored.revision), what="recovery")
     assert node.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
     assert node_status(client, "node-late").message == ""
 
@@ -201,7 +203,7 @@ def test_node_restarted_empty_is_refilled(wait_for, policyd, fake_node, client_f
     client = client_for(policyd())
     client.register_node("node-a", node.address)
     stored = client.apply_service(**WEB)
-    wait_for(lambda: synced_at(client, "node-a", stored.generation))
+    wait_for(lambda: synced_at(client, "node-a", stored.revision))
 
     node.stop()
     node.start(empty=True)
@@ -217,9 +219,9 @@ def test_changes_are_pushed_without_waiting_for_resync(
     node = fake_node("a").start()
     client = client_for(policyd(settings=replace(fast, resync_interval=120)))
     client.register_node("node-a", node.address)
-    wait_for(lambda: synced_at(client, "node-a", 1), what="first pass")
+    wait_for(lambda: synced_at(client, "node-a", 0), what="first pass")
     stored = client.apply_service(**WEB)
-    wait_for(lambda: synced_at(client, "node-a", stored.generation), timeout=5, what="wake-up")
+    wait_for(lambda: synced_at(client, "node-a", stored.revision), timeout=5, what="wake-up")
     assert node.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
     client.delete_service("web")
     wait_for(lambda: node.datapath.snapshot() == {}, timeout=5, what="delete wake-up")
@@ -248,7 +250,7 @@ def test_change_during_a_pass_leaves_node_pending(fast, wait_for, policyd, fake_
     server = policyd(settings=replace(fast, resync_interval=120))
     client = client_for(server)
     client.register_node("node-a", node.address)
-    wait_for(lambda: synced_at(client, "node-a", 1), what="first pass")
+    wait_for(lambda: synced_at(client, "node-a", 0), what="first pass")
 
     datapath.put_gate.clear()  # the next PutServices hangs
     try:
@@ -256,7 +258,7 @@ def test_change_during_a_pass_leaves_node_pending(fast, wait_for, policyd, fake_
         wait_for(lambda: datapath.puts_started >= 1, what="pass started")
         status = node_status(client, "node-a")
         assert status.state == policy_pb2.SYNC_STATE_PENDING
-        assert (status.observed_generation, status.desired_generation) == (1, web.generation)
+        assert (status.observed_generation, status.desired_generation) == (0, web.revision)
 
         # A change lands while the pass is in flight, written to the store directly (no
         # wake-up).
@@ -269,7 +271,7 @@ def test_change_during_a_pass_leaves_node_pending(fast, wait_for, policyd, fake_
         datapath.put_gate.set()
     # The worker looks at the store's generation after every pass: the change that
     # landed during the pass (without a wake-up) is applied right after it.
-    wait_for(lambda: synced_at(client, "node-a", web.generation + 1), what="second pass")
+    wait_for(lambda: synced_at(client, "node-a", web.revision + 1), what="second pass")
     assert len(node.datapath.snapshot()) == 2
 
 
@@ -290,7 +292,7 @@ def test_drift_is_repaired_by_periodic_resync(wait_for, policyd, fake_node, clie
     client = client_for(policyd())
     client.register_node("node-a", node.address)
     stored = client.apply_service(**WEB)
-    wait_for(lambda: synced_at(client, "node-a", stored.generation))
+    wait_for(lambda: synced_at(client, "node-a", stored.revision))
 
     # a hand edit behind policyd's back, through the node's own API
     edited = datapath_pb2.Service()
@@ -311,7 +313,7 @@ def test_drift_is_repaired_by_periodic_resync(wait_for, policyd, fake_node, clie
         lambda: node.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE},
         what="drift repaired",
     )
-    assert client.sync_status().generation == stored.generation  # no API change happened
+    assert client.sync_status().generation == stored.revision  # no API change happened
 
 
 def test_several_nodes_and_deregister_leaves_datapath(wait_for, policyd, fake_node, client_for):
@@ -332,7 +334,7 @@ def test_several_nodes_and_deregister_leaves_datapath(wait_for, policyd, fake_no
     assert a.datapath.snapshot() == {}
     # node-b is no longer managed: it keeps what it had.
     assert b.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
-    assert stored.generation < generation
+    assert stored.revision < generation
 
 
 def test_reregister_moves_node_to_new_address(wait_for, policyd, fake_node, client_for):
@@ -340,16 +342,16 @@ def test_reregister_moves_node_to_new_address(wait_for, policyd, fake_node, clie
     client = client_for(policyd())
     first = client.register_node("node-a", old.address)
     stored = client.apply_service(**WEB)
-    wait_for(lambda: synced_at(client, "node-a", stored.generation))
+    wait_for(lambda: synced_at(client, "node-a", stored.revision))
 
     same = client.register_node("node-a", old.address)
     assert same.register_time == first.register_time
-    assert client.sync_status().generation == stored.generation
+    assert client.sync_status().generation == stored.revision
 
     moved = client.register_node("node-a", new.address)
     assert moved.address == new.address
     generation = client.sync_status().generation
-    assert generation == stored.generation + 1
+    assert generation == stored.revision  # moving a node is no object change
     wait_for(lambda: synced_at(client, "node-a", generation))
     assert new.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
     assert [n.address for n in client.list_nodes()] == [new.address]
@@ -371,8 +373,8 @@ def test_restart_keeps_desired_state(wait_for, policyd, fake_node, client_for, t
     client = client_for(second)
     assert client.get_service("web") == stored
     assert [(n.name, n.address) for n in client.list_nodes()] == [("node-a", node.address)]
-    assert client.sync_status().generation == stored.generation
-    wait_for(lambda: synced_at(client, "node-a", stored.generation), what="resync after restart")
+    assert client.sync_status().generation == stored.revision
+    wait_for(lambda: synced_at(client, "node-a", stored.revision), what="resync after restart")
     assert node.datapath.snapshot() == {("198.19.0.10", 80, 1): WEB_ON_NODE}
 
 

@@ -34,17 +34,18 @@ def test_new_store_is_empty_at_generation_zero(store):
 
 def test_every_change_bumps_generation_once(store):
     web, changed = store.apply_service("web", spec())
-    assert changed and web.generation == store.generation == 1
+    assert changed and web.revision == store.generation == 1 and web.generation == 1
     node, changed = store.register_node("n1", "127.0.0.1:1")
-    assert changed and store.generation == 2
+    assert changed and store.generation == 1  # nodes do not move the objects' revision
     dns, _ = store.apply_service("dns", spec(port=53, proto=Proto.UDP))
-    assert dns.generation == 3
+    assert (dns.revision, dns.generation) == (2, 1)
     web2, changed = store.apply_service("web", spec(weight=4))
-    assert changed and web2.generation == 4
-    assert store.get_service("dns").generation == 3  # untouched service keeps its own
-    assert store.delete_service("dns") == 5
-    assert store.deregister_node("n1") == 6
-    assert store.generation == 6
+    assert changed and (web2.revision, web2.generation) == (3, 2)  # web's own: 2nd version
+    dns_now = store.get_service("dns")
+    assert (dns_now.revision, dns_now.generation) == (2, 1)  # untouched keeps its own
+    assert store.delete_service("dns") == 4
+    assert store.deregister_node("n1") == 4
+    assert store.generation == 4
 
 
 def test_unchanged_apply_and_register_bump_nothing(store):
@@ -55,7 +56,7 @@ def test_unchanged_apply_and_register_bump_nothing(store):
     node, _ = store.register_node("n1", "127.0.0.1:1")
     same, changed = store.register_node("n1", "127.0.0.1:1")
     assert not changed and same == node
-    assert store.generation == 2
+    assert store.generation == 1
 
 
 def test_reregister_updates_address(store):
@@ -104,11 +105,11 @@ def test_state_survives_reopen(tmp_path):
         node, _ = s.register_node("n1", "127.0.0.1:9")
         generation = s.generation
     with Store(path) as s:
-        assert s.generation == generation == 4
+        assert s.generation == generation == 3
         assert s.list_services() == [web]
         assert s.get_node("n1") == node
         assert s.snapshot().services == {web.spec.key: web.spec}
-        assert s.apply_service("x", spec(port=1))[0].generation == 5
+        assert s.apply_service("x", spec(port=1))[0].revision == 4
 
 
 def test_wal_mode_on_disk(tmp_path):
@@ -135,7 +136,7 @@ def test_concurrent_applies_get_distinct_generations(store):
         for j in range(20):
             stored, _ = store.apply_service(f"s{i}-{j}", spec(vip=f"198.19.{i}.{j + 1}"))
             with lock:
-                generations.append(stored.generation)
+                generations.append(stored.revision)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -213,9 +214,10 @@ def test_delete_services_all_or_nothing(store):
 def test_snapshot_is_shared_until_services_change(store):
     store.apply_service("a", spec(port=1))
     first = store.snapshot()
-    store.register_node("n1", "127.0.0.1:1")  # bumps the generation, not the services
+    store.apply_rules([])  # no change: no bump
+    store.register_node("n1", "127.0.0.1:1")  # nodes do not move the revision
     second = store.snapshot()
-    assert second.generation == first.generation + 1
+    assert second.generation == first.generation
     assert second.services is first.services
     with pytest.raises(TypeError):
         second.services[spec(port=9).key] = spec(port=9)  # type: ignore[index]
@@ -238,7 +240,7 @@ def test_reply_from_stored_bytes_equals_reply_from_fields(store):
 def test_change_log_names_the_keys_changed_after_a_generation(store, tmp_path):
     start = store.generation
     a = store.apply_services([("a", spec(port=1)), ("b", spec(port=2))]).generation
-    moved = store.apply_service("b", spec(port=3))[0].generation  # b's key moves: 2 -> 3
+    moved = store.apply_service("b", spec(port=3))[0].revision  # b's key moves: 2 -> 3
     gone = store.delete_service("a")
     assert store.changes_since(start) == {spec(port=p).key for p in (1, 2, 3)}
     assert store.changes_since(a) == {spec(port=p).key for p in (1, 2, 3)}
