@@ -189,19 +189,21 @@ def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
     if GRPCURL is None:
         pytest.skip("grpcurl is missing")
     commands = _doc_commands()
-    assert len(commands) >= 6
+    assert len(commands) >= 9
     sock = lab.dpd.socket
     for argv in commands:
         argv = [GRPCURL if a == "grpcurl" else sock if a == "/run/xlb/dpd.sock" else a
                 for a in argv]
         if "-d" in argv:  # the docs' interface is eth0, the lab's c0
             i = argv.index("-d") + 1
-            argv[i] = argv[i].replace('"eth0"', '"c0"')
+            argv[i] = argv[i].replace('"eth0"', '"c0"').replace('"eth1"', '"b2"')
         res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, f"{argv}: {res.stderr}"
         if argv[-1].endswith("/ListBlocklist"):
             assert '"prefix": "198.18.66.0/24"' in res.stdout
             assert '"prefix": "2001:db8:66::/48"' in res.stdout
+        if argv[-1].endswith("/ListMirrors"):
+            assert '"mirror_interface": "b2"' in res.stdout
         if argv[-1].endswith("/AttachInterface") and "XDP_MODE_AUTO" in " ".join(argv):
             assert '"xdp_mode": "XDP_MODE_NATIVE"' in res.stdout
     assert xdp_of(lab, "c0") == ""  # the last example turns it off
