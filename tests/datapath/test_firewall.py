@@ -382,3 +382,22 @@ def test_no_packet_sees_a_mixture_of_two_sets_while_they_are_swapped(fw, tmp_pat
     counts = {int(k): v for k, v in json.loads(out).items()}
     assert sum(counts.values()) > 2000
     assert counts == {TC_ACT_SHOT: sum(counts.values())}
+
+
+def test_a_restarted_dpd_reads_the_rules_back_from_the_kernel_maps(fw):
+    from dpd.firewall import FirewallTable
+
+    put = [rule("web", 10, Action.ALLOW, src="0.0.0.0/0", dst=VIP + "/32",
+                protocol=RuleProto.TCP, dst_ports=PortRange(80, 80), in_interface="fw-a"),
+           rule("v6", 5, src="2001:db8::/32"),
+           rule("scrub", 1, Action.REDIRECT, redirect="lo", protocol=RuleProto.ICMP)]
+    fw.firewall.put(put)
+    fw.firewall.set_interface("fw-b", "dmz", Policy.DROP)
+    assert send(fw, udp(CLIENT, SERVER, 5000, 53), IF_B) == TC_ACT_SHOT
+    acl = sorted(fw.firewall.acl.items())
+    again = FirewallTable(fw.dp, StaticLinks(LINKS))  # what a restarted dpd builds
+    assert {r.name: r.spec for r in again.rules()} == dict(put)
+    assert again._gen == fw.firewall._gen and sorted(again.acl.items()) == acl
+    c = again.interface(IF_B)
+    assert c is not None and (c.zone, c.policy) == ("dmz", Policy.DROP) and again.policy_drop
+    assert again.judge(Packet.of(CLIENT, SERVER, 17, 5000, 53, IF_B)).drops
