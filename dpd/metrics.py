@@ -253,6 +253,7 @@ class NodeCollector(Collector):
         yield _gauge(f"{PREFIX}_services_generation", "the service table's generation "
                      "(bumped by every write call)", name, generation)
         yield from self.firewall(name)
+        yield from self.xdp(name)
 
     def firewall(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Per-rule counters, the rule table's size and generation, drops by interface."""
@@ -279,6 +280,30 @@ class NodeCollector(Collector):
             for stat, n in fw.interface_drops(intf.ifindex).items():
                 drops.add_metric([name, ifname, stat.removeprefix("drop_")], n)
         yield drops
+
+
+    def xdp(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The blocklist's prefixes and what each dropped; the mirrors' copies."""
+        n = self.node
+        packets = CounterMetricFamily(f"{PREFIX}_blocklist_drops", "packets the XDP stage "
+                                      "dropped for a blocked prefix", labels=["node", "prefix"])
+        nbytes = CounterMetricFamily(f"{PREFIX}_blocklist_drop_bytes", "bytes of the packets "
+                                     "the XDP stage dropped for a blocked prefix",
+                                     labels=["node", "prefix"])
+        entries = n.blocklist.entries()
+        for b in entries:
+            packets.add_metric([name, b.prefix], b.counters.packets)
+            nbytes.add_metric([name, b.prefix], b.counters.bytes)
+        yield packets
+        yield nbytes
+        yield _gauge(f"{PREFIX}_blocklist_prefixes", "prefixes in the blocklist", name,
+                     len(entries))
+        copies = CounterMetricFamily(f"{PREFIX}_mirror_packets", "packets copied out of a "
+                                     "mirror interface", labels=["node", "interface", "mirror"])
+        for m in n.mirrors.entries():
+            copies.add_metric([name, m.spec.interface, m.spec.mirror_interface],
+                              m.counters.packets)
+        yield copies
 
 
 def _gauge(metric: str, help_text: str, node: str, value: float) -> GaugeMetricFamily:

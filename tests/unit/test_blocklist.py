@@ -137,3 +137,23 @@ def test_xdp_on_a_memory_node_is_failed_precondition(dpd):
         stub.AttachInterface(pb.AttachInterfaceRequest(name="eth0",
                                                        xdp_mode=pb.XDP_MODE_AUTO), timeout=5)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_metrics_carry_the_blocklist_and_mirrors():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dpd.metrics import register_node
+    from dpd.mirror import MirrorSpec
+
+    node = _node()
+    node.blocklist.put(["198.18.66.0/24", "2001:db8:66::/48"])
+    node.mirrors.put([MirrorSpec("eth0", "eth1")])
+    registry = CollectorRegistry()
+    register_node(registry, node)
+    text = generate_latest(registry).decode()
+    assert 'xlb_dpd_blocklist_drops_total{node="unit",prefix="198.18.66.0/24"} 0.0' in text
+    assert 'xlb_dpd_blocklist_drop_bytes_total{node="unit",prefix="2001:db8:66::/48"} 0.0' in text
+    assert 'xlb_dpd_blocklist_prefixes{node="unit"} 2.0' in text
+    assert ('xlb_dpd_mirror_packets_total{interface="eth0",mirror="eth1",node="unit"} 0.0'
+            in text)
+    assert 'xlb_dpd_drops_total{node="unit",reason="blocklist"} 0.0' in text
