@@ -77,7 +77,7 @@ def lab() -> Iterator[Lab]:
     topo = Topology(backends=2, vip=VIP, prefix="hc" + secrets.token_hex(2))
     dpd = channel = None
     try:
-        procs = start_backends(topo, port=8080, udp_port=0)
+        procs = start_backends(topo, port=8080)
         dpd = Dpd("hc", topo.lb_ns, topo.lb_ifaces, topo.workdir,
                   extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
         dpd.start()
@@ -93,19 +93,22 @@ def lab() -> Iterator[Lab]:
         topo.cleanup()
 
 
-def states(lab: Lab) -> dict[str, int]:
-    (svc,) = lab.stub.ListServices(pb.ListServicesRequest(), timeout=5)
+def states(lab: Lab, port: int = 80) -> dict[str, int]:
+    svc = next(s for s in lab.stub.ListServices(pb.ListServicesRequest(), timeout=5)
+               if s.port == port)
     return {e.address: e.health for e in svc.endpoint_status}
 
 
-def wait_state(lab: Lab, address: str, state: int, deadline: float = 10.0) -> float:
+def wait_state(lab: Lab, address: str, state: int, deadline: float = 10.0,
+               port: int = 80) -> float:
     """Poll until `address` is in `state`; the monotonic time it was first seen so."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if states(lab).get(address) == state:
+        if states(lab, port).get(address) == state:
             return time.monotonic()
         time.sleep(0.01)
-    raise AssertionError(f"{address} not in state {state} after {deadline}s: {states(lab)}")
+    raise AssertionError(f"{address} not in state {state} after {deadline}s: "
+                         f"{states(lab, port)}")
 
 
 def test_a_killed_backend_leaves_selection_within_the_window_and_comes_back(lab):
@@ -161,3 +164,36 @@ def test_a_killed_backend_leaves_selection_within_the_window_and_comes_back(lab)
     assert who.get("errors") == 0 and who.get("be2", 0) > 0, who
     stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=5)
     assert stats.health.went_down >= 1 and stats.health.went_up >= 3  # 2 at start, 1 back
+
+
+def test_icmp_and_udp_checks_see_an_endpoint_stop_answering_and_come_back(lab):
+    """ICMP echo (a raw socket: dpd is root) and UDP request/expected reply probes; the
+    second backend's replies to the node are blackholed (probes time out), then let
+    through again."""
+    topo = lab.topo
+    be1, be2 = topo.backend_ips
+    check = {"interval_ms": 200, "timeout_ms": 100, "rise": 2, "fall": 2}
+    eps = [tpb.Endpoint(address=ip, port=8080) for ip in (be1, be2)]
+    lab.stub.PutServices(pb.PutServicesRequest(services=[
+        pb.Service(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP, endpoints=eps,
+                   health=tpb.HealthCheck(kind=tpb.HEALTH_CHECK_KIND_ICMP, **check)),
+        pb.Service(vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP, endpoints=eps,
+                   health=tpb.HealthCheck(kind=tpb.HEALTH_CHECK_KIND_UDP, udp_request=b"WHO",
+                                          udp_expect=b"be", **check))]), timeout=10)
+    for port in (80, 53):
+        for ip in (be1, be2):
+            wait_state(lab, ip, tpb.HEALTH_STATE_UP, port=port)
+    hole = ["ip", "route", "add", "blackhole", f"{topo.backend_gws[1]}/32"]
+    topo.run(topo.backend_ns[1], hole)
+    try:
+        for port in (80, 53):
+            wait_state(lab, be2, tpb.HEALTH_STATE_DOWN, port=port)
+        (svc,) = [s for s in lab.stub.ListServices(pb.ListServicesRequest(), timeout=5)
+                  if s.port == 53]
+        assert svc.endpoint_status[1].reason == "timeout"
+        assert states(lab, 80)[be1] == tpb.HEALTH_STATE_UP
+    finally:
+        topo.run(topo.backend_ns[1], ["ip", "route", "del", "blackhole",
+                                      f"{topo.backend_gws[1]}/32"])
+    for port in (80, 53):
+        wait_state(lab, be2, tpb.HEALTH_STATE_UP, port=port)

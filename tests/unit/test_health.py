@@ -326,3 +326,74 @@ def test_list_services_and_list_endpoint_health_show_each_endpoint(dp):
         assert stats.health.went_down == 1 and stats.health.targets == 1
     finally:
         node.close()
+
+
+def wait_states(m: HealthMonitor, key, want, deadline: float = 5.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        got = [h.state for h in m.status(key)]
+        if got == want:
+            return got
+        time.sleep(0.02)
+    return [h.state for h in m.status(key)]
+
+
+def test_http_probe_wants_the_status_and_udp_probe_the_reply():
+    """HTTP: 200 on /ok is UP, 503 on /bad DOWN (a service per path: one endpoint each);
+    UDP: a server that answers 'pong ...' is UP for udp_expect 'pong', a port that answers
+    nothing (an ICMP port unreachable) DOWN."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/ok" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+
+    def answer():
+        while True:
+            try:
+                data, peer = udp.recvfrom(100)
+            except OSError:
+                return
+            udp.sendto(b"pong " + data, peer)
+
+    threading.Thread(target=answer, daemon=True).start()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent_port = silent.getsockname()[1]
+    silent.close()  # closed: the kernel answers with a port unreachable
+
+    def svc(port: int, h: HealthSpec, eps) -> ServiceSpec:
+        return ServiceSpec("198.19.0.10", port, Proto.TCP, endpoints=eps, health=h)
+
+    fast = {"interval_ms": 50, "timeout_ms": 50, "rise": 1, "fall": 2}
+    hp = httpd.server_address[1]
+    ok = svc(1, HealthSpec(HealthKind.HTTP, http_path="/ok", http_status=200, **fast),
+             (EndpointSpec("127.0.0.1", hp),))
+    bad = svc(2, HealthSpec(HealthKind.HTTP, http_path="/bad", http_status=200, **fast),
+              (EndpointSpec("127.0.0.1", hp),))
+    u = svc(3, HealthSpec(HealthKind.UDP, udp_request=b"ping", udp_expect=b"pong", **fast),
+            (EndpointSpec("127.0.0.1", udp.getsockname()[1]),
+             EndpointSpec("127.0.0.1", silent_port)))
+    m = HealthMonitor(Applied())
+    try:
+        m.start()
+        m.update([ok, bad, u])
+        assert wait_states(m, ok.key, [State.UP]) == [State.UP]
+        assert wait_states(m, bad.key, [State.DOWN]) == [State.DOWN]
+        assert m.status(bad.key)[0].reason == "HTTP status 503"
+        assert wait_states(m, u.key, [State.UP, State.DOWN]) == [State.UP, State.DOWN]
+        assert "refused" in m.status(u.key)[1].reason.lower()
+    finally:
+        m.stop()
+        httpd.shutdown()
+        httpd.server_close()
+        udp.close()
