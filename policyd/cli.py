@@ -1,5 +1,13 @@
 """xlbctl: operate policyd from a shell.
 
+    xlbctl apply -f site.yaml [--cas]        # services, rules, routes, nodes (YAML or JSON)
+    xlbctl get services|firewall-rules|routes|nodes [NAME] [-o yaml|json|wide]
+    xlbctl delete -f site.yaml [--ignore-not-found] | delete KIND NAME [NAME...]
+    xlbctl status [NODE] [-o table|wide|json] [--wait [--timeout S]]
+    xlbctl --dpd unix:/run/xlb/dpd.sock services|conntrack|stats|interfaces|rules|routes
+    xlbctl completion bash > /etc/bash_completion.d/xlbctl
+    xlbctl --version
+
     xlbctl --server unix:/run/xlb/policyd.sock service apply --name web \\
         --vip 198.19.0.10 --port 80 --protocol tcp \\
         --endpoint 198.18.1.2:8080 --endpoint 198.18.1.3:8080@2
@@ -12,9 +20,16 @@
     xlbctl route apply --name via-a --prefix 198.19.0.0/16 \
         --next-hop 198.18.1.1 --next-hop 198.18.2.1,dev=eth2,weight=3 [--next-hop dev=eth3]
     xlbctl route list | get NAME | delete NAME [NAME...]
-    xlbctl apply-file FILE                  # services, firewall rules and routes (JSON or YAML)
-    xlbctl node register NAME ADDR | deregister NAME | list
-    xlbctl status [NODE] [--wait [--timeout S]]
+    xlbctl apply-file FILE                  # alias of apply -f
+    xlbctl node register NAME ADDR [--label K=V...] | deregister NAME | list
+
+``apply -f`` takes kubectl-style documents (``kind`` Service, FirewallRule, Route or
+Node, ``metadata.name``, ``metadata.nodeSelector`` / ``metadata.labels``, ``spec``:
+policyd.cli_objects), several per file; what ``get -o yaml|json`` prints it takes back.
+With ``--cas`` each object's ``metadata.generation`` must still be the stored one
+(ABORTED otherwise, nothing written). ``status`` prints a table on a terminal (JSON
+when its output is not one; ``-o`` chooses) and, as a table, exits 1 when any node is
+not SYNCED.
 
 ``service apply-file`` takes a JSON list of services as ``service list`` prints them (or
 an object with a "services" list); all are applied in one ApplyServices call, all or
@@ -25,8 +40,8 @@ Each kind is applied in one call, all or nothing: firewall rules first, then rou
 then services (so a new service is not exposed before the rules that guard it).
 Several names to ``delete`` are deleted in one call, all or nothing.
 
-Results are printed as JSON on stdout. On error the gRPC status and its message go to
-stderr and the exit code is 1 (2 for a bad command line).
+The older commands print their results as JSON on stdout. On error the gRPC status and
+its message go to stderr and the exit code is 1 (2 for a bad command line).
 """
 
 from __future__ import annotations
@@ -43,10 +58,11 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from policyd import cli_certs
+from policyd import cli_certs, cli_node, cli_objects
 from policyd.client import (
     ACTIONS,
     ALGORITHMS,
+    CHANNEL_OPTIONS,
     PROTOCOLS,
     RULE_PROTOCOLS,
     PolicyClient,
@@ -83,9 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"policyd address, HOST:PORT or unix:PATH (default ${ENV_SERVER} or {DEFAULT_LISTEN})",
     )
     p.add_argument("--rpc-timeout", type=float, default=10.0, help="seconds per call")
+    p.add_argument("--dpd", default="", metavar="ADDR",
+                   help="a node's dpd (HOST:PORT or unix:PATH): for the node views "
+                        f"({', '.join(cli_node.VIEWS)})")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     cli_certs.add_connection_args(p)
     sub = p.add_subparsers(dest="group", required=True)
     cli_certs.add_certs_parser(sub)
+
+    ap = sub.add_parser("apply", help="create or replace the objects of a file (-f)")
+    ap.add_argument("-f", "--filename", required=True, metavar="FILE",
+                    help="YAML or JSON, several documents and kinds; - for stdin")
+    ap.add_argument("--cas", action="store_true",
+                    help="compare-and-swap: each object's metadata.generation must be the "
+                         "stored one (none: it must not exist)")
+    get = sub.add_parser("get", help="show objects (as a table, or documents apply -f takes)")
+    get.add_argument("kind", help="services, firewall-rules, routes or nodes")
+    get.add_argument("name", nargs="?", default="")
+    get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json"),
+                     default="table")
+    de = sub.add_parser("delete", help="delete the objects of a file (-f), or KIND NAME...")
+    de.add_argument("-f", "--filename", default="", metavar="FILE")
+    de.add_argument("--ignore-not-found", action="store_true")
+    de.add_argument("target", nargs="*", metavar="KIND NAME", help="KIND NAME [NAME...]")
+    comp = sub.add_parser("completion", help="print a shell completion script")
+    comp.add_argument("shell", choices=("bash",))
+    for view in cli_node.VIEWS:
+        nv = sub.add_parser(view, help=f"the node's {view} (needs --dpd), decoded")
+        nv.add_argument("-o", "--output", choices=("table", "wide"), default="table")
 
     svc = sub.add_parser("service", help="desired services").add_subparsers(
         dest="verb", required=True
@@ -152,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_parser("list", help="list routes")
 
     af = sub.add_parser("apply-file",
-                        help="apply services, firewall rules and routes from a JSON or YAML file")
+                        help="the older form of apply -f (JSON output, no Node documents)")
     af.add_argument("file", help="FILE, or - for stdin")
     af.add_argument("--full", action="store_true", help="print every stored object")
 
@@ -162,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg = node.add_parser("register", help="add a node, or move it to a new address")
     reg.add_argument("name")
     reg.add_argument("address", help="the node's dpd: HOST:PORT or unix:PATH")
+    reg.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                     help="a label objects' node selectors match; repeat for several")
     dereg = node.add_parser("deregister", help="stop managing a node (its datapath is left as is)")
     dereg.add_argument("name")
     node.add_parser("list", help="list nodes")
@@ -170,7 +213,80 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("node", nargs="?", default="")
     status.add_argument("--wait", action="store_true", help="wait until SYNCED")
     status.add_argument("--timeout", type=float, default=60.0, help="for --wait (seconds)")
+    status.add_argument("-o", "--output", choices=("table", "wide", "json"), default="",
+                        help="default: a table on a terminal, JSON otherwise")
     return p
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("xlb")
+    except Exception:  # noqa: BLE001 - a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def parse_labels(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--label {quote(text)}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    """A bash completion script for xlbctl, from the parser itself: commands, their
+    verbs and flags, and the kinds of get/delete."""
+    words: dict[str, list[str]] = {}
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        options = [o for a in p._actions for o in a.option_strings]
+        subs: list[str] = []
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    subs.append(name)
+                    walk(child, f"{path} {name}".strip())
+        words[path] = subs + options
+    walk(parser, "")
+    words["get"] = ["services", "firewall-rules", "routes", "nodes", *words["get"]]
+    words["delete"] = ["services", "firewall-rules", "routes", "nodes", *words["delete"]]
+    cases = "\n".join(f'    "{k}") opts="{" ".join(v)}" ;;' for k, v in sorted(words.items()))
+    return COMPLETION.replace("@CASES@", cases)
+
+
+COMPLETION = """# bash completion for xlbctl: xlbctl completion bash > /etc/bash_completion.d/xlbctl
+_xlbctl() {
+  local cur path="" w i
+  cur="${COMP_WORDS[COMP_CWORD]}"
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    w="${COMP_WORDS[i]}"
+    case "$w" in
+      --server|--dpd|--rpc-timeout|--ca|--cert|--key|--token|-f|--filename|-o|--output)
+        ((i++)); continue ;;
+      -*) continue ;;
+    esac
+    path="${path:+$path }$w"
+  done
+  local opts
+  while :; do
+    case "$path" in
+@CASES@
+    *) if [[ "$path" == *" "* ]]; then path="${path% *}"; continue; fi; opts="" ;;
+    esac
+    break
+  done
+  case "${COMP_WORDS[COMP_CWORD-1]}" in
+    -f|--filename) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    -o|--output) COMPREPLY=($(compgen -W "table wide yaml json" -- "$cur")); return ;;
+  esac
+  COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}
+complete -F _xlbctl xlbctl
+"""
 
 
 def read_services(path: str) -> list[policy_pb2.Service]:
@@ -230,7 +346,12 @@ def _load(path: str) -> list[Any]:
 def read_objects(path: str) -> dict[str, list[Message]]:
     """{"services": [...], "firewall_rules": [...], "routes": [...]} from a file; see
     the module docstring for its forms. ValueError naming what is wrong."""
-    where = brief(path, 120)
+    return objects_from(_load(path), brief(path, 120))
+
+
+def objects_from(docs: list[Any], where: str, first: int = 0) -> dict[str, list[Message]]:
+    """read_objects' work on documents already loaded (`first`: the index of the first
+    one in its file, for the messages)."""
     out: dict[str, list[Message]] = {key: [] for key, _ in KINDS.values()}
     lists = {key: message for key, message in KINDS.values()}
 
@@ -254,7 +375,7 @@ def read_objects(path: str) -> dict[str, list[Message]]:
                              f" {', '.join(KINDS)}")
         add(KINDS[norm][0], body, label)
 
-    for d, doc in enumerate(_load(path)):
+    for d, doc in enumerate(docs, first):
         at = f"document {d}: " if d else ""
         if isinstance(doc, dict) and "kind" in doc:
             add_kinded(doc, f"{at}object")
@@ -301,6 +422,8 @@ def _delete(names: list[str], one: Any, many: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, client: PolicyClient) -> int:
+    if args.group in ("apply", "get", "delete"):
+        return run_documents(args, client)
     if args.group == "firewall":
         if args.verb == "apply":
             rule = make_rule(args.name, args.action, args.priority, src=args.src, dst=args.dst,
@@ -324,8 +447,15 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
             _print(_json(client.get_route(args.name)))
         else:
             _print([_json(r) for r in client.list_routes()])
-    elif args.group == "apply-file":
-        _print(apply_objects(client, read_objects(args.file), args.full))
+    elif args.group == "apply-file":  # apply -f's documents, JSON output as before
+        docs = cli_objects.by_kind(cli_objects.read_docs(args.file))
+        if docs["Node"]:
+            raise ValueError(f"{docs['Node'][0].where}: Node documents need apply -f")
+        objects: dict[str, list[Message]] = {
+            "firewall_rules": [d.msg for d in docs["FirewallRule"]],
+            "routes": [d.msg for d in docs["Route"]],
+            "services": [d.msg for d in docs["Service"]]}
+        _print(apply_objects(client, objects, args.full))
     elif args.group == "service":
         if args.verb == "apply":
             service = make_service(
@@ -351,26 +481,77 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
             _print([_json(s) for s in client.list_services()])
     elif args.group == "node":
         if args.verb == "register":
-            _print(_json(client.register_node(args.name, args.address)))
+            _print(_json(client.register_node(args.name, args.address,
+                                              parse_labels(args.label))))
         elif args.verb == "deregister":
             client.deregister_node(args.name)
             _print({"deregistered": args.name})
         else:
             _print([_json(n) for n in client.list_nodes()])
     else:
+        output = args.output or ("table" if sys.stdout.isatty() else "json")
+        show = (lambda r: _print(_json(r))) if output == "json" else (
+            lambda r: cli_objects.say(cli_objects.status_table(r, output == "wide")))
         if args.wait:
             nodes = [args.node] if args.node else None
             try:
                 client.wait_synced(nodes=nodes, timeout=args.timeout)
             except TimeoutError as exc:
-                _print(_json(client.sync_status(args.node)))
+                show(client.sync_status(args.node))
                 sys.stderr.write(f"xlbctl: {exc}\n")
                 return 1
         response = client.sync_status(args.node)
-        _print(_json(response))
+        show(response)
         if args.wait and not is_synced(response, [args.node] if args.node else None):
             return 1
+        if output != "json" and not cli_objects.all_synced(response):
+            return 1  # a person's view: any node not SYNCED is a failure
     return 0
+
+
+def run_documents(args: argparse.Namespace, client: PolicyClient) -> int:
+    """apply -f, get, delete (policyd.cli_objects)."""
+    if args.group == "apply":
+        lines = cli_objects.apply_docs(client, cli_objects.read_docs(args.filename), args.cas)
+        cli_objects.say("\n".join(lines) or "nothing to apply")
+        return 0
+    if args.group == "get":
+        kind = cli_objects.kind_of(args.kind)
+        if kind is None:
+            raise ValueError(f"get: {quote(args.kind)} is not one of services, "
+                             "firewall-rules, routes, nodes")
+        objects = cli_objects.fetch(client, kind, args.name)
+        if not objects and args.output in ("table", "wide"):
+            cli_objects.say(f"no {args.kind}")
+            return 0
+        cli_objects.say(cli_objects.render(kind, objects, args.output, bool(args.name)))
+        return 0
+    if args.filename:
+        docs = cli_objects.read_docs(args.filename)
+    elif len(args.target) >= 2 and cli_objects.kind_of(args.target[0]) is not None:
+        kind = str(cli_objects.kind_of(args.target[0]))
+        message = {"Service": policy_pb2.Service, "FirewallRule": policy_pb2.FirewallRule,
+                   "Route": policy_pb2.Route, "Node": policy_pb2.Node}[kind]
+        docs = [cli_objects.Doc(kind, message(name=n), None, "") for n in args.target[1:]]
+    else:
+        raise ValueError("delete: use -f FILE, or KIND NAME [NAME...]")
+    cli_objects.say("\n".join(cli_objects.delete_docs(client, docs, args.ignore_not_found)))
+    return 0
+
+
+def connect(args: argparse.Namespace) -> PolicyClient:
+    """xlbctl's connection to policyd: the one place it is made (credentials and token
+    from the connection flags, policyd.cli_certs)."""
+    return PolicyClient(args.server, timeout=args.rpc_timeout, **cli_certs.connection(args))
+
+
+def connect_dpd(args: argparse.Namespace) -> grpc.Channel:
+    """xlbctl's connection to a node's dpd (--dpd): the one place it is made (TLS when
+    the connection flags give credentials)."""
+    credentials = cli_certs.connection(args).get("credentials")
+    if credentials is not None:
+        return grpc.secure_channel(args.dpd, credentials, options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(args.dpd, options=CHANNEL_OPTIONS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,12 +559,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.group == "certs":  # local files only: no server
         return cli_certs.run(args)
+    if args.group == "completion":
+        cli_objects.say(completion_script(parser))
+        return 0
     try:
-        with PolicyClient(args.server, timeout=args.rpc_timeout,
-                          **cli_certs.connection(args)) as client:
+        if args.group in cli_node.VIEWS:
+            if not args.dpd:
+                parser.error(f"{args.group}: a node view; give the node's dpd with --dpd ADDR")
+            channel = connect_dpd(args)
+            try:
+                cli_objects.say(cli_node.show(channel, args))
+            finally:
+                channel.close()
+            return 0
+        with connect(args) as client:
             return run(args, client)
     except ValueError as exc:  # a malformed argument caught before any call
         parser.error(str(exc))
+    except LookupError as exc:
+        sys.stderr.write(f"xlbctl: NOT_FOUND: {exc}\n")
+        return 1
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
         details = exc.details() if hasattr(exc, "details") else str(exc)

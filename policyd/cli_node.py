@@ -1,0 +1,98 @@
+"""``xlbctl --dpd ADDR services|conntrack|stats|interfaces|rules|routes``: one node's
+tables as dpd reads them back from its maps, decoded (addresses and ports as text, enums
+by name), without grpcurl. Read-only: it calls only dpd's List/Get methods."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from policyd.cli_objects import _enum, next_hops, rule_match, table
+from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
+from xlb.types.v1 import types_pb2
+
+VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes")
+
+
+def _key(key: Any) -> str:
+    proto = _enum(key.protocol, types_pb2.Protocol, "PROTOCOL_")
+    return f"{key.vip}:{key.port}/{proto}"
+
+
+def services(stub: Any, args: argparse.Namespace) -> str:
+    rows = []
+    for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=args.rpc_timeout):
+        eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
+        rows.append([f"{s.vip}:{s.port}", _enum(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
+                     _enum(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
+                     _enum(s.mode, types_pb2.Mode, "MODE_"), eps or "-"])
+    return table(["VIP", "PROTO", "ALGORITHM", "MODE", "ENDPOINTS"], rows)
+
+
+def conntrack(stub: Any, args: argparse.Namespace) -> str:
+    rows = []
+    for e in stub.ListConntrack(datapath_pb2.ListConntrackRequest(), timeout=args.rpc_timeout):
+        rows.append([_enum(e.protocol, types_pb2.Protocol, "PROTOCOL_"),
+                     f"{e.src}:{e.src_port}", f"{e.dst}:{e.dst_port}",
+                     _enum(e.direction, datapath_pb2.Direction, "DIRECTION_"),
+                     _enum(e.state, datapath_pb2.ConntrackState, "CONNTRACK_STATE_"),
+                     f"{e.nat_address}:{e.nat_port}" if e.nat_address else "-",
+                     _key(e.service) if e.service.vip else "-",
+                     f"{e.idle_ns / 1e9:.1f}s"])
+    return table(["PROTO", "SOURCE", "DESTINATION", "DIRECTION", "STATE", "NAT", "SERVICE",
+                  "IDLE"], rows)
+
+
+def stats(stub: Any, args: argparse.Namespace) -> str:
+    reply = stub.GetStats(datapath_pb2.GetStatsRequest(), timeout=args.rpc_timeout)
+    rows: list[list[Any]] = []
+    for s in reply.services:
+        c = s.counters
+        rows.append([_key(s.service), "", c.packets, c.bytes])
+        for e in s.endpoints:
+            rows.append(["", f"{e.endpoint.address}:{e.endpoint.port}", e.counters.packets,
+                         e.counters.bytes])
+    out = table(["SERVICE", "ENDPOINT", "PACKETS", "BYTES"], rows) if rows else "no services"
+    counters = [[name, value] for name, value in sorted(reply.global_counters.items())
+                if value or args.output == "wide"]
+    return out + "\n\n" + table(["COUNTER", "PACKETS"], counters)
+
+
+def interfaces(stub: Any, args: argparse.Namespace) -> str:
+    rows = []
+    for i in stub.ListInterfaces(datapath_pb2.ListInterfacesRequest(), timeout=args.rpc_timeout):
+        rows.append([i.name, i.ifindex, "yes" if i.attached else "no", i.program_tag or "-",
+                     _enum(i.xdp_mode, datapath_pb2.XdpMode, "XDP_MODE_"), i.zone or "-",
+                     _enum(i.default_policy, types_pb2.DefaultPolicy, "DEFAULT_POLICY_")])
+    return table(["NAME", "IFINDEX", "ATTACHED", "TC-TAG", "XDP", "ZONE", "DEFAULT"], rows)
+
+
+def rules(stub: Any, args: argparse.Namespace) -> str:
+    rows = []
+    for r in stub.ListFirewallRules(datapath_pb2.ListFirewallRulesRequest(),
+                                    timeout=args.rpc_timeout):
+        action = _enum(r.spec.action, types_pb2.FirewallAction, "FIREWALL_ACTION_")
+        if r.spec.redirect_interface:
+            action += f"->{r.spec.redirect_interface}"
+        rows.append([r.name, r.spec.priority, action, rule_match(r.spec)])
+    return table(["NAME", "PRIORITY", "ACTION", "MATCH"], rows)
+
+
+def routes(stub: Any, args: argparse.Namespace) -> str:
+    rows = [[r.prefix, next_hops(r)]
+            for r in stub.ListRoutes(datapath_pb2.ListRoutesRequest(), timeout=args.rpc_timeout)]
+    return table(["PREFIX", "NEXT-HOPS"], rows)
+
+
+_VIEWS: dict[str, Callable[[Any, argparse.Namespace], str]] = {
+    "services": services, "conntrack": conntrack, "stats": stats,
+    "interfaces": interfaces, "rules": rules, "routes": routes,
+}
+
+
+def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """The table of view ``args.group`` read from the dpd behind `channel`."""
+    return _VIEWS[args.group](datapath_pb2_grpc.DatapathStub(channel), args)
