@@ -340,15 +340,20 @@ class HealthMonitor:
         return [(a, 0 if spec.kind == HealthKind.ICMP else (spec.port or p), spec)
                 for a, p in eps]
 
-    def update(self, specs: Iterable[ServiceSpec]) -> None:
-        """Services put (new or replaced): start, change or stop their probes."""
+    def update(self, specs: Iterable[ServiceSpec],
+               down: Callable[[ServiceKey], frozenset[tuple[str, int]]] | None = None) -> None:
+        """Services put (new or replaced): start, change or stop their probes. `down`:
+        the endpoints each service has out of selection already (a restarted dpd reads
+        them back): their new targets start DOWN, so they come back after `rise`
+        successes, not at once."""
         specs = list(specs)
         if not self._services and not any(map(_HEALTH, specs)):
             return  # nothing checked before or now: the common case, no work
         with self._lock:
             for spec in specs:
                 self._set(spec.key, spec.health, tuple((ep.address, ep.port)
-                                                       for ep in spec.endpoints))
+                                                       for ep in spec.endpoints),
+                          down(spec.key) if down is not None and spec.health else frozenset())
             self._flush()
         self._wake()
 
@@ -362,7 +367,8 @@ class HealthMonitor:
                 self._dirty.discard(key)  # a deleted service needs no rewrite
 
     def _set(self, key: ServiceKey, health: HealthSpec | None,
-             eps: tuple[tuple[str, int], ...]) -> None:
+             eps: tuple[tuple[str, int], ...],
+             down: frozenset[tuple[str, int]] = frozenset()) -> None:
         now = (health, eps) if health is not None else None
         was = self._services.get(key)
         if was == now:
@@ -381,11 +387,13 @@ class HealthMonitor:
         assert health is not None
         self._services[key] = now
         start = self.clock()
-        for tk in self._target_keys(health, eps):
+        for tk, ep in zip(self._target_keys(health, eps), eps, strict=True):
             t = self._targets.get(tk)
             if t is None:
-                t = self._targets[tk] = _Target(tk, Tracker(health.rise, health.fall,
-                                                            since_ns=self.wall()))
+                t = self._targets[tk] = _Target(tk, Tracker(
+                    health.rise, health.fall, State.DOWN if ep in down else State.UNKNOWN,
+                    since_ns=self.wall(), reason="down before dpd started" if ep in down
+                    else ""))
                 # spread first probes over the interval: no burst after a bulk put
                 first = start + random.random() * health.interval_ms / 1000
                 heapq.heappush(self._due, (first, next(_seq), t))

@@ -51,7 +51,8 @@ class Node:
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp, ct_timeouts, per_service=self.services.ct_timeouts)
         self.health = HealthMonitor(self.services.set_down)
-        self.health.update(self.services.specs())  # what a restarted dpd read back
+        # what a restarted dpd read back, endpoints out of selection still out
+        self.health.update(self.services.specs(), down=self.services.down)
         if health_probes if health_probes is not None else dp.kind == "kernel":
             self.health.start()
         self.blocklist = Blocklist(dp)

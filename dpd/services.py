@@ -321,8 +321,27 @@ class ServiceTable:
                 if raw is not None:
                     health, ct = self._cfg_spec(raw)
                     out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct))
+                    if health is not None:
+                        self._restore_down(out[k], k)
             self.cfg.delete_batch([self._svc_key(i) for i in cfgs])  # of no service
         return out
+
+    def _restore_down(self, e: _Entry, key: bytes) -> None:
+        """The endpoints a previous dpd took out of selection: those with weight that
+        have no slot in the value the map holds (when its slot table is not the one of
+        the configured weights)."""
+        raw = self.nat.get(key)
+        if raw is None:
+            return
+        v = self._val.unpack(raw)
+        held = bytes(v["slots"][:v["n_slots"]])
+        if held == self._slot_table(tuple(map(_WEIGHT, e.spec.endpoints))):
+            return
+        present = set(held)
+        out = frozenset((ep.address, ep.port) for i, ep in enumerate(e.spec.endpoints)
+                        if ep.weight and i not in present)
+        if out:
+            self._down[e.svc_id] = out
 
     # -- reading ---------------------------------------------------------------------
 

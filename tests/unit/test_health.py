@@ -397,3 +397,31 @@ def test_http_probe_wants_the_status_and_udp_probe_the_reply():
         httpd.shutdown()
         httpd.server_close()
         udp.close()
+
+
+def test_a_restarted_dpd_keeps_a_down_endpoint_out_until_rise_successes(dp):
+    node = Node(dp, ct_aging_interval=0)
+    s = spec()
+    try:
+        node.put_services([s])
+        t = target_of(node.health, "198.18.2.2")
+        for _ in range(3):
+            node.health.record(t, False, "timeout")
+        node.health._flush()
+        assert slots_of(node.services, s) == {0}
+    finally:
+        node.close()
+    again = Node(dp, ct_aging_interval=0)  # the map still leaves it out
+    try:
+        assert again.services.down(s.key) == {("198.18.2.2", 8080)}
+        states = {h.address: h.state for h in again.health.status(s.key)}
+        assert states == {"198.18.1.2": State.UNKNOWN, "198.18.2.2": State.DOWN}
+        t = target_of(again.health, "198.18.2.2")
+        again.health.record(t, True, "")
+        again.health._flush()
+        assert slots_of(again.services, s) == {0}  # one success is not rise
+        again.health.record(t, True, "")
+        again.health._flush()
+        assert slots_of(again.services, s) == {0, 1}
+    finally:
+        again.close()
