@@ -369,36 +369,38 @@ class HealthMonitor:
     def _set(self, key: ServiceKey, health: HealthSpec | None,
              eps: tuple[tuple[str, int], ...],
              down: frozenset[tuple[str, int]] = frozenset()) -> None:
+        """Point `key` at the targets of (health, eps), creating those missing; targets
+        the service keeps (same endpoint and check) keep their state."""
         now = (health, eps) if health is not None else None
         was = self._services.get(key)
         if was == now:
             return
+        if now is not None:
+            assert health is not None
+            self._services[key] = now
+            start = self.clock()
+            for tk, ep in zip(self._target_keys(health, eps), eps, strict=True):
+                t = self._targets.get(tk)
+                if t is None:
+                    t = self._targets[tk] = _Target(tk, Tracker(
+                        health.rise, health.fall,
+                        State.DOWN if ep in down else State.UNKNOWN, since_ns=self.wall(),
+                        reason="down before dpd started" if ep in down else ""))
+                    # spread first probes over the interval: no burst after a bulk put
+                    first = start + random.random() * health.interval_ms / 1000
+                    heapq.heappush(self._due, (first, next(_seq), t))
+                t.services.add(key)
+        else:
+            self._services.pop(key, None)
         if was is not None:
+            keep = set(self._target_keys(health, eps)) if health is not None else set()
             for tk in self._target_keys(was[0], was[1]):
                 t = self._targets.get(tk)
-                if t is not None:
+                if t is not None and tk not in keep:
                     t.services.discard(key)
                     if not t.services:
                         self._drop(t)
-            del self._services[key]
-        if now is None:
-            self._dirty.add(key)  # health off: every endpoint back in selection
-            return
-        assert health is not None
-        self._services[key] = now
-        start = self.clock()
-        for tk, ep in zip(self._target_keys(health, eps), eps, strict=True):
-            t = self._targets.get(tk)
-            if t is None:
-                t = self._targets[tk] = _Target(tk, Tracker(
-                    health.rise, health.fall, State.DOWN if ep in down else State.UNKNOWN,
-                    since_ns=self.wall(), reason="down before dpd started" if ep in down
-                    else ""))
-                # spread first probes over the interval: no burst after a bulk put
-                first = start + random.random() * health.interval_ms / 1000
-                heapq.heappush(self._due, (first, next(_seq), t))
-            t.services.add(key)
-        self._dirty.add(key)
+        self._dirty.add(key)  # health off: every endpoint back in selection
 
     def _drop(self, t: _Target) -> None:
         t.alive = False

@@ -425,3 +425,22 @@ def test_a_restarted_dpd_keeps_a_down_endpoint_out_until_rise_successes(dp):
         assert slots_of(again.services, s) == {0, 1}
     finally:
         again.close()
+
+
+def test_a_service_changed_around_a_down_endpoint_keeps_it_down():
+    applied = Applied()
+    m = HealthMonitor(applied, clock=lambda: 0.0)
+    s = spec()
+    m.update([s])
+    t = target_of(m, "198.18.2.2")
+    for _ in range(3):
+        m.record(t, False, "timeout")
+    m._flush()
+    more = spec(eps=EPS + (EndpointSpec("198.18.3.2", 8080),))
+    m.update([more])  # an endpoint added: the others' targets and states stay
+    assert target_of(m, "198.18.2.2") is t
+    assert [h.state for h in m.status(more.key)] == [State.UNKNOWN, State.DOWN, State.UNKNOWN]
+    assert applied.calls[-1] == {more.key: frozenset({("198.18.2.2", 8080)})}
+    m.update([spec(health=HealthSpec(HealthKind.TCP, interval_ms=500), eps=EPS)])
+    assert target_of(m, "198.18.2.2") is not t  # another check: new targets, UNKNOWN
+    assert m.targets() == 2 and applied.calls[-1] == {more.key: frozenset()}
