@@ -50,15 +50,21 @@ RUN apt-get update -q \
       python3 python3-venv python3-bpfcc linux-headers-amd64 iproute2 bpftool \
       mount ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-# --system-site-packages: the venv sees Debian's bcc.
+# The dependencies first, in a layer of their own: a source change rebuilds only the
+# layers below. --system-site-packages: the venv sees Debian's bcc.
+COPY pyproject.toml /tmp/pyproject.toml
 RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
       printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/build-extra.crt \
       && update-ca-certificates >/dev/null; fi \
  && python3 -m venv --system-site-packages /opt/xlb \
- && /opt/xlb/bin/pip install -q /wheels/*.whl \
- && rm -rf /wheels /usr/local/share/ca-certificates/build-extra.crt \
- && update-ca-certificates --fresh >/dev/null \
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && /opt/xlb/bin/pip install -q -r /tmp/requirements.txt \
+ && rm -f /tmp/pyproject.toml /tmp/requirements.txt /usr/local/share/ca-certificates/build-extra.crt \
+ && update-ca-certificates --fresh >/dev/null
+COPY --from=build /wheels /wheels
+RUN /opt/xlb/bin/pip install -q --no-deps /wheels/*.whl \
+ && rm -rf /wheels \
+ && /opt/xlb/bin/pip check \
  && /opt/xlb/bin/python -c 'import bcc, dpd.main, policyd.main, policyd.cli, xlb.dpd.v1.datapath_pb2'
 COPY docker/entrypoint.sh /usr/local/bin/xlb-entrypoint
 COPY docker/health.py /opt/xlb/bin/xlb-health

@@ -70,10 +70,18 @@ stop_dockerd() {
   log "stopping the dockerd it started (pid $pid)"
   kill "$pid" 2>/dev/null || return 0
   for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
   done
-  log "dockerd $pid still running after 30 s"
+  if kill -0 "$pid" 2>/dev/null; then
+    log "dockerd $pid still running after 30 s"
+    return 0
+  fi
+  # dockerd leaves its own network namespace bind-mounted, and its runtime state.
+  if mountpoint -q /run/docker/netns/default 2>/dev/null; then
+    umount /run/docker/netns/default
+  fi
+  rm -rf /run/docker
 }
 
 teardown() {
