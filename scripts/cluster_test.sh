@@ -168,7 +168,7 @@ log "image built in $(( $(date +%s) - t )) s"
 compose down -v --remove-orphans >/dev/null 2>&1 || true   # a previous run's leftovers
 t=$(date +%s)
 compose up -d >"$STATE/up.log" 2>&1 || { cat "$STATE/up.log"; die "docker-compose up failed"; }
-setup_rc=$("$DOCKER" wait "$(compose ps -q setup)")
+setup_rc=$(timeout 300 "$DOCKER" wait "$(compose ps -q setup)") || die "the setup job did not end"
 [ "$setup_rc" = 0 ] || { compose logs --no-color setup; die "the setup job exited $setup_rc"; }
 
 # -- 4. checks ----------------------------------------------------------------------------
@@ -208,7 +208,7 @@ health_check() {  # containers' grpc.health.v1 checks, as docker reports them
   local svc cid h
   for svc in "$@"; do
     cid=$(compose ps -q "$svc")
-    for _ in $(seq 1 40); do
+    for _ in $(seq 1 120); do
       h=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$cid")
       [ "$h" = healthy ] && break
       sleep 0.5
@@ -241,7 +241,7 @@ if got.get("errors") or sorted(answered) != sorted(want) or min(answered.values(
 }
 
 log "cluster up; waiting for every node SYNCED"
-wait_synced 120 node1 node2 node3
+wait_synced 180 node1 node2 node3
 log "all SYNCED $(( $(date +%s) - t )) s after docker-compose up"
 health_check policyd node1 node2 node3
 
@@ -269,7 +269,7 @@ done
 log "starting node2 again"
 t=$(date +%s)
 compose start node2 >/dev/null 2>&1
-wait_synced 120 node1 node2 node3
+wait_synced 180 node1 node2 node3
 log "node2 converged $(( $(date +%s) - t )) s after its start"
 health_check node2
 traffic 2 tcp 80 be1 be2 || die "traffic"
