@@ -220,7 +220,7 @@ class Node:
                 used_now = known[name]
             elif name == "nat_v4_map":
                 used_now = self.services.count()
-            elif m.spec.type in ("hash", "lru_hash"):
+            elif m.spec.type in ("hash", "lru_hash", "lpm_trie", "percpu_hash"):
                 used_now = m.count()
             else:
                 used_now = 0

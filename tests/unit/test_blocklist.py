@@ -157,3 +157,14 @@ def test_metrics_carry_the_blocklist_and_mirrors():
     assert ('xlb_dpd_mirror_packets_total{interface="eth0",mirror="eth1",node="unit"} 0.0'
             in text)
     assert 'xlb_dpd_drops_total{node="unit",reason="blocklist"} 0.0' in text
+
+
+def test_get_node_counts_the_blocklist_and_mirror_entries():
+    from dpd.mirror import MirrorSpec
+
+    node = _node()
+    node.blocklist.put(["198.18.66.0/24", "2001:db8:66::/48", "198.18.0.0/16"])
+    node.mirrors.put([MirrorSpec("eth0", "eth1")])
+    used = {m.name: m.used for m in node.maps()}
+    assert (used["blk_v4_map"], used["blk_v6_map"], used["mirr_map"],
+            used["mirr_stats_map"]) == (2, 1, 1, 1)
