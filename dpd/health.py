@@ -430,6 +430,15 @@ class HealthMonitor:
         with self._lock:
             return list(self._services)
 
+    def state_counts(self) -> dict[State, int]:
+        """Endpoints of checked services by state (an endpoint counted per service)."""
+        out = dict.fromkeys(State, 0)
+        with self._lock:
+            for spec, eps in self._services.values():
+                for tk in self._target_keys(spec, eps):
+                    out[self._targets[tk].tracker.state] += 1
+        return out
+
     def summary(self) -> tuple[int, int]:
         """(generation, endpoints DOWN counted per service)."""
         with self._lock:

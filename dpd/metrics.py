@@ -254,6 +254,34 @@ class NodeCollector(Collector):
                      "(bumped by every write call)", name, generation)
         yield from self.firewall(name)
         yield from self.xdp(name)
+        yield from self.health(name)
+
+    def health(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Endpoints by health, the prober's counters, conntrack's removals (docs/health.md,
+        docs/conntrack.md)."""
+        h = self.node.health
+        eps = GaugeMetricFamily(f"{PREFIX}_endpoints_health", "endpoints of services with a "
+                                "health check, by state", labels=["node", "state"])
+        for state, count in h.state_counts().items():
+            eps.add_metric([name, state.name.lower()], count)
+        yield eps
+        c = h.counters
+        probes = CounterMetricFamily(f"{PREFIX}_health_probes", "health probes done, by "
+                                     "result", labels=["node", "result"])
+        probes.add_metric([name, "ok"], c.probes - c.failures)
+        probes.add_metric([name, "failed"], c.failures)
+        yield probes
+        changes = CounterMetricFamily(f"{PREFIX}_health_changes", "endpoint health "
+                                      "changes, by the state entered", labels=["node", "to"])
+        changes.add_metric([name, "down"], c.went_down)
+        changes.add_metric([name, "up"], c.went_up)
+        yield changes
+        ct = self.node.conntrack.counters
+        removed = CounterMetricFamily(f"{PREFIX}_conntrack_removed_flows", "flows dpd "
+                                      "removed from conntrack, by why", labels=["node", "why"])
+        removed.add_metric([name, "expired"], ct.expired)
+        removed.add_metric([name, "flushed"], ct.flushed)
+        yield removed
 
     def firewall(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Per-rule counters, the rule table's size and generation, drops by interface."""

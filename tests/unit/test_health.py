@@ -444,3 +444,31 @@ def test_a_service_changed_around_a_down_endpoint_keeps_it_down():
     m.update([spec(health=HealthSpec(HealthKind.TCP, interval_ms=500), eps=EPS)])
     assert target_of(m, "198.18.2.2") is not t  # another check: new targets, UNKNOWN
     assert m.targets() == 2 and applied.calls[-1] == {more.key: frozenset()}
+
+
+def test_health_and_conntrack_removals_as_prometheus_metrics(dp):
+    from dpd.metrics import Exporter
+    from tests.unit.test_metrics import get, value
+
+    node = Node(dp, ct_aging_interval=0)
+    e = Exporter("127.0.0.1:0")
+    e.start([node])
+    try:
+        s = spec()
+        node.put_services([s])
+        t = target_of(node.health, "198.18.2.2")
+        node.health.record(target_of(node.health, "198.18.1.2"), True, "")
+        for _ in range(3):
+            node.health.record(t, False, "timeout")
+        node.conntrack.counters.expired = 5
+        got = get(e)
+        assert value(got, "xlb_dpd_endpoints_health", node="hc", state="up") == 1
+        assert value(got, "xlb_dpd_endpoints_health", node="hc", state="down") == 1
+        assert value(got, "xlb_dpd_endpoints_health", node="hc", state="unknown") == 0
+        assert value(got, "xlb_dpd_health_probes_total", node="hc", result="failed") == 3
+        assert value(got, "xlb_dpd_health_changes_total", node="hc", to="down") == 1
+        assert value(got, "xlb_dpd_conntrack_removed_flows_total", node="hc",
+                     why="expired") == 5
+    finally:
+        e.stop()
+        node.close()
