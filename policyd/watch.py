@@ -30,7 +30,7 @@ from xlbcore.errors import Exhausted, ValidationError, XlbError, quote
 E = TypeVar("E")
 
 QUEUE_LIMIT = 10_000  # events a watcher may lag behind before it is dropped
-MAX_WATCHERS = 8  # streams at once (each holds a gRPC handler thread)
+MAX_WATCHERS = 4  # streams of each kind at once (each holds one of 16 gRPC handler threads)
 HISTORY = 10_000  # changes kept to resume a Watch from a revision
 KINDS = ("service", "firewall_rule", "route")
 
