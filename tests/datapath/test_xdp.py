@@ -112,3 +112,27 @@ def test_a_restarted_dpd_reads_the_blocklist_back(xnode):
     assert got == {"198.18.66.0/24": 1, "2001:db8:66::/48": 0}
     assert again.count() == 2
     assert again.put(["198.18.66.0/24"]) == 0  # already there: kept
+
+
+def test_mirror_filter_passes_every_packet_on_unchanged(xnode):
+    """tc_mirror_func without a mirror for the interface, and with one whose mirror
+    interface is gone: the packet goes on untouched to the next filter (TC_ACT_UNSPEC),
+    a failed copy is counted."""
+    import ctypes
+
+    fd = xnode.dp.mirror_fd  # type: ignore[attr-defined]
+    unspec = ctypes.c_uint32(-1).value
+    pkt = udp("198.18.0.2", VIP, 1234, 53)
+    res = bpfsys.prog_test_run(fd, pkt, ingress_ifindex=7)
+    assert (res.retval, res.data) == (unspec, pkt)
+    m = xnode.dp.maps["mirr_map"]  # type: ignore[attr-defined]
+    codec = xnode.dp.abi.structs["xlb_mirr"].codec  # type: ignore[attr-defined]
+    key = (7).to_bytes(4, "little")
+    m.put(key, codec.pack(ifindex=999_999, name=b"x0", mirror_name=b"gone0"))
+    try:
+        res = bpfsys.prog_test_run(fd, pkt, ingress_ifindex=7)
+        assert (res.retval, res.data) == (unspec, pkt)
+        stats = xnode.global_stats()  # type: ignore[attr-defined]
+        assert (stats["mirror_fail"].packets, stats["mirrored"].packets) == (1, 0)
+    finally:
+        m.delete(key)
