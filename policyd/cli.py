@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR:PORT[@WEIGHT]",
         help="an endpoint; repeat for several",
     )
+    apply.add_argument(
+        "--health", default=None, metavar="KIND[,KEY=VALUE...]",
+        help="probe the endpoints (docs/health.md): tcp, udp, http or icmp, with "
+             "interval=, timeout= (200, 200ms, 1.5s), rise=, fall=, port=, path=, status=, "
+             "request=, expect=; e.g. http,interval=500ms,path=/healthz",
+    )
+    apply.add_argument(
+        "--ct-timeout", action="append", default=[], metavar="STATE=SECONDS",
+        help="an idle timeout of this service's flows (docs/conntrack.md), e.g. "
+             "tcp_established=600; repeat for several",
+    )
     apply_file = svc.add_parser(
         "apply-file", help="create or replace every service of a JSON file, atomically"
     )
@@ -459,7 +470,8 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
     elif args.group == "service":
         if args.verb == "apply":
             service = make_service(
-                args.name, args.vip, args.port, args.protocol, args.endpoint, args.algorithm
+                args.name, args.vip, args.port, args.protocol, args.endpoint, args.algorithm,
+                args.health, args.ct_timeout,
             )
             _print(_json(client.apply(service)))
         elif args.verb == "apply-file":

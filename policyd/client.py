@@ -52,6 +52,71 @@ def parse_endpoint(text: str) -> types_pb2.Endpoint:
     return ep
 
 
+HEALTH_KINDS = {
+    "tcp": types_pb2.HEALTH_CHECK_KIND_TCP,
+    "udp": types_pb2.HEALTH_CHECK_KIND_UDP,
+    "http": types_pb2.HEALTH_CHECK_KIND_HTTP,
+    "icmp": types_pb2.HEALTH_CHECK_KIND_ICMP,
+}
+
+
+def _millis(text: str, what: str) -> int:
+    """``200``, ``200ms`` or ``1.5s`` -> milliseconds."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            return int(t[:-2])
+        if t.endswith("s"):
+            return round(float(t[:-1]) * 1000)
+        return int(t)
+    except ValueError:
+        raise ValueError(f"health {what} {quote(text)}: not a duration (200, 200ms, 1.5s)") \
+            from None
+
+
+def parse_health(text: str) -> types_pb2.HealthCheck:
+    """``KIND[,interval=200ms][,timeout=100ms][,rise=N][,fall=N][,port=P][,path=/x]
+    [,status=N][,request=TEXT][,expect=TEXT]`` -> HealthCheck (the server validates)."""
+    kind, *opts = text.split(",")
+    if kind.strip().lower() not in HEALTH_KINDS:
+        raise ValueError(f"health {quote(kind)}: use one of {', '.join(HEALTH_KINDS)}")
+    hc = types_pb2.HealthCheck(kind=HEALTH_KINDS[kind.strip().lower()])
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"health option {quote(opt)}: KEY=VALUE")
+        if key in ("interval", "timeout"):
+            setattr(hc, f"{key}_ms", _millis(value, key))
+        elif key in ("rise", "fall", "port", "status"):
+            if not value.isdigit():
+                raise ValueError(f"health {key} {quote(value)}: not a number")
+            setattr(hc, "http_status" if key == "status" else key, int(value))
+        elif key == "path":
+            hc.http_path = value
+        elif key in ("request", "expect"):
+            setattr(hc, f"udp_{key}", value.encode())
+        else:
+            raise ValueError(f"health option {quote(key)}: use interval, timeout, rise, "
+                             "fall, port, path, status, request or expect")
+    return hc
+
+
+def parse_ct_timeouts(items: Iterable[str]) -> types_pb2.ConntrackTimeouts | None:
+    """``STATE=SECONDS`` items (tcp_handshake, tcp_established, tcp_closing, tcp_closed,
+    udp_new, udp_established) -> ConntrackTimeouts; None without items."""
+    out = types_pb2.ConntrackTimeouts()
+    items = list(items)
+    for item in items:
+        state, _, value = item.partition("=")
+        if state not in out.DESCRIPTOR.fields_by_name or not value.isdigit():
+            names = ", ".join(out.DESCRIPTOR.fields_by_name)
+            raise ValueError(f"conntrack timeout {quote(item)}: STATE=SECONDS, STATE one of "
+                             f"{names}")
+        setattr(out, state, int(value))
+    return out if items else None
+
+
 def make_service(
     name: str,
     vip: str,
@@ -59,6 +124,8 @@ def make_service(
     protocol: str = "tcp",
     endpoints: Iterable[str | types_pb2.Endpoint] = (),
     algorithm: str = "round-robin",
+    health: str | None = None,
+    ct_timeouts: Iterable[str] = (),
 ) -> policy_pb2.Service:
     if protocol.lower() not in PROTOCOLS:
         raise ValueError(f"protocol {quote(protocol)}: use {' or '.join(PROTOCOLS)}")
@@ -71,6 +138,8 @@ def make_service(
         protocol=PROTOCOLS[protocol.lower()],
         algorithm=ALGORITHMS[algorithm.lower()],
         endpoints=[parse_endpoint(e) if isinstance(e, str) else e for e in endpoints],
+        health=parse_health(health) if health else None,
+        conntrack_timeouts=parse_ct_timeouts(ct_timeouts),
     )
 
 

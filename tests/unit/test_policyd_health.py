@@ -65,3 +65,34 @@ def test_health_config_reaches_the_node_and_health_comes_back(wait_for, policyd,
     assert nh.node == "node-a" and nh.endpoints[1].health == tpb.HEALTH_STATE_DOWN
     # health moves no service generation on the node: nothing is read back or repaired
     assert node.datapath.calls["ListServicesPage"] <= 1
+
+
+def test_xlbctl_service_apply_with_a_health_check_and_timeouts(capsys, policyd):
+    import json
+
+    import pytest
+
+    from policyd import cli
+
+    server = policyd()
+    rc = cli.main(["--server", server.address, "service", "apply", "--name", "dns",
+                   "--vip", "198.19.0.10", "--port", "53", "--protocol", "udp",
+                   "--endpoint", "198.18.1.2:53",
+                   "--health", "udp,interval=250ms,timeout=0.1s,fall=2,request=WHO,expect=be",
+                   "--ct-timeout", "udp_established=20"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    svc = json.loads(out)
+    want = {"kind": "HEALTH_CHECK_KIND_UDP", "interval_ms": 250, "timeout_ms": 100,
+            "rise": 2, "fall": 2, "udp_request": "V0hP", "udp_expect": "YmU="}
+    assert {k: v for k, v in svc["health"].items() if k in want} == want
+    assert svc["conntrack_timeouts"]["udp_established"] == 20
+    rc = cli.main(["--server", server.address, "service", "apply", "--name", "x",
+                   "--vip", "198.19.0.11", "--port", "80", "--endpoint", "198.18.1.2:80",
+                   "--health", "icmp,port=80"])
+    assert rc == 1 and "INVALID_ARGUMENT: service.health.port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--server", server.address, "service", "apply", "--name", "x",
+                  "--vip", "198.19.0.11", "--port", "80", "--endpoint", "198.18.1.2:80",
+                  "--health", "smtp"])
+    assert info.value.code == 2 and "use one of tcp, udp, http, icmp" in capsys.readouterr().err
