@@ -6,7 +6,8 @@ run for a while by one HealthMonitor (dpd/health.py) with the service writes stu
     .venv/bin/python -m bench.health --services 1000 --interval-ms 200 --seconds 5
 
 Reports probes per second done against asked for, CPU of the process per probe and in
-cores, deferred starts (the in-flight bound reached) and the memory the targets hold.
+cores, deferred starts (probes started more than a tenth of their interval late) and
+the memory the targets hold.
 No root needed.
 """
 

@@ -10,7 +10,8 @@ an endpoint out of selection (new flows only) while it fails (docs/health.md).
   share an endpoint and a check share its probes and its state. One scheduler thread
   runs every probe on non-blocking sockets and a selector (no thread per probe), each
   target every ``interval_ms`` from the start of its last probe, at most ``max_inflight``
-  probes at a time (a probe that would exceed it waits and is counted as deferred). A
+  probes at a time (a probe that would exceed it waits; one started more than a tenth of
+  its interval late, for that or for want of CPU, is counted as deferred). A
   probe that has no answer within ``timeout_ms`` failed.
 - A state change rewrites the services it concerns (ServiceTable.set_down: the slot
   and Maglev tables without the endpoint; the configured weights stay), is logged as an
@@ -585,12 +586,13 @@ class HealthMonitor:
     def _start_due(self, now: float) -> None:
         while self._due and self._due[0][0] <= now:
             if self._inflight >= self.max_inflight:
-                self.counters.deferred += 1
-                return
+                return  # the rest when probes end
             when, _, t = heapq.heappop(self._due)
             if not t.alive:
                 continue
             spec = t.key[2]
+            if now - when > spec.interval_ms / 10_000:  # a tenth of the interval late
+                self.counters.deferred += 1
             # the next probe from this one's due time (not its end): a fixed rate; a
             # target that fell far behind (deferred) starts again from now
             nxt = when + spec.interval_ms / 1000
