@@ -40,6 +40,7 @@ class NodeProgress:
     drift_repaired_total: int = 0  # every repair since the worker started
     epoch: int = 0  # datapaths (dpd instances, tables) seen on the node
     foreign: tuple[tuple[str, str], ...] = ()  # (kind, key) found at the first read, removed
+    relabeling: bool = False  # its labels changed; objects are being moved (PENDING)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def sync_state(progress: NodeProgress, desired_generation: int) -> SyncState:
     state changed since)."""
     if progress.error or progress.errors:
         return SyncState.ERROR
+    if progress.relabeling:
+        return SyncState.PENDING
     if progress.last_sync_ns and progress.observed_generation >= desired_generation:
         return SyncState.SYNCED
     return SyncState.PENDING

@@ -356,6 +356,7 @@ class NodeWorker:
         with self._lock:
             self.labels = labels
             self._relabel_to = dict(labels)
+        self._record(relabeling=True)  # PENDING until the objects have moved
         self._wake.set()
 
     def _relabel_pass(self, labels: dict[str, str]) -> None:
@@ -372,7 +373,9 @@ class NodeWorker:
             self._observe_tables(self._node.tables())
         self._log.info("node.relabeled", labels=labels, put=len(puts), deleted=len(deletes),
                        calls=calls, seconds=round(time.perf_counter() - started, 4))
-        self._record(**self._object_status())
+        with self._lock:
+            again = self._relabel_to is not None  # relabeled once more meanwhile
+        self._record(relabeling=again, **self._object_status())
 
     def start(self) -> None:
         self._thread.start()
