@@ -595,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
         details = exc.details() if hasattr(exc, "details") else str(exc)
         sys.stderr.write(f"xlbctl: {code}: {details}\n")
+        sys.stderr.write(cli_certs.hint(args, code))
         return 1
     except BrokenPipeError:  # output piped into head and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -57,6 +57,22 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     return {"credentials": credentials, "token": args.token or None}
 
 
+def hint(args: argparse.Namespace, code: str) -> str:
+    """A line for stderr after a failed call that missing credentials may explain ("" when
+    none fits). A server with TLS closes a plaintext connection, and one with mutual TLS a
+    connection without a client certificate: both look like UNAVAILABLE to the client."""
+    target = getattr(args, "dpd", "") or args.server
+    if code != "UNAVAILABLE" or target.startswith("unix:"):
+        return ""
+    if not args.ca:
+        return ("xlbctl: if the server serves TLS, give --ca (and --cert/--key or --token); "
+                "docs/security.md\n")
+    if not args.cert:
+        return ("xlbctl: if the server asks for client certificates, give --cert and --key; "
+                "docs/security.md\n")
+    return ""
+
+
 def add_certs_parser(sub: Any) -> None:
     """The ``certs`` command group, on xlbctl's subparsers."""
     certs = sub.add_parser("certs", help="make a CA, certificates and tokens (no server call)",

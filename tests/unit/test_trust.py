@@ -572,7 +572,10 @@ def test_dpd_policyd_and_xlbctl_commands_over_tls(pki, tmp_path):
         res = xlbctl("--cert", viewer_cert, "--key", viewer_key, "service", "delete", "web",
                      XLB_TOKEN=pki.read_token)
         assert res.returncode == 1 and "PERMISSION_DENIED" in res.stderr
-        assert xlbctl("status").returncode == 1  # no certificate: the handshake fails
+        res = xlbctl("status")  # no certificate: the handshake fails
+        assert res.returncode == 1 and "give --cert and --key" in res.stderr, res.stderr
+        res = xlbctl("status", XLB_CA="")  # no TLS at all
+        assert res.returncode == 1 and "give --ca" in res.stderr, res.stderr
         with grpc.secure_channel(dpd_at, tls.ClientTLS(
                 ca=pki.ca, cert=viewer_cert, key=viewer_key).credentials()) as channel:
             held = list(datapath_pb2_grpc.DatapathStub(channel).ListServices(
