@@ -156,6 +156,9 @@ class TokenFile:
             log.error("auth.token_file_unusable", path=self.path, error=text,
                       note="keeping the tokens read before")
             return
+        if st.st_mode & 0o022:
+            log.warning("auth.token_file_writable", path=self.path, mode=oct(st.st_mode & 0o777),
+                        note="others who can write it can add an admin token; chmod 600")
         if not initial:
             log.info("auth.token_file_reloaded", path=self.path, tokens=len(entries))
         self._entries, self._stamp = entries, stamp

@@ -53,7 +53,7 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` readable by its owner only (0600), never briefly wider: the
     file is created with mode 0600 and an existing one is set to 0600 before it is
     written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)

@@ -343,6 +343,23 @@ def test_token_file(tmp_path):
         TokenFile(str(tmp_path / "missing"))
 
 
+def test_token_file_writable_by_others_is_logged(tmp_path, captured_log):
+    path = tmp_path / "tokens"
+    path.write_text(token_line("ops", "admin", new_token()))
+    path.chmod(0o666)
+    TokenFile(str(path))
+    assert "auth.token_file_writable" in captured_log.getvalue()
+
+
+def test_keys_are_not_written_through_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    (tmp_path / "k").symlink_to(target)
+    with pytest.raises(OSError):
+        tls.write_private(tmp_path / "k", b"secret")
+    assert target.read_text() == "keep"
+
+
 # -- listening: unix by default, TCP only when secured --------------------------------
 
 
