@@ -293,6 +293,8 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
         assert value(s, "xlb_policyd_node_firewall_rules", node="n1") == 0
         assert value(s, "xlb_policyd_node_refused_objects", node="n1", kind="route") == 0
         assert value(s, "xlb_policyd_nodes") == 1
+        assert value(s, "xlb_policyd_node_drift_repaired_total", node="n1") == 0
+        assert value(s, "xlb_policyd_node_epoch", node="n1") == 1
         assert value(s, "xlb_policyd_pass_duration_seconds_count", node="n1", result="ok") >= 1
         assert value(s, "xlb_policyd_pass_services_written_total", node="n1", op="put") >= 1
         assert seen  # the observer that was there still sees every pass
