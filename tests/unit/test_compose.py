@@ -80,9 +80,12 @@ def test_dpd_commands_parse_and_match_their_health_checks(compose: dict[str, Any
         assert args.attach == "auto"
         port = args.listen.rsplit(":", 1)[1]
         check = service["healthcheck"]["test"]
-        assert check[:2] == ["CMD", "xlb-health"] and check[2] == f"127.0.0.1:{port}"
+        assert check[:2] == ["CMD", "xlb-health"] and check[-2] == f"127.0.0.1:{port}"
         ctl = service["networks"]["ctl"]["ipv4_address"]
         assert ctl == f"198.18.30.1{name[-1]}"
+        assert not args.insecure_tcp
+        assert (args.tls_cert, args.tls_key, args.tls_ca) == (
+            f"/pki/{name}.crt", f"/pki/{name}.key", "/pki/ca.crt")
 
 
 def test_node_containers_need_no_privileged_mode(compose: dict[str, Any]) -> None:
@@ -104,9 +107,29 @@ def test_policyd_command_parses(compose: dict[str, Any]) -> None:
     assert args.db.startswith("/var/lib/xlb/")
     assert any(v.endswith(":/var/lib/xlb") for v in service["volumes"])
     port = args.listen.rsplit(":", 1)[1]
-    assert service["healthcheck"]["test"][2] == f"127.0.0.1:{port}"
+    assert service["healthcheck"]["test"][-2] == f"127.0.0.1:{port}"
     assert compose["services"]["setup"]["environment"]["XLB_POLICYD"] == (
         f"{service['networks']['ctl']['ipv4_address']}:{port}")
+    assert not args.insecure_tcp
+    assert args.tls_cert == args.node_tls_cert == "/pki/policyd.crt"
+    assert args.tls_ca == args.node_tls_ca == "/pki/ca.crt"
+
+
+def test_pki_job_certifies_what_the_others_use(compose: dict[str, Any]) -> None:
+    script = _shell(compose["services"]["pki"]).replace("\\\n", " ")
+    issued: dict[str, list[str]] = {}
+    for command in re.findall(r"xlbctl certs [^;>\n]*", script):
+        argv = [a.replace("$i", "1") for a in shlex.split(command)]
+        args = xlbctl_parser().parse_args(argv[1:])
+        if args.group == "certs" and args.verb == "issue":
+            issued[args.name] = args.server or []
+    assert issued["policyd"] == ["198.18.30.2", "127.0.0.1"]
+    assert issued["node1"] == ["198.18.30.11", "127.0.0.1"]  # node$i, i=1 for the parse
+    assert "for i in 1 2 3" in script
+    files = {f"/pki/{n}.{ext}" for n in issued for ext in ("crt", "key")} | {"/pki/ca.crt"}
+    used = set(re.findall(r"/pki/[\w.]+", (ROOT / "docker-compose.yml").read_text()))
+    used = {u.replace("node2", "node1").replace("node3", "node1") for u in used}
+    assert used <= files
 
 
 def test_setup_job_xlbctl_lines_parse(compose: dict[str, Any]) -> None:
