@@ -88,8 +88,13 @@ teardown() {
   local rc=$?
   set +e
   if [ "$rc" != 0 ]; then
-    log "failed; the cluster's last log lines:"
-    compose logs --no-color --tail 30 2>&1 | sed 's/^/  /'
+    compose logs --no-color >"$STATE/cluster.log" 2>&1
+    log "failed; the containers, and each one's last log lines (all: $STATE/cluster.log):"
+    compose ps 2>&1 | sed 's/^/  /'
+    for svc in $(compose config --services 2>/dev/null); do
+      compose logs --no-color --tail 8 "$svc" 2>&1 | grep -v '^Attaching' | cut -c1-240 \
+        | sed 's/^/  /'
+    done
   fi
   if [ "$KEEP" = 1 ]; then
     log "XLB_CLUSTER_KEEP=1: cluster left running (docker-compose -p $PROJECT down -v removes it)"
