@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from policyd.cli_objects import _enum, next_hops, rule_match, table
+from policyd.cli_objects import enum_name, next_hops, rule_match, table
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.types.v1 import types_pb2
 
@@ -18,7 +18,7 @@ VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes")
 
 
 def _key(key: Any) -> str:
-    proto = _enum(key.protocol, types_pb2.Protocol, "PROTOCOL_")
+    proto = enum_name(key.protocol, types_pb2.Protocol, "PROTOCOL_")
     return f"{key.vip}:{key.port}/{proto}"
 
 
@@ -26,19 +26,19 @@ def services(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=args.rpc_timeout):
         eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
-        rows.append([f"{s.vip}:{s.port}", _enum(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
-                     _enum(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
-                     _enum(s.mode, types_pb2.Mode, "MODE_"), eps or "-"])
+        rows.append([f"{s.vip}:{s.port}", enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
+                     enum_name(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
+                     enum_name(s.mode, types_pb2.Mode, "MODE_"), eps or "-"])
     return table(["VIP", "PROTO", "ALGORITHM", "MODE", "ENDPOINTS"], rows)
 
 
 def conntrack(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for e in stub.ListConntrack(datapath_pb2.ListConntrackRequest(), timeout=args.rpc_timeout):
-        rows.append([_enum(e.protocol, types_pb2.Protocol, "PROTOCOL_"),
+        rows.append([enum_name(e.protocol, types_pb2.Protocol, "PROTOCOL_"),
                      f"{e.src}:{e.src_port}", f"{e.dst}:{e.dst_port}",
-                     _enum(e.direction, datapath_pb2.Direction, "DIRECTION_"),
-                     _enum(e.state, datapath_pb2.ConntrackState, "CONNTRACK_STATE_"),
+                     enum_name(e.direction, datapath_pb2.Direction, "DIRECTION_"),
+                     enum_name(e.state, datapath_pb2.ConntrackState, "CONNTRACK_STATE_"),
                      f"{e.nat_address}:{e.nat_port}" if e.nat_address else "-",
                      _key(e.service) if e.service.vip else "-",
                      f"{e.idle_ns / 1e9:.1f}s"])
@@ -65,8 +65,8 @@ def interfaces(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for i in stub.ListInterfaces(datapath_pb2.ListInterfacesRequest(), timeout=args.rpc_timeout):
         rows.append([i.name, i.ifindex, "yes" if i.attached else "no", i.program_tag or "-",
-                     _enum(i.xdp_mode, datapath_pb2.XdpMode, "XDP_MODE_"), i.zone or "-",
-                     _enum(i.default_policy, types_pb2.DefaultPolicy, "DEFAULT_POLICY_")])
+                     enum_name(i.xdp_mode, datapath_pb2.XdpMode, "XDP_MODE_"), i.zone or "-",
+                     enum_name(i.default_policy, types_pb2.DefaultPolicy, "DEFAULT_POLICY_")])
     return table(["NAME", "IFINDEX", "ATTACHED", "TC-TAG", "XDP", "ZONE", "DEFAULT"], rows)
 
 
@@ -74,7 +74,7 @@ def rules(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for r in stub.ListFirewallRules(datapath_pb2.ListFirewallRulesRequest(),
                                     timeout=args.rpc_timeout):
-        action = _enum(r.spec.action, types_pb2.FirewallAction, "FIREWALL_ACTION_")
+        action = enum_name(r.spec.action, types_pb2.FirewallAction, "FIREWALL_ACTION_")
         if r.spec.redirect_interface:
             action += f"->{r.spec.redirect_interface}"
         rows.append([r.name, r.spec.priority, action, rule_match(r.spec)])

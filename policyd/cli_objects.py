@@ -193,7 +193,7 @@ def read_docs(path: str) -> list[Doc]:
     seen: dict[tuple[str, str], str] = {}
     for doc in out:
         first = seen.setdefault((doc.kind, doc.name), doc.where)
-        if first is not doc.where and first != doc.where:
+        if first != doc.where:
             raise ValueError(f"{doc.where}: {doc.kind} {quote(doc.name)} is also in {first}")
     return out
 
@@ -315,7 +315,7 @@ def labels_text(labels: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(dict(labels).items())) or "-"
 
 
-def _enum(value: int, enum: Any, prefix: str) -> str:
+def enum_name(value: int, enum: Any, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
@@ -328,10 +328,10 @@ def _services(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[
     rows = []
     for s in objects:
         eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
-        row = [s.name, s.vip, s.port, _enum(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
+        row = [s.name, s.vip, s.port, enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
                eps or "-", s.generation]
         if wide:
-            row += [_enum(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
+            row += [enum_name(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
                     labels_text(s.node_selector), s.revision, s.update_time.ToJsonString()]
         rows.append(row)
     return headers, rows
@@ -347,7 +347,7 @@ def rule_match(spec: Any) -> str:
     if m.dst:
         parts.append(f"dst={m.dst}")
     if m.protocol:
-        parts.append(_enum(m.protocol, types_pb2.Protocol, "PROTOCOL_"))
+        parts.append(enum_name(m.protocol, types_pb2.Protocol, "PROTOCOL_"))
     for label, ports in (("sport", m.src_ports), ("dport", m.dst_ports)):
         if ports.first or ports.last:
             parts.append(f"{label}={ports.first}" if ports.first == ports.last
@@ -365,7 +365,7 @@ def _rules(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[Any
         headers += ["FLUSH", "NODE-SELECTOR", "REVISION"]
     rows = []
     for r in objects:
-        action = _enum(r.spec.action, types_pb2.FirewallAction, "FIREWALL_ACTION_")
+        action = enum_name(r.spec.action, types_pb2.FirewallAction, "FIREWALL_ACTION_")
         if r.spec.redirect_interface:
             action += f"->{r.spec.redirect_interface}"
         row = [r.name, r.spec.priority, action, rule_match(r.spec), r.generation]

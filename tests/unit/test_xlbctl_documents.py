@@ -162,6 +162,10 @@ def test_bad_documents_name_the_place(capsys, policyd, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["--server", server.address, "apply", "-f", str(path)])
     assert "document 1.kind: 'Pod' is not one of" in capsys.readouterr().err
+    path.write_text("kind: Route\nmetadata: {name: r}\n---\nkind: route\nmetadata: {name: r}\n")
+    with pytest.raises(SystemExit):
+        cli.main(["--server", server.address, "apply", "-f", str(path)])
+    assert "document 1: Route 'r' is also in" in capsys.readouterr().err
     path.write_text("kind: Route\nmetadata: {name: r, labels: {a: b}}\nspec: {}\n")
     with pytest.raises(SystemExit):
         cli.main(["--server", server.address, "apply", "-f", str(path)])
