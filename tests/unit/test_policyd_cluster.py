@@ -476,3 +476,43 @@ def test_watcher_get_waits_then_returns_nothing():
     assert watcher.get(0.01) == []
     watcher.push([1, 2])
     assert watcher.get(0.01) == [1, 2]
+
+
+def test_a_schema_2_store_opens_with_generations_selectors_and_labels(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('generation', 7);
+        CREATE TABLE services (name TEXT PRIMARY KEY, vip TEXT NOT NULL, port INTEGER NOT NULL,
+            protocol INTEGER NOT NULL, spec BLOB NOT NULL, generation INTEGER NOT NULL,
+            update_time_ns INTEGER NOT NULL, UNIQUE (vip, port, protocol));
+        CREATE TABLE firewall_rules (name TEXT PRIMARY KEY, spec BLOB NOT NULL,
+            generation INTEGER NOT NULL, update_time_ns INTEGER NOT NULL,
+            flush INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE routes (name TEXT PRIMARY KEY, prefix TEXT NOT NULL UNIQUE,
+            spec BLOB NOT NULL, generation INTEGER NOT NULL, update_time_ns INTEGER NOT NULL,
+            flush INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE nodes (name TEXT PRIMARY KEY, address TEXT NOT NULL,
+            register_time_ns INTEGER NOT NULL);
+        INSERT INTO nodes VALUES ('n1', 'unix:/run/n1.sock', 1);
+        PRAGMA user_version = 2;
+    """)
+    from policyd.store import encode_spec
+
+    conn.execute("INSERT INTO services VALUES ('web', '198.19.0.10', 80, 1, ?, 5, 1)",
+                 (encode_spec("web", spec()),))
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        web = store.get_service("web")
+        assert (web.generation, web.revision, web.selector) == (1, 5, ())
+        assert store.get_node("n1").labels == ()
+        stored, _ = store.apply_service("web", spec(), selector=(("zone", "a"),))
+        assert (stored.generation, stored.revision) == (2, 8)
+        store.register_node("n1", "unix:/run/n1.sock", (("zone", "a"),))
+    with Store(path) as store:
+        assert store.get_node("n1").labels == (("zone", "a"),)
+        assert store.get_service("web").selector == (("zone", "a"),)
