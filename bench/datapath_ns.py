@@ -6,7 +6,9 @@ Cases (each through tc_packet_func, the attached entry program):
 - pass:        a packet to no VIP (conntrack miss, tail call, service miss);
 - established: a packet of an established flow (conntrack hit, NAT rewrite, counters);
 - new_flow:    a flow's first packet (tail call, service lookup, endpoint selection,
-               conntrack create for both directions, DNAT).
+               conntrack create for both directions, DNAT);
+- fullnat_established, fullnat_new: the same for a full-NAT service (both ends
+               rewritten; a new flow also allocates its source port: docs/modes.md).
 
 The programs rewrite packets, so a repeat count > 1 would feed a rewritten packet back
 in; like Katran's tester, each measurement is a run with repeat=1 on a fresh copy, and
@@ -33,9 +35,11 @@ from scapy.layers.l2 import Ether
 from dpd import bpfsys
 from dpd.abi import BPF_DIR
 from dpd.loader import Settings
-from xlbcore.service import EndpointSpec, Proto, ServiceSpec
+from xlbcore.service import EndpointSpec, Mode, Proto, ServiceSpec
 
 CLIENT = "198.18.0.2"
+FNAT_VIP = "198.19.255.200"  # the full-NAT service (outside the DNAT services' VIPs)
+SNAT = "198.18.9.1"
 VIP_BASE = (198 << 24) | (19 << 16)  # 198.19.0.0/16, one VIP per service
 
 
@@ -84,6 +88,8 @@ class Row:
     pass_: float
     established: float
     new_flow: float
+    fullnat_established: float = 0.0
+    fullnat_new: float = 0.0
 
 
 def measure(services_counts: list[int], runs: int) -> list[Row]:
@@ -101,6 +107,8 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
         fd = node.dp.fast_fd
         have = 0
         eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
+        node.put_services([ServiceSpec(FNAT_VIP, 80, Proto.TCP, mode=Mode.FULLNAT,
+                                       endpoints=eps, snat_addr=SNAT)])
         for count in sorted(services_counts):
             batch = [ServiceSpec(vip(i), 80, Proto.TCP, endpoints=eps) for i in range(have, count)]
             for k in range(0, len(batch), 5000):
@@ -114,7 +122,10 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
             t_pass = mean_ns(fd, miss, runs)
             t_new = mean_ns(fd, new, min(runs, len(new)))
             t_est = _established_ns(node, fd, target, runs)
-            rows.append(Row(count, t_floor, t_pass, t_est, t_new))
+            fnew = [pkt(FNAT_VIP, 1024 + i) for i in range(min(runs, 60000))]
+            t_fnew = mean_ns(fd, fnew, min(runs, len(fnew)))
+            t_fest = _established_ns(node, fd, FNAT_VIP, runs)
+            rows.append(Row(count, t_floor, t_pass, t_est, t_new, t_fest, t_fnew))
     finally:
         if bcc_floor is not None:
             bcc_floor.cleanup()  # type: ignore[attr-defined]
@@ -132,8 +143,11 @@ def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 
     raw = ct.map.get(ct.key.pack(saddr=socket.inet_aton(CLIENT), daddr=socket.inet_aton(target),
                                  sport=sport, dport=80, proto=6))
     orig = ct.val.unpack(raw)
-    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig["nat_addr"]), dst=CLIENT)
-                  / TCP(sport=orig["nat_port"], dport=sport, flags="SA", seq=0, ack=1))
+    fnat = orig["flags"] & ct.fnat  # full-NAT: replies go to the SNAT address and port
+    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig["nat_addr"]),
+                               dst=socket.inet_ntoa(orig["nat2_addr"]) if fnat else CLIENT)
+                  / TCP(sport=orig["nat_port"], dport=orig["nat2_port"] if fnat else sport,
+                        flags="SA", seq=0, ack=1))
     bpfsys.prog_test_run(fd, reply)
     bpfsys.prog_test_run(fd, pkt(target, sport, "A"))
     raw = ct.map.get(ct.key.pack(saddr=socket.inet_aton(CLIENT), daddr=socket.inet_aton(target),
@@ -189,10 +203,12 @@ def fill_conntrack(node: object, count: int) -> None:
 
 def table(rows: list[Row]) -> str:
     lines = ["| services | floor (parse only) | pass (no VIP) | established | new flow | "
-             "established / floor |", "|---:|---:|---:|---:|---:|---:|"]
+             "established / floor | full-NAT established | full-NAT new flow |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.services:,} | {r.floor:.0f} | {r.pass_:.0f} | {r.established:.0f} "
-                     f"| {r.new_flow:.0f} | {r.established / r.floor:.2f} |")
+                     f"| {r.new_flow:.0f} | {r.established / r.floor:.2f} "
+                     f"| {r.fullnat_established:.0f} | {r.fullnat_new:.0f} |")
     return "\n".join(lines)
 
 

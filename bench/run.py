@@ -42,7 +42,8 @@ log = structlog.get_logger(__name__)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METRICS = ("RR", "CRR")
-DEFAULT_TARGETS = ("plain", "xlb", "xlb-maglev", "xlb-policyd", "iptables", "nftables")
+DEFAULT_TARGETS = ("plain", "xlb", "xlb-maglev", "xlb-fullnat", "xlb-policyd", "iptables",
+                   "nftables")
 VIP_CLIENT_SRC = "198.18.0.3"  # client source address for VIP traffic (see prepare_client)
 VIP_ROUTE = "198.19.0.0/16"
 FAKE_CP_ENDPOINTS = [Endpoint(f"198.19.255.{i}", 80) for i in range(1, 5)]
@@ -260,11 +261,14 @@ def table(summary: dict[str, Any], cfg: Config) -> str:
                 _fmt_rate(row.get("plain"), with_ratio=False),
                 f"{xlb['ratio_median']:.2f}" if xlb and xlb.get("ratio_median") else "-",
             ])
-            mg = row.get("xlb-maglev")
-            if metric == "CRR" and mg:  # the same, every service with Maglev
-                rows.append(["  same, Maglev", _fmt_rate(mg, with_ratio=False), "-", "-",
-                             _fmt_rate(row.get("plain"), with_ratio=False),
-                             f"{mg['ratio_median']:.2f}" if mg.get("ratio_median") else "-"])
+            for variant, label in (("xlb-maglev", "  same, Maglev"),
+                                   ("xlb-fullnat", "  same, full-NAT")):
+                mg = row.get(variant)
+                if metric == "CRR" and mg:  # the same, every service with Maglev / full-NAT
+                    rows.append([label, _fmt_rate(mg, with_ratio=False), "-", "-",
+                                 _fmt_rate(row.get("plain"), with_ratio=False),
+                                 f"{mg['ratio_median']:.2f}" if mg.get("ratio_median")
+                                 else "-"])
     cp = summary.get("control_plane_seconds", {})
 
     def secs(name: str) -> str:

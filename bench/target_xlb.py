@@ -23,9 +23,10 @@ BIG = [("grpc.max_receive_message_length", 64 << 20),
        ("grpc.max_send_message_length", 64 << 20)]
 
 
-def dpd_service(s: ServiceSpec, algorithm: int = tpb.ALGORITHM_ROUND_ROBIN) -> dpb.Service:
+def dpd_service(s: ServiceSpec, algorithm: int = tpb.ALGORITHM_ROUND_ROBIN,
+                mode: int = tpb.MODE_DNAT) -> dpb.Service:
     return dpb.Service(
-        vip=s.vip, port=s.port, algorithm=algorithm,
+        vip=s.vip, port=s.port, algorithm=algorithm, mode=mode,
         protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
         endpoints=[tpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
     )
@@ -53,6 +54,7 @@ class XlbTarget(Target):
 
     name = "xlb"
     algorithm: int = tpb.ALGORITHM_ROUND_ROBIN
+    mode: int = tpb.MODE_DNAT
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +62,7 @@ class XlbTarget(Target):
 
     def setup(self, topo, services, measured_vip, port, backends) -> None:  # type: ignore[no-untyped-def]
         self._remember(topo, measured_vip, port, backends)
-        specs = [dpd_service(s, self.algorithm)
+        specs = [dpd_service(s, self.algorithm, self.mode)
                  for s in service_set(services, measured_vip, port, backends)]
         self.dpd = start_dpd(topo, services)
         with grpc.insecure_channel(self.dpd.address) as ch:
@@ -86,6 +88,16 @@ class XlbMaglevTarget(XlbTarget):
     name = "xlb-maglev"
     algorithm = tpb.ALGORITHM_MAGLEV
     control_plane = False  # traffic only: the CRR row with Maglev
+
+
+@register
+class XlbFullnatTarget(XlbTarget):
+    """As `xlb`, every service in full-NAT (docs/modes.md): the source becomes the node's
+    address toward the backend and an allocated port; the backends answer the node."""
+
+    name = "xlb-fullnat"
+    mode = tpb.MODE_FULLNAT
+    control_plane = False  # traffic only: the CRR row with full-NAT
 
 
 @register

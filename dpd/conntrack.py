@@ -149,6 +149,7 @@ class Conntrack:
         self.key = dp.abi.structs["xlb_ct_key"].codec
         self.val = dp.abi.structs["xlb_ct_val"].codec
         self.states = States.of(dp.abi)
+        self.fnat = dp.abi.const("XLB_CTF_FNAT")
         self.timeouts = timeouts or Timeouts()
         self.clock = clock
         self._stop = threading.Event()
@@ -158,12 +159,17 @@ class Conntrack:
         return [(k, self.key.unpack(k), self.val.unpack(v)) for k, v in self.map.items()]
 
     def peer_key(self, k: dict[str, Any], v: dict[str, Any]) -> bytes:
-        """The other direction's key, from an entry's decoded key and value."""
-        if v["dir"] == self.states.orig:  # reply: endpoint -> client
-            return self.key.pack(saddr=v["nat_addr"], daddr=k["saddr"], sport=v["nat_port"],
-                                 dport=k["sport"], proto=k["proto"])
-        return self.key.pack(saddr=k["daddr"], daddr=v["nat_addr"], sport=k["dport"],
-                             dport=v["nat_port"], proto=k["proto"])  # original: client -> VIP
+        """The other direction's key, from an entry's decoded key and value (full-NAT:
+        the SNAT address and port stand for the client's, nat2_*)."""
+        fnat = v["flags"] & self.fnat
+        if v["dir"] == self.states.orig:  # reply: endpoint -> client (SNAT address)
+            return self.key.pack(saddr=v["nat_addr"], sport=v["nat_port"],
+                                 daddr=v["nat2_addr"] if fnat else k["saddr"],
+                                 dport=v["nat2_port"] if fnat else k["sport"], proto=k["proto"])
+        return self.key.pack(saddr=v["nat2_addr"] if fnat else k["daddr"],
+                             sport=v["nat2_port"] if fnat else k["dport"],
+                             daddr=v["nat_addr"], dport=v["nat_port"],
+                             proto=k["proto"])  # original: client -> VIP
 
     def _matcher(self, f: CtFilter) -> Callable[[dict[str, Any], dict[str, Any]], bool]:
         """A test of one decoded entry (both of a flow's entries answer alike)."""
@@ -182,8 +188,9 @@ class Conntrack:
                     return False
             if v["dir"] == orig:  # client -> VIP, rewritten to the endpoint
                 e_addr, e_port, c_addr = v["nat_addr"], v["nat_port"], k["saddr"]
-            else:  # endpoint -> client
-                e_addr, e_port, c_addr = k["saddr"], k["sport"], k["daddr"]
+            else:  # endpoint -> client (full-NAT: -> SNAT address; the client in nat2)
+                e_addr, e_port = k["saddr"], k["sport"]
+                c_addr = v["nat2_addr"] if v["flags"] & self.fnat else k["daddr"]
             if ep is not None and (e_addr != ep or (f.endpoint_port
                                                     and e_port != f.endpoint_port)):
                 return False

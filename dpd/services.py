@@ -74,6 +74,13 @@ _ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"
                                  attrgetter("mode"))
 _ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
 _HEALTH, _CT_TIMEOUTS = attrgetter("health"), attrgetter("ct_timeouts")
+_SNAT = attrgetter("snat_addr")
+
+
+@functools.lru_cache(maxsize=4096)
+def _snat_bytes(address: str) -> bytes:
+    """xlb_nat_val.snat_addr of a spec's snat_addr ("": 0, the node's address)."""
+    return socket.inet_aton(address) if address else bytes(4)
 _VIP_OF_KEY = itemgetter(slice(0, 4))  # a nat_v4_map key's first field
 _U32 = struct.Struct("<I")  # a vip_v4_map value: the VIP's service count
 
@@ -129,8 +136,8 @@ class ServiceTable:
         key = abi.structs["xlb_nat_key"].codec
         self._key = key.wire_struct(("vip", "port", "proto"))
         self._val = abi.structs["xlb_nat_val"].codec
-        self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "eps",
-                            "slots")
+        self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots",
+                            "snat_addr", "eps", "slots")
         self._ep_fields = ("addr", "port", "weight", "stat_id")
         self._val_head = self._val.wire_struct(self._val_fields, "eps", self._ep_fields, 0)
         self._vals: dict[int, struct.Struct] = {}  # endpoints -> the value's wire struct
@@ -294,7 +301,8 @@ class ServiceTable:
                     tables[i] = self._slot_table(self._effective(e))
         flags = map(mul, map(_MAGLEV_B, entries), repeat(self._maglev_flag))
         return list(map(self._pack_val, map(_SVC_ID, entries), map(_ALGORITHM, specs),
-                        map(_MODE, specs), counts, flags, map(len, tables), ep_bytes, tables))
+                        map(_MODE, specs), counts, flags, map(len, tables),
+                        map(_snat_bytes, map(_SNAT, specs)), ep_bytes, tables))
 
     def _read_all(self) -> dict[bytes, _Entry]:
         """What nat_v4_map holds, decoded (once, when dpd starts)."""
@@ -305,13 +313,14 @@ class ServiceTable:
         flag, max_eps = self._maglev_flag, self.max_eps
         for kraw, vraw in self.nat.items():
             vip, port, proto = kunpack(kraw)
-            svc_id, algo, mode, n, flags = head(vraw)[:5]
+            svc_id, algo, mode, n, flags, _, snat = head(vraw)[:7]
             n = min(n, max_eps)
             flat = (vals.get(n) or val_struct(n)).unpack(vraw)
             eps = sorted([(ntoa(flat[i]), ntohs(flat[i + 1]), flat[i + 2], flat[i + 3])
-                          for i in range(6, 6 + 4 * n, 4)])
+                          for i in range(7, 7 + 4 * n, 4)])
             spec = ServiceSpec(ntoa(vip), ntohs(port), Proto(proto), Algorithm(algo),
-                               Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]))
+                               Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]),
+                               snat_addr=ntoa(snat) if any(snat) else "")
             out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
                                                1 if flags & flag else 0)
         cfgs = {int.from_bytes(k, "little"): v for k, v in self.cfg.items()}

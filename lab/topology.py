@@ -10,6 +10,16 @@
 The client and the backends route everything via the lb namespace (default routes), the
 lb namespace forwards (ip_forward=1, rp_filter=0). The VIP (198.19.0.10 by default) is on
 no interface: whatever load balancer runs in the lb namespace translates it.
+
+Options for the modes (docs/modes.md):
+
+- ``backend_routes="none"``: the backends have no default route (the lb is not on their
+  return path: DNAT's replies cannot reach the client, full-NAT's can);
+- ``backend_routes="direct"``: each backend also has a link straight to the client
+  (eth1 198.18.(100+i).2/24 <-> d{i} in the client, 198.18.(100+i).1/24) and its default
+  route goes there, so its replies bypass the lb (DSR); rp_filter is off on both ends;
+- ``one_arm=True``: client, lb and backends on one bridge (namespace {p}-sw): the lb has
+  one interface (c0 198.18.0.1/24), backends are 198.18.0.11.. with no default route.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,7 +66,13 @@ class Topology:
         prefix: str | None = None,
         vip: str = DEFAULT_VIP,
         disable_ipv6: bool = True,
+        backend_routes: str = "lb",
+        one_arm: bool = False,
     ) -> None:
+        if backend_routes not in ("lb", "none", "direct"):
+            raise ValueError(f"backend_routes must be lb, none or direct, got {backend_routes}")
+        self.backend_routes = "none" if one_arm else backend_routes
+        self.one_arm = one_arm
         if not 1 <= backends <= MAX_BACKENDS:
             raise ValueError(f"backends must be 1..{MAX_BACKENDS}, got {backends}")
         self.prefix = prefix or _new_prefix()
@@ -70,6 +87,11 @@ class Topology:
         self.lb_ifaces = ["c0"] + [f"b{i}" for i in range(1, backends + 1)]
         self.backend_ips = [f"198.18.{i}.2" for i in range(1, backends + 1)]
         self.backend_gws = [f"198.18.{i}.1" for i in range(1, backends + 1)]
+        self.switch_ns = f"{self.prefix}-sw" if one_arm else ""
+        if one_arm:
+            self.lb_ifaces = ["c0"]
+            self.backend_ips = [f"198.18.0.{10 + i}" for i in range(1, backends + 1)]
+            self.backend_gws = [self.client_gw] * backends
         self.disable_ipv6 = disable_ipv6
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self._procs: list[subprocess.Popen[Any]] = []
@@ -85,7 +107,8 @@ class Topology:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client_ns, self.lb_ns, *self.backend_ns]
+        return [self.client_ns, self.lb_ns, *self.backend_ns] + (
+            [self.switch_ns] if self.switch_ns else [])
 
     def _create_ns(self, name: str) -> None:
         if netns.exists(name):
@@ -109,6 +132,9 @@ class Topology:
             for ns in self.namespaces:
                 netns.sysctl(ns, {"net.ipv6.conf.all.disable_ipv6": 1,
                                   "net.ipv6.conf.default.disable_ipv6": 1})
+        if self.one_arm:
+            self._build_one_arm()
+            return
         # client <-> lb
         self._veth(self.client_ns, self.client_iface, self.lb_ns, "c0")
         self._addr_up(self.client_ns, self.client_iface, f"{self.client_ip}/24")
@@ -121,8 +147,45 @@ class Topology:
             self._veth(ns, self.backend_iface, self.lb_ns, lb_if)
             self._addr_up(ns, self.backend_iface, f"{self.backend_ips[i - 1]}/24")
             self._addr_up(self.lb_ns, lb_if, f"{self.backend_gws[i - 1]}/24")
-            netns.run(None, ["ip", "-n", ns, "route", "add", "default",
-                             "via", self.backend_gws[i - 1]], timeout=15)
+            if self.backend_routes == "lb":
+                netns.run(None, ["ip", "-n", ns, "route", "add", "default",
+                                 "via", self.backend_gws[i - 1]], timeout=15)
+            elif self.backend_routes == "direct":
+                self._veth(ns, "eth1", self.client_ns, f"d{i}")
+                self._addr_up(ns, "eth1", f"198.18.{100 + i}.2/24")
+                self._addr_up(self.client_ns, f"d{i}", f"198.18.{100 + i}.1/24")
+                netns.run(None, ["ip", "-n", ns, "route", "add", "default",
+                                 "via", f"198.18.{100 + i}.1"], timeout=15)
+                netns.sysctl(ns, {"net.ipv4.conf.all.rp_filter": 0,
+                                  "net.ipv4.conf.default.rp_filter": 0,
+                                  "net.ipv4.conf.eth0.rp_filter": 0,
+                                  "net.ipv4.conf.eth1.rp_filter": 0})
+                netns.sysctl(self.client_ns, {"net.ipv4.conf.all.rp_filter": 0,
+                                              f"net.ipv4.conf.d{i}.rp_filter": 0})
+        self._lb_sysctls()
+        log.info("topology.ready", prefix=self.prefix, workdir=str(self.workdir))
+
+    def _build_one_arm(self) -> None:
+        sw = self.switch_ns
+        netns.run(None, ["ip", "-n", sw, "link", "add", "br0", "type", "bridge"], timeout=15)
+        netns.run(None, ["ip", "-n", sw, "link", "set", "br0", "up"], timeout=15)
+        ports = [(self.client_ns, self.client_iface, "pc", f"{self.client_ip}/24"),
+                 (self.lb_ns, "c0", "pl", f"{self.client_gw}/24")]
+        ports += [(ns, self.backend_iface, f"p{i}", f"{ip}/24") for i, (ns, ip) in
+                  enumerate(zip(self.backend_ns, self.backend_ips, strict=True), start=1)]
+        for ns, ifname, port, cidr in ports:
+            self._veth(ns, ifname, sw, port)
+            netns.run(None, ["ip", "-n", sw, "link", "set", port, "master", "br0", "up"],
+                      timeout=15)
+            self._addr_up(ns, ifname, cidr)
+        netns.run(None, ["ip", "-n", self.client_ns, "route", "add", "default",
+                         "via", self.client_gw], timeout=15)
+        self._lb_sysctls()
+        netns.sysctl(self.lb_ns, {"net.ipv4.conf.all.send_redirects": 0,
+                                  "net.ipv4.conf.c0.send_redirects": 0})
+        log.info("topology.ready", prefix=self.prefix, workdir=str(self.workdir), one_arm=True)
+
+    def _lb_sysctls(self) -> None:
         lb_sysctls: dict[str, str | int] = {
             "net.ipv4.ip_forward": 1,
             "net.ipv4.conf.all.rp_filter": 0,
@@ -131,7 +194,6 @@ class Topology:
         for ifname in ["lo", *self.lb_ifaces]:
             lb_sysctls[f"net.ipv4.conf.{ifname}.rp_filter"] = 0
         netns.sysctl(self.lb_ns, lb_sysctls)
-        log.info("topology.ready", prefix=self.prefix, workdir=str(self.workdir))
 
     # -- use -----------------------------------------------------------------------------
 
@@ -162,6 +224,36 @@ class Topology:
         netns.kill_group(proc, grace=grace)
         if proc in self._procs:
             self._procs.remove(proc)
+
+    def dsr_backends(self, vip: str | None = None, ipip: bool = False) -> None:
+        """Make every backend a DSR endpoint: the VIP on lo (/32), answering ARP only for
+        the addresses of the interface asked on (arp_ignore=1, arp_announce=2, so the
+        backends never claim the VIP on the link); with ``ipip``, an IP-in-IP device
+        (mdipip, local: the backend's address) that decapsulates what the lb sends."""
+        vip = vip or self.vip
+        for ns in self.backend_ns:
+            netns.sysctl(ns, {"net.ipv4.conf.all.arp_ignore": 1,
+                              "net.ipv4.conf.all.arp_announce": 2,
+                              "net.ipv4.conf.all.rp_filter": 0,
+                              "net.ipv4.conf.default.rp_filter": 0})
+            netns.run(None, ["ip", "-n", ns, "addr", "add", f"{vip}/32", "dev", "lo"],
+                      timeout=15)
+            netns.run(None, ["ip", "-n", ns, "link", "set", "lo", "up"], timeout=15)
+        if not ipip:
+            return
+        # the kernel's ipip device where the kernel has one, else lab.decap's TC program
+        decap = []
+        for ns, ip in zip(self.backend_ns, self.backend_ips, strict=True):
+            res = netns.run(None, ["ip", "-n", ns, "link", "add", "mdipip", "type", "ipip",
+                                   "local", ip], check=False, timeout=15)
+            if res.returncode != 0:
+                decap.append(f"{ns}:{self.backend_iface}:{ip}")
+                continue
+            netns.run(None, ["ip", "-n", ns, "link", "set", "mdipip", "up"], timeout=15)
+            netns.sysctl(ns, {"net.ipv4.conf.mdipip.rp_filter": 0})
+        if decap:
+            netns.run(None, [sys.executable, "-m", "lab.decap", *decap],
+                      env=netns.python_env(), cwd=netns.REPO_ROOT, timeout=120)
 
     def ifindex(self, ns: str, ifname: str) -> int:
         out = self.run(ns, ["ip", "-j", "link", "show", "dev", ifname]).stdout

@@ -42,7 +42,16 @@ class Algorithm(enum.IntEnum):
 
 
 class Mode(enum.IntEnum):
+    """Values match xlb.types.v1.Mode and the datapath's XLB_MODE_* (docs/modes.md).
+    One-arm is FULLNAT on one interface, not a mode of its own."""
+
     DNAT = 1
+    FULLNAT = 2
+    DSR = 3
+    DSR_IPIP = 4
+
+
+DSR_MODES = (Mode.DSR, Mode.DSR_IPIP)
 
 
 # xlb.types.v1.Protocol value -> model value.
@@ -125,6 +134,9 @@ class ServiceSpec:
     endpoints: tuple[EndpointSpec, ...] = ()
     health: HealthSpec | None = None  # None: no health check
     ct_timeouts: CtTimeoutsSpec | None = None  # None: the node's defaults
+    # FULLNAT: the flows' source address; DSR_IPIP: the outer source ("": the node's
+    # address toward the endpoint)
+    snat_addr: str = ""
 
     @functools.cached_property
     def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
@@ -181,13 +193,13 @@ def parse_algorithm(api_value: int) -> Algorithm:
         raise ValidationError(f"algorithm: unknown algorithm {api_value}") from None
 
 
-def parse_mode(api_value: int) -> Mode:
+def parse_mode(api_value: int, field: str = "mode") -> Mode:
     if api_value == 0:
         return Mode.DNAT
     try:
         return Mode(api_value)
     except ValueError:
-        raise ValidationError(f"mode: unknown mode {api_value}") from None
+        raise ValidationError(f"{field}: unknown mode {api_value}") from None
 
 
 class _EndpointMsg(TypingProtocol):
@@ -317,17 +329,39 @@ def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
     )
 
 
+def parse_snat(msg: Any, mode: Mode, port: int, endpoints: tuple[EndpointSpec, ...],
+               prefix: str) -> str:
+    """The SNAT address of a service in `mode` ("" when unset), and the mode's rules on
+    the endpoints (DSR does not rewrite ports: each endpoint's port is the service's)."""
+    if mode in DSR_MODES:
+        for i, ep in enumerate(endpoints):
+            if ep.port != port:
+                raise ValidationError(
+                    f"{prefix}endpoints[{i}].port: {ep.port}; a DSR service's endpoints "
+                    f"listen on the service port ({port}): DSR rewrites no port")
+    value = msg.snat_address
+    if not value:
+        return ""
+    if mode not in (Mode.FULLNAT, Mode.DSR_IPIP):
+        raise ValidationError(f"{prefix}snat_address: {quote(value)} is set, but only "
+                              "MODE_FULLNAT and MODE_DSR_IPIP use one")
+    return parse_ipv4(value, f"{prefix}snat_address")
+
+
 def parse_service(msg: Any, field: str = "") -> ServiceSpec:
     """From an xlb.dpd.v1.Service or xlb.policy.v1.Service (the shared fields)."""
     prefix = f"{field}." if field else ""
     key = parse_service_key(msg, field)
+    mode = parse_mode(msg.mode, f"{prefix}mode")
+    endpoints = parse_endpoints(msg.endpoints, f"{prefix}endpoints")
     return ServiceSpec(
         vip=key.vip,
         port=key.port,
         proto=key.proto,
         algorithm=parse_algorithm(msg.algorithm),
-        mode=parse_mode(msg.mode),
-        endpoints=parse_endpoints(msg.endpoints, f"{prefix}endpoints"),
+        mode=mode,
+        endpoints=endpoints,
+        snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix),
         health=parse_health(msg.health, f"{prefix}health")
         if msg.HasField("health") else None,
         ct_timeouts=parse_ct_timeouts(msg.conntrack_timeouts, f"{prefix}conntrack_timeouts")
@@ -342,6 +376,7 @@ def fill_service(msg: Any, spec: ServiceSpec) -> Any:
     msg.protocol = proto_to_api(spec.proto)
     msg.algorithm = int(spec.algorithm)
     msg.mode = int(spec.mode)
+    msg.snat_address = spec.snat_addr
     del msg.endpoints[:]
     for ep in spec.endpoints:
         msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight)
@@ -377,7 +412,7 @@ _MODES = {0: Mode.DNAT, **{int(m): m for m in Mode}}
 
 
 _SERVICE_FIELDS = operator.attrgetter("vip", "port", "protocol", "algorithm", "mode",
-                                      "endpoints")
+                                      "endpoints", "snat_address")
 _ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight")
 
 
@@ -387,14 +422,14 @@ def _service_fast(msg: Any) -> ServiceSpec | None:
     for a service with a health check or conntrack timeouts (parse_service reads them)."""
     if msg.HasField("health") or msg.HasField("conntrack_timeouts"):
         return None
-    vip, port, api_proto, api_algorithm, api_mode, ep_msgs = _SERVICE_FIELDS(msg)
+    vip, port, api_proto, api_algorithm, api_mode, ep_msgs, snat = _SERVICE_FIELDS(msg)
     vip = _unicast(vip)
     proto = _API_PROTO.get(api_proto)
     algorithm = _ALGORITHMS.get(api_algorithm)
     mode = _MODES.get(api_mode)
-    if vip is None or proto is None or algorithm is None or mode is None \
-            or not 0 < port <= 65535:
-        return None
+    if vip is None or proto is None or algorithm is None or mode is not Mode.DNAT \
+            or snat or not 0 < port <= 65535:
+        return None  # other modes (their rules, snat_address): parse_service
     rows = list(map(_ENDPOINT_FIELDS, ep_msgs))
     n = len(rows)
     if not 0 < n <= MAX_ENDPOINTS:

@@ -47,9 +47,17 @@ static __always_inline void xlb_ct_peer_key(struct xlb_ct_key *pk, struct xlb_ct
         pk->sport = v->nat_port;
         pk->daddr = k->saddr;
         pk->dport = k->sport;
+        if (v->flags & XLB_CTF_FNAT) { /* endpoint -> SNAT address:port */
+            pk->daddr = v->nat2_addr;
+            pk->dport = v->nat2_port;
+        }
     } else { /* endpoint -> client; original is client -> VIP */
         pk->saddr = k->daddr;
         pk->sport = k->dport;
+        if (v->flags & XLB_CTF_FNAT) { /* endpoint -> SNAT address:port */
+            pk->saddr = v->nat2_addr;
+            pk->sport = v->nat2_port;
+        }
         pk->daddr = v->nat_addr;
         pk->dport = v->nat_port;
     }
@@ -60,11 +68,15 @@ static __always_inline void xlb_ct_peer_key(struct xlb_ct_key *pk, struct xlb_ct
 static __always_inline int xlb_ct_is_peer(struct xlb_ct_key *k, struct xlb_ct_val *v,
                                           struct xlb_ct_val *pv)
 {
-    if (pv->dir == v->dir)
+    if (pv->dir == v->dir || (pv->flags & XLB_CTF_FNAT) != (v->flags & XLB_CTF_FNAT))
         return 0;
     if (v->dir == XLB_DIR_ORIG)
-        return pv->nat_addr == k->daddr && pv->nat_port == k->dport;
-    return pv->nat_addr == k->saddr && pv->nat_port == k->sport;
+        return pv->nat_addr == k->daddr && pv->nat_port == k->dport &&
+               (!(v->flags & XLB_CTF_FNAT) ||
+                (pv->nat2_addr == k->saddr && pv->nat2_port == k->sport));
+    return pv->nat_addr == k->saddr && pv->nat_port == k->sport &&
+           (!(v->flags & XLB_CTF_FNAT) ||
+            (pv->nat2_addr == k->daddr && pv->nat2_port == k->dport));
 }
 
 static __always_inline struct xlb_ct_val *xlb_ct_peer(struct xlb_ct_key *k,
@@ -132,7 +144,8 @@ static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
     __u32 fins = v->flags & XLB_CTF_FINS;
 
     if (p->proto != IPPROTO_TCP) {
-        if (v->dir == XLB_DIR_REPLY && st == XLB_CT_NEW)
+        /* a reply establishes; a DSR flow sees none: its second packet does */
+        if (st == XLB_CT_NEW && (v->dir == XLB_DIR_REPLY || (v->flags & XLB_CTF_DSR)))
             next = XLB_CT_EST;
     } else {
         __u8 f = p->tcp_flags;
@@ -163,6 +176,11 @@ static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
             if (f & XLB_TCP_FIN) {
                 fins |= v->dir == XLB_DIR_ORIG ? XLB_CTF_FIN_ORIG : XLB_CTF_FIN_REPLY;
                 next = fins == XLB_CTF_FINS ? XLB_CT_CLOSED : XLB_CT_CLOSING;
+            } else if (st == XLB_CT_NEW && (v->flags & XLB_CTF_DSR) &&
+                       (f & (XLB_TCP_SYN | XLB_TCP_ACK)) == XLB_TCP_ACK) {
+                /* DSR: the SYN-ACK went from the endpoint to the client directly, so
+                 * the client's first ACK after its SYN establishes (unchecked) */
+                next = XLB_CT_EST;
             } else if (st == XLB_CT_REPLIED && v->dir == XLB_DIR_ORIG &&
                        (f & (XLB_TCP_SYN | XLB_TCP_ACK)) == XLB_TCP_ACK) {
                 /* only an ACK of the SYN-ACK establishes */

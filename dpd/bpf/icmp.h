@@ -8,6 +8,11 @@
  * - quoting a reply after reverse NAT (VIP -> client), sent to the VIP by the client or
  *   a router: the quoted source and the outer destination become the endpoint's.
  *
+ * Full-NAT flows: both quoted ends are translated (the SNAT address:port and the
+ * client's), and the error goes to the client (first case) or comes from the SNAT
+ * address when the client itself reports (second case). DSR flows: an error sent to
+ * the VIP quoting a reply is sent on, unchanged, to the flow's endpoint.
+ *
  * The quoted tuple, reversed, is the key of the flow's other entry (REPLY for the first
  * case, ORIG for the second), whose rewrite is the translation. Checksums: the outer IP
  * header, the quoted IP header, the quoted L4 checksum when the quote holds it, and
@@ -143,33 +148,55 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
     if (!v || (v->flags & XLB_CTF_PASS)) /* a pass flow's errors need no translation */
         return xlb_icmp_pass();
 
-    __be32 old_addr, new_addr = v->nat_addr;
-    __be16 old_port, new_port = v->nat_port;
-    __u32 icmp_delta = 0;
-    if (v->dir == XLB_DIR_REPLY) {
-        /* quoted: client -> endpoint; becomes client -> VIP */
-        old_addr = in->daddr;
-        old_port = ports[1];
-        in->daddr = new_addr;
-        ports[1] = new_port;
-        if (ip->saddr == old_addr) { /* the endpoint itself reports */
-            ip->saddr = new_addr;
-            xlb_ip_csum_add(ip, xlb_delta4(old_addr, new_addr));
-            p->saddr = new_addr;
-        }
-    } else {
-        /* quoted: VIP -> client; becomes endpoint -> client, sent to the endpoint */
-        old_addr = in->saddr;
-        old_port = ports[0];
-        in->saddr = new_addr;
-        ports[0] = new_port;
-        ip->daddr = new_addr; /* == old_addr, checked above */
-        xlb_ip_csum_add(ip, xlb_delta4(old_addr, new_addr));
-        p->daddr = new_addr;
+    if (v->flags & XLB_CTF_DSR) {
+        /* quoting a reply the endpoint sent the client directly (VIP -> client), sent
+         * to the VIP: the endpoint needs it as it is (path MTU discovery) */
+        xlb_count(XLB_STAT_ICMP_NAT);
+        return xlb_dsr_out(skb, p, v->nat_addr, v->nat2_addr, v->flags & XLB_CTF_IPIP);
     }
-    __u32 addr_delta = xlb_delta4(old_addr, new_addr);
-    __u32 port_delta = (~old_port & 0xffff) + new_port;
-    icmp_delta += addr_delta + port_delta;
+
+    /* the quote's tuple (q_*) and what it becomes (n_*); the outer addresses likewise */
+    int fnat = v->flags & XLB_CTF_FNAT;
+    __be32 q_s = in->saddr, q_d = in->daddr, n_s = q_s, n_d = q_d;
+    __be16 q_sp = ports[0], q_dp = ports[1], n_sp = q_sp, n_dp = q_dp;
+    __be32 o_s = ip->saddr, o_d = ip->daddr, no_s = o_s, no_d = o_d;
+    if (v->dir == XLB_DIR_REPLY) {
+        /* quoted: client (full-NAT: SNAT address) -> endpoint; becomes client -> VIP */
+        n_d = v->nat_addr;
+        n_dp = v->nat_port;
+        if (fnat) { /* sent to the SNAT address: goes to the client */
+            n_s = v->nat2_addr;
+            n_sp = v->nat2_port;
+            no_d = n_s;
+        }
+        if (o_s == q_d) /* the endpoint itself reports */
+            no_s = n_d;
+    } else {
+        /* quoted: VIP -> client; becomes endpoint -> client (full-NAT: -> SNAT
+         * address), sent to the endpoint (o_d == q_s, checked above) */
+        n_s = v->nat_addr;
+        n_sp = v->nat_port;
+        no_d = n_s;
+        if (fnat) {
+            n_d = v->nat2_addr;
+            n_dp = v->nat2_port;
+            if (o_s == q_d) /* the client itself reports: from the SNAT address */
+                no_s = n_d;
+        }
+    }
+    in->saddr = n_s;
+    in->daddr = n_d;
+    ports[0] = n_sp;
+    ports[1] = n_dp;
+    ip->saddr = no_s;
+    ip->daddr = no_d;
+    xlb_ip_csum_add(ip, xlb_delta4(o_s, no_s) + xlb_delta4(o_d, no_d));
+    p->saddr = no_s;
+    p->daddr = no_d;
+
+    __u32 addr_delta = xlb_delta4(q_s, n_s) + xlb_delta4(q_d, n_d);
+    __u32 port_delta = (~q_sp & 0xffff) + n_sp + (~q_dp & 0xffff) + n_dp;
+    __u32 icmp_delta = addr_delta + port_delta;
     icmp_delta += xlb_csum_fix(&in->check, addr_delta);
 
     /* the quoted L4 checksum, when the quote holds it (UDP: unless 0, "none") */

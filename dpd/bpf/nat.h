@@ -58,6 +58,71 @@ static __always_inline int xlb_nat_l3(struct __sk_buff *skb, struct xlb_pkt *p, 
     return 0;
 }
 
+/* A later fragment of a full-NAT flow: both addresses (ORIG: destination `a`, source
+ * `b`; REPLY: source `a`, destination `b`). */
+static __always_inline int xlb_nat_l3_full(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
+                                           __be32 a, __be32 b)
+{
+    void *data = xlb_data(skb);
+    void *data_end = xlb_data_end(skb);
+    struct iphdr *ip = data + XLB_L3_OFF;
+    if ((void *)(ip + 1) > data_end)
+        return -1;
+    __be32 new_s = dir == XLB_DIR_ORIG ? b : a;
+    __be32 new_d = dir == XLB_DIR_ORIG ? a : b;
+    __u32 delta = xlb_delta4(ip->saddr, new_s) + xlb_delta4(ip->daddr, new_d);
+    ip->saddr = new_s;
+    ip->daddr = new_d;
+    p->saddr = new_s;
+    p->daddr = new_d;
+    xlb_ip_csum_add(ip, delta);
+    return 0;
+}
+
+/* Full-NAT: both ends rewritten. ORIG: destination (addr, port), source (addr2, port2);
+ * REPLY: source (addr, port), destination (addr2, port2). As many helper calls as
+ * DNAT: one for both addresses (pseudo header), one for both ports (a precomputed
+ * delta, size 0). */
+static __always_inline int xlb_nat_full(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
+                                        __be32 addr, __be16 port, __be32 addr2, __be16 port2)
+{
+    void *data = xlb_data(skb);
+    void *data_end = xlb_data_end(skb);
+    struct iphdr *ip = data + XLB_L3_OFF;
+    __u32 l4_off = XLB_L4_OFF;
+    __u16 *ports = data + l4_off; /* [0] source, [1] destination */
+    __u32 csum_off;
+    __u64 l4flags = 0;
+
+    if ((void *)(ip + 1) > data_end || (void *)(ports + 2) > data_end)
+        return -1;
+    __be32 new_s = dir == XLB_DIR_ORIG ? addr2 : addr;
+    __be32 new_d = dir == XLB_DIR_ORIG ? addr : addr2;
+    __be16 new_sp = dir == XLB_DIR_ORIG ? port2 : port;
+    __be16 new_dp = dir == XLB_DIR_ORIG ? port : port2;
+    __u32 adelta = xlb_delta4(ip->saddr, new_s) + xlb_delta4(ip->daddr, new_d);
+    __u32 pdelta = (~ports[0] & 0xffff) + new_sp + (~ports[1] & 0xffff) + new_dp;
+    ip->saddr = new_s;
+    ip->daddr = new_d;
+    ports[0] = new_sp;
+    ports[1] = new_dp;
+    p->saddr = new_s;
+    p->daddr = new_d;
+    p->sport = new_sp;
+    p->dport = new_dp;
+    xlb_ip_csum_add(ip, adelta);
+
+    if (p->proto == IPPROTO_TCP) {
+        csum_off = l4_off + offsetof(struct tcphdr, check);
+    } else {
+        csum_off = l4_off + offsetof(struct udphdr, check);
+        l4flags = BPF_F_MARK_MANGLED_0;
+    }
+    bpf_l4_csum_replace(skb, csum_off, 0, adelta, l4flags | BPF_F_PSEUDO_HDR);
+    bpf_l4_csum_replace(skb, csum_off, 0, pdelta, l4flags);
+    return 0;
+}
+
 /* ORIG rewrites the destination, REPLY the source. */
 static __always_inline int xlb_nat(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
                                    __be32 new_addr, __be16 new_port)

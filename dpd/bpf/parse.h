@@ -9,6 +9,7 @@
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
+#include <linux/stddef.h>
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -54,6 +55,28 @@ struct xlb_pkt {
     __be16 ip_id;
     __u16 frag;    /* frag_off & (MF | offset), host order; 0 for unfragmented */
 };
+
+/* skb->data and skb->data_end read with one instruction each, opaque to the compiler
+ * (as Cilium's ctx_data_end): where a function reads them in many places, LLVM may
+ * otherwise keep &skb->data_end in a register and load through it, which the verifier
+ * refuses ("dereference of modified ctx ptr"). */
+static __always_inline void *xlb_data(struct __sk_buff *skb)
+{
+    void *d;
+    asm volatile("%[res] = *(u32 *)(%[base] + %[off])"
+                 : [res] "=r"(d)
+                 : [base] "r"(skb), [off] "i"(offsetof(struct __sk_buff, data)), "m"(*skb));
+    return d;
+}
+
+static __always_inline void *xlb_data_end(struct __sk_buff *skb)
+{
+    void *d;
+    asm volatile("%[res] = *(u32 *)(%[base] + %[off])"
+                 : [res] "=r"(d)
+                 : [base] "r"(skb), [off] "i"(offsetof(struct __sk_buff, data_end)), "m"(*skb));
+    return d;
+}
 
 /* The IPv4 header (20 bytes, no options) sums to 0xffff when its checksum is right. */
 static __always_inline int xlb_ip_csum_ok(struct iphdr *ip)

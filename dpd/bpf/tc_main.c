@@ -34,6 +34,8 @@ int tc_packet_func(struct __sk_buff *skb)
         if (v->flags & XLB_CTF_PASS) /* a flow the firewall allowed: no service, no NAT */
             return TC_ACT_OK;
         xlb_count_flow(skb, v->svc_id, v->stat_id);
+        if (v->flags & (XLB_CTF_FNAT | XLB_CTF_DSR)) /* full-NAT, DSR */
+            return xlb_flow_out(skb, &p, v);
         if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
             return TC_ACT_OK;
         return xlb_forward(skb, &p);

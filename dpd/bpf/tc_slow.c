@@ -68,13 +68,26 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
     xlb_ct_touch(v);
     xlb_count(XLB_STAT_FRAG_NAT);
     xlb_count_flow(skb, v->svc_id, v->stat_id);
+    if (v->flags & XLB_CTF_DSR) /* sent on unchanged, as its first fragment */
+        return xlb_dsr_out(skb, p, v->nat_addr, v->nat2_addr, v->flags & XLB_CTF_IPIP);
     __be16 port = v->nat_port;
-    if (xlb_nat_l3(skb, p, v->dir, v->nat_addr) < 0)
-        return TC_ACT_OK;
-    if (v->dir == XLB_DIR_ORIG)
-        p->dport = port;
+    __be16 port2 = v->nat2_port;
+    int rc;
+    if (v->flags & XLB_CTF_FNAT)
+        rc = xlb_nat_l3_full(skb, p, v->dir, v->nat_addr, v->nat2_addr);
     else
+        rc = xlb_nat_l3(skb, p, v->dir, v->nat_addr);
+    if (rc < 0)
+        return TC_ACT_OK;
+    if (v->dir == XLB_DIR_ORIG) {
+        p->dport = port;
+        if (v->flags & XLB_CTF_FNAT)
+            p->sport = port2;
+    } else {
         p->sport = port;
+        if (v->flags & XLB_CTF_FNAT)
+            p->dport = port2;
+    }
     return xlb_forward(skb, p);
 }
 
@@ -216,6 +229,36 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     v.svc = nk;
     v.in_ifindex = skb->ingress_ifindex;
 
+    __u8 mode = svc->mode;
+    if (mode == XLB_MODE_DSR || mode == XLB_MODE_DSR_IPIP) {
+        /* DSR: the ORIG entry only (replies do not come back through the node) */
+        v.flags = XLB_CTF_DSR;
+        if (mode == XLB_MODE_DSR_IPIP) {
+            __be32 outer = svc->snat_addr;
+            if (!outer)
+                outer = xlb_src_toward(skb, ep->addr);
+            if (!outer) {
+                xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_NO_ROUTE);
+                return TC_ACT_SHOT;
+            }
+            v.flags |= XLB_CTF_IPIP;
+            v.nat2_addr = outer;
+        }
+        if (p->proto == IPPROTO_TCP) {
+            v.seq_end = xlb_seq_end(p);
+            v.flags |= XLB_CTF_SEQ;
+        }
+        if (ct_v4_map.insert(&k, &v)) {
+            xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
+            return TC_ACT_SHOT;
+        }
+        xlb_count(XLB_STAT_NEW_FLOW);
+        xlb_count_flow(skb, v.svc_id, v.stat_id);
+        if (first_frag)
+            xlb_frag_record(p, &k);
+        return xlb_dsr_out(skb, p, v.nat_addr, v.nat2_addr, mode == XLB_MODE_DSR_IPIP);
+    }
+
     struct xlb_ct_key rk = {};
     rk.saddr = ep->addr;
     rk.sport = ep->port;
@@ -231,11 +274,46 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         v.flags = XLB_CTF_SEQ;
     }
 
-    /* Never over another flow's entry. DNAT keeps the client's port, so two flows from
-     * one client ip:port to two VIPs sharing an endpoint ip:port would share a REPLY
-     * key: the later flow is refused (the modes that rewrite the source will remap the
-     * port instead, as the kernel's NAT does). */
-    if (ct_v4_map.insert(&rk, &rv)) {
+    if (mode == XLB_MODE_FULLNAT) {
+        /* Full-NAT: the source becomes the SNAT address (the service's, or the node's
+         * toward the endpoint) and a port that makes the REPLY key (endpoint -> SNAT
+         * address:port) unique: a hash of the flow picks the first candidate, the next
+         * ones are probed; a taken candidate is never overwritten (NOEXIST). */
+        __be32 snat = svc->snat_addr;
+        if (!snat)
+            snat = xlb_src_toward(skb, ep->addr);
+        if (!snat) {
+            xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_NO_ROUTE);
+            return TC_ACT_SHOT;
+        }
+        v.flags |= XLB_CTF_FNAT;
+        rv.flags |= XLB_CTF_FNAT;
+        rv.nat2_addr = p->saddr;
+        rv.nat2_port = p->sport;
+        rk.daddr = snat;
+        __u32 h = xlb_mix(xlb_flow_hash(p) ^ ep->addr ^ ep->port);
+        int ok = 0;
+#pragma unroll
+        for (int i = 0; i < XLB_SNAT_TRIES; i++) {
+            rk.dport = bpf_htons(XLB_SNAT_PORT_MIN + (h + i) % XLB_SNAT_PORT_COUNT);
+            if (!ct_v4_map.insert(&rk, &rv) ||
+                (!xlb_ct_reclaim(&rk) && !ct_v4_map.insert(&rk, &rv))) {
+                ok = 1;
+                break;
+            }
+            xlb_count(XLB_STAT_SNAT_PORT_BUSY);
+        }
+        if (!ok) {
+            xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_SNAT_PORTS);
+            return TC_ACT_SHOT;
+        }
+        v.nat2_addr = snat;
+        v.nat2_port = rk.dport;
+    } else if (ct_v4_map.insert(&rk, &rv)) {
+        /* Never over another flow's entry. DNAT keeps the client's port, so two flows
+         * from one client ip:port to two VIPs sharing an endpoint ip:port would share a
+         * REPLY key: the later flow is refused (full-NAT remaps the port instead, as
+         * the kernel's NAT does). */
         if (xlb_ct_reclaim(&rk) || ct_v4_map.insert(&rk, &rv)) {
             xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
             return TC_ACT_SHOT;
@@ -250,7 +328,13 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     xlb_count_flow(skb, v.svc_id, v.stat_id);
     if (first_frag)
         xlb_frag_record(p, &k);
-    if (xlb_nat(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port) < 0)
+    int rc;
+    if (v.flags & XLB_CTF_FNAT)
+        rc = xlb_nat_full(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port, v.nat2_addr,
+                          v.nat2_port);
+    else
+        rc = xlb_nat(skb, p, XLB_DIR_ORIG, v.nat_addr, v.nat_port);
+    if (rc < 0)
         return TC_ACT_OK;
     return xlb_forward(skb, p);
 }
@@ -305,9 +389,7 @@ int tc_packet_func_slow(struct __sk_buff *skb)
             if (v->flags & XLB_CTF_PASS)
                 return TC_ACT_OK; /* a flow the firewall allowed: handed on untouched */
             xlb_count_flow(skb, v->svc_id, v->stat_id);
-            if (xlb_nat(skb, &p, v->dir, v->nat_addr, v->nat_port) < 0)
-                return TC_ACT_OK;
-            return xlb_forward(skb, &p);
+            return xlb_flow_out(skb, &p, v);
         }
     }
     return xlb_new_flow(skb, &p, first_frag);

@@ -48,6 +48,33 @@
 #define XLB_RST_BEHIND 1048576
 #define XLB_RST_AHEAD 65536
 
+/* a full-NAT flow (XLB_MODE_FULLNAT): both addresses and ports are rewritten, nat2_*
+ * holding the second rewrite (ORIG: the new source, the SNAT address and allocated
+ * port; REPLY: the new destination, the client) */
+#define XLB_CTF_FNAT 16
+/* a DSR flow (XLB_MODE_DSR, XLB_MODE_DSR_IPIP): one ORIG entry, no REPLY (the endpoint
+ * answers the client directly); nothing in the IP packet is rewritten, it goes to the
+ * endpoint nat_addr by its MAC address, or IP-in-IP encapsulated (XLB_CTF_IPIP) with
+ * outer source nat2_addr */
+#define XLB_CTF_DSR 32
+#define XLB_CTF_IPIP 64
+
+/* modes (xlb_nat_val.mode; values match the API's Mode) */
+#define XLB_MODE_DNAT 1
+#define XLB_MODE_FULLNAT 2
+#define XLB_MODE_DSR 3
+#define XLB_MODE_DSR_IPIP 4
+
+/* Full-NAT source ports: a new flow's REPLY key is (endpoint -> SNAT address:port), so
+ * the port is chosen to make the key unique: a hash of the client's tuple picks the
+ * first candidate in [XLB_SNAT_PORT_MIN, XLB_SNAT_PORT_MIN + XLB_SNAT_PORT_COUNT), then
+ * up to XLB_SNAT_TRIES - 1 more are probed (insert with BPF_NOEXIST). The range lies
+ * below Linux's default ephemeral ports (32768..60999), so that the node's own
+ * connections from the same address (health probes) never share a tuple with a flow. */
+#define XLB_SNAT_PORT_MIN 1024
+#define XLB_SNAT_PORT_COUNT 31744
+#define XLB_SNAT_TRIES 8
+
 /* algorithms (values match the API's Algorithm) */
 #define XLB_ALGO_RR 1
 #define XLB_ALGO_HASH 2
@@ -91,7 +118,12 @@
 #define XLB_STAT_FW_REDIRECT 24       /* sent out of another interface by a firewall rule */
 #define XLB_STAT_FW_EVAL 25           /* packets the firewall judged (new flows, drops) */
 #define XLB_STAT_FW_PASS_FLOW 26      /* firewall-allowed flows of no service, tracked */
-#define XLB_STAT_MAX 32
+#define XLB_STAT_SNAT_PORT_BUSY 32    /* full-NAT: a candidate source port was taken, next tried */
+#define XLB_STAT_DROP_SNAT_PORTS 33   /* dropped: full-NAT found no free source port */
+#define XLB_STAT_DROP_NO_ROUTE 34     /* dropped: full-NAT or DSR found no route (or source
+                                       * address) to the endpoint */
+#define XLB_STAT_DSR 35               /* sent to an endpoint by DSR (MAC or IP-in-IP) */
+#define XLB_STAT_MAX 40
 
 struct xlb_nat_key {
     __be32 vip;
@@ -115,7 +147,9 @@ struct xlb_nat_val {
     __u8 flags;
     __u16 n_slots; /* 0: no endpoint takes new flows */
     __u16 pad;
-    __u32 pad2;
+    /* XLB_MODE_FULLNAT: the source address of the flows to endpoints; XLB_MODE_DSR_IPIP:
+     * the outer source. 0: the node's address toward the endpoint (a FIB lookup) */
+    __be32 snat_addr;
     struct xlb_ep eps[XLB_MAX_EPS];
     __u8 slots[XLB_SLOTS]; /* slot -> index into eps */
 };
@@ -153,7 +187,11 @@ struct xlb_ct_val {
                     * every XLB_CT_TOUCH_NS */
     struct xlb_nat_key svc;
     __u32 in_ifindex; /* interface the flow's first packet arrived on (firewall) */
-    __u32 pad2;
+    __be32 nat2_addr; /* XLB_CTF_FNAT: ORIG: new source; REPLY: new destination.
+                       * XLB_CTF_IPIP: the outer source */
+    __be16 nat2_port; /* XLB_CTF_FNAT: ORIG: new source port; REPLY: new destination port */
+    __u16 pad2;
+    __u32 pad3;
 };
 
 struct xlb_counter {

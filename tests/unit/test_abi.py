@@ -33,7 +33,8 @@ def test_constants_shared_with_the_api_have_the_api_numbers():
     assert ABI.const("XLB_DIR_REPLY") == datapath_pb2.DIRECTION_REPLY
     assert ABI.const("XLB_ALGO_RR") == types_pb2.ALGORITHM_ROUND_ROBIN == Algorithm.ROUND_ROBIN
     assert ABI.const("XLB_ALGO_HASH") == types_pb2.ALGORITHM_HASH == Algorithm.HASH
-    assert types_pb2.MODE_DNAT == Mode.DNAT
+    for m in Mode:
+        assert ABI.const(f"XLB_MODE_{m.name}") == types_pb2.Mode.Value(f"MODE_{m.name}") == m
 
 
 def test_global_counter_names_come_from_the_header():
@@ -57,7 +58,7 @@ def test_codec_round_trips_by_field_name():
     codec = ABI.structs["xlb_ct_val"].codec
     raw = codec.pack(nat_addr=b"\xc6\x12\x01\x02", nat_port=8080, dir=2, state=3,
                      last_ns=123, svc={"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6})
-    assert len(raw) == 48
+    assert len(raw) == 56
     assert raw[4:6] == (8080).to_bytes(2, "big")  # __be16 written in network order
     back = codec.unpack(raw)
     assert back["nat_port"] == 8080 and back["state"] == 3 and back["last_ns"] == 123
@@ -85,7 +86,9 @@ def test_positional_packer_names_every_field_and_packs_as_pack_does():
     with pytest.raises(KeyError, match="missing"):
         ep.packer("addr", "port", "weight")
     val = ABI.structs["xlb_nat_val"].codec
-    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "eps", "slots")
+    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "snat_addr",
+                          "eps", "slots")
     one = {"addr": b"\x01\x02\x03\x04", "port": 80, "weight": 1, "stat_id": 5}
-    assert fast_val(1, 1, 1, 1, 0, 1, ep.pack(**one), b"\x00") == val.pack(
-        svc_id=1, algo=1, mode=1, n_eps=1, n_slots=1, eps=[one], slots=b"\x00")
+    assert fast_val(1, 1, 2, 1, 0, 1, b"\xc6\x12\x00\x01", ep.pack(**one), b"\x00") == val.pack(
+        svc_id=1, algo=1, mode=2, n_eps=1, n_slots=1, snat_addr=b"\xc6\x12\x00\x01", eps=[one],
+        slots=b"\x00")

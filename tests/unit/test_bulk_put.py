@@ -50,7 +50,7 @@ def random_service(rng: random.Random, bad: bool) -> pb.Service:
         port=rng.choice([80, 443] + ([0, 65536] if bad else [])),
         protocol=rng.choice([tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP] + ([0, 9] if bad else [])),
         algorithm=rng.choice([0, 1, 2, 3] + ([4] if bad else [])),
-        mode=rng.choice([0, 1] + ([2] if bad else [])),
+        mode=rng.choice([0, 1] + ([9] if bad else [])),  # other modes: parse_service
         endpoints=eps)
 
 
@@ -123,6 +123,7 @@ def reference_value(t: ServiceTable, e) -> bytes:
     return codec.pack(
         svc_id=e.svc_id, algo=int(e.spec.algorithm), mode=int(e.spec.mode),
         n_eps=len(weights), flags=t._maglev_flag if e.maglev_b else 0, n_slots=len(slots),
+        snat_addr=socket.inet_aton(e.spec.snat_addr) if e.spec.snat_addr else bytes(4),
         eps=[{"addr": socket.inet_aton(ep.address), "port": ep.port, "weight": ep.weight,
               "stat_id": sid} for ep, sid in zip(e.spec.endpoints, e.ep_ids, strict=True)],
         slots=slots)
