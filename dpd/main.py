@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "veth and bond interface, now and as they appear (docs/routing.md)")
     p.add_argument("--netns", default="",
                    help="run in this named network namespace (only the network namespace "
-                        "changes, so the bpffs mount outlives dpd)")
+                        "changes, so the bpffs mount outlives dpd). A TCP --listen address is "
+                        "bound inside it: reach it from there, or listen on a unix socket, "
+                        "which lives in the filesystem and is reachable from every namespace")
     p.add_argument("--max-services", type=int, default=Settings.max_services)
     p.add_argument("--max-backends", type=int, default=Settings.max_backends,
                    help="endpoint counter slots, shared by all services")
