@@ -140,11 +140,15 @@ class CtEntry:
 class Conntrack:
     def __init__(self, dp: Datapath, timeouts: Timeouts | None = None,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 per_service: Callable[[], dict[int, CtTimeoutsSpec]] = dict) -> None:
+                 per_service: Callable[[], dict[int, CtTimeoutsSpec]] = dict,
+                 least_conn: Callable[[], dict[int, list[int]]] = dict) -> None:
         """`clock`: the clock of last_ns (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC);
-        `per_service`: svc_id -> the timeouts of the services that set them."""
+        `per_service`: svc_id -> the timeouts of the services that set them;
+        `least_conn`: svc_id -> the endpoint slots of each least-connections service."""
         self.map = dp.maps["ct_v4_map"]
         self.per_service = per_service
+        self.least_conn = least_conn
+        self.ep_conn = dp.maps["ep_conn_map"]
         self.counters = CtCounters()
         self.key = dp.abi.structs["xlb_ct_key"].codec
         self.val = dp.abi.structs["xlb_ct_val"].codec
@@ -235,6 +239,8 @@ class Conntrack:
         A flow is as idle as its most recently used direction; a REPLY entry whose ORIG
         entry is gone (LRU eviction) goes on its own idle time."""
         now = self.clock()
+        lc = self.least_conn()
+        before = self._conn_counts(lc) if lc else {}
         items = self._decoded()
         last_of = {raw: v["last_ns"] for raw, _, v in items}
         doomed: list[bytes] = []
@@ -261,10 +267,43 @@ class Conntrack:
                 doomed.append(raw)
                 flows += 1
         removed = self.map.delete_batch(doomed) if doomed else 0
+        if lc:
+            self._recount(lc, before, items, set(doomed))
         if removed:
             self.counters.expired += flows
             log.info("conntrack_aged", removed=removed, remaining=len(items) - removed)
         return removed
+
+    def _conn_counts(self, lc: dict[int, list[int]]) -> dict[int, int]:
+        """ep_conn_map's counts of the endpoints of `lc`."""
+        out = {}
+        for ids in lc.values():
+            for sid in ids:
+                raw = self.ep_conn.get(sid.to_bytes(4, "little"))
+                out[sid] = int.from_bytes(raw, "little") if raw else 0
+        return out
+
+    def _recount(self, lc: dict[int, list[int]], before: dict[int, int],
+                 items: list[tuple[bytes, dict[str, Any], dict[str, Any]]],
+                 doomed: set[bytes]) -> None:
+        """Least connections: set each endpoint's active flows (ep_conn_map, which the
+        datapath increments as it opens flows) to the live flows this sweep saw (ORIG
+        entries neither closed nor aged out), plus the increments made since the sweep
+        began (flows opened meanwhile may be counted twice until the next sweep: an
+        over-count of at most one sweep's new flows, never a drift that stays)."""
+        live: dict[int, int] = dict.fromkeys(before, 0)
+        orig, closed = self.states.orig, self.states.closed
+        for raw, _, v in items:
+            if v["dir"] == orig and v["svc_id"] in lc and v["state"] != closed \
+                    and raw not in doomed and v["stat_id"] in live:
+                live[v["stat_id"]] += 1
+        after = self._conn_counts(lc)
+        keys, vals = [], []
+        for sid, n in live.items():
+            n += max(0, after.get(sid, 0) - before.get(sid, 0))
+            keys.append(sid.to_bytes(4, "little"))
+            vals.append(min(n, 0xFFFFFFFF).to_bytes(4, "little"))
+        self.ep_conn.put_batch(keys, vals)
 
     def start_aging(self, interval: float) -> None:
         """Sweep every `interval` seconds, or every 4x the last sweep's duration if longer,

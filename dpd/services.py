@@ -75,6 +75,7 @@ _ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"
 _ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
 _HEALTH, _CT_TIMEOUTS = attrgetter("health"), attrgetter("ct_timeouts")
 _SNAT = attrgetter("snat_addr")
+_PERSIST, _GROUPED = attrgetter("persistence_s"), attrgetter("grouped")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,6 +130,7 @@ class ServiceTable:
         self.svc_stats = dp.maps["svc_stats_map"]
         self.ep_stats = dp.maps["ep_stats_map"]
         self.rr = dp.maps["rr_map"]
+        self.ep_conn = dp.maps["ep_conn_map"]
         self._counter = abi.structs["xlb_counter"].codec
         # Keys and values go through one struct.Struct each (the fields in the ABI's
         # layout order, checked by wire_struct): a value for n endpoints is one pack
@@ -137,7 +139,7 @@ class ServiceTable:
         self._key = key.wire_struct(("vip", "port", "proto"))
         self._val = abi.structs["xlb_nat_val"].codec
         self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots",
-                            "snat_addr", "eps", "slots")
+                            "persist_s", "snat_addr", "eps", "slots")
         self._ep_fields = ("addr", "port", "weight", "stat_id")
         self._val_head = self._val.wire_struct(self._val_fields, "eps", self._ep_fields, 0)
         self._vals: dict[int, struct.Struct] = {}  # endpoints -> the value's wire struct
@@ -213,16 +215,25 @@ class ServiceTable:
         return self._maglev_table(tuple((ep.address, ep.port, w)
                                         for ep, w in zip(e.spec.endpoints, weights, strict=True)))
 
-    def _effective(self, e: _Entry) -> tuple[int, ...]:
+    def _effective(self, e: _Entry, health: bool = True) -> tuple[int, ...]:
         """The weights selection uses: 0 for an endpoint health took out of selection,
-        the configured weights when that leaves none (fail open)."""
+        the configured weights when that leaves none (fail open); then, with priority
+        groups, 0 for every endpoint outside the best (lowest) group that has one left.
+        `health` False: as if every endpoint were up."""
         configured = tuple(map(_WEIGHT, e.spec.endpoints))
-        down = self._down.get(e.svc_id) if e.spec.health is not None else None
-        if not down:
-            return configured
-        weights = tuple(0 if (ep.address, ep.port) in down else ep.weight
-                        for ep in e.spec.endpoints)
-        return weights if any(weights) else configured
+        down = self._down.get(e.svc_id) if health and e.spec.health is not None else None
+        weights = configured
+        if down:
+            weights = tuple(0 if (ep.address, ep.port) in down else ep.weight
+                            for ep in e.spec.endpoints)
+            if not any(weights):
+                weights = configured
+        if e.spec.grouped and any(weights):
+            best = min(ep.priority for ep, w in zip(e.spec.endpoints, weights, strict=True)
+                       if w)
+            weights = tuple(w if ep.priority == best else 0
+                            for ep, w in zip(e.spec.endpoints, weights, strict=True))
+        return weights
 
     # -- the record of health checks and conntrack timeouts (svc_cfg_map) -------------
 
@@ -239,6 +250,8 @@ class ServiceTable:
                           hc_path_len=len(path), hc_path=path)
         if ct is not None:
             fields["ct_timeouts"] = tuple(getattr(ct, f) for f in CT_TIMEOUT_FIELDS)
+        if spec.grouped:
+            fields["ep_prio"] = bytes(ep.priority for ep in spec.endpoints)
         return self._cfg.pack(**fields)
 
     def _cfg_spec(self, raw: bytes) -> tuple[HealthSpec | None, CtTimeoutsSpec | None]:
@@ -263,11 +276,12 @@ class ServiceTable:
         specs = list(map(_SPEC, entries))
         olds = list(map(_SPEC, filter(None, old)))  # no Python step per item
         if not (any(map(_HEALTH, specs)) or any(map(_CT_TIMEOUTS, specs))
-                or any(map(_HEALTH, olds)) or any(map(_CT_TIMEOUTS, olds))):
+                or any(map(_HEALTH, olds)) or any(map(_CT_TIMEOUTS, olds))
+                or any(map(_GROUPED, specs)) or any(map(_GROUPED, olds))):
             return  # the common case: nothing set, nothing was
         keys, vals, gone = [], [], []
         for e in entries:
-            if e.spec.health is not None or e.spec.ct_timeouts is not None:
+            if e.spec.health is not None or e.spec.ct_timeouts is not None or e.spec.grouped:
                 keys.append(self._svc_key(e.svc_id))
                 vals.append(self._cfg_value(e.spec))
             else:
@@ -294,15 +308,17 @@ class ServiceTable:
         ep_bytes = map(blob.__getitem__, map(slice, map(mul, starts, repeat(size)),
                                              map(mul, ends, repeat(size))))
         tables = list(map(self._slot_table, map(weights.__getitem__, map(slice, starts, ends))))
-        if self._down:  # some endpoint is out of selection (health): its slots go
+        if self._down or any(map(_GROUPED, specs)):
+            # some endpoint is out of selection (health, a priority group): its slots go
             down = self._down
             for i, e in enumerate(entries):
-                if e.svc_id in down:
+                if e.svc_id in down or e.spec.grouped:
                     tables[i] = self._slot_table(self._effective(e))
         flags = map(mul, map(_MAGLEV_B, entries), repeat(self._maglev_flag))
         return list(map(self._pack_val, map(_SVC_ID, entries), map(_ALGORITHM, specs),
                         map(_MODE, specs), counts, flags, map(len, tables),
-                        map(_snat_bytes, map(_SNAT, specs)), ep_bytes, tables))
+                        map(_PERSIST, specs), map(_snat_bytes, map(_SNAT, specs)), ep_bytes,
+                        tables))
 
     def _read_all(self) -> dict[bytes, _Entry]:
         """What nat_v4_map holds, decoded (once, when dpd starts)."""
@@ -313,14 +329,15 @@ class ServiceTable:
         flag, max_eps = self._maglev_flag, self.max_eps
         for kraw, vraw in self.nat.items():
             vip, port, proto = kunpack(kraw)
-            svc_id, algo, mode, n, flags, _, snat = head(vraw)[:7]
+            svc_id, algo, mode, n, flags, _, persist, snat = head(vraw)[:8]
             n = min(n, max_eps)
             flat = (vals.get(n) or val_struct(n)).unpack(vraw)
             eps = sorted([(ntoa(flat[i]), ntohs(flat[i + 1]), flat[i + 2], flat[i + 3])
-                          for i in range(7, 7 + 4 * n, 4)])
+                          for i in range(8, 8 + 4 * n, 4)])
             spec = ServiceSpec(ntoa(vip), ntohs(port), Proto(proto), Algorithm(algo),
                                Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]),
-                               snat_addr=ntoa(snat) if any(snat) else "")
+                               snat_addr=ntoa(snat) if any(snat) else "",
+                               persistence_s=persist)
             out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
                                                1 if flags & flag else 0)
         cfgs = {int.from_bytes(k, "little"): v for k, v in self.cfg.items()}
@@ -329,7 +346,13 @@ class ServiceTable:
                 raw = cfgs.pop(e.svc_id, None)
                 if raw is not None:
                     health, ct = self._cfg_spec(raw)
-                    out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct))
+                    grouped = e.spec.endpoints
+                    prio = self._cfg.unpack(raw)["ep_prio"]
+                    if any(prio[:len(grouped)]):  # eps in the value's order: the spec's
+                        grouped = tuple(replace(ep, priority=g)
+                                        for ep, g in zip(grouped, prio, strict=False))
+                    out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct,
+                                                     endpoints=grouped))
                     if health is not None:
                         self._restore_down(out[k], k)
             self.cfg.delete_batch([self._svc_key(i) for i in cfgs])  # of no service
@@ -338,17 +361,19 @@ class ServiceTable:
     def _restore_down(self, e: _Entry, key: bytes) -> None:
         """The endpoints a previous dpd took out of selection: those with weight that
         have no slot in the value the map holds (when its slot table is not the one of
-        the configured weights)."""
+        the configured weights and priority groups)."""
         raw = self.nat.get(key)
         if raw is None:
             return
         v = self._val.unpack(raw)
         held = bytes(v["slots"][:v["n_slots"]])
-        if held == self._slot_table(tuple(map(_WEIGHT, e.spec.endpoints))):
+        base = self._effective(e, health=False)
+        if held == self._slot_table(base):
             return
         present = set(held)
-        out = frozenset((ep.address, ep.port) for i, ep in enumerate(e.spec.endpoints)
-                        if ep.weight and i not in present)
+        out = frozenset((ep.address, ep.port)
+                        for i, (ep, w) in enumerate(zip(e.spec.endpoints, base, strict=True))
+                        if w and i not in present)
         if out:
             self._down[e.svc_id] = out
 
@@ -452,7 +477,9 @@ class ServiceTable:
             plan, freed = self._plan(list(batch.values()), old, svc_ids, stat_pool)
             tables = [e for e in plan if e.spec.algorithm == Algorithm.MAGLEV]
             try:
-                self.ep_stats.zero(self.stat_ids.take_dirty(stat_pool))
+                dirty_eps = self.stat_ids.take_dirty(stat_pool)
+                self.ep_stats.zero(dirty_eps)
+                self.ep_conn.zero(dirty_eps)  # least connections' active flows
                 fresh_svc = self.svc_ids.take_dirty(svc_ids)
                 self.svc_stats.zero(fresh_svc)
                 self.rr.zero(fresh_svc)
@@ -542,7 +569,8 @@ class ServiceTable:
                 self.nat.delete(k)
                 if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
                     self.maglev.delete_batch([self._maglev_key(e)])
-                if e.spec.health is not None or e.spec.ct_timeouts is not None:
+                if e.spec.health is not None or e.spec.ct_timeouts is not None \
+                        or e.spec.grouped:
                     self.cfg.delete_batch([self._svc_key(e.svc_id)])
                 self._down.pop(e.svc_id, None)
                 del self._index[k]
@@ -602,6 +630,13 @@ class ServiceTable:
                                       if e.spec.algorithm == Algorithm.MAGLEV])
             index.update(zip(keys, plan, strict=True))
             return len(plan)
+
+    def lc_stat_ids(self) -> dict[int, list[int]]:
+        """svc_id -> the ep_conn_map slots of its endpoints, for the least-connections
+        services (whose active flows dpd's conntrack sweep recounts)."""
+        with self._lock:
+            return {e.svc_id: list(e.ep_ids) for e in self._index.values()
+                    if e.spec.algorithm == Algorithm.LEAST_CONNECTIONS}
 
     def ct_timeouts(self) -> dict[int, CtTimeoutsSpec]:
         """svc_id -> its conntrack timeouts, for the services that set them."""

@@ -23,6 +23,8 @@ from xlbcore.errors import ValidationError, quote
 MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
 MAX_WEIGHT = 1000
 DEFAULT_WEIGHT = 1
+MAX_PRIORITY = 255  # an endpoint's priority group (xlb_svc_cfg.ep_prio is a byte)
+MAX_PERSISTENCE_S = 65535  # xlb_nat_val.persist_s is 16 bits
 
 
 class Proto(enum.IntEnum):
@@ -39,6 +41,8 @@ class Algorithm(enum.IntEnum):
     ROUND_ROBIN = 1
     HASH = 2
     MAGLEV = 3
+    SOURCE_HASH = 4
+    LEAST_CONNECTIONS = 5
 
 
 class Mode(enum.IntEnum):
@@ -67,6 +71,7 @@ class EndpointSpec:
     address: str
     port: int
     weight: int = DEFAULT_WEIGHT
+    priority: int = 0  # group: lower is preferred; the best with a selectable endpoint serves
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,12 @@ class ServiceSpec:
     # FULLNAT: the flows' source address; DSR_IPIP: the outer source ("": the node's
     # address toward the endpoint)
     snat_addr: str = ""
+    persistence_s: int = 0  # session persistence timeout (0: off)
+
+    @functools.cached_property
+    def grouped(self) -> bool:
+        """Some endpoint is in a priority group other than 0."""
+        return any(ep.priority for ep in self.endpoints)
 
     @functools.cached_property
     def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
@@ -217,11 +228,16 @@ def parse_endpoints(msgs: Any, field: str = "endpoints") -> tuple[EndpointSpec, 
         weight = ep.weight if ep.HasField("weight") else DEFAULT_WEIGHT
         if not 0 <= weight <= MAX_WEIGHT:
             raise ValidationError(f"{where}.weight: {weight} is out of range 0..{MAX_WEIGHT}")
+        priority = ep.priority
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValidationError(
+                f"{where}.priority: {priority} is out of range 0..{MAX_PRIORITY}")
         eps.append(
             EndpointSpec(
                 parse_ipv4(ep.address, f"{where}.address"),
                 parse_port(ep.port, f"{where}.port"),
                 weight,
+                priority,
             )
         )
     if not eps:
@@ -348,6 +364,13 @@ def parse_snat(msg: Any, mode: Mode, port: int, endpoints: tuple[EndpointSpec, .
     return parse_ipv4(value, f"{prefix}snat_address")
 
 
+def parse_persistence(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_PERSISTENCE_S:
+        raise ValidationError(f"{field}: {value} is out of range 0..{MAX_PERSISTENCE_S} "
+                              "(seconds; 0: off)")
+    return value
+
+
 def parse_service(msg: Any, field: str = "") -> ServiceSpec:
     """From an xlb.dpd.v1.Service or xlb.policy.v1.Service (the shared fields)."""
     prefix = f"{field}." if field else ""
@@ -362,6 +385,8 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
         mode=mode,
         endpoints=endpoints,
         snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix),
+        persistence_s=parse_persistence(msg.persistence_timeout_s,
+                                        f"{prefix}persistence_timeout_s"),
         health=parse_health(msg.health, f"{prefix}health")
         if msg.HasField("health") else None,
         ct_timeouts=parse_ct_timeouts(msg.conntrack_timeouts, f"{prefix}conntrack_timeouts")
@@ -377,9 +402,11 @@ def fill_service(msg: Any, spec: ServiceSpec) -> Any:
     msg.algorithm = int(spec.algorithm)
     msg.mode = int(spec.mode)
     msg.snat_address = spec.snat_addr
+    msg.persistence_timeout_s = spec.persistence_s
     del msg.endpoints[:]
     for ep in spec.endpoints:
-        msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight)
+        msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight,
+                          priority=ep.priority)
     if spec.health is not None:
         fill_health(msg.health, spec.health)
     else:
@@ -412,8 +439,8 @@ _MODES = {0: Mode.DNAT, **{int(m): m for m in Mode}}
 
 
 _SERVICE_FIELDS = operator.attrgetter("vip", "port", "protocol", "algorithm", "mode",
-                                      "endpoints", "snat_address")
-_ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight")
+                                      "endpoints", "snat_address", "persistence_timeout_s")
+_ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight", "priority")
 
 
 def _service_fast(msg: Any) -> ServiceSpec | None:
@@ -422,31 +449,34 @@ def _service_fast(msg: Any) -> ServiceSpec | None:
     for a service with a health check or conntrack timeouts (parse_service reads them)."""
     if msg.HasField("health") or msg.HasField("conntrack_timeouts"):
         return None
-    vip, port, api_proto, api_algorithm, api_mode, ep_msgs, snat = _SERVICE_FIELDS(msg)
+    vip, port, api_proto, api_algorithm, api_mode, ep_msgs, snat, persist = \
+        _SERVICE_FIELDS(msg)
     vip = _unicast(vip)
     proto = _API_PROTO.get(api_proto)
     algorithm = _ALGORITHMS.get(api_algorithm)
     mode = _MODES.get(api_mode)
     if vip is None or proto is None or algorithm is None or mode is not Mode.DNAT \
-            or snat or not 0 < port <= 65535:
+            or snat or not 0 < port <= 65535 or persist > MAX_PERSISTENCE_S:
         return None  # other modes (their rules, snat_address): parse_service
     rows = list(map(_ENDPOINT_FIELDS, ep_msgs))
     n = len(rows)
     if not 0 < n <= MAX_ENDPOINTS:
         return None
     eps = []
-    for i, (address, ep_port, weight) in enumerate(rows):
+    for i, (address, ep_port, weight, priority) in enumerate(rows):
         address = _unicast(address)
         if not weight and not ep_msgs[i].HasField("weight"):
             weight = DEFAULT_WEIGHT
-        if address is None or not 0 < ep_port <= 65535 or not 0 <= weight <= MAX_WEIGHT:
+        if address is None or not 0 < ep_port <= 65535 or not 0 <= weight <= MAX_WEIGHT \
+                or priority > MAX_PRIORITY:
             return None
-        eps.append((address, ep_port, weight))
-    if len({(a, p) for a, p, _ in eps}) != n:
+        eps.append((address, ep_port, weight, priority))
+    if len({(a, p) for a, p, _, _ in eps}) != n:
         return None
-    eps.sort()  # as EndpointSpec orders: address, port, weight
+    eps.sort()  # as EndpointSpec orders: address, port, weight, priority
     return ServiceSpec(vip, port, proto, algorithm, mode,
-                       tuple([EndpointSpec(a, p, w) for a, p, w in eps]))
+                       tuple([EndpointSpec(a, p, w, g) for a, p, w, g in eps]),
+                       persistence_s=persist)
 
 
 def parse_services(msgs: Any, field: str = "services") -> list[ServiceSpec]:

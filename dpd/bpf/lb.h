@@ -1,6 +1,8 @@
 /* Endpoint selection for a new flow: weighted round-robin (one atomically advanced
- * cursor per service over its slot table, shared by all CPUs), a weighted 5-tuple hash
- * or Maglev (the 5-tuple hash indexes the service's Maglev table in maglev_v4_map).
+ * cursor per service over its slot table, shared by all CPUs), a weighted 5-tuple hash,
+ * a weighted hash of the client address, least connections (a sample of the slot table
+ * against ep_conn_map) or Maglev (the 5-tuple hash indexes the service's Maglev table in
+ * maglev_v4_map); session persistence (persist_v4_map) before any of them.
  * dpd fills the slot table from the weights (dpd/slots.py), the Maglev table from the
  * endpoints and weights (dpd/maglev.py). */
 #ifndef XLB_LB_H
@@ -29,54 +31,162 @@ static __always_inline __u32 xlb_flow_hash(struct xlb_pkt *p)
 
 /* Maglev: the flow hash indexes the service's lookup table. NULL when the table is
  * missing or names no endpoint of the service (never a guess). */
-static __always_inline struct xlb_ep *xlb_maglev_select(struct xlb_nat_val *svc,
-                                                        struct xlb_pkt *p)
+static __always_inline int xlb_maglev_select(struct xlb_nat_val *svc, struct xlb_pkt *p)
 {
     __u32 key = svc->svc_id * 2 + (svc->flags & XLB_SVC_MAGLEV_B);
     struct xlb_maglev *t = maglev_v4_map.lookup(&key);
     if (!t)
-        return NULL;
+        return -1;
     __u32 m = t->size;
     if (m == 0 || m > XLB_MAGLEV_SIZE)
-        return NULL;
+        return -1;
     __u32 pos = xlb_flow_hash(p) % m;
     /* the verifier cannot bound a modulo by a variable: hide pos from the compiler so
      * that it keeps the check (it knows pos < m <= XLB_MAGLEV_SIZE) */
     asm volatile("" : "=r"(pos) : "0"(pos));
     if (pos >= XLB_MAGLEV_SIZE)
-        return NULL;
+        return -1;
     __u16 idx = t->ep[pos];
     if (idx >= svc->n_eps)
-        return NULL;
-    return &svc->eps[idx & (XLB_MAX_EPS - 1)];
+        return -1;
+    return idx;
 }
 
-/* Returns the chosen endpoint, or NULL when no endpoint takes new flows. */
+/* the endpoint index of slot pos; -1 when it names no endpoint */
+static __always_inline int xlb_slot_ep(struct xlb_nat_val *svc, __u32 pos)
+{
+    __u8 idx = svc->slots[pos & (XLB_SLOTS - 1)];
+    if (idx >= svc->n_eps)
+        return -1;
+    return idx;
+}
+
+/* Least connections: the endpoints of XLB_LC_CHOICES consecutive slots from a random
+ * start (a sample weighted as the slot table is), the one with the fewest active flows
+ * per unit of weight (ep_conn_map; ties: the first sampled). */
+static __always_inline int xlb_lc_select(struct xlb_nat_val *svc, __u32 n)
+{
+    __u32 start = bpf_get_prandom_u32() % n;
+    int best = -1;
+    __u64 best_c = 0, best_w = 1;
+#pragma unroll
+    for (int i = 0; i < XLB_LC_CHOICES; i++) {
+        __u32 pos = start + i;
+        if (pos >= n)
+            pos -= n;
+        int idx = xlb_slot_ep(svc, pos);
+        if (idx < 0)
+            continue;
+        struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
+        __u32 sid = ep->stat_id;
+        __u32 *c = ep_conn_map.lookup(&sid);
+        __u64 cnt = c ? *c : 0;
+        __u64 w = ep->weight ? ep->weight : 1;
+        if (best < 0 || cnt * best_w < best_c * w) {
+            best = idx;
+            best_c = cnt;
+            best_w = w;
+        }
+    }
+    return best;
+}
+
+/* Session persistence: the endpoint this client's last new flow went to, while it is
+ * within the service's persist_s, still the service's endpoint at that index and still
+ * selectable (it holds a slot: health and priority groups take endpoints out of the
+ * slot table). NULL otherwise. */
+static __always_inline int xlb_persist_get(struct xlb_nat_val *svc,
+                                          struct xlb_persist_key *pk, __u64 now)
+{
+    struct xlb_persist_val *pv = persist_v4_map.lookup(pk);
+    if (!pv)
+        return -1;
+    if (now - pv->last_ns > (__u64)svc->persist_s * 1000000000ULL)
+        return -1;
+    __u32 idx = pv->idx;
+    if (idx >= svc->n_eps)
+        return -1;
+    struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
+    if (ep->addr != pv->addr || ep->port != pv->port)
+        return -1;
+    __u32 n = svc->n_slots;
+    for (__u32 i = 0; i < XLB_SLOTS; i++) {
+        if (i >= n)
+            break;
+        if (svc->slots[i] == idx)
+            return idx;
+    }
+    return -1;
+}
+
+static __always_inline int xlb_select_algo(struct xlb_nat_val *svc, struct xlb_pkt *p,
+                                          int force_hash, __u32 n)
+{
+    if (svc->algo == XLB_ALGO_MAGLEV)
+        return xlb_maglev_select(svc, p);
+    __u32 pos;
+    if (svc->algo == XLB_ALGO_SOURCE_HASH) {
+        pos = xlb_mix(p->saddr ^ 0x9e3779b9) % n;
+    } else if (svc->algo == XLB_ALGO_HASH || force_hash) {
+        pos = xlb_flow_hash(p) % n;
+    } else if (svc->algo == XLB_ALGO_LEAST_CONN) {
+        return xlb_lc_select(svc, n);
+    } else {
+        __u32 id = svc->svc_id;
+        __u32 *cur = rr_map.lookup(&id);
+        if (!cur)
+            return -1;
+        /* bcc's LLVM cannot use a fetch-add's result (no -mcpu=v3), so read, then
+         * add atomically: two CPUs picking in the same instant may share a slot. */
+        pos = *cur % n;
+        __sync_fetch_and_add(cur, 1);
+    }
+    return xlb_slot_ep(svc, pos);
+}
+
+/* A least-connections service opened a flow to the endpoint stat_id. */
+static __always_inline void xlb_lc_opened(__u8 algo, __u32 stat_id)
+{
+    if (algo != XLB_ALGO_LEAST_CONN)
+        return;
+    __u32 *c = ep_conn_map.lookup(&stat_id);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
+/* Returns the chosen endpoint, or NULL when no endpoint takes new flows. A flow picked
+ * up mid-stream (force_hash) goes by its hash whatever the algorithm, and neither
+ * follows nor moves the client's persistence. */
 static __always_inline struct xlb_ep *xlb_select(struct xlb_nat_val *svc, struct xlb_pkt *p,
                                                 int force_hash)
 {
     __u32 n = svc->n_slots;
     if (n == 0 || n > XLB_SLOTS)
         return NULL;
-    if (svc->algo == XLB_ALGO_MAGLEV)
-        return xlb_maglev_select(svc, p);
-    __u32 pos;
-    if (svc->algo == XLB_ALGO_HASH || force_hash) {
-        pos = xlb_flow_hash(p) % n;
-    } else {
-        __u32 id = svc->svc_id;
-        __u32 *cur = rr_map.lookup(&id);
-        if (!cur)
+    int idx;
+    if (!svc->persist_s || force_hash) {
+        idx = xlb_select_algo(svc, p, force_hash, n);
+        if (idx < 0)
             return NULL;
-        /* bcc's LLVM cannot use a fetch-add's result (no -mcpu=v3), so read, then
-         * add atomically: two CPUs picking in the same instant may share a slot. */
-        pos = *cur % n;
-        __sync_fetch_and_add(cur, 1);
+        return &svc->eps[idx & (XLB_MAX_EPS - 1)];
     }
-    __u8 idx = svc->slots[pos & (XLB_SLOTS - 1)];
-    if (idx >= svc->n_eps)
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct xlb_persist_key pk = {};
+    pk.svc_id = svc->svc_id;
+    pk.client = p->saddr;
+    idx = xlb_persist_get(svc, &pk, now);
+    if (idx < 0)
+        idx = xlb_select_algo(svc, p, force_hash, n);
+    if (idx < 0)
         return NULL;
-    return &svc->eps[idx & (XLB_MAX_EPS - 1)];
+    struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
+    struct xlb_persist_val pv = {};
+    pv.addr = ep->addr;
+    pv.port = ep->port;
+    pv.idx = idx;
+    pv.last_ns = now;
+    persist_v4_map.update(&pk, &pv);
+    return ep;
 }
 
 #endif

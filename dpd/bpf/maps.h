@@ -58,6 +58,15 @@ BPF_TABLE_PINNED("hash", u32, struct xlb_maglev, maglev_v4_map, XLB_MAGLEV_TABLE
 /* svc_id -> dpd's record of the service's health check and conntrack timeouts. */
 BPF_TABLE_PINNED("hash", u32, struct xlb_svc_cfg, svc_cfg_map, XLB_MAX_SERVICES,
                  XLB_PIN(svc_cfg_map), BPF_F_NO_PREALLOC);
+#ifndef XLB_PERSIST_SIZE
+#define XLB_PERSIST_SIZE 65536 /* clients remembered by session persistence (LRU) */
+#endif
+/* (svc_id, client address) -> the client's endpoint (session persistence). */
+BPF_TABLE_PINNED("lru_hash", struct xlb_persist_key, struct xlb_persist_val, persist_v4_map,
+                 XLB_PERSIST_SIZE, XLB_PIN(persist_v4_map));
+/* stat_id -> the endpoint's active flows (least connections): the datapath adds one per
+ * flow it opens, dpd's conntrack sweep sets it to the live count (dpd/conntrack.py). */
+BPF_TABLE_PINNED("array", u32, u32, ep_conn_map, XLB_MAX_BACKENDS, XLB_PIN(ep_conn_map));
 /* Shared, not per CPU: round-robin is exact across CPUs (only new flows touch it). */
 BPF_TABLE_PINNED("array", u32, u32, rr_map, XLB_MAX_SERVICES, XLB_PIN(rr_map));
 BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, svc_stats_map, XLB_MAX_SERVICES,

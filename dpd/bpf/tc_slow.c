@@ -230,6 +230,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     v.in_ifindex = skb->ingress_ifindex;
 
     __u8 mode = svc->mode;
+    __u8 algo = svc->algo;
     if (mode == XLB_MODE_DSR || mode == XLB_MODE_DSR_IPIP) {
         /* DSR: the ORIG entry only (replies do not come back through the node) */
         v.flags = XLB_CTF_DSR;
@@ -254,6 +255,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         }
         xlb_count(XLB_STAT_NEW_FLOW);
         xlb_count_flow(skb, v.svc_id, v.stat_id);
+        xlb_lc_opened(algo, v.stat_id);
         if (first_frag)
             xlb_frag_record(p, &k);
         return xlb_dsr_out(skb, p, v.nat_addr, v.nat2_addr, mode == XLB_MODE_DSR_IPIP);
@@ -326,6 +328,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     }
     xlb_count(XLB_STAT_NEW_FLOW);
     xlb_count_flow(skb, v.svc_id, v.stat_id);
+    xlb_lc_opened(algo, v.stat_id);
     if (first_frag)
         xlb_frag_record(p, &k);
     int rc;

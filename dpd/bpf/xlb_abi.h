@@ -79,6 +79,14 @@
 #define XLB_ALGO_RR 1
 #define XLB_ALGO_HASH 2
 #define XLB_ALGO_MAGLEV 3
+#define XLB_ALGO_SOURCE_HASH 4  /* weighted hash of the client address only */
+#define XLB_ALGO_LEAST_CONN 5   /* fewest active flows per weight among sampled slots */
+
+/* least connections: a new flow compares the endpoints of this many consecutive slots
+ * of the service's slot table from a random start (the table interleaves endpoints, so
+ * consecutive slots are distinct endpoints while weights are comparable): a bounded
+ * sample, weighted as the slot table is ("power of d choices", d = 4) */
+#define XLB_LC_CHOICES 4
 
 /* xlb_nat_val.flags */
 #define XLB_SVC_MAGLEV_B 1 /* the service's Maglev table is maglev_v4_map[svc_id * 2 + 1],
@@ -146,7 +154,8 @@ struct xlb_nat_val {
     __u8 n_eps;
     __u8 flags;
     __u16 n_slots; /* 0: no endpoint takes new flows */
-    __u16 pad;
+    __u16 persist_s; /* session persistence: a client's new flows go to the endpoint of
+                      * its last new flow for this many seconds (persist_v4_map); 0: off */
     /* XLB_MODE_FULLNAT: the source address of the flows to endpoints; XLB_MODE_DSR_IPIP:
      * the outer source. 0: the node's address toward the endpoint (a FIB lookup) */
     __be32 snat_addr;
@@ -162,6 +171,20 @@ struct xlb_maglev {
     __u32 pad;
     __u16 ep[XLB_MAGLEV_SIZE];
     __u16 pad2;
+};
+
+/* persist_v4_map: a client's endpoint for a service with persist_s (session
+ * persistence), refreshed by each new flow of the client */
+struct xlb_persist_key {
+    __u32 svc_id;
+    __be32 client;
+};
+
+struct xlb_persist_val {
+    __be32 addr;   /* the endpoint (checked against the service's endpoint idx) */
+    __be16 port;
+    __u16 idx;     /* index into the service's eps when chosen */
+    __u64 last_ns; /* bpf_ktime_get_coarse_ns() of the client's last new flow */
 };
 
 struct xlb_ct_key {
@@ -336,6 +359,10 @@ struct xlb_svc_cfg {
     __u8 hc_req[XLB_HC_PAYLOAD];
     __u8 hc_expect[XLB_HC_PAYLOAD];
     __u8 hc_path[XLB_HC_PAYLOAD];
+    /* each endpoint's priority group (xlb.types.v1.Endpoint.priority, in the order of
+     * the service's eps; lower is preferred): dpd's record, the datapath sees only the
+     * effective weights (the best group with a selectable endpoint) */
+    __u8 ep_prio[XLB_MAX_EPS];
 };
 
 /* intf_map[ifindex]: per interface settings, written by dpd */

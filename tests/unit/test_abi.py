@@ -86,9 +86,10 @@ def test_positional_packer_names_every_field_and_packs_as_pack_does():
     with pytest.raises(KeyError, match="missing"):
         ep.packer("addr", "port", "weight")
     val = ABI.structs["xlb_nat_val"].codec
-    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "snat_addr",
-                          "eps", "slots")
+    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "persist_s",
+                          "snat_addr", "eps", "slots")
     one = {"addr": b"\x01\x02\x03\x04", "port": 80, "weight": 1, "stat_id": 5}
-    assert fast_val(1, 1, 2, 1, 0, 1, b"\xc6\x12\x00\x01", ep.pack(**one), b"\x00") == val.pack(
-        svc_id=1, algo=1, mode=2, n_eps=1, n_slots=1, snat_addr=b"\xc6\x12\x00\x01", eps=[one],
-        slots=b"\x00")
+    assert fast_val(1, 1, 2, 1, 0, 1, 30, b"\xc6\x12\x00\x01", ep.pack(**one),
+                    b"\x00") == val.pack(
+        svc_id=1, algo=1, mode=2, n_eps=1, n_slots=1, persist_s=30,
+        snat_addr=b"\xc6\x12\x00\x01", eps=[one], slots=b"\x00")

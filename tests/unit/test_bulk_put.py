@@ -43,13 +43,15 @@ def random_service(rng: random.Random, bad: bool) -> pb.Service:
         w = rng.choice([None, 0, 1, 5, 1000] + ([1001] if bad else []))
         if w is not None:
             ep.weight = w
+        ep.priority = rng.choice([0, 0, 0, 1, 255] + ([256] if bad else []))
         eps.append(ep)
     return pb.Service(
         vip=rng.choice(["198.19.0.1", "198.19.0.2 ", "198.19.3.4"]
                        + (["127.0.0.1", "x"] if bad else [])),
         port=rng.choice([80, 443] + ([0, 65536] if bad else [])),
         protocol=rng.choice([tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP] + ([0, 9] if bad else [])),
-        algorithm=rng.choice([0, 1, 2, 3] + ([4] if bad else [])),
+        algorithm=rng.choice([0, 1, 2, 3, 4, 5] + ([6] if bad else [])),
+        persistence_timeout_s=rng.choice([0, 0, 1, 65535] + ([65536] if bad else [])),
         mode=rng.choice([0, 1] + ([9] if bad else [])),  # other modes: parse_service
         endpoints=eps)
 
