@@ -11,6 +11,7 @@ from dpd.loader import Settings
 from dpd.memory import MemoryDatapath
 from dpd.services import ServiceTable
 from policyd.store import decode_spec, encode_spec
+from tests.unit.test_policyd_grpcurl import datapath_socket, grpcurl  # noqa: F401 - fixtures
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import ValidationError
@@ -87,3 +88,18 @@ def test_bad_values_name_their_field(mutate, field):
     mutate(msg)
     with pytest.raises(ValidationError, match=field.replace("[", r"\[").replace("]", r"\]")):
         parse_services([msg])
+
+
+def test_the_docs_grpcurl_examples_work_as_written(grpcurl, datapath_socket,  # noqa: F811
+                                                   policyd):
+    """docs/algorithms.md's grpcurl blocks, run as written with the real grpcurl (only the
+    socket paths changed) against dpd's servicer over in-memory maps and a policyd."""
+    from tests.unit.test_docs_health_conntrack import blocks, run_block
+
+    policyd_socket = str(policyd().address.removeprefix("unix:"))
+    found = blocks("algorithms.md")
+    assert len(found) == 2
+    out = "".join(run_block(b, grpcurl, datapath_socket, policyd_socket) for b in found)
+    for text in ('"ALGORITHM_SOURCE_HASH"', '"ALGORITHM_LEAST_CONNECTIONS"', '"priority": 1',
+                 '"persistence_timeout_s": 600', '"persistence_timeout_s": 300'):
+        assert text in out, text
