@@ -51,7 +51,7 @@ def vip(i: int) -> str:
 def pkt(dst: str, sport: int, flags: str = "S", payload: bytes = b"") -> bytes:
     """From the client: a SYN with ISN 0, or a packet after the handshake (seq 1, ack 1)."""
     n = 0 if flags == "S" else 1
-    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    return bytes(Ether(src="02:00:00:00:00:01", dst="00:00:00:00:00:00")
                  / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=80, flags=flags, seq=n, ack=n)
                  / payload)
 

@@ -39,7 +39,7 @@ def _spec(r: Rule) -> RuleSpec:
 
 
 def _udp(src: str, sport: int, dport: int) -> bytes:
-    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    return bytes(Ether(src="02:00:00:00:00:01", dst="00:00:00:00:00:00")
                  / IP(src=src, dst=SERVER) / UDP(sport=sport, dport=dport) / (b"x" * 64))
 
 

@@ -186,7 +186,7 @@ def _packet(dst: str, sport: int = 40000) -> bytes:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
-    return bytes(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb")
+    return bytes(Ether(src="02:00:00:00:00:aa", dst="00:00:00:00:00:00")
                  / IP(src=CLIENT, dst=dst) / UDP(sport=sport, dport=53) / (b"x" * 64))
 
 
@@ -306,10 +306,11 @@ class _XlbPath:
             self.node.flush_conntrack()
             self.endpoint = endpoint
             self._redirect(False)
-            bpfsys.prog_test_run(self.node.dp.fast_fd, _packet(self.VIP, 50000))
-            reply = bytes(Ether() / IP(src=endpoint, dst=CLIENT) / UDP(sport=53, dport=50000)
-                          / (b"x" * 64))
-            bpfsys.prog_test_run(self.node.dp.fast_fd, reply)
+            bpfsys.prog_test_run(self.node.dp.fast_fd, _packet(self.VIP, 50000),
+                                 ingress_ifindex=self.ingress)
+            reply = bytes(Ether(dst="00:00:00:00:00:00") / IP(src=endpoint, dst=CLIENT)
+                          / UDP(sport=53, dport=50000) / (b"x" * 64))
+            bpfsys.prog_test_run(self.node.dp.fast_fd, reply, ingress_ifindex=self.ingress)
             est = self.node.conntrack.states.est
             if not any(e.state == est for e in self.node.list_conntrack()):
                 raise RuntimeError("the benchmark's UDP flow did not become established")

@@ -24,6 +24,8 @@
 #define XLB_TCP_ACK 0x10
 #define XLB_TCP_URG 0x20
 
+#define XLB_PACKET_OTHERHOST 3 /* skb->pkt_type: PACKET_OTHERHOST of linux/if_packet.h */
+
 #define XLB_L3_OFF 14 /* sizeof(struct ethhdr) */
 #define XLB_L4_OFF 34 /* IPv4 without options */
 
@@ -98,6 +100,11 @@ static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
     struct ethhdr *eth = data;
 
     if ((void *)(eth + 1) > data_end)
+        return XLB_P_NOT_OURS;
+    /* A frame addressed to another host's MAC (a bridge flooding unknown unicast, a
+     * promiscuous port) is not for this node: the kernel drops it, and it must never be
+     * translated or forwarded here (two nodes on one segment would both NAT it). */
+    if (skb->pkt_type == XLB_PACKET_OTHERHOST)
         return XLB_P_NOT_OURS;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
         return eth->h_proto == bpf_htons(ETH_P_IPV6) ? XLB_P_V6 : XLB_P_NOT_OURS;

@@ -71,7 +71,7 @@ def main() -> int:
                 NextHopSpec(GATEWAYS[g], "", w) for g, w in hops))])
 
         def send(vip: str, sport: int) -> str:
-            pkt = bytes(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb")
+            pkt = bytes(Ether(src="02:00:00:00:00:aa", dst="00:00:00:00:00:00")
                         / IP(src=CLIENT, dst=vip, ttl=64) / UDP(sport=sport, dport=53)
                         / b"hello")
             res = bpfsys.prog_test_run(node.dp.fast_fd, pkt, ingress_ifindex=ingress)

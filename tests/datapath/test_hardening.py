@@ -186,6 +186,21 @@ def test_truncation_at_every_length_never_rewrites_or_creates_state(node):
     assert node.list_conntrack() == []
 
 
+def test_frames_for_another_host_pass_untouched_even_of_a_live_flow(node):
+    """A frame addressed to another MAC (a bridge flooding unknown unicast: two nodes on
+    one segment both see it) is not this node's: never NATed, never tracked."""
+    node.put_services([svc(EndpointSpec(EP1, 8080))])
+    other = "02:00:00:00:00:99"
+    syn = tcp(CLIENT, VIP, 40515, 80, "S")
+    assert_untouched(node, bytes(Ether(src=MAC_C, dst=other) / Ether(syn).payload), "pass")
+    assert node.list_conntrack() == []
+    handshake(node, 40516)  # a live flow; its packets sent to another MAC stay untouched
+    data = tcp(CLIENT, VIP, 40516, 80, "PA", b"x")
+    assert_untouched(node, bytes(Ether(src=MAC_C, dst=other) / Ether(data).payload), "pass")
+    verdict, out = run(node, data)  # the same packet addressed to the node is NATed
+    assert verdict in FORWARDED and out[IP].dst == EP1
+
+
 def test_ip_options_pass_untouched(node):
     node.put_services([svc(EndpointSpec(EP1, 8080))])
     pkt = bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=CLIENT, dst=VIP, options=b"\x01\x01\x01\x01")

@@ -18,7 +18,19 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
-from tests.datapath.packets import CLIENT, EP1, EP2, TC_ACT_SHOT, VIP, run, sum16, tcp, udp
+from tests.datapath.packets import (
+    CLIENT,
+    EP1,
+    EP2,
+    MAC_C,
+    MAC_L,
+    TC_ACT_SHOT,
+    VIP,
+    run,
+    sum16,
+    tcp,
+    udp,
+)
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 pytestmark = pytest.mark.root
@@ -33,7 +45,7 @@ EST_PORT = 41000  # the established flow every example starts with
 FRAG_PORT, FRAG_ID = 41005, 777
 # a UDP datagram to the VIP in three fragments: every example sends the first, so that
 # the later ones (seeds) belong to a flow
-FRAGS = [bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / f) for f in fragment(
+FRAGS = [bytes(Ether(src=MAC_C, dst=MAC_L) / f) for f in fragment(
     IP(src=CLIENT, dst=VIP, id=FRAG_ID) / UDP(sport=FRAG_PORT, dport=53) / (b"q" * 900),
     fragsize=400)]
 
@@ -46,7 +58,7 @@ SEEDS = [
     udp(CLIENT, VIP, 41003, 53, b"query"),
     tcp(CLIENT, "198.19.0.99", 41004, 80, "S"),  # no service
     # ICMP errors quoting the established flow (on whichever endpoint it landed)
-    *(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    *(bytes(Ether(src=MAC_C, dst=MAC_L)
             / IP(src=ep, dst=CLIENT) / ICMP(type=3, code=4, nexthopmtu=1400)
             / bytes(IP(src=CLIENT, dst=ep) / TCP(sport=EST_PORT, dport=8080, flags="PA")
                     / b"GET /")) for ep in (EP1, EP2)),
