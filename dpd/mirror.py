@@ -219,3 +219,8 @@ class MirrorTable:
 
     def count(self) -> int:
         return self.map.count()
+
+    def summary(self) -> tuple[int, int]:
+        """(generation, mirrored interfaces): GetSummary's "mirrors" table."""
+        with self._lock:
+            return self.generation, self.map.count()

@@ -165,6 +165,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathS
         resp.tables.add(table="routes", generation=generation, count=count, digest=digest)
         generation, count = n.blocklist.summary()
         resp.tables.add(table="blocklist", generation=generation, count=count)
+        generation, count = n.mirrors.summary()
+        resp.tables.add(table="mirrors", generation=generation, count=count)
         generation, count = n.health.summary()
         resp.tables.add(table="health", generation=generation, count=count)
         for t in resp.tables:

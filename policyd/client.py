@@ -212,6 +212,19 @@ def parse_next_hop(text: str) -> types_pb2.NextHop:
     return hop
 
 
+def make_blocklist(name: str, prefixes: Iterable[str],
+                   node_selector: dict[str, str] | None = None) -> policy_pb2.Blocklist:
+    return policy_pb2.Blocklist(name=name, spec=policy_pb2.BlocklistSpec(prefixes=prefixes),
+                                node_selector=node_selector or {})
+
+
+def make_mirror(name: str, interface: str, mirror_interface: str,
+                node_selector: dict[str, str] | None = None) -> policy_pb2.Mirror:
+    return policy_pb2.Mirror(name=name, spec=policy_pb2.MirrorSpec(
+        interface=interface, mirror_interface=mirror_interface),
+        node_selector=node_selector or {})
+
+
 def make_route(name: str, prefix: str, next_hops: Iterable[str | types_pb2.NextHop]
                ) -> policy_pb2.Route:
     hops = [parse_next_hop(h) if isinstance(h, str) else h for h in next_hops]
@@ -358,6 +371,64 @@ class PolicyClient:
 
     def list_routes(self) -> list[policy_pb2.Route]:
         return list(self.stub.ListRoutes(policy_pb2.ListRoutesRequest(), timeout=self.timeout))
+
+    # -- blocklists and mirrors --------------------------------------------------------
+
+    def apply_blocklist(self, blocklist: policy_pb2.Blocklist) -> policy_pb2.Blocklist:
+        result: policy_pb2.Blocklist = self.stub.ApplyBlocklist(
+            policy_pb2.ApplyBlocklistRequest(blocklist=blocklist), timeout=self.timeout)
+        return result
+
+    def apply_blocklists(self, blocklists: Iterable[policy_pb2.Blocklist]
+                         ) -> policy_pb2.ApplyBlocklistsResponse:
+        result: policy_pb2.ApplyBlocklistsResponse = self.stub.ApplyBlocklists(
+            policy_pb2.ApplyBlocklistsRequest(blocklists=blocklists), timeout=self.timeout)
+        return result
+
+    def delete_blocklist(self, name: str) -> None:
+        self.stub.DeleteBlocklist(policy_pb2.DeleteBlocklistRequest(name=name),
+                                  timeout=self.timeout)
+
+    def delete_blocklists(self, names: Iterable[str]) -> int:
+        result: policy_pb2.DeleteBlocklistsResponse = self.stub.DeleteBlocklists(
+            policy_pb2.DeleteBlocklistsRequest(names=names), timeout=self.timeout)
+        return int(result.generation)
+
+    def get_blocklist(self, name: str) -> policy_pb2.Blocklist:
+        result: policy_pb2.Blocklist = self.stub.GetBlocklist(
+            policy_pb2.GetBlocklistRequest(name=name), timeout=self.timeout)
+        return result
+
+    def list_blocklists(self) -> list[policy_pb2.Blocklist]:
+        return list(self.stub.ListBlocklists(policy_pb2.ListBlocklistsRequest(),
+                                             timeout=self.timeout))
+
+    def apply_mirror(self, mirror: policy_pb2.Mirror) -> policy_pb2.Mirror:
+        result: policy_pb2.Mirror = self.stub.ApplyMirror(
+            policy_pb2.ApplyMirrorRequest(mirror=mirror), timeout=self.timeout)
+        return result
+
+    def apply_mirrors(self, mirrors: Iterable[policy_pb2.Mirror]
+                      ) -> policy_pb2.ApplyMirrorsResponse:
+        result: policy_pb2.ApplyMirrorsResponse = self.stub.ApplyMirrors(
+            policy_pb2.ApplyMirrorsRequest(mirrors=mirrors), timeout=self.timeout)
+        return result
+
+    def delete_mirror(self, name: str) -> None:
+        self.stub.DeleteMirror(policy_pb2.DeleteMirrorRequest(name=name), timeout=self.timeout)
+
+    def delete_mirrors(self, names: Iterable[str]) -> int:
+        result: policy_pb2.DeleteMirrorsResponse = self.stub.DeleteMirrors(
+            policy_pb2.DeleteMirrorsRequest(names=names), timeout=self.timeout)
+        return int(result.generation)
+
+    def get_mirror(self, name: str) -> policy_pb2.Mirror:
+        result: policy_pb2.Mirror = self.stub.GetMirror(
+            policy_pb2.GetMirrorRequest(name=name), timeout=self.timeout)
+        return result
+
+    def list_mirrors(self) -> list[policy_pb2.Mirror]:
+        return list(self.stub.ListMirrors(policy_pb2.ListMirrorsRequest(), timeout=self.timeout))
 
     # -- nodes -------------------------------------------------------------------------
 

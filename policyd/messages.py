@@ -10,12 +10,15 @@ from policyd.status import NodeStatus
 from policyd.store import (
     Change,
     NodeRecord,
+    StoredBlocklist,
+    StoredMirror,
     StoredObject,
     StoredRoute,
     StoredRule,
     StoredService,
 )
 from policyd.watch import ObjectStatus, StatusEvent
+from policyd.xdp_objects import fill_blocklist, fill_mirror
 from xlb.policy.v1 import policy_pb2
 from xlbcore.firewall import fill_rule
 from xlbcore.route import fill_route
@@ -83,6 +86,23 @@ def route_to_proto(stored: StoredRoute) -> policy_pb2.Route:
     return fill_route_proto(policy_pb2.Route(), stored)
 
 
+def fill_blocklist_proto(msg: policy_pb2.Blocklist,
+                         stored: StoredBlocklist) -> policy_pb2.Blocklist:
+    return cast(policy_pb2.Blocklist, _fill_object(msg, stored, fill_blocklist))
+
+
+def blocklist_to_proto(stored: StoredBlocklist) -> policy_pb2.Blocklist:
+    return fill_blocklist_proto(policy_pb2.Blocklist(), stored)
+
+
+def fill_mirror_proto(msg: policy_pb2.Mirror, stored: StoredMirror) -> policy_pb2.Mirror:
+    return cast(policy_pb2.Mirror, _fill_object(msg, stored, fill_mirror))
+
+
+def mirror_to_proto(stored: StoredMirror) -> policy_pb2.Mirror:
+    return fill_mirror_proto(policy_pb2.Mirror(), stored)
+
+
 def node_to_proto(node: NodeRecord) -> policy_pb2.Node:
     msg = policy_pb2.Node(name=node.name, address=node.address, labels=dict(node.labels))
     msg.register_time.FromNanoseconds(node.register_time_ns)
@@ -108,6 +128,8 @@ def status_to_proto(status: NodeStatus) -> policy_pb2.NodeSyncStatus:
         drift_repaired_total=status.drift_repaired_total,
         epoch=status.epoch,
         foreign=[policy_pb2.ObjectRef(kind=kind, key=key) for kind, key in status.foreign],
+        blocklist_prefixes=status.blocklist_prefixes,
+        mirrors=status.mirrors,
     )
 
 
@@ -120,6 +142,10 @@ def change_to_event(revision: int, change: Change) -> policy_pb2.WatchEvent:
         fill_service_proto(event.service, change.obj)
     elif change.kind == "firewall_rule":
         fill_rule_proto(event.firewall_rule, change.obj)
+    elif change.kind == "blocklist":
+        fill_blocklist_proto(event.blocklist, change.obj)
+    elif change.kind == "mirror":
+        fill_mirror_proto(event.mirror, change.obj)
     else:
         fill_route_proto(event.route, change.obj)
     return event

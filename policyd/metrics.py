@@ -43,6 +43,11 @@ class StatusCollector(Collector):
                                   "held after its last successful sync", labels=["node"])
         routes = GaugeMetricFamily(f"{PREFIX}_node_routes", "routes the node held after its "
                                    "last successful sync", labels=["node"])
+        blocked = GaugeMetricFamily(f"{PREFIX}_node_blocklist_prefixes", "blocked prefixes "
+                                    "the node held after its last successful sync (the "
+                                    "union of its blocklists)", labels=["node"])
+        mirrors = GaugeMetricFamily(f"{PREFIX}_node_mirrors", "mirrored interfaces the node "
+                                    "held after its last successful sync", labels=["node"])
         refused = GaugeMetricFamily(f"{PREFIX}_node_refused_objects", "objects the node "
                                     "refused (it is in error while any remain)",
                                     labels=["node", "kind"])
@@ -61,7 +66,9 @@ class StatusCollector(Collector):
             services.add_metric([n.node], n.services)
             rules.add_metric([n.node], n.firewall_rules)
             routes.add_metric([n.node], n.routes)
-            for kind in ("firewall_rule", "route"):
+            blocked.add_metric([n.node], n.blocklist_prefixes)
+            mirrors.add_metric([n.node], n.mirrors)
+            for kind in ("firewall_rule", "route", "blocklist", "mirror"):
                 refused.add_metric([n.node, kind], sum(1 for e in n.errors if e.kind == kind))
             last_sync.add_metric([n.node], n.last_sync_ns / 1e9)
             drift.add_metric([n.node], n.drift_repaired_total)
@@ -71,6 +78,8 @@ class StatusCollector(Collector):
         yield services
         yield rules
         yield routes
+        yield blocked
+        yield mirrors
         yield refused
         yield last_sync
         yield drift

@@ -1,8 +1,11 @@
-"""One node's firewall rules and routes: pushed, diffed and repaired as services are, at a
-cost that follows what changed (the node's worker, policyd.worker, drives it).
+"""One node's firewall rules, routes, blocklist and mirrors: pushed, diffed and repaired as
+services are, at a cost that follows what changed (the node's worker, policyd.worker,
+drives it).
 
-Per node and kind (``RULES``, ``ROUTES``), ``ObjectSync`` keeps ``known`` (what it
-believes the node holds, by the node's key: a rule's name, a route's prefix), the
+Per node and kind (``RULES``, ``ROUTES``, ``BLOCKLIST``, ``MIRRORS``), ``ObjectSync``
+keeps ``known`` (what it believes the node holds, by the node's key: a rule's name, a
+route's prefix, a blocked prefix (the union of the node's blocklists, each prefix its
+own spec: policyd.xdp_objects), a mirrored interface), the
 table's identity and generation as last seen (dpd bumps the generation by one on every
 write call), for routes the digest of the node's FIB as last seen, and ``refused``: the
 objects the node would not take, each with its reason (an ObjectError in the node's
@@ -39,16 +42,25 @@ import structlog
 from policyd.nodeclient import NodeClient, TableState, describe_error
 from policyd.status import ObjectError
 from policyd.store import Desired, ObjectChanges, Store
+from policyd.xdp_objects import (
+    MirrorSpec,
+    delete_blocklist,
+    delete_mirrors,
+    list_blocklist,
+    list_mirrors,
+    put_blocklist,
+    put_mirrors,
+)
 from xlbcore.firewall import RuleSpec
 from xlbcore.route import RouteSpec
 
 log = structlog.get_logger()
 
-S = TypeVar("S", RuleSpec, RouteSpec)
+S = TypeVar("S", RuleSpec, RouteSpec, str, MirrorSpec)
 
 # what a node answers for an object it will not take (others are the node's failure)
 REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-_ITEM_RE = re.compile(r"^(?:rules|routes)\[(\d+)\]")
+_ITEM_RE = re.compile(r"^(?:rules|routes|prefixes|mirrors)\[(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,13 @@ ROUTES: Kind[RouteSpec] = Kind("route", "routes", True, Store.changed_routes,
                                Store.desired_routes,
                                lambda node, routes, _flush: node.put_routes(routes),
                                NodeClient.delete_routes, NodeClient.list_routes)
+# the node's blocklist: keyed and specified by prefix, the union of the blocklists
+BLOCKLIST: Kind[str] = Kind("blocklist", "blocklist", False, Store.changed_blocklist,
+                            Store.desired_blocklist, put_blocklist, delete_blocklist,
+                            list_blocklist)
+MIRRORS: Kind[MirrorSpec] = Kind("mirror", "mirrors", False, Store.changed_mirrors,
+                                 Store.desired_mirrors, put_mirrors, delete_mirrors,
+                                 list_mirrors)
 
 
 def object_reason(exc: BaseException) -> str:

@@ -33,13 +33,14 @@ from policyd.validation import (
     validate_services,
 )
 from policyd.watch import ObjectWatch, OutOfRange, Stopping, check_kinds
+from policyd.xdp_rpcs import XdpRpcs
 from xlb.policy.v1 import policy_pb2, policy_pb2_grpc
 from xlbcore.errors import Exhausted
 from xlbcore.rpc import rpc
 
 log = structlog.get_logger()
 
-class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+class PolicyServicer(XdpRpcs, policy_pb2_grpc.PolicyServicer):
     STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),
                   (GenerationConflict, grpc.StatusCode.ABORTED),
                   (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),

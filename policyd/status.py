@@ -18,7 +18,7 @@ class SyncState(enum.IntEnum):
 class ObjectError:
     """An object a node refused (xlb.policy.v1.ObjectError)."""
 
-    kind: str  # "service", "firewall_rule", "route"
+    kind: str  # "service", "firewall_rule", "route", "blocklist", "mirror"
     name: str
     message: str
 
@@ -34,6 +34,8 @@ class NodeProgress:
     services: int = 0  # services the node held after the last successful sync
     firewall_rules: int = 0  # rules it held after the last successful sync
     routes: int = 0
+    blocklist_prefixes: int = 0  # blocked prefixes it held (the union of its blocklists)
+    mirrors: int = 0
     errors: tuple[ObjectError, ...] = ()  # objects the node refused (it is ERROR)
     drift_found: int = 0  # objects that differed at the last read-back (not the first)
     drift_repaired: int = 0  # writes that repaired them
@@ -61,6 +63,8 @@ class NodeStatus:
     drift_repaired_total: int = 0
     epoch: int = 0
     foreign: tuple[tuple[str, str], ...] = ()
+    blocklist_prefixes: int = 0
+    mirrors: int = 0
 
 
 def sync_state(progress: NodeProgress, desired_generation: int) -> SyncState:
@@ -94,6 +98,8 @@ def node_status(name: str, progress: NodeProgress, desired_generation: int) -> N
         drift_repaired_total=progress.drift_repaired_total,
         epoch=progress.epoch,
         foreign=progress.foreign,
+        blocklist_prefixes=progress.blocklist_prefixes,
+        mirrors=progress.mirrors,
     )
 
 

@@ -38,6 +38,11 @@ a global revision.
   specs stored as their canonical ``xlb.types.v1`` bytes. A route's prefix is unique
   among routes (ConflictError otherwise). Their change logs name what a node is keyed
   by: a rule's name, a route's prefix.
+- Blocklists and mirrors (``apply_blocklists``, ``apply_mirrors``, ...; policyd.xdp_objects)
+  follow them too. A mirror's node key is its interface (unique among mirrors); a
+  blocklist has one node key per prefix and a prefix may belong to several blocklists:
+  a node takes the union, and a prefix's change is logged whenever an object holding it
+  changes (the node then puts it, or deletes it when no object it selects holds it).
 - The store is the only writer of its file. It reads the services once when it opens
   and keeps them parsed in memory, updated after each commit, so reads and snapshots
   never decode or re-validate a stored service again.
@@ -72,7 +77,20 @@ from xlbcore.firewall import RuleSpec, fill_rule, parse_rule
 from xlbcore.route import RouteSpec, fill_route, parse_route
 from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
 
-SCHEMA_VERSION = 3  # 2: firewall_rules and routes; 3: object generations, selectors, labels
+from policyd.xdp_objects import (  # isort: skip (beside the shared models)
+    BlocklistSpec,
+    MirrorSpec,
+    blocklist_keys,
+    fill_blocklist,
+    fill_mirror,
+    mirror_key,
+    parse_blocklist,
+    parse_mirror,
+)
+
+# 2: firewall_rules and routes; 3: object generations, selectors, labels; 4: blocklists
+# and mirrors
+SCHEMA_VERSION = 4
 CHANGE_LOG_KEYS = 1_000_000  # keys a change log remembers (per kind)
 
 _SCHEMA = """
@@ -105,6 +123,24 @@ CREATE TABLE IF NOT EXISTS routes (
     generation     INTEGER NOT NULL,
     update_time_ns INTEGER NOT NULL,
     flush          INTEGER NOT NULL DEFAULT 0  -- unused: routes have no flows to end
+);
+CREATE TABLE IF NOT EXISTS blocklists (
+    name              TEXT PRIMARY KEY,
+    spec              BLOB NOT NULL,   -- canonical xlb.policy.v1.BlocklistSpec
+    generation        INTEGER NOT NULL,
+    update_time_ns    INTEGER NOT NULL,
+    flush             INTEGER NOT NULL DEFAULT 0,  -- unused
+    object_generation INTEGER NOT NULL DEFAULT 1,
+    selector          TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS mirrors (
+    name              TEXT PRIMARY KEY,
+    spec              BLOB NOT NULL,   -- canonical xlb.policy.v1.MirrorSpec
+    generation        INTEGER NOT NULL,
+    update_time_ns    INTEGER NOT NULL,
+    flush             INTEGER NOT NULL DEFAULT 0,  -- unused
+    object_generation INTEGER NOT NULL DEFAULT 1,
+    selector          TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name             TEXT PRIMARY KEY,
@@ -228,7 +264,7 @@ class ChangeLog:
         return out
 
 
-S = TypeVar("S", RuleSpec, RouteSpec)
+S = TypeVar("S", RuleSpec, RouteSpec, BlocklistSpec, MirrorSpec, str)
 T = TypeVar("T")
 
 
@@ -248,6 +284,8 @@ class StoredObject(Generic[S]):
 
 StoredRule = StoredObject[RuleSpec]
 StoredRoute = StoredObject[RouteSpec]
+StoredBlocklist = StoredObject[BlocklistSpec]
+StoredMirror = StoredObject[MirrorSpec]
 
 
 @dataclass(frozen=True)
@@ -284,6 +322,8 @@ class Desired(Generic[S]):
 class _Objects(Generic[S]):
     """One kind of object beside services (firewall rules, routes), in memory and in its
     table; the Store calls it under its lock and inside its transactions."""
+
+    shared = False  # node keys are one per object and unique (see _SharedObjects)
 
     def __init__(self, kind: str, table: str, message: Any, parse: Callable[[Any], S],
                  fill: Callable[[Any, S], Any], node_key: Callable[[str, S], str],
@@ -412,6 +452,117 @@ def _route_key(name: str, spec: RouteSpec) -> str:
     return spec.prefix
 
 
+class _SharedObjects(_Objects[BlocklistSpec]):
+    """Objects with many node keys each, which several objects may share (blocklists:
+    a node key is a prefix, its node spec the prefix itself, and a node takes the
+    union). ``owners`` holds every object of a key; a key is ``selected`` while one of
+    its owners has a node selector; a node wants a key when one of its owners selects
+    the node."""
+
+    shared = True
+
+    def __init__(self, kind: str, table: str, message: Any,
+                 parse: Callable[[Any], BlocklistSpec], fill: Callable[[Any, BlocklistSpec], Any],
+                 node_keys: Callable[[str, BlocklistSpec], tuple[str, ...]], floor: int,
+                 event_kind: str) -> None:
+        super().__init__(kind, table, message, parse, fill, lambda _n, _s: "", floor,
+                         event_kind)
+        self.node_keys = node_keys
+        self.owners: dict[str, set[str]] = {}
+        self._key_desired: Mapping[str, Any] | None = None
+
+    def _own(self, obj: StoredObject[BlocklistSpec]) -> list[str]:
+        keys = list(self.node_keys(obj.name, obj.spec))
+        for key in keys:
+            self.owners.setdefault(key, set()).add(obj.name)
+            if obj.selector:
+                self.selected.add(key)
+        return keys
+
+    def _disown(self, obj: StoredObject[BlocklistSpec]) -> list[str]:
+        keys = list(self.node_keys(obj.name, obj.spec))
+        for key in keys:
+            owners = self.owners.get(key)
+            if owners is None:
+                continue
+            owners.discard(obj.name)
+            if not owners:
+                del self.owners[key]
+                self.selected.discard(key)
+            elif not any(self.objects[n].selector for n in owners if n in self.objects):
+                self.selected.discard(key)
+        return keys
+
+    def load(self, rows: list[tuple[str, bytes, int, int, int, int, str]]) -> None:
+        for name, blob, revision, update_ns, _flush, generation, selector in rows:
+            obj = StoredObject(name, self.decode(blob), int(generation), int(update_ns),
+                               False, blob, from_text(selector), int(revision))
+            self.objects[name] = obj
+            self._own(obj)
+
+    def committed(self, generation: int, now: int,
+                  written: list[tuple[str, BlocklistSpec, bytes, bool, Labels]],
+                  deleted: Sequence[str]) -> list[Change]:
+        touched: list[str] = []
+        changes: list[Change] = []
+        gens: dict[str, int] = {}
+        gone = set(deleted)
+        for name in [*deleted, *(w[0] for w in written)]:
+            was = self.objects.pop(name, None)
+            if was is not None:
+                gens[name] = was.generation
+                touched.extend(self._disown(was))
+                if name in gone:
+                    changes.append(Change(self.event_kind, name, was, True))
+        for name, spec, blob, _flush, selector in written:
+            obj = StoredObject(name, spec, gens.get(name, 0) + 1, now, False, blob,
+                               selector, generation)
+            self.objects[name] = obj
+            touched.extend(self._own(obj))
+            changes.append(Change(self.event_kind, name, obj, False))
+        self.log.add(generation, touched)
+        self._key_desired = None
+        return changes
+
+    def _wanted(self, key: str, labels: Mapping[str, str] | None) -> Any:
+        owners = self.owners.get(key)
+        if not owners:
+            return None
+        if labels is None or key not in self.selected:
+            return key
+        for name in owners:
+            selector = self.objects[name].selector
+            if not selector or matches(selector, labels):
+                return key
+        return None
+
+    def desired(self, labels: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        if self._key_desired is None:
+            self._key_desired = MappingProxyType({key: key for key in self.owners})
+        if labels is None or not self.selected:
+            return self._key_desired
+        out = dict(self._key_desired)
+        for key in self.selected:
+            if self._wanted(key, labels) is None:
+                del out[key]
+        return out
+
+    def everything(self, generation: int,
+                   labels: Mapping[str, str] | None = None) -> Desired[Any]:
+        return Desired(generation, self.desired(labels),
+                       {key: min(names) for key, names in self.owners.items()}, frozenset())
+
+    def at_keys(self, keys: Iterable[str], generation: int,
+                labels: Mapping[str, str] | None = None) -> ObjectChanges[Any]:
+        specs: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        for k in keys:
+            specs[k] = spec = self._wanted(k, labels)
+            if spec is not None:
+                names[k] = min(self.owners[k])
+        return ObjectChanges(generation, specs, names, len(self.owners))
+
+
 class Store:
     """Desired state in an SQLite file (``:memory:`` for a throw-away store)."""
 
@@ -473,7 +624,14 @@ class Store:
         self._routes: _Objects[RouteSpec] = _Objects(
             "route", "routes", types_pb2.RouteSpec, parse_route, fill_route, _route_key,
             self._generation, "route")
-        for objects in (self._rules, self._routes):
+        self._blocklists = _SharedObjects(
+            "blocklist", "blocklists", policy_pb2.BlocklistSpec, parse_blocklist,
+            fill_blocklist, blocklist_keys, self._generation, "blocklist")
+        self._mirrors: _Objects[MirrorSpec] = _Objects(
+            "mirror", "mirrors", policy_pb2.MirrorSpec, parse_mirror, fill_mirror,
+            mirror_key, self._generation, "mirror")
+        objects: _Objects[Any]
+        for objects in (self._rules, self._routes, self._blocklists, self._mirrors):
             objects.load(self._conn.execute(
                 "SELECT name, spec, generation, update_time_ns, flush, object_generation,"
                 f" selector FROM {objects.table}"
@@ -867,12 +1025,78 @@ class Store:
         with self._lock:
             return self._routes.everything(self._generation, labels)
 
+    # -- blocklists and mirrors (policyd.xdp_objects) ------------------------------------
+
+    def apply_blocklists(self, items: Sequence[tuple[str, BlocklistSpec]], *,
+                         field: str = "blocklists",
+                         selectors: Mapping[str, Labels] | None = None,
+                         expected: Mapping[str, int] | None = None
+                         ) -> ObjectBatch[BlocklistSpec]:
+        """As ``apply_rules``; prefixes may be shared between blocklists."""
+        return self._apply(self._blocklists, items, field, (), selectors, expected)
+
+    def delete_blocklists(self, names: Sequence[str]) -> ObjectBatch[BlocklistSpec]:
+        return self._delete(self._blocklists, names)
+
+    def get_blocklist(self, name: str) -> StoredBlocklist:
+        return self._get(self._blocklists, name)
+
+    def list_blocklists(self) -> list[StoredBlocklist]:
+        return self._list(self._blocklists)
+
+    def apply_mirrors(self, items: Sequence[tuple[str, MirrorSpec]], *,
+                      field: str = "mirrors", selectors: Mapping[str, Labels] | None = None,
+                      expected: Mapping[str, int] | None = None) -> ObjectBatch[MirrorSpec]:
+        """As ``apply_routes``: a mirrored interface that another stored mirror holds
+        raises ConflictError naming ``field[i]``."""
+        return self._apply(self._mirrors, items, field, (), selectors, expected)
+
+    def delete_mirrors(self, names: Sequence[str]) -> ObjectBatch[MirrorSpec]:
+        return self._delete(self._mirrors, names)
+
+    def get_mirror(self, name: str) -> StoredMirror:
+        return self._get(self._mirrors, name)
+
+    def list_mirrors(self) -> list[StoredMirror]:
+        return self._list(self._mirrors)
+
+    def changed_blocklist(self, generation: int, labels: Mapping[str, str] | None = None
+                          ) -> ObjectChanges[Any] | None:
+        """Prefixes changed after `generation` (by a blocklist holding them), each with
+        itself when a node with `labels` wants it now (some blocklist it selects holds
+        it), else None; O(prefixes of the changed blocklists)."""
+        with self._lock:
+            return self._blocklists.changes(generation, self._generation, labels)
+
+    def desired_blocklist(self, labels: Mapping[str, str] | None = None) -> Desired[Any]:
+        """The union of the prefixes (of the blocklists a node with `labels` takes)."""
+        with self._lock:
+            return self._blocklists.everything(self._generation, labels)
+
+    def changed_mirrors(self, generation: int, labels: Mapping[str, str] | None = None
+                        ) -> ObjectChanges[MirrorSpec] | None:
+        """Mirrors changed after `generation`, by mirrored interface."""
+        with self._lock:
+            return self._mirrors.changes(generation, self._generation, labels)
+
+    def desired_mirrors(self, labels: Mapping[str, str] | None = None) -> Desired[MirrorSpec]:
+        with self._lock:
+            return self._mirrors.everything(self._generation, labels)
+
+    def selected_xdp(self, labels: Mapping[str, str]
+                     ) -> tuple[ObjectChanges[Any], ObjectChanges[MirrorSpec]]:
+        """As ``selected_specs`` for blocklists (by prefix) and mirrors."""
+        with self._lock:
+            return (self._blocklists.at_keys(self._blocklists.selected, self._generation,
+                                             labels),
+                    self._mirrors.at_keys(self._mirrors.selected, self._generation, labels))
+
     def _apply(self, objects: _Objects[S], items: Sequence[tuple[str, S]],
                field: str, flush: Collection[str], selectors: Mapping[str, Labels] | None,
                expected: Mapping[str, int] | None) -> ObjectBatch[S]:
         names = {name for name, _ in items}
         keys = [objects.node_key(name, spec) for name, spec in items]
-        if len(names) != len(items) or len(set(keys)) != len(items):
+        if len(names) != len(items) or (not objects.shared and len(set(keys)) != len(items)):
             raise ValidationError(f"{field or objects.table}: names and prefixes must be unique")
         selectors = selectors or {}
         with self._lock:
