@@ -1,7 +1,7 @@
 """xlbctl: operate policyd from a shell.
 
     xlbctl apply -f site.yaml [--cas]        # services, rules, routes, nodes (YAML or JSON)
-    xlbctl get services|firewall-rules|routes|nodes [NAME] [-o yaml|json|wide]
+    xlbctl get services|firewall-rules|routes|blocklists|mirrors|nodes [NAME] [-o yaml|json|wide]
     xlbctl delete -f site.yaml [--ignore-not-found] | delete KIND NAME [NAME...]
     xlbctl status [NODE] [-o table|wide|json] [--wait [--timeout S]]
     xlbctl --dpd unix:/run/xlb/dpd.sock services|conntrack|stats|interfaces|rules|routes
@@ -20,6 +20,10 @@
     xlbctl route apply --name via-a --prefix 198.19.0.0/16 \
         --next-hop 198.18.1.1 --next-hop 198.18.2.1,dev=eth2,weight=3 [--next-hop dev=eth3]
     xlbctl route list | get NAME | delete NAME [NAME...]
+    xlbctl blocklist apply --name scanners --prefix 198.18.66.0/24 [--prefix 2001:db8:66::/48]
+    xlbctl blocklist list | get NAME | delete NAME [NAME...]
+    xlbctl mirror apply --name tap --interface eth0 --mirror-interface mirror0
+    xlbctl mirror list | get NAME | delete NAME [NAME...]
     xlbctl apply-file FILE                  # alias of apply -f
     xlbctl node register NAME ADDR [--label K=V...] | deregister NAME | list
 
@@ -67,6 +71,8 @@ from policyd.client import (
     RULE_PROTOCOLS,
     PolicyClient,
     is_synced,
+    make_blocklist,
+    make_mirror,
     make_route,
     make_rule,
     make_service,
@@ -114,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare-and-swap: each object's metadata.generation must be the "
                          "stored one (none: it must not exist)")
     get = sub.add_parser("get", help="show objects (as a table, or documents apply -f takes)")
-    get.add_argument("kind", help="services, firewall-rules, routes or nodes")
+    get.add_argument("kind", help="services, firewall-rules, routes, blocklists, mirrors or "
+                                  "nodes")
     get.add_argument("name", nargs="?", default="")
     get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json"),
                      default="table")
@@ -203,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_parser("get", help="show a route").add_argument("name")
     rt.add_parser("list", help="list routes")
 
+    bl = sub.add_parser("blocklist", help="desired blocklists (XDP early drop)").add_subparsers(
+        dest="verb", required=True)
+    blocklist = bl.add_parser("apply", help="create or replace a blocklist")
+    blocklist.add_argument("--name", required=True)
+    blocklist.add_argument("--prefix", action="append", default=[], required=True,
+                           help="a source prefix or address (198.18.66.0/24, "
+                                "2001:db8:66::/48); repeat for more")
+    bl.add_parser("delete", help="delete blocklists (several: atomically)").add_argument(
+        "name", nargs="+")
+    bl.add_parser("get", help="show a blocklist").add_argument("name")
+    bl.add_parser("list", help="list blocklists")
+
+    mi = sub.add_parser("mirror", help="desired mirrors (copies of an interface's "
+                                       "traffic)").add_subparsers(dest="verb", required=True)
+    mirror = mi.add_parser("apply", help="create or replace a mirror")
+    mirror.add_argument("--name", required=True)
+    mirror.add_argument("--interface", required=True, help="the mirrored interface")
+    mirror.add_argument("--mirror-interface", required=True, help="copies leave by it")
+    mi.add_parser("delete", help="delete mirrors (several: atomically)").add_argument(
+        "name", nargs="+")
+    mi.add_parser("get", help="show a mirror").add_argument("name")
+    mi.add_parser("list", help="list mirrors")
+
     af = sub.add_parser("apply-file",
                         help="the older form of apply -f (JSON output, no Node documents)")
     af.add_argument("file", help="FILE, or - for stdin")
@@ -263,8 +293,9 @@ def completion_script(parser: argparse.ArgumentParser) -> str:
                     walk(child, f"{path} {name}".strip())
         words[path] = subs + options
     walk(parser, "")
-    words["get"] = ["services", "firewall-rules", "routes", "nodes", *words["get"]]
-    words["delete"] = ["services", "firewall-rules", "routes", "nodes", *words["delete"]]
+    kinds = ["services", "firewall-rules", "routes", "nodes", "blocklists", "mirrors"]
+    words["get"] = [*kinds, *words["get"]]
+    words["delete"] = [*kinds, *words["delete"]]
     cases = "\n".join(f'    "{k}") opts="{" ".join(v)}" ;;' for k, v in sorted(words.items()))
     return COMPLETION.replace("@CASES@", cases)
 
@@ -458,6 +489,25 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
             _print(_json(client.get_route(args.name)))
         else:
             _print([_json(r) for r in client.list_routes()])
+    elif args.group == "blocklist":
+        if args.verb == "apply":
+            _print(_json(client.apply_blocklist(make_blocklist(args.name, args.prefix))))
+        elif args.verb == "delete":
+            _print(_delete(args.name, client.delete_blocklist, client.delete_blocklists))
+        elif args.verb == "get":
+            _print(_json(client.get_blocklist(args.name)))
+        else:
+            _print([_json(b) for b in client.list_blocklists()])
+    elif args.group == "mirror":
+        if args.verb == "apply":
+            _print(_json(client.apply_mirror(make_mirror(args.name, args.interface,
+                                                         args.mirror_interface))))
+        elif args.verb == "delete":
+            _print(_delete(args.name, client.delete_mirror, client.delete_mirrors))
+        elif args.verb == "get":
+            _print(_json(client.get_mirror(args.name)))
+        else:
+            _print([_json(m) for m in client.list_mirrors()])
     elif args.group == "apply-file":  # apply -f's documents, JSON output as before
         docs = cli_objects.by_kind(cli_objects.read_docs(args.file))
         if docs["Node"]:
@@ -531,7 +581,7 @@ def run_documents(args: argparse.Namespace, client: PolicyClient) -> int:
         kind = cli_objects.kind_of(args.kind)
         if kind is None:
             raise ValueError(f"get: {quote(args.kind)} is not one of services, "
-                             "firewall-rules, routes, nodes")
+                             "firewall-rules, routes, blocklists, mirrors, nodes")
         objects = cli_objects.fetch(client, kind, args.name)
         if not objects and args.output in ("table", "wide"):
             cli_objects.say(f"no {args.kind}")
@@ -543,7 +593,8 @@ def run_documents(args: argparse.Namespace, client: PolicyClient) -> int:
     elif len(args.target) >= 2 and cli_objects.kind_of(args.target[0]) is not None:
         kind = str(cli_objects.kind_of(args.target[0]))
         message = {"Service": policy_pb2.Service, "FirewallRule": policy_pb2.FirewallRule,
-                   "Route": policy_pb2.Route, "Node": policy_pb2.Node}[kind]
+                   "Route": policy_pb2.Route, "Node": policy_pb2.Node,
+                   "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror}[kind]
         docs = [cli_objects.Doc(kind, message(name=n), None, "") for n in args.target[1:]]
     else:
         raise ValueError("delete: use -f FILE, or KIND NAME [NAME...]")

@@ -4,7 +4,7 @@
 A document::
 
     apiVersion: xlb.policy/v1        # optional
-    kind: Service                    # Service, FirewallRule, Route or Node
+    kind: Service                    # Service, FirewallRule, Route, Blocklist, Mirror or Node
     metadata:
       name: web
       nodeSelector: {zone: east}     # objects: the nodes that take it (empty: all)
@@ -17,7 +17,8 @@ A document::
       endpoints: [{address: 198.18.1.2, port: 8080}]
 
 A FirewallRule's spec is ``xlb.types.v1.FirewallRuleSpec`` plus ``flush_existing``; a
-Route's is ``xlb.types.v1.RouteSpec``; a Node's is ``{address: ...}``. ``kind: List``
+Route's is ``xlb.types.v1.RouteSpec``; a Blocklist's ``{prefixes: [...]}``; a Mirror's
+``{interface: ..., mirror_interface: ...}``; a Node's is ``{address: ...}``. ``kind: List``
 with ``items`` holds several; YAML files may hold several documents. ``get -o yaml`` and
 ``get -o json`` print documents that ``apply -f`` takes back (output-only metadata:
 generation, revision, updateTime, registerTime, are ignored unless ``--cas``).
@@ -39,12 +40,14 @@ from xlb.policy.v1 import policy_pb2
 from xlbcore.errors import brief, quote
 
 API_VERSION = "xlb.policy/v1"
-KINDS = ("Node", "FirewallRule", "Route", "Service")  # the order apply -f uses
+KINDS = ("Node", "FirewallRule", "Blocklist", "Mirror", "Route", "Service")  # apply -f's order
 _ALIASES = {
     "service": "Service", "services": "Service", "svc": "Service",
     "firewallrule": "FirewallRule", "firewallrules": "FirewallRule", "rule": "FirewallRule",
     "rules": "FirewallRule", "firewall": "FirewallRule", "fw": "FirewallRule",
     "route": "Route", "routes": "Route", "rt": "Route",
+    "blocklist": "Blocklist", "blocklists": "Blocklist", "bl": "Blocklist",
+    "mirror": "Mirror", "mirrors": "Mirror",
     "node": "Node", "nodes": "Node", "no": "Node",
 }
 _OUTPUT_ONLY = {"generation", "revision", "updateTime", "update_time", "registerTime",
@@ -147,7 +150,7 @@ def from_doc(value: Any, where: str) -> list[Doc]:
         else:
             body = dict(spec)
             flush = bool(body.pop("flush_existing", body.pop("flushExisting", False)))
-            message = policy_pb2.FirewallRule() if kind == "FirewallRule" else policy_pb2.Route()
+            message = _MESSAGES[kind]()
             msg = json_format.ParseDict({"name": name, "spec": body}, message)
             if flush:
                 if kind != "FirewallRule":
@@ -160,6 +163,10 @@ def from_doc(value: Any, where: str) -> list[Doc]:
     except (json_format.ParseError, AttributeError, TypeError) as exc:
         raise ValueError(f"{where}.spec: {brief(str(exc), 160)}") from None
     return [Doc(kind, msg, int(generation) if generation is not None else None, where)]
+
+
+_MESSAGES: dict[str, Any] = {"FirewallRule": policy_pb2.FirewallRule, "Route": policy_pb2.Route,
+                             "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror}
 
 
 def _strings(value: Any, where: str, key: str) -> dict[str, str]:
@@ -222,6 +229,9 @@ def apply_docs(client: PolicyClient, docs: list[Doc], cas: bool) -> list[str]:
     calls = (
         ("FirewallRule", "firewall-rule", "rules", policy_pb2.ApplyFirewallRulesRequest,
          client.stub.ApplyFirewallRules),
+        ("Blocklist", "blocklist", "blocklists", policy_pb2.ApplyBlocklistsRequest,
+         client.stub.ApplyBlocklists),
+        ("Mirror", "mirror", "mirrors", policy_pb2.ApplyMirrorsRequest, client.stub.ApplyMirrors),
         ("Route", "route", "routes", policy_pb2.ApplyRoutesRequest, client.stub.ApplyRoutes),
         ("Service", "service", "services", policy_pb2.ApplyServicesRequest,
          client.stub.ApplyServices),
@@ -248,6 +258,8 @@ def delete_docs(client: PolicyClient, docs: list[Doc], ignore_missing: bool) -> 
     lines: list[str] = []
     kinds = (("Service", "service", client.list_services, client.delete_services),
              ("Route", "route", client.list_routes, client.delete_routes),
+             ("Mirror", "mirror", client.list_mirrors, client.delete_mirrors),
+             ("Blocklist", "blocklist", client.list_blocklists, client.delete_blocklists),
              ("FirewallRule", "firewall-rule", client.list_rules, client.delete_rules))
     for kind, label, listing, delete in kinds:
         names = [d.name for d in groups[kind]]
@@ -278,6 +290,10 @@ def fetch(client: PolicyClient, kind: str, name: str) -> list[Any]:
         return [client.get_rule(name)] if name else client.list_rules()
     if kind == "Route":
         return [client.get_route(name)] if name else client.list_routes()
+    if kind == "Blocklist":
+        return [client.get_blocklist(name)] if name else client.list_blocklists()
+    if kind == "Mirror":
+        return [client.get_mirror(name)] if name else client.list_mirrors()
     nodes = client.list_nodes()
     if name:
         nodes = [n for n in nodes if n.name == name]
@@ -408,7 +424,37 @@ def _nodes(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[Any
     return headers, rows
 
 
-_ROWS = {"Service": _services, "FirewallRule": _rules, "Route": _routes, "Node": _nodes}
+def _blocklists(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[Any]]]:
+    headers = ["NAME", "PREFIXES", "GENERATION"]
+    if wide:
+        headers += ["NODE-SELECTOR", "REVISION"]
+    rows = []
+    for b in objects:
+        prefixes = list(b.spec.prefixes)
+        text = ",".join(prefixes if wide or len(prefixes) <= 3
+                        else [*prefixes[:3], f"... ({len(prefixes)})"])
+        row = [b.name, text or "-", b.generation]
+        if wide:
+            row += [labels_text(b.node_selector), b.revision]
+        rows.append(row)
+    return headers, rows
+
+
+def _mirrors(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[Any]]]:
+    headers = ["NAME", "INTERFACE", "MIRROR-INTERFACE", "GENERATION"]
+    if wide:
+        headers += ["NODE-SELECTOR", "REVISION"]
+    rows = []
+    for m in objects:
+        row = [m.name, m.spec.interface, m.spec.mirror_interface, m.generation]
+        if wide:
+            row += [labels_text(m.node_selector), m.revision]
+        rows.append(row)
+    return headers, rows
+
+
+_ROWS = {"Service": _services, "FirewallRule": _rules, "Route": _routes, "Node": _nodes,
+         "Blocklist": _blocklists, "Mirror": _mirrors}
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -417,7 +463,7 @@ _ROWS = {"Service": _services, "FirewallRule": _rules, "Route": _routes, "Node":
 def status_table(status: policy_pb2.GetSyncStatusResponse, wide: bool = False) -> str:
     headers = ["NODE", "STATE", "OBSERVED", "SERVICES", "RULES", "ROUTES", "DRIFT", "MESSAGE"]
     if wide:
-        headers[-1:-1] = ["EPOCH", "FOREIGN"]
+        headers[-1:-1] = ["BLOCKED", "MIRRORS", "EPOCH", "FOREIGN"]
     rows = []
     for n in status.nodes:
         state = policy_pb2.SyncState.Name(n.state).removeprefix("SYNC_STATE_")
@@ -425,7 +471,7 @@ def status_table(status: policy_pb2.GetSyncStatusResponse, wide: bool = False) -
                           n.services, n.firewall_rules, n.routes,
                           f"{n.drift_repaired_total}", brief(n.message, 80) or "-"]
         if wide:
-            row[-1:-1] = [n.epoch, len(n.foreign)]
+            row[-1:-1] = [n.blocklist_prefixes, n.mirrors, n.epoch, len(n.foreign)]
         rows.append(row)
     return table(headers, rows) if rows else "no nodes"
 
