@@ -9,7 +9,9 @@ client then opens connections to the VIP and the result is shown: which backend 
 each request, and the datapath's per-endpoint counters. Then two firewall rules go
 through policyd: the client network is blocked from the web service except one client (a
 higher priority allow); the allowed and the blocked client are shown with the rules'
-counters. Everything is removed at the end.
+counters. Then a Blocklist object stops a third client address in XDP (native, on the
+lb's client side) and a Mirror object copies the client side's traffic to a veth where a
+capture socket reads it (lab.demo_xdp). Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import grpc
 
 from lab.client import run_tcp_who, run_udp_who
 from lab.daemons import Dpd, Policyd
+from lab.demo_xdp import xdp_step
 from lab.servers import start_backends
 from lab.topology import Topology
 from xlb.dpd.v1 import datapath_pb2 as dpb
@@ -154,6 +157,8 @@ def run(backends: int, requests: int) -> int:
                 ok = tcp.get("errors", 0) == 0 and udp.get("errors", 0) == 0
                 out()
                 ok = firewall_step(topo, policy, datapath, requests) and ok
+                out()
+                ok = xdp_step(topo, policy, datapath, VIP, wait_synced, out) and ok
         finally:
             dpd.cleanup()
             policyd.stop()
