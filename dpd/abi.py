@@ -85,6 +85,30 @@ class Layout:
     def codec(self) -> Codec:
         return Codec(self)
 
+    @functools.cached_property
+    def dtype(self) -> Any:
+        """The layout as a numpy structured dtype (same size, every field at its offset;
+        pads left out, so an array made with np.zeros holds them zero), for building
+        the values of a whole batch in one array. ``__be16``/``__be32`` are big-endian
+        integers: assign host-order ints, or the raw bytes through a '>u4' view."""
+        import numpy as np  # dpd's bulk encoding only
+
+        names, formats, offsets = [], [], []
+        for f in self.fields:
+            if f.name.startswith("pad"):
+                continue
+            if f.struct is not None:
+                base = f.struct.dtype
+            else:
+                size, _, kind = _SCALARS[f.ctype]
+                base = np.dtype(f"{'>' if kind == 'be' else '<'}{'i' if kind == 's' else 'u'}"
+                                f"{size}")
+            names.append(f.name)
+            formats.append((base, (f.count,)) if f.count else base)
+            offsets.append(f.offset)
+        return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                         "itemsize": self.size})
+
 
 @dataclass(frozen=True)
 class MapDecl:

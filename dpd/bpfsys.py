@@ -390,11 +390,24 @@ def next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     return out.raw
 
 
-def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
-    """Write `count` packed keys and values with one BPF_MAP_UPDATE_BATCH. On failure
-    BpfError.done says how many were written (the first ones)."""
+def _in(buf: bytes | bytearray | memoryview) -> object:
+    """A buffer as a pointer argument, without a copy when it is writable (a numpy
+    array's memoryview, a bytearray) or bytes."""
+    if isinstance(buf, bytes):
+        return buf
+    view = memoryview(buf)
+    if view.readonly:
+        return bytes(view)
+    return (ctypes.c_char * view.nbytes).from_buffer(view)
+
+
+def update_batch(fd: int, keys: bytes | bytearray | memoryview,
+                 values: bytes | bytearray | memoryview, count: int) -> None:
+    """Write `count` packed keys and values (buffers laid out back to back) with one
+    BPF_MAP_UPDATE_BATCH. On failure BpfError.done says how many were written (the
+    first ones)."""
     n = ctypes.c_uint32(count)
-    if _lib.bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None) < 0:
+    if _lib.bpf_map_update_batch(fd, _in(keys), _in(values), ctypes.byref(n), None) < 0:
         err = ctypes.get_errno()
         exc = BpfError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
         exc.done = n.value  # type: ignore[attr-defined]

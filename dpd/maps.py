@@ -31,6 +31,8 @@ EXIST = bpfsys.BPF_EXIST
 
 _FULL = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
+Buffer = bytes | bytearray | memoryview  # put_batch_raw's arrays (a numpy array's memoryview)
+
 
 class MapError(OSError):
     """A map operation failed; `errno` says why."""
@@ -44,6 +46,12 @@ def classify(err: OSError, what: str) -> MapError:
     code = err.errno or 0
     cls = MapFull if code in _FULL else MapError
     return cls(code, f"{what}: {os.strerror(code)}")
+
+
+def _split(data: bytes, size: int, count: int) -> list[bytes]:
+    """`count` items of `size` bytes laid out back to back in `data` (sliced in C)."""
+    return list(map(data.__getitem__, map(slice, range(0, count * size, size),
+                                          range(size, (count + 1) * size, size))))
 
 
 def percpu_stride(value_size: int) -> int:
@@ -98,6 +106,25 @@ class Map(ABC):
             except MapError as e:
                 e.done = i  # type: ignore[attr-defined]
                 raise
+
+    def put_batch_raw(self, keys: Buffer, values: Buffer) -> None:
+        """`put_batch` of entries laid out back to back: `keys` the packed keys, `values`
+        as many packed values (any buffer: bytes, a numpy array), each the size
+        `value_bytes` says. The kernel takes such arrays as they are (no Python object
+        per entry); an in-memory map splits them."""
+        count = self._raw_count(keys, values)
+        self.put_batch(_split(bytes(keys), self.spec.key_size, count),
+                       _split(bytes(values), self.value_bytes, count))
+
+    def _raw_count(self, keys: Buffer, values: Buffer) -> int:
+        """How many entries `keys` and `values` (put_batch_raw) hold; checks both sizes."""
+        kn, vn = memoryview(keys).nbytes, memoryview(values).nbytes
+        count = kn // self.spec.key_size
+        if kn != count * self.spec.key_size or vn != count * self.value_bytes:
+            raise MapError(errno.EINVAL, f"{self.name}: {kn} bytes of keys and {vn} of "
+                                         f"values are not whole entries of "
+                                         f"{self.spec.key_size} and {self.value_bytes}")
+        return count
 
     def delete_batch(self, keys: Sequence[bytes]) -> int:
         return sum(self.delete(k) for k in keys)
@@ -154,6 +181,17 @@ class KernelMap(Map):
             return
         try:
             bpfsys.update_batch(self.fd, b"".join(keys), b"".join(values), len(keys))
+        except OSError as e:
+            err = classify(e, f"{self.name} batch update")
+            err.done = getattr(e, "done", 0)  # type: ignore[attr-defined]
+            raise err from None
+
+    def put_batch_raw(self, keys: Buffer, values: Buffer) -> None:
+        count = self._raw_count(keys, values)
+        if not count:
+            return
+        try:
+            bpfsys.update_batch(self.fd, keys, values, count)
         except OSError as e:
             err = classify(e, f"{self.name} batch update")
             err.done = getattr(e, "done", 0)  # type: ignore[attr-defined]

@@ -40,16 +40,17 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain, compress, repeat
-from operator import attrgetter, itemgetter, mul
+from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
 
+import numpy as np
 import structlog
 
 from dpd import maglev
 from dpd.ids import IdPool
 from dpd.loader import Datapath
 from dpd.maps import MapFull
-from dpd.slots import build_slots
+from dpd.natbatch import CHUNK, NatValues
 from xlbcore import gcpause
 from xlbcore.errors import Exhausted
 from xlbcore.service import (
@@ -68,14 +69,14 @@ from xlbcore.service import (
 log = structlog.get_logger("dpd.services")
 
 _VIP, _PORT, _PROTO = attrgetter("vip"), attrgetter("port"), attrgetter("proto")
-_SPEC, _SVC_ID, _EP_IDS, _MAGLEV_B = (attrgetter("spec"), attrgetter("svc_id"),
-                                      attrgetter("ep_ids"), attrgetter("maglev_b"))
-_ENDPOINTS, _ALGORITHM, _MODE = (attrgetter("endpoints"), attrgetter("algorithm"),
-                                 attrgetter("mode"))
-_ADDRESS, _WEIGHT = attrgetter("address"), attrgetter("weight")
+_SPEC = attrgetter("spec")
+_ENDPOINTS, _ALGORITHM = attrgetter("endpoints"), attrgetter("algorithm")
+_WEIGHT = attrgetter("weight")
 _HEALTH, _CT_TIMEOUTS = attrgetter("health"), attrgetter("ct_timeouts")
-_SNAT = attrgetter("snat_addr")
-_PERSIST, _GROUPED = attrgetter("persistence_s"), attrgetter("grouped")
+_GROUPED = attrgetter("grouped")
+_IS_MAGLEV = Algorithm.MAGLEV.__eq__
+# what a nat_v4_map value takes from a spec (columns: its endpoints column by column)
+_VALUE_FIELDS = attrgetter("algorithm", "mode", "persistence_s", "snat_addr", "columns")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -83,7 +84,6 @@ def _snat_bytes(address: str) -> bytes:
     """xlb_nat_val.snat_addr of a spec's snat_addr ("": 0, the node's address)."""
     return socket.inet_aton(address) if address else bytes(4)
 _VIP_OF_KEY = itemgetter(slice(0, 4))  # a nat_v4_map key's first field
-_U32 = struct.Struct("<I")  # a vip_v4_map value: the VIP's service count
 
 
 class _Entry(NamedTuple):
@@ -143,9 +143,8 @@ class ServiceTable:
         self._ep_fields = ("addr", "port", "weight", "stat_id")
         self._val_head = self._val.wire_struct(self._val_fields, "eps", self._ep_fields, 0)
         self._vals: dict[int, struct.Struct] = {}  # endpoints -> the value's wire struct
-        # a value from its endpoints already packed (the eps bytes are zero-filled)
-        self._pack_val = self._val.packer(*self._val_fields)
-        self._ep = abi.structs["xlb_ep"].codec.wire_struct(self._ep_fields)
+        # the values of a batch in one array (dpd/natbatch.py), slot tables cached there
+        self._values_of = NatValues(abi.structs["xlb_nat_val"])
         self.max_eps = abi.const("XLB_MAX_EPS")
         self.n_slots = abi.const("XLB_SLOTS")
         self.max_services = self.nat.spec.max_entries
@@ -154,10 +153,8 @@ class ServiceTable:
         # svc_id -> (address, port) of its endpoints out of selection (health)
         self._down: dict[int, frozenset[tuple[str, int]]] = {}
         self._lock = threading.Lock()
-        n_slots = self.n_slots
-        # weights -> slot table, bounded (a process holds one table per node)
-        self._slot_table: Callable[[tuple[int, ...]], bytes] = functools.lru_cache(4096)(
-            lambda weights: bytes(build_slots(weights, n_slots)))
+        # weights -> slot table (cached, bounded: a process holds one table per node)
+        self._slot_table: Callable[[tuple[int, ...]], bytes] = self._values_of.slots.table
         with gcpause.paused():
             entries = self._read_all()
         self.svc_ids = IdPool(self.max_services, (e.svc_id for e in entries.values()),
@@ -175,7 +172,7 @@ class ServiceTable:
         # vip_v4_map: VIP -> how many services it carries (the datapath answers ICMP echo
         # to a VIP); made to match the services at start, then kept by every write
         self.vips = dp.maps["vip_v4_map"]
-        self._vip_count: dict[bytes, int] = {}
+        self._vip_count: Tally[bytes] = Tally()
         self._count_vips(list(entries), +1)
         self.vips.delete_batch([v for v, _ in self.vips.items() if v not in self._vip_count])
         # Maglev tables no service points at (a dpd stopped between two writes)
@@ -289,36 +286,31 @@ class ServiceTable:
         self.cfg.put_batch(keys, vals)
         self.cfg.delete_batch(gone)
 
-    def _values(self, entries: list[_Entry]) -> list[bytes]:
-        """nat_v4_map values of `entries`, built column by column: every endpoint of
-        the batch packed in one pass into one buffer, then each value packed from its
-        slice of it, its slot table and its header fields (no Python step per service
-        or endpoint: map() over C functions)."""
-        specs = list(map(_SPEC, entries))
-        eps_of = list(map(_ENDPOINTS, specs))
-        counts = list(map(len, eps_of))
-        eps = list(chain.from_iterable(eps_of))
-        weights = tuple(map(_WEIGHT, eps))
-        blob = b"".join(map(self._ep.pack, map(socket.inet_aton, map(_ADDRESS, eps)),
-                            map(socket.htons, map(_PORT, eps)), weights,
-                            chain.from_iterable(map(_EP_IDS, entries))))
-        bounds = list(accumulate(counts, initial=0))
-        starts, ends = bounds[:-1], bounds[1:]
-        size = self._ep.size
-        ep_bytes = map(blob.__getitem__, map(slice, map(mul, starts, repeat(size)),
-                                             map(mul, ends, repeat(size))))
-        tables = list(map(self._slot_table, map(weights.__getitem__, map(slice, starts, ends))))
-        if self._down or any(map(_GROUPED, specs)):
-            # some endpoint is out of selection (health, a priority group): its slots go
-            down = self._down
-            for i, e in enumerate(entries):
-                if e.svc_id in down or e.spec.grouped:
-                    tables[i] = self._slot_table(self._effective(e))
-        flags = map(mul, map(_MAGLEV_B, entries), repeat(self._maglev_flag))
-        return list(map(self._pack_val, map(_SVC_ID, entries), map(_ALGORITHM, specs),
-                        map(_MODE, specs), counts, flags, map(len, tables),
-                        map(_PERSIST, specs), map(_snat_bytes, map(_SNAT, specs)), ep_bytes,
-                        tables))
+    def _values(self, entries: list[_Entry]) -> np.ndarray:
+        """nat_v4_map values of `entries`, in one array (dpd/natbatch.py): the header
+        fields as columns, the slot tables from the weights selection uses (health,
+        priority groups)."""
+        if not entries:
+            return np.zeros(0, self._values_of.dtype)
+        specs, svc_ids, ep_ids, maglev_b = zip(*entries, strict=True)  # columns, in C
+        algos, modes, persist, snats, columns = zip(*map(_VALUE_FIELDS, specs), strict=True)
+        down = self._down
+        selection = None
+        if down or any(map(_GROUPED, specs)):
+            selection = {i: self._effective(e) for i, e in enumerate(entries)
+                         if e.svc_id in down or e.spec.grouped}
+        head = {"svc_id": svc_ids, "algo": algos, "mode": modes, "persist_s": persist,
+                "flags": np.array(maglev_b, np.uint8) * self._maglev_flag,
+                "snat_addr": np.frombuffer(b"".join(map(_snat_bytes, snats)), ">u4")}
+        return self._values_of.build(head, columns, chain.from_iterable(ep_ids), selection)
+
+    def _write_nat(self, keys: list[bytes], entries: list[_Entry]) -> None:
+        """Write `entries` under `keys`, in batches of natbatch.CHUNK (keys and values
+        each one array, the values in the encoder's kept buffer). A failure part-way
+        leaves the earlier batches written: the caller restores what `keys` held."""
+        for i in range(0, len(entries), CHUNK):
+            self.nat.put_batch_raw(b"".join(keys[i:i + CHUNK]),
+                                   self._values(entries[i:i + CHUNK]).data)
 
     def _read_all(self) -> dict[bytes, _Entry]:
         """What nat_v4_map holds, decoded (once, when dpd starts)."""
@@ -417,27 +409,31 @@ class ServiceTable:
         """Write the counts of `vips` (deleting those that carry no service any more)."""
         counts = self._vip_count
         held = list(map(counts.get, vips))
-        gone = [v for v, n in zip(vips, held, strict=True) if not n]
-        live = list(compress(vips, held))
-        for v in gone:
-            counts.pop(v, None)
-        self.vips.delete_batch(gone)
-        self.vips.put_batch(live, list(map(_U32.pack, map(counts.__getitem__, live))))
+        if held.count(0):  # some carry no service any more
+            gone = [v for v, n in zip(vips, held, strict=True) if not n]
+            for v in gone:
+                del counts[v]
+            self.vips.delete_batch(gone)
+            vips, held = list(compress(vips, held)), list(filter(None, held))
+        # vip_v4_map values: each a __u32, the VIP's service count
+        self.vips.put_batch_raw(b"".join(vips), struct.pack(f"<{len(held)}I", *held))
 
     def _count_vips(self, keys: list[bytes], step: int) -> None:
         """Count the services of `keys` (nat_v4_map keys: the VIP is the first 4 bytes)."""
-        counts = self._vip_count
-        touched: Tally[bytes] = Tally(map(_VIP_OF_KEY, keys))
-        for vip, n in touched.items():
-            counts[vip] = counts.get(vip, 0) + step * n
-        if touched:
-            self._write_vips(list(touched))
+        vips = list(map(_VIP_OF_KEY, keys))
+        if step > 0:
+            self._vip_count.update(vips)  # counted in C
+        else:
+            self._vip_count.subtract(vips)
+        if vips:
+            self._write_vips(list(dict.fromkeys(vips)))
 
     def put(self, specs: list[ServiceSpec]) -> int:
         """Upsert all of `specs` or none. Raises Exhausted when there is no room."""
         with self._lock, gcpause.paused(len(specs) >= BULK):
             max_eps = self.max_eps
-            if max(map(len, map(_ENDPOINTS, specs)), default=0) > max_eps:
+            counts = list(map(len, map(_ENDPOINTS, specs)))  # endpoints of each
+            if max(counts, default=0) > max_eps:
                 s = next(s for s in specs if len(s.endpoints) > max_eps)
                 raise Exhausted(f"service {s.key}: {len(s.endpoints)} endpoints, the "
                                 f"datapath holds at most {max_eps}")
@@ -460,8 +456,10 @@ class ServiceTable:
                 keys = list(batch)
                 old = list(map(get, keys))
             new_svcs = old.count(None)
-            new_eps = sum([len(s.endpoints)
-                           for s, p in zip(batch.values(), old, strict=True) if p is None])
+            if len(batch) != len(specs):  # the counts of what is written
+                counts = list(map(len, map(_ENDPOINTS, batch.values())))
+            new_eps = sum(counts) if new_svcs == len(old) else sum(
+                compress(counts, map(is_, old, repeat(None))))
             for spec, prev in zip(batch.values(), old, strict=True):
                 if prev is not None:
                     have = prev.stat_ids
@@ -474,8 +472,8 @@ class ServiceTable:
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 raise
-            plan, freed = self._plan(list(batch.values()), old, svc_ids, stat_pool)
-            tables = [e for e in plan if e.spec.algorithm == Algorithm.MAGLEV]
+            plan, freed = self._plan(list(batch.values()), counts, old, svc_ids, stat_pool)
+            tables = list(compress(plan, map(_IS_MAGLEV, map(_ALGORITHM, batch.values()))))
             try:
                 dirty_eps = self.stat_ids.take_dirty(stat_pool)
                 self.ep_stats.zero(dirty_eps)
@@ -488,7 +486,7 @@ class ServiceTable:
                     self.maglev.put_batch([self._maglev_key(e) for e in part],
                                           [self._maglev_value(e) for e in part])
                 if plan:
-                    self.nat.put_batch(keys, self._values(plan))
+                    self._write_nat(keys, plan)
                 self._write_cfg(plan, old)
             except Exception as err:
                 self._restore(keys, old)
@@ -513,16 +511,16 @@ class ServiceTable:
             return len(specs)
 
     @staticmethod
-    def _plan(specs: list[ServiceSpec], old: list[_Entry | None], svc_ids: list[int],
-              stat_pool: list[int]) -> tuple[list[_Entry], list[int]]:
-        """The entries `specs` become (`old`: what each key holds now) with ids from the
-        reserved `svc_ids` (one per new service) and `stat_pool` (one per new endpoint),
-        and the endpoint slots they free."""
+    def _plan(specs: list[ServiceSpec], counts: list[int], old: list[_Entry | None],
+              svc_ids: list[int], stat_pool: list[int]) -> tuple[list[_Entry], list[int]]:
+        """The entries `specs` (with `counts` endpoints each) become (`old`: what each
+        key holds now) with ids from the reserved `svc_ids` (one per new service) and
+        `stat_pool` (one per new endpoint), and the endpoint slots they free."""
         if old.count(None) == len(old):  # all new: entries made column by column
-            bounds = list(accumulate(map(len, map(_ENDPOINTS, specs)), initial=0))
+            bounds = list(accumulate(counts, initial=0))
+            pool = tuple(stat_pool)  # its slices are the entries' ep_ids
             return _entries(specs, svc_ids,
-                            map(tuple, map(stat_pool.__getitem__,
-                                           map(slice, bounds[:-1], bounds[1:]))),
+                            map(pool.__getitem__, map(slice, bounds[:-1], bounds[1:])),
                             repeat(0)), []
         plan: list[_Entry] = []
         freed: list[int] = []
@@ -554,7 +552,7 @@ class ServiceTable:
                 self.nat.delete(k)
         back = [(k, e) for k, e in zip(written, old, strict=True) if e is not None]
         if back:
-            self.nat.put_batch([k for k, _ in back], self._values([e for _, e in back]))
+            self._write_nat([k for k, _ in back], [e for _, e in back])
         log.warning("services_rolled_back", count=len(written))
 
     def delete(self, keys: list[ServiceKey]) -> int:
@@ -617,7 +615,7 @@ class ServiceTable:
                 if tables:
                     self.maglev.put_batch([self._maglev_key(e) for e in tables],
                                           [self._maglev_value(e) for e in tables])
-                self.nat.put_batch(keys, self._values(plan))
+                self._write_nat(keys, plan)
             except Exception:
                 for e, was in old:
                     if was:

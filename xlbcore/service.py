@@ -13,7 +13,7 @@ import functools
 import operator
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from typing import Protocol as TypingProtocol
 
 from xlb.types.v1 import types_pb2
@@ -129,6 +129,15 @@ CT_TIMEOUT_FIELDS = ("tcp_handshake", "tcp_established", "tcp_closing", "tcp_clo
 CT_TIMEOUT_MAX = 7 * 86400  # a week
 
 
+class EndpointColumns(NamedTuple):
+    """A service's endpoints column by column, in endpoint order: what dpd writes to
+    the datapath for them, without reading every endpoint again."""
+
+    addresses: bytes  # 4 bytes each, network order (socket.inet_aton)
+    ports: tuple[int, ...]
+    weights: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     vip: str
@@ -152,6 +161,14 @@ class ServiceSpec:
     @functools.cached_property
     def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
         return ServiceKey(self.vip, self.port, self.proto)
+
+    @functools.cached_property
+    def columns(self) -> EndpointColumns:
+        """The endpoints as columns, made once (parse_services makes them as it reads
+        a message, while the addresses are at hand)."""
+        eps = self.endpoints
+        return EndpointColumns(b"".join([socket.inet_aton(ep.address) for ep in eps]),
+                               tuple([ep.port for ep in eps]), tuple([ep.weight for ep in eps]))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -426,12 +443,14 @@ def fill_service_key(msg: Any, key: ServiceKey) -> Any:
 
 
 @functools.lru_cache(maxsize=65536)
-def _unicast(value: str) -> str | None:
-    """The canonical dotted quad when parse_ipv4(value, ...) accepts it, else None."""
+def _unicast(value: str) -> tuple[str, bytes] | None:
+    """(the canonical dotted quad, its 4 bytes) when parse_ipv4(value, ...) accepts it,
+    else None."""
     try:
-        return parse_ipv4(value, "")
+        text = parse_ipv4(value, "")
     except ValidationError:
         return None
+    return text, socket.inet_aton(text)
 
 
 _ALGORITHMS = {0: Algorithm.ROUND_ROBIN, **{int(a): a for a in Algorithm}}
@@ -451,11 +470,11 @@ def _service_fast(msg: Any) -> ServiceSpec | None:
         return None
     vip, port, api_proto, api_algorithm, api_mode, ep_msgs, snat, persist = \
         _SERVICE_FIELDS(msg)
-    vip = _unicast(vip)
+    vip_parsed = _unicast(vip)
     proto = _API_PROTO.get(api_proto)
     algorithm = _ALGORITHMS.get(api_algorithm)
     mode = _MODES.get(api_mode)
-    if vip is None or proto is None or algorithm is None or mode is not Mode.DNAT \
+    if vip_parsed is None or proto is None or algorithm is None or mode is not Mode.DNAT \
             or snat or not 0 < port <= 65535 or persist > MAX_PERSISTENCE_S:
         return None  # other modes (their rules, snat_address): parse_service
     rows = list(map(_ENDPOINT_FIELDS, ep_msgs))
@@ -464,19 +483,27 @@ def _service_fast(msg: Any) -> ServiceSpec | None:
         return None
     eps = []
     for i, (address, ep_port, weight, priority) in enumerate(rows):
-        address = _unicast(address)
+        parsed = _unicast(address)
         if not weight and not ep_msgs[i].HasField("weight"):
             weight = DEFAULT_WEIGHT
-        if address is None or not 0 < ep_port <= 65535 or not 0 <= weight <= MAX_WEIGHT \
+        if parsed is None or not 0 < ep_port <= 65535 or not 0 <= weight <= MAX_WEIGHT \
                 or priority > MAX_PRIORITY:
             return None
-        eps.append((address, ep_port, weight, priority))
-    if len({(a, p) for a, p, _, _ in eps}) != n:
+        eps.append((parsed[0], ep_port, weight, priority, parsed[1]))
+    eps.sort()  # as EndpointSpec orders: address, port, weight, priority (then the bytes)
+    addresses, ports, weights, priorities, packed = zip(*eps, strict=True)
+    if len(set(zip(addresses, ports, strict=True))) != n:
         return None
-    eps.sort()  # as EndpointSpec orders: address, port, weight, priority
-    return ServiceSpec(vip, port, proto, algorithm, mode,
-                       tuple([EndpointSpec(a, p, w, g) for a, p, w, g in eps]),
+    spec = ServiceSpec(vip_parsed[0], port, proto, algorithm, mode,
+                       tuple(map(EndpointSpec, addresses, ports, weights, priorities)),
                        persistence_s=persist)
+    # what dpd's put reads of the endpoints, made while they are at hand (cached
+    # properties: set in the spec's __dict__; the columns made in C, a NamedTuple's own
+    # __new__ being Python)
+    made = spec.__dict__
+    made["columns"] = tuple.__new__(EndpointColumns, (b"".join(packed), ports, weights))
+    made["grouped"] = any(priorities)
+    return spec
 
 
 def parse_services(msgs: Any, field: str = "services") -> list[ServiceSpec]:

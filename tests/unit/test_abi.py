@@ -93,3 +93,24 @@ def test_positional_packer_names_every_field_and_packs_as_pack_does():
                     b"\x00") == val.pack(
         svc_id=1, algo=1, mode=2, n_eps=1, n_slots=1, persist_s=30,
         snat_addr=b"\xc6\x12\x00\x01", eps=[one], slots=b"\x00")
+
+
+def test_numpy_dtype_has_the_layout_of_every_struct():
+    import numpy as np
+
+    for name, layout in ABI.structs.items():
+        dt = layout.dtype
+        assert dt.itemsize == layout.size, name
+        for f in layout.fields:
+            if not f.name.startswith("pad"):
+                assert dt.fields[f.name][1] == f.offset, (name, f.name)
+                assert dt[f.name].itemsize == f.size, (name, f.name)
+    codec = ABI.structs["xlb_ct_val"].codec
+    row = np.zeros(1, ABI.structs["xlb_ct_val"].dtype)
+    row["nat_addr"] = np.frombuffer(b"\xc6\x12\x01\x02", ">u4")
+    row["nat_port"], row["state"], row["last_ns"] = 8080, 3, 123
+    row["svc"]["vip"] = np.frombuffer(b"\xc6\x13\x00\x0a", ">u4")
+    row["svc"]["port"], row["svc"]["proto"] = 80, 6
+    assert row.tobytes() == codec.pack(nat_addr=b"\xc6\x12\x01\x02", nat_port=8080, state=3,
+                                       last_ns=123, svc={"vip": b"\xc6\x13\x00\x0a",
+                                                         "port": 80, "proto": 6})

@@ -8,12 +8,14 @@ from __future__ import annotations
 import gc
 import random
 import socket
+from dataclasses import replace
 
 import pytest
 
 from dpd.abi import load
 from dpd.ids import IdPool
 from dpd.loader import Settings
+from dpd.maps import MapError
 from dpd.memory import MemoryDatapath
 from dpd.services import ServiceTable
 from dpd.slots import build_slots
@@ -25,6 +27,9 @@ from xlbcore.errors import ValidationError
 from xlbcore.service import (
     Algorithm,
     EndpointSpec,
+    HealthKind,
+    HealthSpec,
+    Mode,
     Proto,
     ServiceSpec,
     parse_service,
@@ -73,6 +78,10 @@ def test_parse_services_is_parse_service_for_every_message(bad):
         assert got == outcome(lambda m: [parse_service(m, "services[0]")], msg)
         fast += service_module._service_fast(msg) is not None
         refused += isinstance(got, tuple)
+        if not isinstance(got, tuple):  # what it made ahead is what the spec makes
+            made = got[0].__dict__
+            assert made.get("columns") == replace(got[0]).columns
+            assert made.get("grouped") == replace(got[0]).grouped
     assert fast + refused == 3000  # every valid service took the fast path
     assert (fast > 0 and refused > 2000) if bad else fast > 2000
 
@@ -111,20 +120,23 @@ def restarted(table: ServiceTable) -> ServiceTable:
     dp = MemoryDatapath(Settings(name="m", max_services=512, max_backends=4096, ct_size=64))
     for name, m in (("maglev_v4_map", table.maglev), ("nat_v4_map", table.nat),
                     ("svc_stats_map", table.svc_stats), ("ep_stats_map", table.ep_stats),
-                    ("rr_map", table.rr), ("vip_v4_map", table.vips)):
+                    ("rr_map", table.rr), ("vip_v4_map", table.vips),
+                    ("svc_cfg_map", table.cfg), ("ep_conn_map", table.ep_conn)):
         dp.maps[name] = m
     dp.reused = True
     return ServiceTable(dp, maglev_size=251)
 
 
-def reference_value(t: ServiceTable, e) -> bytes:
-    """The value as the ABI codec packs it, field by field."""
+def reference_value(t: ServiceTable, e, selected: tuple[int, ...] | None = None) -> bytes:
+    """The value as the ABI codec packs it, field by field; the slot table from the
+    `selected` weights (default: the configured ones)."""
     codec = load().structs["xlb_nat_val"].codec
     weights = [ep.weight for ep in e.spec.endpoints]
-    slots = bytes(build_slots(weights, t.n_slots))
+    slots = bytes(build_slots(weights if selected is None else selected, t.n_slots))
     return codec.pack(
         svc_id=e.svc_id, algo=int(e.spec.algorithm), mode=int(e.spec.mode),
         n_eps=len(weights), flags=t._maglev_flag if e.maglev_b else 0, n_slots=len(slots),
+        persist_s=e.spec.persistence_s,
         snat_addr=socket.inet_aton(e.spec.snat_addr) if e.spec.snat_addr else bytes(4),
         eps=[{"addr": socket.inet_aton(ep.address), "port": ep.port, "weight": ep.weight,
               "stat_id": sid} for ep, sid in zip(e.spec.endpoints, e.ep_ids, strict=True)],
@@ -149,6 +161,62 @@ def test_bulk_encoding_writes_what_the_codec_packs_and_a_restart_reads_it_back(t
         k: (e.spec, e.svc_id, e.ep_ids, e.maglev_b) for k, e in entries.items()}
     stat = [sid for e in entries.values() for sid in e.ep_ids]
     assert len(stat) == len(set(stat))  # every endpoint its own counter slot
+
+
+def random_spec(rng: random.Random, i: int) -> ServiceSpec:
+    n = rng.choice([1, 2, 3, 4, 4, 4, 7, 17, 64])
+    weights = rng.choice([[1] * n, [0] * n,
+                          [rng.choice([0, 1, 2, 5, 999, 1000]) for _ in range(n)]])
+    grouped = rng.random() < 0.2
+    eps = sorted(EndpointSpec(f"10.{rng.randrange(256)}.{j // 250}.{j % 250 + 1}",
+                              rng.choice([1, 80, 8080, 65535]), w,
+                              rng.choice([0, 1, 255]) if grouped else 0)
+                 for j, w in enumerate(weights))
+    mode = rng.choice([Mode.DNAT, Mode.FULLNAT])
+    return ServiceSpec(f"198.19.{i // 250}.{i % 250 + 1}", rng.choice([80, 443]),
+                       rng.choice(list(Proto)), rng.choice(list(Algorithm)), mode,
+                       endpoints=tuple(eps),
+                       health=rng.choice([None, HealthSpec(HealthKind.TCP)]),
+                       snat_addr=rng.choice(["", "198.18.9.9"]) if mode == Mode.FULLNAT else "",
+                       persistence_s=rng.choice([0, 0, 30, 65535]))
+
+
+def test_batch_encoder_writes_what_the_codec_packs_for_random_services():
+    """NatValues (one numpy array per batch) against Codec.pack, service by service:
+    random endpoint counts and weights (0 included), every algorithm, priority groups,
+    endpoints out of selection (health), SNAT addresses, persistence, rewrites of what
+    is held, and the services a restart reads back."""
+    rng = random.Random(11)
+    t = ServiceTable(MemoryDatapath(Settings(name="m", max_services=1024,
+                                             max_backends=65536, ct_size=64)),
+                     maglev_size=251)
+    for round_ in range(4):
+        specs = [random_spec(rng, i) for i in rng.sample(range(600), 300)]
+        t.put(specs)
+        entries = sorted(t.entries(), key=lambda kv: str(kv[0]))
+        changes = {}
+        for key, e in rng.sample(entries, 60):
+            eps = e.spec.endpoints
+            changes[key] = frozenset((ep.address, ep.port)
+                                     for ep in rng.sample(eps, rng.randrange(len(eps) + 1)))
+        t.set_down(changes)
+        held = dict(t.nat.items())
+        for key, e in t.entries():
+            want = reference_value(t, e, t._effective(e))
+            assert held[t.key_bytes(key)] == want, (round_, key)
+    again = restarted(t)
+    assert {k: (e.spec, e.ep_ids) for k, e in again.entries()} == {
+        k: (e.spec, e.ep_ids) for k, e in t.entries()}
+
+
+def test_put_batch_raw_splits_for_an_in_memory_map_and_checks_sizes(table):
+    m = table.vips
+    m.put_batch_raw(b"\x01\x02\x03\x04\x05\x06\x07\x08",
+                    memoryview(b"\x01\0\0\0\x02\0\0\0"))
+    assert dict(m.items()) == {b"\x01\x02\x03\x04": b"\x01\0\0\0",
+                               b"\x05\x06\x07\x08": b"\x02\0\0\0"}
+    with pytest.raises(MapError, match="not whole entries"):
+        m.put_batch_raw(b"\x01\x02\x03\x04", b"\x01\0\0")
 
 
 def test_pages_follow_vip_port_protocol_order(table):
