@@ -42,7 +42,8 @@ from xlbcore.errors import PreconditionError
 
 log = structlog.get_logger("dpd.loader")
 
-PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func", "tc_mirror_func")
+PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func", "tc_mirror_func",
+            "tc_police_func")
 # programs of another type than TC (sched_cls): bcc's program type names
 PROGRAM_TYPES = {"xdp_packet_func": "XDP"}
 # Suffix of the program pins a compile made and dpd has not installed yet (bpffs
@@ -218,6 +219,10 @@ class Datapath:
     def mirror_fd(self) -> int:
         raise PreconditionError("this node has no kernel datapath (programs not loaded)")
 
+    @property
+    def police_fd(self) -> int:
+        raise PreconditionError("this node has no kernel datapath (programs not loaded)")
+
     def close(self) -> None:
         pass
 
@@ -324,6 +329,10 @@ class KernelDatapath(Datapath):
     @property
     def mirror_fd(self) -> int:
         return self.progs["tc_mirror_func"]
+
+    @property
+    def police_fd(self) -> int:
+        return self.progs["tc_police_func"]
 
     def close(self) -> None:
         """Release this process's fds; pins and attachments stay."""

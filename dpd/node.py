@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import structlog
 
 from dpd import attach, bpfsys, maglev, routes, xdp
+from dpd import policers as polx
 from dpd.attach import Attachment
 from dpd.blocklist import Blocklist
 from dpd.conntrack import Conntrack, CtEntry, CtFilter, Timeouts
+from dpd.events import NodeEvents
 from dpd.firewall import FirewallTable, Links, StaticLinks
 from dpd.health import HealthMonitor
 from dpd.loader import Datapath, Settings, remove_pins, unmount_if_empty
@@ -60,6 +62,10 @@ class Node:
         self.firewall = FirewallTable(dp, Links() if dp.kind == "kernel" else StaticLinks())
         self.mirrors = MirrorTable(dp, self.firewall.links,
                                    Filters(dp.mirror_fd) if dp.kind == "kernel" else NoFilters())
+        self.policers = polx.PolicerTable(
+            dp, self.firewall.links,
+            polx.Filters(dp.police_fd) if dp.kind == "kernel" else polx.NoFilters())
+        self.events = NodeEvents(self)  # after health, firewall and policers: it names by them
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())
         self._stat_names = dp.abi.stat_names()
@@ -76,6 +82,7 @@ class Node:
             for name, st in xdp.attached().items():
                 xdp.attach(name, dp.xdp_fd, st.mode)
             self.mirrors.reattach()
+            self.policers.reattach()
 
     @classmethod
     def load(cls, settings: Settings, ct_aging_interval: float = 5.0,
@@ -243,6 +250,7 @@ class Node:
         """Stop background work and release fds; the datapath keeps running."""
         self.conntrack.stop()
         self.health.stop()
+        self.events.close()
         self.routes.close()
         self.dp.close()
 
@@ -260,6 +268,9 @@ def cleanup(settings: Settings, remove_routes: bool = False) -> dict[str, object
     for ifindex in filtered():
         detach_filter(ifindex)
         detached.append(f"ifindex {ifindex} (mirror)")
+    for ifindex in polx.filtered():
+        polx.detach_filter(ifindex)
+        detached.append(f"ifindex {ifindex} (policer)")
     removed = remove_pins(settings)
     unmounted = unmount_if_empty(settings.bpf_root)
     routes_removed = routes.cleanup(settings.route_proto) if remove_routes else []

@@ -9,9 +9,11 @@ import structlog
 
 from dpd.blocklist_rpcs import BlocklistRpcs, parse_xdp_mode
 from dpd.conntrack import CtFilter
+from dpd.event_rpcs import EventRpcs
 from dpd.firewall_rpcs import FirewallRpcs
 from dpd.health import EndpointHealth
 from dpd.node import Node
+from dpd.policer_rpcs import PolicerRpcs
 from dpd.route_rpcs import RouteRpcs
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc as pb_grpc
@@ -74,7 +76,8 @@ def _require(name: str, field: str = "name") -> str:
     return name
 
 
-class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, pb_grpc.DatapathServicer):
+class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, PolicerRpcs, EventRpcs,
+                       pb_grpc.DatapathServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 

@@ -34,6 +34,7 @@ class Action(enum.IntEnum):
     ALLOW = 1
     DROP = 2
     REDIRECT = 3
+    TRAP = 4  # the packet's first bytes to dpd's event stream, then as ALLOW
 
 
 class RuleProto(enum.IntEnum):
@@ -209,8 +210,8 @@ def parse_rule(msg: Any, field: str = "spec") -> RuleSpec:
     except ValueError:
         what = "no action given" if msg.action == 0 else f"unknown action {msg.action}"
         raise ValidationError(
-            f"{prefix}action: {what}; use FIREWALL_ACTION_ALLOW, FIREWALL_ACTION_DROP or"
-            " FIREWALL_ACTION_REDIRECT"
+            f"{prefix}action: {what}; use FIREWALL_ACTION_ALLOW, FIREWALL_ACTION_DROP,"
+            " FIREWALL_ACTION_REDIRECT or FIREWALL_ACTION_TRAP"
         ) from None
     redirect = msg.redirect_interface
     if action is Action.REDIRECT:

@@ -13,6 +13,7 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
+#include "events.h"
 #include "maps.h"
 #include "parse.h"
 #include "stats.h"
@@ -38,6 +39,11 @@ static __always_inline void xlb_count_drop(__u32 ifindex, __u32 stat)
     struct xlb_counter *c = intf_stats_map.lookup(&idx);
     if (c)
         c->packets++;
+    /* a new flow refused for want of conntrack room: an event (constant folded away
+     * for every other reason) */
+    if (stat == XLB_STAT_DROP_CT_CLASH || stat == XLB_STAT_DROP_CT_INSERT ||
+        stat == XLB_STAT_DROP_SNAT_PORTS)
+        xlb_event(XLB_EV_FLOW_REFUSED, stat, ifindex, 0);
 }
 
 /* acl_cfg when the firewall is on (a rule set with tuples, or an interface whose policy
@@ -110,6 +116,8 @@ static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cf
             *redirect = redir;
             return XLB_FW_REDIRECT;
         }
+        if (action == XLB_ACT_TRAP) /* to dpd, then allowed */
+            xlb_trap(skb, rule_id);
         return XLB_FW_ALLOW;
     }
     if (flags & XLB_ACL_F_POLICY_DROP) {

@@ -111,4 +111,31 @@ BPF_TABLE_PINNED("hash", u32, struct xlb_mirr, mirr_map, XLB_MAX_INTF, XLB_PIN(m
 BPF_TABLE_PINNED("percpu_hash", u32, struct xlb_counter, mirr_stats_map, XLB_MAX_INTF,
                  XLB_PIN(mirr_stats_map));
 
+/* Policers: the buckets (shared, updated with compare-and-swap), the policed interfaces
+ * (ifindex -> policer id) and per policer counters (id * 2 + XLB_POLX_PASS|DROP). */
+#ifndef XLB_MAX_POLICERS
+#define XLB_MAX_POLICERS 1024
+#endif
+BPF_TABLE_PINNED("array", u32, struct xlb_polx, polx_map, XLB_MAX_POLICERS, XLB_PIN(polx_map));
+BPF_TABLE_PINNED("hash", u32, u32, polx_intf_map, XLB_MAX_INTF, XLB_PIN(polx_intf_map));
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_counter, polx_stats_map,
+                 XLB_MAX_POLICERS * 2, XLB_PIN(polx_stats_map));
+
+/* Events: a ring buffer dpd reads (pinned: the programs and every dpd share it). bcc has
+ * no pinned form of BPF_RINGBUF_OUTPUT: this is its table type with the pinned section. */
+#ifndef XLB_RING_BYTES
+#define XLB_RING_BYTES (1 << 20)
+#endif
+struct pkt_ring_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" XLB_PIN(pkt_ring))))
+struct pkt_ring_table_t pkt_ring = {.max_entries = XLB_RING_BYTES};
+
 #endif

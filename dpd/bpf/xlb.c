@@ -4,3 +4,4 @@
 #include "tc_slow.c"
 #include "xdp.c"
 #include "mirror.c"
+#include "police.c"

@@ -1,0 +1,179 @@
+"""Events on a real node (namespaces named pe*): a TRAP rule's packets reach a WatchEvents
+client decoded, with their bytes; a flood of trapped datagrams is shed by dpd (bounded
+memory, a DROPPED event in the stream) while the node keeps answering its API."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.conftest import require_root
+from tests.e2e.conftest import VIP, Lab
+from xlb.dpd.v1 import datapath_pb2 as pb
+from xlb.types.v1 import types_pb2 as tpb
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_root()
+    from lab.daemons import Dpd
+    from lab.topology import Topology
+    from xlb.dpd.v1 import datapath_pb2_grpc
+
+    topo = Topology(backends=1, vip=VIP, prefix="pe" + secrets.token_hex(2))
+    dpd = None
+    channel = None
+    try:
+        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
+                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
+        dpd.start()
+        channel = grpc.insecure_channel(dpd.address)
+        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
+    finally:
+        if dpd is not None:  # shown by pytest only when the test failed
+            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
+        if channel is not None:
+            channel.close()
+        if dpd is not None:
+            dpd.cleanup()
+        topo.cleanup()
+
+
+def trap_rule(lab: Lab, port: int) -> None:
+    lab.stub.PutFirewallRules(pb.PutFirewallRulesRequest(rules=[pb.FirewallRule(  # type: ignore[attr-defined]
+        name="trap-udp", spec=tpb.FirewallRuleSpec(
+            priority=100, action=tpb.FIREWALL_ACTION_TRAP,
+            match=tpb.FirewallMatch(protocol=tpb.PROTOCOL_UDP,
+                                    dst_ports=tpb.PortRange(first=port, last=port),
+                                    in_interface="c0")))]), timeout=10)
+
+
+class Watch:
+    """A WatchEvents stream read on a thread into a list."""
+
+    def __init__(self, lab: Lab, kinds: list[int], slow: float = 0.0) -> None:
+        self.events: list[tpb.Event] = []
+        self.call = lab.stub.WatchEvents(pb.WatchEventsRequest(kinds=kinds))  # type: ignore[attr-defined]
+        self.slow = slow
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for e in self.call:
+                self.events.append(e)
+                if self.slow:
+                    time.sleep(self.slow)
+        except grpc.RpcError:
+            pass
+
+    def wait(self, pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred(self.events):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.thread.join(5)
+
+
+SEND = """
+import socket, sys, time
+dst, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.monotonic() + seconds
+n = 0
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+while True:
+    for s in socks:  # 64 source ports: 64 flows, each judged (trapped) once
+        s.sendto(b"trap me %d" % n, (dst, port))
+        n += 1
+        s.close()
+    if time.monotonic() >= end:
+        break
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+print(n)
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_trapped_packet_reaches_a_watch_client_decoded(lab):
+    from lab import netns
+
+    topo = lab.topo
+    trap_rule(lab, 5353)
+    watches = [Watch(lab, [tpb.EVENT_KIND_TRAP]), Watch(lab, [])]
+    try:
+        assert not watches[1].wait(lambda ev: len(ev) > 0, 0.5), watches[1].events
+        topo.run(topo.client_ns, [sys.executable, "-c", SEND, topo.backend_ips[0], "5353",
+                                  "0"], env=netns.python_env())
+        for w in watches:  # both clients get every trapped packet
+            assert w.wait(lambda ev: len(ev) >= 64), (len(w.events), dict(
+                lab.stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters))
+        e = watches[0].events[0]
+        assert e.kind == tpb.EVENT_KIND_TRAP and e.reason == "trap-udp"
+        assert e.interface == "c0" and e.time_unix_ns > 0
+        h = e.packet
+        assert (h.src, h.dst, h.ip_protocol, h.dst_port) == (
+            topo.client_ip, topo.backend_ips[0], 17, 5353)
+        assert e.raw[14 + 28:].startswith(b"trap me ")  # Ethernet, IPv4, UDP, payload
+        assert e.packet_length == len(e.raw)  # a short packet: whole
+        assert {x.raw[14 + 28:] for x in watches[0].events} == {
+            b"trap me %d" % i for i in range(64)}
+        stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters
+        assert stats["trap"] == 64
+    finally:
+        for w in watches:
+            w.close()
+
+
+def test_a_trap_flood_is_shed_with_bounded_memory_and_reported(lab):
+    from lab import netns
+
+    topo = lab.topo
+    trap_rule(lab, 5353)
+    pid = lab.dpd.proc.pid
+    slow = Watch(lab, [], slow=0.01)  # a client that reads 100 events a second
+    try:
+        time.sleep(0.5)
+        before = _rss_kib(pid)
+        sender = topo.popen(topo.client_ns, [sys.executable, "-c", SEND, topo.backend_ips[0],
+                                             "5353", "6"], stdout=subprocess.PIPE, text=True,
+                            env=netns.python_env())
+        peak = before
+        t0 = time.monotonic()
+        while sender.poll() is None and time.monotonic() - t0 < 30:
+            peak = max(peak, _rss_kib(pid))
+            # dpd keeps serving its API during the flood
+            lab.stub.GetNode(pb.GetNodeRequest(), timeout=5)
+            time.sleep(0.2)
+        out, _ = sender.communicate(timeout=30)
+        sent = int(out.strip())
+        assert sent > 20_000, sent  # enough to be a flood for the reader's 2000 a second
+        assert slow.wait(lambda ev: any(e.kind == tpb.EVENT_KIND_DROPPED for e in ev)), \
+            [e.kind for e in slow.events[:5]]
+        dropped = [e for e in slow.events if e.kind == tpb.EVENT_KIND_DROPPED]
+        assert dropped[0].count > 0 and dropped[0].reason.startswith("dropped ")
+        assert peak - before < 64 * 1024, (before, peak)  # KiB: bounded, not per event
+    finally:
+        slow.close()
+    stats = lab.stub.GetStats(pb.GetStatsRequest(), timeout=10).global_counters
+    assert stats["trap"] > 0
