@@ -24,9 +24,9 @@ BIG = [("grpc.max_receive_message_length", 64 << 20),
 
 
 def dpd_service(s: ServiceSpec, algorithm: int = tpb.ALGORITHM_ROUND_ROBIN,
-                mode: int = tpb.MODE_DNAT) -> dpb.Service:
+                mode: int = tpb.MODE_DNAT, snat: str = "") -> dpb.Service:
     return dpb.Service(
-        vip=s.vip, port=s.port, algorithm=algorithm, mode=mode,
+        vip=s.vip, port=s.port, algorithm=algorithm, mode=mode, snat_address=snat,
         protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
         endpoints=[tpb.Endpoint(address=e.ip, port=e.port) for e in s.endpoints],
     )
@@ -55,6 +55,7 @@ class XlbTarget(Target):
     name = "xlb"
     algorithm: int = tpb.ALGORITHM_ROUND_ROBIN
     mode: int = tpb.MODE_DNAT
+    snat: str = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +63,7 @@ class XlbTarget(Target):
 
     def setup(self, topo, services, measured_vip, port, backends) -> None:  # type: ignore[no-untyped-def]
         self._remember(topo, measured_vip, port, backends)
-        specs = [dpd_service(s, self.algorithm, self.mode)
+        specs = [dpd_service(s, self.algorithm, self.mode, self.snat)
                  for s in service_set(services, measured_vip, port, backends)]
         self.dpd = start_dpd(topo, services)
         with grpc.insecure_channel(self.dpd.address) as ch:
@@ -92,11 +93,13 @@ class XlbMaglevTarget(XlbTarget):
 
 @register
 class XlbFullnatTarget(XlbTarget):
-    """As `xlb`, every service in full-NAT (docs/modes.md): the source becomes the node's
-    address toward the backend and an allocated port; the backends answer the node."""
+    """As `xlb`, every service in full-NAT (docs/modes.md) with its own SNAT address (the
+    backends route to it via the lb, as to everything): the source becomes that address
+    and the client's port (kept where free); the backends answer the node."""
 
     name = "xlb-fullnat"
     mode = tpb.MODE_FULLNAT
+    snat = "198.18.99.1"
     control_plane = False  # traffic only: the CRR row with full-NAT
 
 

@@ -294,10 +294,16 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         rv.nat2_port = p->sport;
         rk.daddr = snat;
         __u32 h = xlb_mix(xlb_flow_hash(p) ^ ep->addr ^ ep->port);
+        __u32 count = svc->snat_addr ? XLB_SNAT_PORT_COUNT_OWN : XLB_SNAT_PORT_COUNT;
+        __u32 cport = bpf_ntohs(p->sport);
+        int keep = cport >= XLB_SNAT_PORT_MIN && cport - XLB_SNAT_PORT_MIN < count;
         int ok = 0;
 #pragma unroll
         for (int i = 0; i < XLB_SNAT_TRIES; i++) {
-            rk.dport = bpf_htons(XLB_SNAT_PORT_MIN + (h + i) % XLB_SNAT_PORT_COUNT);
+            __u32 port = XLB_SNAT_PORT_MIN + (h + i) % count;
+            if (i == 0 && keep) /* the client's own port, when in the range */
+                port = cport;
+            rk.dport = bpf_htons(port);
             if (!ct_v4_map.insert(&rk, &rv) ||
                 (!xlb_ct_reclaim(&rk) && !ct_v4_map.insert(&rk, &rv))) {
                 ok = 1;

@@ -47,6 +47,7 @@ SNAT = "198.18.9.1"
 CLIENT2 = "198.18.0.3"
 PORT_MIN = ABI.const("XLB_SNAT_PORT_MIN")
 PORT_COUNT = ABI.const("XLB_SNAT_PORT_COUNT")
+PORT_COUNT_OWN = ABI.const("XLB_SNAT_PORT_COUNT_OWN")
 EST = ABI.const("XLB_CT_EST")
 
 
@@ -83,13 +84,20 @@ def _raw16(port: int) -> int:
     return socket.htons(port)
 
 
-def first_candidate(src: str, sport: int, ep: str, ep_port: int, proto: int = 6) -> int:
+def candidate(src: str, sport: int, ep: str, ep_port: int, i: int = 0, own: bool = True,
+              proto: int = 6) -> int:
+    """The datapath's i-th candidate SNAT port for a flow (own: the service has its own
+    SNAT address, so the range is XLB_SNAT_PORT_COUNT_OWN long): the client's port when
+    in the range for i = 0, else a hash of the flow."""
+    count = PORT_COUNT_OWN if own else PORT_COUNT
+    if i == 0 and PORT_MIN <= sport < PORT_MIN + count:
+        return sport
     h = _mix(_raw32(src) ^ 0x9E3779B9)
     h = _mix(h ^ _raw32(VIP))
     h = _mix(h ^ ((_raw16(sport) << 16) | _raw16(80)))
     h = _mix(h ^ proto)
     h = _mix(h ^ _raw32(ep) ^ _raw16(ep_port))
-    return PORT_MIN + h % PORT_COUNT
+    return PORT_MIN + ((h + i) & 0xFFFFFFFF) % count
 
 
 # -- full-NAT ----------------------------------------------------------------------------
@@ -113,8 +121,7 @@ def test_fullnat_syn_rewrites_both_ends_with_valid_checksums(node):
     assert verdict in FORWARDED
     aport = out[TCP].sport
     assert (out[IP].src, out[IP].dst, out[TCP].dport) == (SNAT, EP1, 8080)
-    assert aport == first_candidate(CLIENT, 41000, EP1, 8080)
-    assert PORT_MIN <= aport < PORT_MIN + PORT_COUNT
+    assert aport == 41000  # the client's port is kept where it is free
     assert checksums_valid(out)
     # nothing else changed: the bytes are the packet's with those four fields
     want = Ether(pkt)
@@ -169,11 +176,9 @@ def test_two_clients_with_one_source_port_get_distinct_snat_ports(node):
 def test_a_taken_snat_port_is_skipped_never_overwritten(node):
     node.put_services([fullnat(EndpointSpec(EP1, 8080))])
     a = open_flow(node, CLIENT, 41300)
-    # a client port whose first candidate is the port flow a holds
-    sport = next(p for p in range(1024, 65536)
-                 if first_candidate(CLIENT2, p, EP1, 8080) == a)
-    b = open_flow(node, CLIENT2, sport)
-    assert b != a and b == PORT_MIN + (a - PORT_MIN + 1) % PORT_COUNT
+    assert a == 41300
+    b = open_flow(node, CLIENT2, 41300)  # its first candidate, its own port, is a's
+    assert b == candidate(CLIENT2, 41300, EP1, 8080, 1) != a
     assert stat(node, "snat_port_busy") == 1
     _, out = run(node, tcp(EP1, SNAT, 8080, a, "PA", b"still-a"))
     assert (out[IP].dst, out[TCP].dport) == (CLIENT, 41300)  # flow a's replies unchanged
@@ -181,28 +186,17 @@ def test_a_taken_snat_port_is_skipped_never_overwritten(node):
 
 def test_no_free_snat_port_drops_and_counts(node):
     node.put_services([fullnat(EndpointSpec(EP1, 8080))])
-    taken = []
     sport = 41400
-    first = first_candidate(CLIENT, sport, EP1, 8080)
     tries = ABI.const("XLB_SNAT_TRIES")
-    # occupy every candidate of (CLIENT, sport) with live flows of other clients
-    want = {PORT_MIN + (first - PORT_MIN + i) % PORT_COUNT for i in range(tries)}
-    found: dict[int, tuple[str, int]] = {}
-    for i in range(10, 60):
-        client = f"198.18.0.{i}"
-        for p in range(1024, 65536):
-            c = first_candidate(client, p, EP1, 8080)
-            if c in want and c not in found:
-                found[c] = (client, p)
-                break  # one flow per client: its other ports stay free
-        if len(found) == len(want):
-            break
-    for client, p in found.values():
-        taken.append(open_flow(node, client, p))
-    assert set(taken) == want
+    want = [candidate(CLIENT, sport, EP1, 8080, i) for i in range(tries)]
+    # every candidate of (CLIENT, sport) held by a live flow of another client (each
+    # keeps its own port)
+    taken = [open_flow(node, f"198.18.0.{10 + i}", port) for i, port in enumerate(want)]
+    assert taken == want
     verdict, _ = run(node, tcp(CLIENT, VIP, sport, 80, "S"))
     assert verdict == TC_ACT_SHOT
     assert stat(node, "drop_snat_ports") == 1
+    assert stat(node, "snat_port_busy") == tries
     assert len(node.list_conntrack()) == 2 * tries  # nothing of the refused flow
 
 
@@ -403,7 +397,8 @@ def test_fullnat_without_snat_address_uses_the_nodes_address(node, fibns):
     verdict, out = run_in(node, fibns, tcp(CLIENT, VIP, 42400, 80, "S"))
     assert verdict in FORWARDED and checksums_valid(out)
     assert (out[IP].src, out[IP].dst) == (NODE_ADDR, EP1)
-    aport = out[TCP].sport
+    aport = out[TCP].sport  # 42400 is beyond the node address's range: hashed into it
+    assert aport == candidate(CLIENT, 42400, EP1, 8080, own=False) < PORT_MIN + PORT_COUNT
     verdict, out = run_in(node, fibns, tcp(EP1, NODE_ADDR, 8080, aport, "SA"))
     assert (out[IP].src, out[IP].dst, out[TCP].dport) == (VIP, CLIENT, 42400)
 
