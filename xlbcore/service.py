@@ -460,6 +460,7 @@ _MODES = {0: Mode.DNAT, **{int(m): m for m in Mode}}
 _SERVICE_FIELDS = operator.attrgetter("vip", "port", "protocol", "algorithm", "mode",
                                       "endpoints", "snat_address", "persistence_timeout_s")
 _ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight", "priority")
+_KEY_FIELDS = operator.attrgetter("vip", "port", "proto")  # a ServiceKey's fields
 
 
 def _service_fast(msg: Any) -> ServiceSpec | None:
@@ -515,9 +516,10 @@ def parse_services(msgs: Any, field: str = "services") -> list[ServiceSpec]:
         for i, msg in enumerate(msgs):
             spec = _service_fast(msg)
             specs.append(spec if spec is not None else parse_service(msg, f"{field}[{i}]"))
-        keys = [s.key for s in specs]
+        keys = list(map(_KEY_FIELDS, specs))  # as ServiceKey compares, read in C
     if len(set(keys)) != len(keys):
         counts = collections.Counter(keys)
         dup = next(k for k in keys if counts[k] > 1)
-        raise ValidationError(f"{field}: {dup} appears more than once in the batch")
+        raise ValidationError(f"{field}: {ServiceKey(*dup)} appears more than once in the "
+                              "batch")
     return specs
