@@ -148,9 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint",
         action="append",
         default=[],
-        metavar="ADDR:PORT[@WEIGHT]",
-        help="an endpoint; repeat for several",
+        metavar="ADDR:PORT[@WEIGHT][,priority=N]",
+        help="an endpoint; repeat for several (priority: its failover group, lower "
+             "preferred; docs/algorithms.md)",
     )
+    apply.add_argument("--persistence", type=int, default=0, metavar="SECONDS",
+                       help="session persistence: a client's new connections go to its "
+                            "last endpoint for this long (0: off)")
     apply.add_argument(
         "--health", default=None, metavar="KIND[,KEY=VALUE...]",
         help="probe the endpoints (docs/health.md): tcp, udp, http or icmp, with "
@@ -521,7 +525,7 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
         if args.verb == "apply":
             service = make_service(
                 args.name, args.vip, args.port, args.protocol, args.endpoint, args.algorithm,
-                args.health, args.ct_timeout,
+                args.health, args.ct_timeout, persistence_s=args.persistence,
             )
             _print(_json(client.apply(service)))
         elif args.verb == "apply-file":

@@ -35,11 +35,22 @@ ALGORITHMS = {
     "rr": types_pb2.ALGORITHM_ROUND_ROBIN,
     "hash": types_pb2.ALGORITHM_HASH,
     "maglev": types_pb2.ALGORITHM_MAGLEV,
+    "source-hash": types_pb2.ALGORITHM_SOURCE_HASH,
+    "least-connections": types_pb2.ALGORITHM_LEAST_CONNECTIONS,
+    "lc": types_pb2.ALGORITHM_LEAST_CONNECTIONS,
 }
 
 
 def parse_endpoint(text: str) -> types_pb2.Endpoint:
-    """``ADDRESS:PORT[@WEIGHT]`` -> Endpoint (the server validates the values)."""
+    """``ADDRESS:PORT[@WEIGHT][,priority=N]`` -> Endpoint (the server validates the
+    values)."""
+    text, *options = text.split(",")
+    priority = None
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key != "priority" or not value.isdigit():
+            raise ValueError(f"endpoint option {quote(opt)}: use priority=N (0: preferred)")
+        priority = int(value)
     where, _, weight = text.partition("@")
     address, sep, port = where.rpartition(":")
     if not sep or not address or not port.isdigit():
@@ -49,6 +60,8 @@ def parse_endpoint(text: str) -> types_pb2.Endpoint:
         if not weight.isdigit():
             raise ValueError(f"endpoint {quote(text)}: weight {quote(weight)} is not a number")
         ep.weight = int(weight)
+    if priority is not None:
+        ep.priority = priority
     return ep
 
 
@@ -126,6 +139,7 @@ def make_service(
     algorithm: str = "round-robin",
     health: str | None = None,
     ct_timeouts: Iterable[str] = (),
+    persistence_s: int = 0,
 ) -> policy_pb2.Service:
     if protocol.lower() not in PROTOCOLS:
         raise ValueError(f"protocol {quote(protocol)}: use {' or '.join(PROTOCOLS)}")
@@ -140,6 +154,7 @@ def make_service(
         endpoints=[parse_endpoint(e) if isinstance(e, str) else e for e in endpoints],
         health=parse_health(health) if health else None,
         conntrack_timeouts=parse_ct_timeouts(ct_timeouts),
+        persistence_timeout_s=persistence_s,
     )
 
 

@@ -103,3 +103,18 @@ def test_the_docs_grpcurl_examples_work_as_written(grpcurl, datapath_socket,  # 
     for text in ('"ALGORITHM_SOURCE_HASH"', '"ALGORITHM_LEAST_CONNECTIONS"', '"priority": 1',
                  '"persistence_timeout_s": 600', '"persistence_timeout_s": 300'):
         assert text in out, text
+
+
+def test_xlbctl_takes_the_algorithms_priorities_and_persistence():
+    from policyd.client import make_service, parse_endpoint
+
+    msg = make_service("db", "198.19.0.12", 5432, "tcp",
+                       ["198.18.1.2:5432", "198.18.2.2:5432@3,priority=1"],
+                       "least-connections", persistence_s=300)
+    spec = parse_service(msg)
+    assert spec.algorithm == Algorithm.LEAST_CONNECTIONS and spec.persistence_s == 300
+    assert [(e.weight, e.priority) for e in spec.endpoints] == [(1, 0), (3, 1)]
+    assert make_service("w", "198.19.0.1", 80, algorithm="source-hash").algorithm == \
+        tpb.ALGORITHM_SOURCE_HASH
+    with pytest.raises(ValueError, match="priority=N"):
+        parse_endpoint("198.18.1.2:80,prio=1")
