@@ -100,3 +100,80 @@ def attached() -> list[Attachment]:
             if _our_filters(ipr, idx):
                 out.append(Attachment(link.get_attr("IFLA_IFNAME"), idx, True))
     return out
+
+
+# -- programs beside tc_packet_func ---------------------------------------------------------
+
+class ExtraFilter:
+    """Another ingress program on an interface beside tc_packet_func (mirroring,
+    policing): a direct-action bpf filter of its own, at its own priority (ahead of
+    tc_packet_func's), found again by its name. A subclass names it (NAME, PRIO)."""
+
+    NAME = ""
+    PRIO = 0
+
+    def __init__(self, prog_fd: int) -> None:
+        self.prog_fd = prog_fd
+
+    def attach(self, ifindex: int) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+            ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=self.prog_fd,
+                   name=self.NAME, parent=INGRESS, prio=self.PRIO, classid=1,
+                   direct_action=True)
+
+    def detach(self, ifindex: int) -> None:
+        self.detach_from(ifindex)
+
+    @classmethod
+    def _present(cls, ipr: IPRoute, ifindex: int) -> bool:
+        try:
+            filters = ipr.get_filters(index=ifindex, parent=INGRESS)
+        except NetlinkError as e:
+            if e.code in (errno.EINVAL, errno.ENOENT):
+                return False  # no clsact qdisc
+            raise
+        return any(f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == cls.NAME for f in filters)
+
+    @classmethod
+    def detach_from(cls, ifindex: int) -> bool:
+        """Remove this filter from `ifindex` (and the clsact qdisc when nothing else uses
+        it). False: it was not there."""
+        with IPRoute() as ipr:
+            if not cls._present(ipr, ifindex):
+                return False
+            try:
+                ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=INGRESS, prio=cls.PRIO)
+            except NetlinkError as e:
+                if e.code != errno.ENOENT:
+                    raise
+            others = ipr.get_filters(index=ifindex, parent=INGRESS)
+            egress = ipr.get_filters(index=ifindex, parent=0xFFFFFFF3)
+            if not others and not egress:
+                ipr.tc("del", "clsact", ifindex)
+        return True
+
+    @classmethod
+    def filtered(cls) -> list[int]:
+        """Every interface of this network namespace carrying this filter."""
+        with IPRoute() as ipr:
+            return [link["index"] for link in ipr.get_links()
+                    if cls._present(ipr, link["index"])]
+
+
+class NotAttached(ExtraFilter):
+    """The in-memory datapath: no programs, nothing to attach (mixed in before the
+    subclass that names the filter)."""
+
+    def __init__(self) -> None:
+        super().__init__(-1)
+
+    def attach(self, ifindex: int) -> None:
+        pass
+
+    def detach(self, ifindex: int) -> None:
+        pass

@@ -11,15 +11,12 @@ nothing on the in-memory one.
 
 from __future__ import annotations
 
-import errno
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from dpd import attach as tc
 from dpd.firewall import Links
@@ -30,10 +27,6 @@ from xlbcore.errors import Exhausted, ValidationError, quote
 from xlbcore.firewall import parse_ifname
 
 log = structlog.get_logger("dpd.mirror")
-
-FILTER_NAME = "xlb_tc_mirror_func"
-PRIO = tc.PRIO - 1  # ahead of tc_packet_func
-HANDLE = 1
 
 
 @dataclass(frozen=True)
@@ -59,67 +52,25 @@ def parse_mirror(interface: str, mirror_interface: str, field: str) -> MirrorSpe
 
 # -- the TC filter ------------------------------------------------------------------------
 
-class Filters:
+class Filters(tc.ExtraFilter):
     """tc_mirror_func's filter on an interface (pyroute2)."""
 
-    def __init__(self, prog_fd: int) -> None:
-        self.prog_fd = prog_fd
-
-    def attach(self, ifindex: int) -> None:
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("add", "clsact", ifindex)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=self.prog_fd,
-                   name=FILTER_NAME, parent=tc.INGRESS, prio=PRIO, classid=1,
-                   direct_action=True)
-
-    def detach(self, ifindex: int) -> None:
-        detach_filter(ifindex)
+    NAME = "xlb_tc_mirror_func"
+    PRIO = tc.PRIO - 1  # ahead of tc_packet_func
 
 
-class NoFilters(Filters):
+class NoFilters(tc.NotAttached, Filters):
     """The in-memory datapath: no programs, nothing to attach."""
-
-    def __init__(self) -> None:
-        super().__init__(-1)
-
-    def attach(self, ifindex: int) -> None:
-        pass
-
-    def detach(self, ifindex: int) -> None:
-        pass
-
-
-def _ours(ipr: IPRoute, ifindex: int) -> bool:
-    try:
-        filters = ipr.get_filters(index=ifindex, parent=tc.INGRESS)
-    except NetlinkError as e:
-        if e.code in (errno.EINVAL, errno.ENOENT):
-            return False
-        raise
-    return any(f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == FILTER_NAME for f in filters)
 
 
 def detach_filter(ifindex: int) -> bool:
     """Remove our mirror filter (and the clsact qdisc when nothing else uses it)."""
-    with IPRoute() as ipr:
-        if not _ours(ipr, ifindex):
-            return False
-        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=tc.INGRESS, prio=PRIO)
-        others = ipr.get_filters(index=ifindex, parent=tc.INGRESS)
-        egress = ipr.get_filters(index=ifindex, parent=0xFFFFFFF3)
-        if not others and not egress:
-            ipr.tc("del", "clsact", ifindex)
-    return True
+    return Filters.detach_from(ifindex)
 
 
 def filtered() -> list[int]:
     """Every interface of this network namespace carrying our mirror filter."""
-    with IPRoute() as ipr:
-        return [link["index"] for link in ipr.get_links() if _ours(ipr, link["index"])]
+    return Filters.filtered()
 
 
 def _text(raw: bytes) -> str:

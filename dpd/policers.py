@@ -15,7 +15,6 @@ datapath test compares the kernel with.
 
 from __future__ import annotations
 
-import errno
 import re
 import threading
 from collections.abc import Iterable, Sequence
@@ -23,8 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from dpd import attach as tc
 from dpd.firewall import Links
@@ -35,11 +32,6 @@ from xlbcore.firewall import parse_ifname
 
 log = structlog.get_logger("dpd.policers")
 
-FILTER_NAME = "xlb_tc_police_func"
-# ahead of the mirror filter (tc.PRIO - 1) and of tc_packet_func (tc.PRIO): what a
-# policer drops is neither mirrored nor judged
-PRIO = tc.PRIO - 2
-HANDLE = 1
 
 MIN_RATE = 8_000  # bits/s
 MAX_RATE = 400_000_000_000
@@ -115,71 +107,27 @@ def parse_policer(name: str, rate_bps: int, burst_bytes: int, interfaces: Iterab
 
 # -- the TC filter ------------------------------------------------------------------------
 
-class Filters:
+class Filters(tc.ExtraFilter):
     """tc_police_func's filter on an interface (pyroute2)."""
 
-    def __init__(self, prog_fd: int) -> None:
-        self.prog_fd = prog_fd
-
-    def attach(self, ifindex: int) -> None:
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("add", "clsact", ifindex)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=self.prog_fd,
-                   name=FILTER_NAME, parent=tc.INGRESS, prio=PRIO, classid=1,
-                   direct_action=True)
-
-    def detach(self, ifindex: int) -> None:
-        detach_filter(ifindex)
+    NAME = "xlb_tc_police_func"
+    # ahead of the mirror filter (tc.PRIO - 1) and of tc_packet_func (tc.PRIO): what a
+    # policer drops is neither mirrored nor judged
+    PRIO = tc.PRIO - 2
 
 
-class NoFilters(Filters):
+class NoFilters(tc.NotAttached, Filters):
     """The in-memory datapath: no programs, nothing to attach."""
-
-    def __init__(self) -> None:
-        super().__init__(-1)
-
-    def attach(self, ifindex: int) -> None:
-        pass
-
-    def detach(self, ifindex: int) -> None:
-        pass
-
-
-def _ours(ipr: IPRoute, ifindex: int) -> bool:
-    try:
-        filters = ipr.get_filters(index=ifindex, parent=tc.INGRESS)
-    except NetlinkError as e:
-        if e.code in (errno.EINVAL, errno.ENOENT):
-            return False
-        raise
-    return any(f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == FILTER_NAME for f in filters)
 
 
 def detach_filter(ifindex: int) -> bool:
     """Remove our policer filter (and the clsact qdisc when nothing else uses it)."""
-    with IPRoute() as ipr:
-        if not _ours(ipr, ifindex):
-            return False
-        try:
-            ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=tc.INGRESS, prio=PRIO)
-        except NetlinkError as e:
-            if e.code != errno.ENOENT:
-                raise
-        others = ipr.get_filters(index=ifindex, parent=tc.INGRESS)
-        egress = ipr.get_filters(index=ifindex, parent=0xFFFFFFF3)
-        if not others and not egress:
-            ipr.tc("del", "clsact", ifindex)
-    return True
+    return Filters.detach_from(ifindex)
 
 
 def filtered() -> list[int]:
     """Every interface of this network namespace carrying our policer filter."""
-    with IPRoute() as ipr:
-        return [link["index"] for link in ipr.get_links() if _ours(ipr, link["index"])]
+    return Filters.filtered()
 
 
 def _text(raw: bytes) -> str:
