@@ -144,7 +144,7 @@ def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 
                                  sport=sport, dport=80, proto=6))
     orig = ct.val.unpack(raw)
     fnat = orig["flags"] & ct.fnat  # full-NAT: replies go to the SNAT address and port
-    reply = bytes(Ether() / IP(src=socket.inet_ntoa(orig["nat_addr"]),
+    reply = bytes(Ether(dst="00:00:00:00:00:00") / IP(src=socket.inet_ntoa(orig["nat_addr"]),
                                dst=socket.inet_ntoa(orig["nat2_addr"]) if fnat else CLIENT)
                   / TCP(sport=orig["nat_port"], dport=orig["nat2_port"] if fnat else sport,
                         flags="SA", seq=0, ack=1))
