@@ -42,3 +42,29 @@ def test_bad_mode_settings_name_the_field(m, field):
     with pytest.raises(ValidationError) as e:
         parse_services([m])
     assert str(e.value).startswith(field)
+
+
+def test_the_examples_in_docs_modes_are_valid():
+    """docs/modes.md's grpcurl bodies and its xlbctl document parse and validate as the
+    daemons would take them."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from google.protobuf import json_format
+
+    from policyd.cli_objects import from_doc
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "modes.md").read_text()
+    bodies = re.findall(r"-d '(\{.*?\})' \\", text, re.S)
+    assert len(bodies) == 2
+    modes = set()
+    for body in bodies:
+        req = json_format.Parse(body, pb.PutServicesRequest())
+        for spec in parse_services(req.services):
+            modes.add(spec.mode)
+    assert modes == {Mode.FULLNAT, Mode.DSR_IPIP}
+    (doc,) = re.findall(r"xlbctl apply -f - <<'EOF'\n(.*?)\nEOF", text, re.S)
+    (obj,) = from_doc(yaml.safe_load(doc), "docs")
+    spec = parse_service(obj.msg)
+    assert spec.mode == Mode.FULLNAT and spec.endpoints
