@@ -135,6 +135,8 @@ class CtEntry:
     nat_port: int
     service: ServiceKey | None  # None: a flow the firewall passed (no service)
     idle_ns: int
+    nat2_address: str = ""  # full-NAT's second rewrite, IP-in-IP's outer source
+    nat2_port: int = 0
 
 
 class Conntrack:
@@ -154,6 +156,7 @@ class Conntrack:
         self.val = dp.abi.structs["xlb_ct_val"].codec
         self.states = States.of(dp.abi)
         self.fnat = dp.abi.const("XLB_CTF_FNAT")
+        self.nat2 = self.fnat | dp.abi.const("XLB_CTF_IPIP")
         self.timeouts = timeouts or Timeouts()
         self.clock = clock
         self._stop = threading.Event()
@@ -217,6 +220,8 @@ class Conntrack:
                 ServiceKey(socket.inet_ntoa(svc["vip"]), svc["port"], Proto(svc["proto"]))
                 if svc["proto"] else None,
                 max(0, now - v["last_ns"]),
+                socket.inet_ntoa(v["nat2_addr"]) if v["flags"] & self.nat2 else "",
+                v["nat2_port"] if v["flags"] & self.fnat else 0,
             ))
         return out
 

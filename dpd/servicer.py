@@ -202,6 +202,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, PolicerRpcs, Even
                 nat_address=e.nat_address,
                 nat_port=e.nat_port,
                 idle_ns=e.idle_ns,
+                nat2_address=e.nat2_address,
+                nat2_port=e.nat2_port,
             )
             if e.service is not None:
                 fill_service_key(msg.service, e.service)

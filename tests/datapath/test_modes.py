@@ -133,6 +133,8 @@ def test_fullnat_syn_rewrites_both_ends_with_valid_checksums(node):
     reply = flows[ABI.const("XLB_DIR_REPLY")]
     assert (orig.src, orig.dst, orig.nat_address, orig.nat_port) == (CLIENT, VIP, EP1, 8080)
     assert (reply.src, reply.src_port, reply.dst, reply.dst_port) == (EP1, 8080, SNAT, aport)
+    assert (orig.nat2_address, orig.nat2_port) == (SNAT, aport)  # ListConntrack shows both
+    assert (reply.nat2_address, reply.nat2_port) == (CLIENT, 41000)
 
 
 def test_fullnat_reply_and_established_packets_both_ways(node):

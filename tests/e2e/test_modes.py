@@ -143,6 +143,9 @@ def test_fullnat_with_a_service_snat_address():
         tcp = run_tcp_who(topo, VIP, 80, count=20)
         assert tcp.get("errors") == 0 and tcp["be1"] == 10 and tcp["be2"] == 10, tcp
         check_long(lab, 80, snat, own=True)
+        entries = list(lab.stub.ListConntrack(pb.ListConntrackRequest(), timeout=10))
+        orig = [e for e in entries if e.direction == pb.DIRECTION_ORIGINAL]
+        assert orig and all(e.nat2_address == snat and e.nat2_port for e in orig)
 
 
 def test_one_arm_fullnat_on_one_interface():
