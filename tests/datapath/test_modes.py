@@ -427,3 +427,16 @@ def test_fullnat_flow_is_flushed_and_aged_as_one_flow(node):
     items = ct._decoded()
     peers = {ct.peer_key(k, v) for _, k, v in items}
     assert peers == {raw for raw, _, _ in items}  # each entry's peer is the other entry
+
+
+@pytest.mark.parametrize("snat,sport", [(SNAT, 42700), ("", 42701)])
+def test_fullnat_flow_picked_up_mid_stream_keeps_its_port(node, fibns, snat, sport):
+    """After a flush, the flow's next packet (a bare ACK) opens it again with the same
+    source port (the client's, or the same hash), so the endpoint's connection goes on."""
+    node.put_services([fullnat(EndpointSpec(EP1, 8080), snat=snat)])
+    _, first = run_in(node, fibns, tcp(CLIENT, VIP, sport, 80, "S"))
+    node.flush_conntrack()
+    verdict, out = run_in(node, fibns, tcp(CLIENT, VIP, sport, 80, "PA", b"more"))
+    assert verdict in FORWARDED and checksums_valid(out)
+    assert (out[IP].src, out[TCP].sport, out[IP].dst) == (first[IP].src, first[TCP].sport, EP1)
+    assert {e.state for e in node.list_conntrack()} == {EST}
