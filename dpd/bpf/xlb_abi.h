@@ -268,6 +268,7 @@ struct xlb_cfg {
 #define XLB_ACT_ALLOW 1
 #define XLB_ACT_DROP 2
 #define XLB_ACT_REDIRECT 3
+#define XLB_ACT_TRAP 4 /* the packet's first bytes to dpd (pkt_ring), then as allow */
 
 /* xlb_intf.policy (values match the API's DefaultPolicy) */
 #define XLB_POLICY_ALLOW 1
@@ -419,6 +420,58 @@ struct xlb_mirr {
     /* both interfaces by name as the API gave them (read back by ListMirrors) */
     __u8 name[XLB_IFNAME_LEN];
     __u8 mirror_name[XLB_IFNAME_LEN];
+};
+
+
+/* ---- Policers (docs/policers.md) ---------------------------------------------------------
+ * polx_map[id]: a token bucket kept as GCRA (the generic cell rate algorithm, a token
+ * bucket's exact equivalent in one word): tat is the time at which the bucket would be
+ * full again. A packet of len bytes costs len * byte_ns_q16 >> 16 ns; it conforms when
+ * max(tat, now) + cost - now <= burst_ns, and then moves tat there with one 64-bit
+ * compare-and-swap (retried up to XLB_POLX_TRIES times when another CPU moved it first;
+ * then dropped). Shared by all CPUs: a plain array value, no lock. polx_intf_map[ifindex]
+ * names the policer of an interface's incoming packets (tc_police_func, a TC filter of
+ * its own on the policed interfaces only). Counters: polx_stats_map[id * 2 + XLB_POLX_*]. */
+#define XLB_STAT_DROP_POLICER 27 /* dropped: over its policer's rate */
+#define XLB_POLX_TRIES 4
+#define XLB_POLX_PASS 0
+#define XLB_POLX_DROP 1
+#define XLB_POLX_EVENT_NS 1000000000 /* at most one drop event per policer per second */
+
+struct xlb_polx {
+    __u64 tat;         /* ns (bpf_ktime_get_ns): when the bucket is full again */
+    __u64 byte_ns_q16; /* ns per byte at the rate, << 16 (8e9 * 65536 / rate_bps) */
+    __u64 burst_ns;    /* the burst as time at the rate: burst_bytes * ns per byte */
+    __u64 event_ns;    /* no drop event before this time */
+    /* dpd's record, as the API gave it (the datapath reads none of these) */
+    __u64 rate_bps;
+    __u64 burst_bytes;
+    __u8 name[XLB_NAME_LEN];
+};
+
+/* ---- Events (docs/events.md) -------------------------------------------------------------
+ * pkt_ring (BPF_MAP_TYPE_RINGBUF, XLB_RING_BYTES): records of struct xlb_event that dpd
+ * reads, decodes and streams (WatchEvents). A record the ring has no room for is lost and
+ * counted (event_lost). Kinds (values match the API's EventKind): */
+#define XLB_EV_TRAP 1         /* a TRAP rule matched: data holds the packet's first bytes */
+#define XLB_EV_FLOW_REFUSED 2 /* a new flow refused: its conntrack entries could not be
+                               * written (id: the XLB_STAT_* counted: drop_ct_clash,
+                               * drop_ct_insert, drop_snat_ports) */
+#define XLB_EV_POLICER_DROP 3 /* a policer dropped (id: the policer), XLB_POLX_EVENT_NS apart */
+#define XLB_TRAP_BYTES 128
+#define XLB_STAT_TRAP 38      /* packets a TRAP rule sent to dpd */
+#define XLB_STAT_EVENT_LOST 39 /* events the ring had no room for */
+
+struct xlb_event {
+    __u8 kind;      /* XLB_EV_* */
+    __u8 pad;
+    __u16 cap_len;  /* bytes of data used (TRAP: min(packet length, XLB_TRAP_BYTES)) */
+    __u32 ifindex;  /* ingress interface */
+    __u32 pkt_len;  /* the packet's whole length */
+    __u32 id;       /* TRAP: the rule id; POLICER_DROP: the policer id; FLOW_REFUSED:
+                     * XLB_STAT_* */
+    __u64 time_ns;  /* bpf_ktime_get_ns() */
+    __u8 data[XLB_TRAP_BYTES];
 };
 
 #endif
