@@ -62,7 +62,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from policyd import cli_certs, cli_node, cli_objects
+from policyd import cli_certs, cli_events, cli_node, cli_objects
 from policyd.client import (
     ACTIONS,
     ALGORITHMS,
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_certs.add_connection_args(p)
     sub = p.add_subparsers(dest="group", required=True)
     cli_certs.add_certs_parser(sub)
+    cli_events.add_events_parser(sub)
 
     ap = sub.add_parser("apply", help="create or replace the objects of a file (-f)")
     ap.add_argument("-f", "--filename", required=True, metavar="FILE",
@@ -468,6 +469,8 @@ def _delete(names: list[str], one: Any, many: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, client: PolicyClient) -> int:
+    if args.group == "events":
+        return cli_events.run(args, client)
     if args.group in ("apply", "get", "delete"):
         return run_documents(args, client)
     if args.group == "firewall":

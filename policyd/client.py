@@ -169,6 +169,7 @@ ACTIONS = {
     "allow": types_pb2.FIREWALL_ACTION_ALLOW,
     "drop": types_pb2.FIREWALL_ACTION_DROP,
     "redirect": types_pb2.FIREWALL_ACTION_REDIRECT,
+    "trap": types_pb2.FIREWALL_ACTION_TRAP,
 }
 
 

@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from policyd import messages
+from policyd.events import NodeEventsRpcs
 from policyd.health import fill_status
 from policyd.reconciler import Reconciler
 from policyd.selectors import describe
@@ -40,7 +41,7 @@ from xlbcore.rpc import rpc
 
 log = structlog.get_logger()
 
-class PolicyServicer(XdpRpcs, policy_pb2_grpc.PolicyServicer):
+class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),
                   (GenerationConflict, grpc.StatusCode.ABORTED),
                   (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),

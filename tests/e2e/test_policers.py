@@ -244,4 +244,4 @@ def test_bad_policers_are_refused_naming_the_field(lab):
     lab.stub.PutPolicers(pb.PutPolicersRequest(policers=[pb.Policer(
         name="a", rate_bps=RATE, burst_bytes=3000, interfaces=["c0"])]), timeout=10)
     err = put(name="b", interfaces=["c0"])
-    assert '"c0" is policed by "a"' in err.details()
+    assert "'c0' is policed by 'a'" in err.details()
