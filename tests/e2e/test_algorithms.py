@@ -5,54 +5,23 @@ when the backend does."""
 
 from __future__ import annotations
 
-import secrets
 import signal
 import sys
-import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from tests.conftest import require_root
+from tests.e2e.conftest import VIP, Lab, open_lab, wait_state
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
-VIP = "198.19.0.10"
-
-
-class Lab:
-    def __init__(self, topo, dpd, stub, procs) -> None:
-        self.topo, self.dpd, self.stub, self.procs = topo, dpd, stub, procs
-
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=3, vip=VIP, prefix="al" + secrets.token_hex(2))
-    dpd = channel = None
-    try:
-        procs = start_backends(topo, port=8080)
-        dpd = Dpd("al", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, datapath_pb2_grpc.DatapathStub(channel), procs)
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="al", backends=3, name="al") as lab:
+        yield lab
 
 
 def who(lab: Lab, port: int, count: int = 24) -> dict[str, int]:
@@ -77,18 +46,6 @@ def test_persistence_keeps_one_clients_connections_on_one_backend(lab):
     assert set(who(lab, 80, 8)) == set(sticky)  # and again
     spread = who(lab, 81)  # the same client without persistence: round-robin
     assert spread == {"be1": 8, "be2": 8, "be3": 8}, spread
-
-
-def wait_state(lab: Lab, address: str, state: int, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    seen = {}
-    while time.monotonic() < end:
-        (svc,) = lab.stub.ListServices(pb.ListServicesRequest(), timeout=5)
-        seen = {e.address: e.health for e in svc.endpoint_status}
-        if seen.get(address) == state:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{address} not in state {state} after {deadline}s: {seen}")
 
 
 def test_a_killed_backend_moves_traffic_to_the_backup_group_and_back(lab):

@@ -3,8 +3,6 @@ attached to the lb's interfaces, real TCP and UDP sockets."""
 
 from __future__ import annotations
 
-import secrets
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,8 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import VIP, Lab, add_client_address, open_lab, reach
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -26,33 +23,8 @@ TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab import netns
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=2, vip=VIP, prefix="fw" + secrets.token_hex(2))
-    dpd = None
-    channel = None
-    try:
-        netns.run(topo.client_ns, ["ip", "addr", "add", f"{BLOCKED}/24", "dev",
-                                   topo.client_iface])
-        start_backends(topo, port=8080)
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:  # shown by pytest only when the test failed
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="fw", before_dpd=lambda topo: add_client_address(topo, BLOCKED)) as lab:
+        yield lab
 
 
 def services(lab: Any) -> None:
@@ -71,21 +43,6 @@ def put_rules(lab: Any, *rules: pb.FirewallRule, flush: bool = False
               ) -> pb.PutFirewallRulesResponse:
     return lab.stub.PutFirewallRules(pb.PutFirewallRulesRequest(
         rules=list(rules), flush_existing=flush), timeout=10)
-
-
-def reach(lab: Any, source: str) -> dict[str, int]:
-    """Errors of TCP and UDP from `source` to the VIP and to a backend directly."""
-    from lab.client import run_tcp_who, run_udp_who
-
-    be = lab.topo.backend_ips[0]
-    out = {}
-    for what, fn, dst, port in (("tcp-vip", run_tcp_who, VIP, 80),
-                                ("udp-vip", run_udp_who, VIP, 53),
-                                ("tcp-be", run_tcp_who, be, 8080),
-                                ("udp-be", run_udp_who, be, 8080)):
-        res = fn(lab.topo, dst, port, count=3, timeout=0.5, source=source)
-        out[what] = res.get("errors", 0)
-    return out
 
 
 def test_drop_rule_stops_tcp_and_udp_while_a_higher_allow_lets_one_client_through(lab):
@@ -165,41 +122,25 @@ def test_bad_rules_are_refused_naming_the_field(lab):
 C6, LB6_C, LB6_B, B6 = "2001:db8:10::2", "2001:db8:10::1", "2001:db8:11::1", "2001:db8:11::2"
 
 
+def _ipv6_links(topo: Any) -> None:
+    from lab import netns
+
+    for ns, dev, cidr in ((topo.client_ns, topo.client_iface, f"{C6}/64"),
+                          (topo.lb_ns, "c0", f"{LB6_C}/64"), (topo.lb_ns, "b1", f"{LB6_B}/64"),
+                          (topo.backend_ns[0], topo.backend_iface, f"{B6}/64")):
+        netns.run(ns, ["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"])
+    netns.run(topo.client_ns, ["ip", "-6", "route", "add", "default", "via", LB6_C])
+    netns.run(topo.backend_ns[0], ["ip", "-6", "route", "add", "default", "via", LB6_B])
+    netns.sysctl(topo.lb_ns, {"net.ipv6.conf.all.forwarding": 1})
+
+
 @pytest.fixture
 def lab6() -> Iterator[Lab]:
     """One backend, IPv6 addresses on every link (2001:db8:10::/64 client side,
     2001:db8:11::/64 backend side), the lb forwarding IPv6."""
-    require_root()
-    from lab import netns
-    from lab.daemons import Dpd
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=1, vip=VIP, prefix="fw" + secrets.token_hex(2),
-                    disable_ipv6=False)
-    dpd = None
-    channel = None
-    try:
-        for ns, dev, cidr in ((topo.client_ns, topo.client_iface, f"{C6}/64"),
-                              (topo.lb_ns, "c0", f"{LB6_C}/64"), (topo.lb_ns, "b1", f"{LB6_B}/64"),
-                              (topo.backend_ns[0], topo.backend_iface, f"{B6}/64")):
-            netns.run(ns, ["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"])
-        netns.run(topo.client_ns, ["ip", "-6", "route", "add", "default", "via", LB6_C])
-        netns.run(topo.backend_ns[0], ["ip", "-6", "route", "add", "default", "via", LB6_B])
-        netns.sysctl(topo.lb_ns, {"net.ipv6.conf.all.forwarding": 1})
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="fw", backends=1, before_dpd=_ipv6_links, servers=False,
+                  disable_ipv6=False) as lab:
+        yield lab
 
 
 def ping6(lab: Any, count: int = 2) -> int:

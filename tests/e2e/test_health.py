@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from tests.conftest import require_root
+from tests.e2e.conftest import VIP, Lab, open_lab, wait_state
+from tests.e2e.conftest import endpoint_states as states
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
-VIP = "198.19.0.10"
 INTERVAL_MS, TIMEOUT_MS, RISE, FALL = 200, 100, 2, 3
 PERIOD = 0.02  # the client's spacing of connection attempts (s)
 WINDOW = (FALL * INTERVAL_MS + TIMEOUT_MS) / 1000  # detection window (s)
@@ -62,54 +60,10 @@ print(json.dumps(out))
 """
 
 
-class Lab:
-    def __init__(self, topo, dpd, stub, procs) -> None:
-        self.topo, self.dpd, self.stub, self.procs = topo, dpd, stub, procs
-
-
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=2, vip=VIP, prefix="hc" + secrets.token_hex(2))
-    dpd = channel = None
-    try:
-        procs = start_backends(topo, port=8080)
-        dpd = Dpd("hc", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, datapath_pb2_grpc.DatapathStub(channel), procs)
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
-
-
-def states(lab: Lab, port: int = 80) -> dict[str, int]:
-    svc = next(s for s in lab.stub.ListServices(pb.ListServicesRequest(), timeout=5)
-               if s.port == port)
-    return {e.address: e.health for e in svc.endpoint_status}
-
-
-def wait_state(lab: Lab, address: str, state: int, deadline: float = 10.0,
-               port: int = 80) -> float:
-    """Poll until `address` is in `state`; the monotonic time it was first seen so."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if states(lab, port).get(address) == state:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise AssertionError(f"{address} not in state {state} after {deadline}s: "
-                         f"{states(lab, port)}")
+    with open_lab(prefix="hc", name="hc") as lab:
+        yield lab
 
 
 def test_a_killed_backend_leaves_selection_within_the_window_and_comes_back(lab):

@@ -7,16 +7,14 @@ from the host like dpd's gRPC socket."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
+from typing import Any
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.client import run_tcp_who
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import VIP, Lab, open_lab
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.metrics import scrape
@@ -27,32 +25,11 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def metered() -> Iterator[tuple[Lab, str]]:
     """The e2e lab's node, its dpd started with --metrics on a unix socket."""
-    require_root()
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
+    def metrics(topo: Any) -> str:
+        return f"unix:{topo.workdir}/dpd-metrics.sock"
 
-    topo = Topology(backends=2, vip=VIP)
-    dpd = None
-    channel = None
-    metrics = f"unix:{topo.workdir}/dpd-metrics.sock"
-    try:
-        start_backends(topo, port=8080)
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384",
-                         "--metrics", metrics])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel)), metrics
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(extra=lambda topo: ["--metrics", metrics(topo)]) as lab:
+        yield lab, metrics(lab.topo)
 
 
 def samples(address: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

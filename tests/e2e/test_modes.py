@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
-from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from lab import netns
 from lab.client import run_tcp_who, run_udp_who, start_tcp_long
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import VIP, Lab, open_lab
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -27,31 +23,8 @@ TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
 PORT_MIN, PORT_END = 1024, 1024 + 31744  # XLB_SNAT_PORT_MIN, + XLB_SNAT_PORT_COUNT
 
 
-@contextlib.contextmanager
-def lab_of(**topo: object) -> Iterator[Lab]:
-    require_root()
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    t = Topology(backends=2, vip=VIP, prefix=f"md{time.monotonic_ns() % 10**6:06d}", **topo)
-    dpd = channel = None
-    try:
-        start_backends(t, port=8080)
-        dpd = Dpd("lb", t.lb_ns, t.lb_ifaces, t.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(t, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        t.cleanup()
+def lab_of(**topo: object) -> contextlib.AbstractContextManager[Lab]:
+    return open_lab(prefix="md", **topo)
 
 
 def service(lab: Lab, mode: int, port: int = 80, proto: int = TCP, snat: str = "") -> pb.Service:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,12 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import require_root
+from tests.e2e.conftest import VIP, open_lab, wait_until
 
 pytestmark = pytest.mark.root
 
 DEST = "198.19.5.1"
 PREFIX = "198.19.5.0/24"
-VIP = "198.19.0.10"
 PORT = 9000
 A, B = "198.18.1.2", "198.18.2.2"  # the routers' addresses: the next hops
 
@@ -87,48 +85,34 @@ def spec(prefix: str, *hops: tuple[str, int]) -> Any:
                                                    for g, w in hops])
 
 
+def _routers(topo: Any) -> None:
+    """Each backend namespace a router: DEST on its loopback, an IPv6 link to the lb, a
+    UDP server on PORT answering with its name (A, B)."""
+    from lab import netns
+    from lab.servers import wait_listening
+
+    for i, ns in enumerate(topo.backend_ns):
+        topo.run(ns, ["ip", "addr", "add", f"{DEST}/32", "dev", "lo"])
+        topo.run(ns, ["ip", "addr", "add", f"2001:db8:{i + 1}::2/64", "dev", "eth0",
+                      "nodad"])
+        topo.run(topo.lb_ns, ["ip", "addr", "add", f"2001:db8:{i + 1}::1/64", "dev",
+                              f"b{i + 1}", "nodad"])
+        logf = open(topo.workdir / f"router{i}.log", "w")
+        try:
+            proc = topo.popen(ns, [sys.executable, "-m", "lab.servers", "--name", "AB"[i],
+                                   "--tcp-port", "0", "--udp-port", str(PORT),
+                                   "--bind", "0.0.0.0"], stderr=logf,
+                              env=netns.python_env())
+        finally:
+            logf.close()
+        wait_listening(topo, ns, PORT, "udp", proc, 15.0, f"router {'AB'[i]}")
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab import netns
-    from lab.daemons import Dpd
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=2, prefix=f"rt{time.time_ns() % 100000:05d}", vip=VIP,
-                    disable_ipv6=False)
-    dpd = None
-    channel = None
-    try:
-        for i, ns in enumerate(topo.backend_ns):
-            topo.run(ns, ["ip", "addr", "add", f"{DEST}/32", "dev", "lo"])
-            topo.run(ns, ["ip", "addr", "add", f"2001:db8:{i + 1}::2/64", "dev", "eth0",
-                          "nodad"])
-            topo.run(topo.lb_ns, ["ip", "addr", "add", f"2001:db8:{i + 1}::1/64", "dev",
-                                  f"b{i + 1}", "nodad"])
-            logf = open(topo.workdir / f"router{i}.log", "w")
-            try:
-                proc = topo.popen(ns, [sys.executable, "-m", "lab.servers", "--name", "AB"[i],
-                                       "--tcp-port", "0", "--udp-port", str(PORT),
-                                       "--bind", "0.0.0.0"], stderr=logf,
-                                  env=netns.python_env())
-            finally:
-                logf.close()
-            from lab.servers import wait_listening
-            wait_listening(topo, ns, PORT, "udp", proc, 15.0, f"router {'AB'[i]}")
-        dpd = Dpd("rtlb", topo.lb_ns, ["auto"], topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="rt", before_dpd=_routers, servers=False, name="rtlb",
+                  attach=["auto"], disable_ipv6=False) as lab:
+        yield Lab(lab.topo, lab.dpd, lab.stub)
 
 
 def _nat_service(lab: Lab) -> None:
@@ -148,15 +132,11 @@ def test_attach_auto_takes_the_veths_and_follows_new_ones(lab: Lab) -> None:
 
     assert names() == {"c0", "b1", "b2"}  # not lo
     lab.ip("link", "add", "rtnew0", "type", "veth", "peer", "name", "rtnew1")
-    deadline = time.monotonic() + 5
-    while names() != {"c0", "b1", "b2", "rtnew0", "rtnew1"} and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: names() == {"c0", "b1", "b2", "rtnew0", "rtnew1"}, 5)
     assert names() == {"c0", "b1", "b2", "rtnew0", "rtnew1"}
     lab.ip("link", "add", "rtbr0", "type", "bridge")  # not physical-like: left alone
     lab.ip("link", "del", "rtnew0")
-    deadline = time.monotonic() + 5
-    while names() != {"c0", "b1", "b2"} and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: names() == {"c0", "b1", "b2"}, 5)
     assert names() == {"c0", "b1", "b2"}
     assert "interface_gone" in lab.dpd.log_text()
 
@@ -239,9 +219,7 @@ def test_a_next_hop_that_changes_mac_is_followed(lab: Lab) -> None:
     # arp_notify do; the node's kernel updates its neighbour entry
     lab.topo.run(router_b, ["sysctl", "-q", "-w", "net.ipv4.conf.eth0.arp_notify=1"])
     lab.topo.run(router_b, ["ip", "link", "set", "eth0", "address", new])
-    deadline = time.monotonic() + 10
-    while mac_of_b() != new and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: mac_of_b() == new, 10, 0.1)
     assert mac_of_b() == new
     # the same NATed flows and new ones keep flowing: the datapath reads the kernel's MAC
     assert set(lab.probe([33000, 33001, 33002], dst=VIP).values()) == {"B"}

@@ -4,7 +4,6 @@ real TCP and UDP sockets from two client addresses, one of them blocked."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import VIP, Lab, add_client_address, open_lab, reach
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -27,53 +25,12 @@ TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab import netns
-    from lab.daemons import Dpd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=2, vip=VIP, prefix="xd" + secrets.token_hex(2))
-    dpd = None
-    channel = None
-    try:
-        netns.run(topo.client_ns, ["ip", "addr", "add", f"{BLOCKED}/24", "dev",
-                                   topo.client_iface])
-        start_backends(topo, port=8080)
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        lab = Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-        eps = [tpb.Endpoint(address=ip, port=8080) for ip in topo.backend_ips]
-        lab.stub.PutServices(pb.PutServicesRequest(services=[  # type: ignore[attr-defined]
+    with open_lab(prefix="xd", before_dpd=lambda topo: add_client_address(topo, BLOCKED)) as lab:
+        eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
+        lab.stub.PutServices(pb.PutServicesRequest(services=[
             pb.Service(vip=VIP, port=80, protocol=TCP, endpoints=eps),
             pb.Service(vip=VIP, port=53, protocol=UDP, endpoints=eps)]), timeout=10)
         yield lab
-    finally:
-        if dpd is not None:  # shown by pytest only when the test failed
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
-
-
-def reach(lab: Any, source: str) -> dict[str, int]:
-    """Errors of TCP and UDP from `source` to the VIP and to a backend directly."""
-    from lab.client import run_tcp_who, run_udp_who
-
-    be = lab.topo.backend_ips[0]
-    out = {}
-    for what, fn, dst, port in (("tcp-vip", run_tcp_who, VIP, 80),
-                                ("udp-vip", run_udp_who, VIP, 53),
-                                ("tcp-be", run_tcp_who, be, 8080),
-                                ("udp-be", run_udp_who, be, 8080)):
-        res = fn(lab.topo, dst, port, count=3, timeout=0.5, source=source)
-        out[what] = res.get("errors", 0)
-    return out
 
 
 def xdp_of(lab: Any, ifname: str) -> str:
