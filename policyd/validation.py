@@ -8,8 +8,8 @@ between nodes, and each node reports it (NodeSyncStatus.errors).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 from policyd.selectors import Labels, validate_labels
 from xlbcore.address import parse_address
@@ -17,6 +17,8 @@ from xlbcore.errors import ValidationError, quote
 from xlbcore.firewall import RuleSpec, parse_rule
 from xlbcore.route import RouteSpec, parse_route
 from xlbcore.service import ServiceSpec, parse_service
+
+S = TypeVar("S")
 
 NAME_MAX = 63
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
@@ -97,52 +99,59 @@ def validate_names(values: Sequence[str], field: str = "names") -> list[str]:
     return list(values)
 
 
+def validate_named(msg: Any, field: str, parse: Callable[[Any, str], S]) -> tuple[str, S]:
+    """(name, spec) of a named object message (its spec read by `parse`); errors name
+    ``field.name`` and ``field.spec...``. Output-only fields are ignored."""
+    prefix = f"{field}." if field else ""
+    return validate_name(msg.name, f"{prefix}name"), parse(msg.spec, f"{prefix}spec")
+
+
+def validate_batch(msgs: Sequence[Any], field: str,
+                   validate: Callable[[Any, str], tuple[str, S]],
+                   key: Callable[[S], Hashable] | None = None,
+                   clash: Callable[[S], str] | None = None) -> list[tuple[str, S]]:
+    """A batch of named objects: each valid by `validate` (errors name ``field[i]``), no
+    name twice and, with `key`, no key of a spec twice (the error ``field[i].`` followed
+    by `clash(spec)` and the first holder, ``field[j] ('name')``)."""
+    items: list[tuple[str, S]] = []
+    names: dict[str, int] = {}
+    keys: dict[Hashable, int] = {}
+    for i, msg in enumerate(msgs):
+        where = f"{field}[{i}]"
+        name, spec = validate(msg, where)
+        first = names.setdefault(name, i)
+        if first != i:
+            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
+        if key is not None:
+            first = keys.setdefault(key(spec), i)
+            if first != i:
+                said = clash(spec) if clash is not None else "spec: the same as"
+                raise ValidationError(
+                    f"{where}.{said} {field}[{first}] ({quote(items[first][0])})")
+        items.append((name, spec))
+    return items
+
+
 def validate_rule(msg: Any, field: str = "rule") -> tuple[str, RuleSpec]:
     """(name, spec) of an xlb.policy.v1.FirewallRule; output-only fields are ignored."""
-    prefix = f"{field}." if field else ""
-    name = validate_name(msg.name, f"{prefix}name")
-    return name, parse_rule(msg.spec, f"{prefix}spec")
+    return validate_named(msg, field, parse_rule)
 
 
 def validate_rules(msgs: Sequence[Any], field: str = "rules") -> list[tuple[str, RuleSpec]]:
     """A batch of rules: each valid (errors name ``rules[i]``), no name twice."""
-    items: list[tuple[str, RuleSpec]] = []
-    names: dict[str, int] = {}
-    for i, msg in enumerate(msgs):
-        where = f"{field}[{i}]"
-        name, spec = validate_rule(msg, where)
-        first = names.setdefault(name, i)
-        if first != i:
-            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
-        items.append((name, spec))
-    return items
+    return validate_batch(msgs, field, validate_rule)
 
 
 def validate_route(msg: Any, field: str = "route") -> tuple[str, RouteSpec]:
     """(name, spec) of an xlb.policy.v1.Route; output-only fields are ignored."""
-    prefix = f"{field}." if field else ""
-    name = validate_name(msg.name, f"{prefix}name")
-    return name, parse_route(msg.spec, f"{prefix}spec")
+    return validate_named(msg, field, parse_route)
 
 
 def validate_routes(msgs: Sequence[Any], field: str = "routes") -> list[tuple[str, RouteSpec]]:
     """A batch of routes: each valid, no name and no prefix twice."""
-    items: list[tuple[str, RouteSpec]] = []
-    names: dict[str, int] = {}
-    prefixes: dict[str, int] = {}
-    for i, msg in enumerate(msgs):
-        where = f"{field}[{i}]"
-        name, spec = validate_route(msg, where)
-        first = names.setdefault(name, i)
-        if first != i:
-            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
-        first = prefixes.setdefault(spec.prefix, i)
-        if first != i:
-            raise ValidationError(
-                f"{where}.spec.prefix: {spec.prefix} is also the prefix of {field}[{first}]"
-                f" ({quote(items[first][0])})")
-        items.append((name, spec))
-    return items
+    return validate_batch(
+        msgs, field, validate_route, key=lambda spec: spec.prefix,
+        clash=lambda spec: f"spec.prefix: {spec.prefix} is also the prefix of")
 
 
 def validate_selectors(msgs: Sequence[Any], field: str,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from policyd.validation import validate_name
+from policyd.validation import validate_batch, validate_named
 from xlb.dpd.v1 import datapath_pb2
 from xlbcore.errors import ValidationError, quote
 from xlbcore.firewall import parse_ifname, parse_prefix
@@ -101,51 +101,27 @@ def mirror_key(name: str, spec: MirrorSpec) -> str:
 
 def validate_blocklist(msg: Any, field: str = "blocklist") -> tuple[str, BlocklistSpec]:
     """(name, spec) of an xlb.policy.v1.Blocklist; output-only fields are ignored."""
-    prefix = f"{field}." if field else ""
-    return validate_name(msg.name, f"{prefix}name"), parse_blocklist(msg.spec, f"{prefix}spec")
+    return validate_named(msg, field, parse_blocklist)
 
 
 def validate_mirror(msg: Any, field: str = "mirror") -> tuple[str, MirrorSpec]:
     """(name, spec) of an xlb.policy.v1.Mirror."""
-    prefix = f"{field}." if field else ""
-    return validate_name(msg.name, f"{prefix}name"), parse_mirror(msg.spec, f"{prefix}spec")
+    return validate_named(msg, field, parse_mirror)
 
 
 def validate_blocklists(msgs: Sequence[Any], field: str = "blocklists"
                         ) -> list[tuple[str, BlocklistSpec]]:
     """A batch: each valid (errors name ``blocklists[i]``), no name twice (prefixes may
     be shared)."""
-    items: list[tuple[str, BlocklistSpec]] = []
-    names: dict[str, int] = {}
-    for i, msg in enumerate(msgs):
-        where = f"{field}[{i}]"
-        name, spec = validate_blocklist(msg, where)
-        first = names.setdefault(name, i)
-        if first != i:
-            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
-        items.append((name, spec))
-    return items
+    return validate_batch(msgs, field, validate_blocklist)
 
 
 def validate_mirrors(msgs: Sequence[Any], field: str = "mirrors"
                      ) -> list[tuple[str, MirrorSpec]]:
     """A batch: each valid, no name and no mirrored interface twice."""
-    items: list[tuple[str, MirrorSpec]] = []
-    names: dict[str, int] = {}
-    interfaces: dict[str, int] = {}
-    for i, msg in enumerate(msgs):
-        where = f"{field}[{i}]"
-        name, spec = validate_mirror(msg, where)
-        first = names.setdefault(name, i)
-        if first != i:
-            raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
-        first = interfaces.setdefault(spec.interface, i)
-        if first != i:
-            raise ValidationError(
-                f"{where}.spec.interface: {quote(spec.interface)} is also mirrored by"
-                f" {field}[{first}] ({quote(items[first][0])})")
-        items.append((name, spec))
-    return items
+    return validate_batch(
+        msgs, field, validate_mirror, key=lambda spec: spec.interface,
+        clash=lambda spec: f"spec.interface: {quote(spec.interface)} is also mirrored by")
 
 
 # -- the node's calls (policyd.objects.Kind) ---------------------------------------------

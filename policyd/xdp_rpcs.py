@@ -1,23 +1,16 @@
 """xlb.policy.v1 Blocklist and Mirror methods (Apply, ApplyMany, Delete, DeleteMany, Get,
 List): a mixin of policyd.servicer.PolicyServicer, as the rule and route methods are
-(policyd.xdp_objects has the objects)."""
+(policyd.xdp_objects has the objects, policyd.object_rpcs the shared steps)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import grpc
-import structlog
 
 from policyd import messages
-from policyd.validation import (
-    validate_expected,
-    validate_expected_one,
-    validate_name,
-    validate_names,
-    validate_selectors,
-)
+from policyd.object_rpcs import ObjectKind, ObjectRpcs
+from policyd.validation import validate_name
 from policyd.xdp_objects import (
     validate_blocklist,
     validate_blocklists,
@@ -27,47 +20,29 @@ from policyd.xdp_objects import (
 from xlb.policy.v1 import policy_pb2
 from xlbcore.rpc import rpc
 
-if TYPE_CHECKING:
-    from policyd.reconciler import Reconciler
-    from policyd.store import Store
+BLOCKLIST = ObjectKind("blocklist", "blocklists", "blocklist",
+                       lambda spec: {"prefixes": len(spec.prefixes)})
+MIRROR = ObjectKind("mirror", "mirrors", "mirror",
+                    lambda spec: {"interface": spec.interface,
+                                  "mirror_interface": spec.mirror_interface})
 
-log = structlog.get_logger()
 
-
-class XdpRpcs:
-    _store: Store
-    _reconciler: Reconciler
-
+class XdpRpcs(ObjectRpcs):
     # -- blocklists ----------------------------------------------------------------------
 
     @rpc
     def ApplyBlocklist(  # noqa: N802
         self, request: policy_pb2.ApplyBlocklistRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Blocklist:
-        name, spec = validate_blocklist(request.blocklist)
-        result = self._store.apply_blocklists(
-            [(name, spec)], field="",
-            selectors=validate_selectors([request.blocklist], "blocklist", single=True),
-            expected=validate_expected_one(request, name))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("blocklist.applied", name=name, prefixes=len(spec.prefixes),
-                     generation=result.generation)
-        return messages.blocklist_to_proto(result.objects[0])
+        return messages.blocklist_to_proto(self._apply_one(
+            BLOCKLIST, request, validate_blocklist, self._store.apply_blocklists))
 
     @rpc
     def ApplyBlocklists(  # noqa: N802
         self, request: policy_pb2.ApplyBlocklistsRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyBlocklistsResponse:
-        items = validate_blocklists(request.blocklists)
-        result = self._store.apply_blocklists(
-            items, selectors=validate_selectors(request.blocklists, "blocklists"),
-            expected=(validate_expected(request.blocklists, "blocklists")
-                      if request.check_generations else None))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("blocklists.applied", blocklists=len(items), changed=result.changed,
-                     generation=result.generation)
+        result = self._apply_many(BLOCKLIST, request, validate_blocklists,
+                                  self._store.apply_blocklists)
         response = policy_pb2.ApplyBlocklistsResponse(generation=result.generation)
         for stored in result.objects:
             messages.fill_blocklist_proto(response.blocklists.add(), stored)
@@ -77,22 +52,15 @@ class XdpRpcs:
     def DeleteBlocklist(  # noqa: N802
         self, request: policy_pb2.DeleteBlocklistRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteBlocklistResponse:
-        name = validate_name(request.name)
-        result = self._store.delete_blocklists([name])
-        self._reconciler.wake_all()
-        log.info("blocklist.deleted", name=name, generation=result.generation)
+        self._delete_one(BLOCKLIST, request, self._store.delete_blocklists)
         return policy_pb2.DeleteBlocklistResponse()
 
     @rpc
     def DeleteBlocklists(  # noqa: N802
         self, request: policy_pb2.DeleteBlocklistsRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteBlocklistsResponse:
-        result = self._store.delete_blocklists(validate_names(request.names))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("blocklists.deleted", blocklists=result.changed,
-                     generation=result.generation)
-        return policy_pb2.DeleteBlocklistsResponse(generation=result.generation)
+        return policy_pb2.DeleteBlocklistsResponse(
+            generation=self._delete_many(BLOCKLIST, request, self._store.delete_blocklists))
 
     @rpc
     def GetBlocklist(  # noqa: N802
@@ -114,30 +82,14 @@ class XdpRpcs:
     def ApplyMirror(  # noqa: N802
         self, request: policy_pb2.ApplyMirrorRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Mirror:
-        name, spec = validate_mirror(request.mirror)
-        result = self._store.apply_mirrors(
-            [(name, spec)], field="",
-            selectors=validate_selectors([request.mirror], "mirror", single=True),
-            expected=validate_expected_one(request, name))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("mirror.applied", name=name, interface=spec.interface,
-                     mirror_interface=spec.mirror_interface, generation=result.generation)
-        return messages.mirror_to_proto(result.objects[0])
+        return messages.mirror_to_proto(self._apply_one(
+            MIRROR, request, validate_mirror, self._store.apply_mirrors))
 
     @rpc
     def ApplyMirrors(  # noqa: N802
         self, request: policy_pb2.ApplyMirrorsRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyMirrorsResponse:
-        items = validate_mirrors(request.mirrors)
-        result = self._store.apply_mirrors(
-            items, selectors=validate_selectors(request.mirrors, "mirrors"),
-            expected=(validate_expected(request.mirrors, "mirrors")
-                      if request.check_generations else None))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("mirrors.applied", mirrors=len(items), changed=result.changed,
-                     generation=result.generation)
+        result = self._apply_many(MIRROR, request, validate_mirrors, self._store.apply_mirrors)
         response = policy_pb2.ApplyMirrorsResponse(generation=result.generation)
         for stored in result.objects:
             messages.fill_mirror_proto(response.mirrors.add(), stored)
@@ -147,21 +99,15 @@ class XdpRpcs:
     def DeleteMirror(  # noqa: N802
         self, request: policy_pb2.DeleteMirrorRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteMirrorResponse:
-        name = validate_name(request.name)
-        result = self._store.delete_mirrors([name])
-        self._reconciler.wake_all()
-        log.info("mirror.deleted", name=name, generation=result.generation)
+        self._delete_one(MIRROR, request, self._store.delete_mirrors)
         return policy_pb2.DeleteMirrorResponse()
 
     @rpc
     def DeleteMirrors(  # noqa: N802
         self, request: policy_pb2.DeleteMirrorsRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteMirrorsResponse:
-        result = self._store.delete_mirrors(validate_names(request.names))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("mirrors.deleted", mirrors=result.changed, generation=result.generation)
-        return policy_pb2.DeleteMirrorsResponse(generation=result.generation)
+        return policy_pb2.DeleteMirrorsResponse(
+            generation=self._delete_many(MIRROR, request, self._store.delete_mirrors))
 
     @rpc
     def GetMirror(  # noqa: N802
