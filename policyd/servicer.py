@@ -15,6 +15,7 @@ import structlog
 from policyd import messages
 from policyd.events import NodeEventsRpcs
 from policyd.health import fill_status
+from policyd.object_rpcs import ObjectKind
 from policyd.reconciler import Reconciler
 from policyd.selectors import describe
 from policyd.store import GenerationConflict, Store
@@ -40,6 +41,11 @@ from xlbcore.errors import Exhausted
 from xlbcore.rpc import rpc
 
 log = structlog.get_logger()
+
+RULE = ObjectKind("rule", "rules", "firewall_rule",
+                  lambda spec: {"action": spec.action.name.lower(), "priority": spec.priority})
+ROUTE = ObjectKind("route", "routes", "route",
+                   lambda spec: {"prefix": spec.prefix, "next_hops": len(spec.next_hops)})
 
 class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),
@@ -150,32 +156,16 @@ class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     def ApplyFirewallRule(  # noqa: N802
         self, request: policy_pb2.ApplyFirewallRuleRequest, context: grpc.ServicerContext
     ) -> policy_pb2.FirewallRule:
-        name, spec = validate_rule(request.rule)
-        flush = [name] if request.rule.flush_existing else []
-        result = self._store.apply_rules(
-            [(name, spec)], field="", flush=flush,
-            selectors=validate_selectors([request.rule], "rule", single=True),
-            expected=validate_expected_one(request, name))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("firewall_rule.applied", name=name, action=spec.action.name.lower(),
-                     priority=spec.priority, generation=result.generation)
-        return messages.rule_to_proto(result.objects[0])
+        return messages.rule_to_proto(self._apply_one(
+            RULE, request, validate_rule, self._store.apply_rules,
+            flush=lambda name: [name] if request.rule.flush_existing else []))
 
     @rpc
     def ApplyFirewallRules(  # noqa: N802
         self, request: policy_pb2.ApplyFirewallRulesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyFirewallRulesResponse:
-        items = validate_rules(request.rules)
-        result = self._store.apply_rules(
-            items, flush={r.name for r in request.rules if r.flush_existing},
-            selectors=validate_selectors(request.rules, "rules"),
-            expected=(validate_expected(request.rules, "rules")
-                      if request.check_generations else None))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("firewall_rules.applied", rules=len(items), changed=result.changed,
-                     generation=result.generation)
+        result = self._apply_many(RULE, request, validate_rules, self._store.apply_rules,
+                                  flush={r.name for r in request.rules if r.flush_existing})
         response = policy_pb2.ApplyFirewallRulesResponse(generation=result.generation)
         for stored in result.objects:
             messages.fill_rule_proto(response.rules.add(), stored)
@@ -185,21 +175,15 @@ class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     def DeleteFirewallRule(  # noqa: N802
         self, request: policy_pb2.DeleteFirewallRuleRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteFirewallRuleResponse:
-        name = validate_name(request.name)
-        result = self._store.delete_rules([name])
-        self._reconciler.wake_all()
-        log.info("firewall_rule.deleted", name=name, generation=result.generation)
+        self._delete_one(RULE, request, self._store.delete_rules)
         return policy_pb2.DeleteFirewallRuleResponse()
 
     @rpc
     def DeleteFirewallRules(  # noqa: N802
         self, request: policy_pb2.DeleteFirewallRulesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteFirewallRulesResponse:
-        result = self._store.delete_rules(validate_names(request.names))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("firewall_rules.deleted", rules=result.changed, generation=result.generation)
-        return policy_pb2.DeleteFirewallRulesResponse(generation=result.generation)
+        return policy_pb2.DeleteFirewallRulesResponse(
+            generation=self._delete_many(RULE, request, self._store.delete_rules))
 
     @rpc
     def GetFirewallRule(  # noqa: N802
@@ -220,30 +204,14 @@ class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     def ApplyRoute(  # noqa: N802
         self, request: policy_pb2.ApplyRouteRequest, context: grpc.ServicerContext
     ) -> policy_pb2.Route:
-        name, spec = validate_route(request.route)
-        result = self._store.apply_routes(
-            [(name, spec)], field="",
-            selectors=validate_selectors([request.route], "route", single=True),
-            expected=validate_expected_one(request, name))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("route.applied", name=name, prefix=spec.prefix,
-                     next_hops=len(spec.next_hops), generation=result.generation)
-        return messages.route_to_proto(result.objects[0])
+        return messages.route_to_proto(self._apply_one(
+            ROUTE, request, validate_route, self._store.apply_routes))
 
     @rpc
     def ApplyRoutes(  # noqa: N802
         self, request: policy_pb2.ApplyRoutesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.ApplyRoutesResponse:
-        items = validate_routes(request.routes)
-        result = self._store.apply_routes(
-            items, selectors=validate_selectors(request.routes, "routes"),
-            expected=(validate_expected(request.routes, "routes")
-                      if request.check_generations else None))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("routes.applied", routes=len(items), changed=result.changed,
-                     generation=result.generation)
+        result = self._apply_many(ROUTE, request, validate_routes, self._store.apply_routes)
         response = policy_pb2.ApplyRoutesResponse(generation=result.generation)
         for stored in result.objects:
             messages.fill_route_proto(response.routes.add(), stored)
@@ -253,21 +221,15 @@ class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     def DeleteRoute(  # noqa: N802
         self, request: policy_pb2.DeleteRouteRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteRouteResponse:
-        name = validate_name(request.name)
-        result = self._store.delete_routes([name])
-        self._reconciler.wake_all()
-        log.info("route.deleted", name=name, generation=result.generation)
+        self._delete_one(ROUTE, request, self._store.delete_routes)
         return policy_pb2.DeleteRouteResponse()
 
     @rpc
     def DeleteRoutes(  # noqa: N802
         self, request: policy_pb2.DeleteRoutesRequest, context: grpc.ServicerContext
     ) -> policy_pb2.DeleteRoutesResponse:
-        result = self._store.delete_routes(validate_names(request.names))
-        if result.changed:
-            self._reconciler.wake_all()
-            log.info("routes.deleted", routes=result.changed, generation=result.generation)
-        return policy_pb2.DeleteRoutesResponse(generation=result.generation)
+        return policy_pb2.DeleteRoutesResponse(
+            generation=self._delete_many(ROUTE, request, self._store.delete_routes))
 
     @rpc
     def GetRoute(  # noqa: N802
