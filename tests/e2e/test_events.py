@@ -4,7 +4,6 @@ memory, a DROPPED event in the stream) while the node keeps answering its API.""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 import threading
@@ -14,8 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import Lab, open_lab, wait_until
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -24,28 +22,8 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab.daemons import Dpd
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=1, vip=VIP, prefix="pe" + secrets.token_hex(2))
-    dpd = None
-    channel = None
-    try:
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:  # shown by pytest only when the test failed
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="pe", backends=1, servers=False) as lab:
+        yield lab
 
 
 def trap_rule(lab: Lab, port: int) -> None:
@@ -77,12 +55,7 @@ class Watch:
             pass
 
     def wait(self, pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred(self.events):
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(lambda: pred(self.events), timeout)
 
     def close(self) -> None:
         self.call.cancel()

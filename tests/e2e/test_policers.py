@@ -6,7 +6,6 @@ near it."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,8 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.conftest import require_root
-from tests.e2e.conftest import VIP, Lab
+from tests.e2e.conftest import VIP, Lab, open_lab
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -26,28 +24,8 @@ RATE = 8_000_000  # bits/s
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    require_root()
-    from lab.daemons import Dpd
-    from lab.topology import Topology
-    from xlb.dpd.v1 import datapath_pb2_grpc
-
-    topo = Topology(backends=1, vip=VIP, prefix="pe" + secrets.token_hex(2))
-    dpd = None
-    channel = None
-    try:
-        dpd = Dpd("lb", topo.lb_ns, topo.lb_ifaces, topo.workdir,
-                  extra=["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"])
-        dpd.start()
-        channel = grpc.insecure_channel(dpd.address)
-        yield Lab(topo, dpd, channel, datapath_pb2_grpc.DatapathStub(channel))
-    finally:
-        if dpd is not None:  # shown by pytest only when the test failed
-            sys.stderr.write(f"--- dpd log ---\n{dpd.log_text()[-6000:]}\n")
-        if channel is not None:
-            channel.close()
-        if dpd is not None:
-            dpd.cleanup()
-        topo.cleanup()
+    with open_lab(prefix="pe", backends=1, servers=False) as lab:
+        yield lab
 
 
 SINK = """
