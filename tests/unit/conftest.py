@@ -4,6 +4,7 @@ tables, validation) over in-memory maps (dpd.memory), and an in-process policyd.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import sys
@@ -27,6 +28,7 @@ from policyd.reconciler import ReconcilerSettings
 from policyd.server import PolicydConfig, PolicyServer
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlbcore.logs import configure_logging
+from xlbcore.server import start_server
 from xlbcore.service import fill_service
 
 FAST = ReconcilerSettings(
@@ -46,6 +48,21 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def serve_datapath(sockdir: Path, servicer: DatapathServicer
+                   ) -> Iterator[datapath_pb2_grpc.DatapathStub]:
+    """`servicer` served on a unix socket in `sockdir`: a stub to it; the channel and the
+    server end afterwards (the servicer's node is the caller's to close)."""
+    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
+                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
+    channel = grpc.insecure_channel(server.address)
+    try:
+        yield datapath_pb2_grpc.DatapathStub(channel)
+    finally:
+        channel.close()
+        server.stop(0)
 
 
 class MemoryDatapathServicer(DatapathServicer):

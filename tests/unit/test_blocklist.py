@@ -4,6 +4,7 @@ generations and the summary."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +16,9 @@ from dpd.loader import Settings
 from dpd.memory import MemoryDatapath
 from dpd.node import Node
 from dpd.servicer import DatapathServicer
+from tests.unit.conftest import serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
-from xlb.dpd.v1 import datapath_pb2_grpc
 from xlbcore.errors import Exhausted, ValidationError
-from xlbcore.server import start_server
 
 
 def _node(size: int = 8) -> Node:
@@ -30,16 +30,8 @@ def _node(size: int = 8) -> Node:
 @pytest.fixture
 def dpd(sockdir: Path) -> Iterator[tuple[Node, object]]:
     node = _node()
-    servicer = DatapathServicer(node)
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield node, datapath_pb2_grpc.DatapathStub(channel)
-    finally:
-        channel.close()
-        server.stop(0)
-        node.close()
+    with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
+        yield node, stub
 
 
 def test_prefixes_are_canonical_and_bad_ones_named():

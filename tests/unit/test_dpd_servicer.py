@@ -3,31 +3,23 @@ all-or-nothing batches, GetNode and GetStats."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.unit.conftest import MemoryDatapathServicer
+from tests.unit.conftest import MemoryDatapathServicer, serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
-from xlb.dpd.v1 import datapath_pb2_grpc
 from xlb.types.v1 import types_pb2 as tpb
-from xlbcore.server import start_server
 
 
 @pytest.fixture
 def dpd(sockdir: Path) -> Iterator[tuple[MemoryDatapathServicer, object]]:
     servicer = MemoryDatapathServicer()
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield servicer, datapath_pb2_grpc.DatapathStub(channel)
-    finally:
-        channel.close()
-        server.stop(0)
-        servicer.close()
+    with contextlib.closing(servicer), serve_datapath(sockdir, servicer) as stub:
+        yield servicer, stub
 
 
 def svc(i: int, vip: str = "") -> pb.Service:

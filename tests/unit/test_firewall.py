@@ -4,6 +4,7 @@ all-or-nothing writes, restart, interfaces, flush of established flows, and the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import socket
@@ -30,12 +31,12 @@ from dpd.maps import MemoryMap
 from dpd.memory import MemoryDatapath
 from dpd.node import Node
 from dpd.servicer import DatapathServicer
+from tests.unit.conftest import serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.dpd.v1 import datapath_pb2_grpc
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import Exhausted, ValidationError
 from xlbcore.firewall import Action, PortRange, RuleMatch, RuleProto, RuleSpec
-from xlbcore.server import start_server
 
 TCP, UDP, ICMP = 6, 17, 1
 
@@ -339,16 +340,8 @@ def test_flush_ends_the_flows_the_new_set_drops():
 @pytest.fixture
 def stub(sockdir: Path) -> Iterator[tuple[Node, datapath_pb2_grpc.DatapathStub]]:
     node = Node(MemoryDatapath(Settings(name="fwapi")), ct_aging_interval=0)
-    servicer = DatapathServicer(node)
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield node, datapath_pb2_grpc.DatapathStub(channel)
-    finally:
-        channel.close()
-        server.stop(0)
-        node.close()
+    with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
+        yield node, stub
 
 
 def api_rule(name: str, **kw: object) -> pb.FirewallRule:

@@ -3,6 +3,8 @@ all or nothing, replace, read-back."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from dpd.loader import Settings
@@ -86,17 +88,11 @@ def test_api(sockdir):
     import grpc
 
     from dpd.servicer import DatapathServicer
+    from tests.unit.conftest import serve_datapath
     from xlb.dpd.v1 import datapath_pb2 as pb
-    from xlb.dpd.v1 import datapath_pb2_grpc
-    from xlbcore.server import start_server
 
     node = _node()
-    servicer = DatapathServicer(node)
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        stub = datapath_pb2_grpc.DatapathStub(channel)
+    with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
         with pytest.raises(grpc.RpcError) as err:
             stub.PutMirrors(pb.PutMirrorsRequest(mirrors=[
                 pb.Mirror(interface="eth0", mirror_interface="eth1"),
@@ -113,7 +109,3 @@ def test_api(sockdir):
         assert (d.deleted, d.generation) == (1, 2)
         stats = stub.GetStats(pb.GetStatsRequest(), timeout=5).global_counters
         assert stats["mirrored"] == 0 and stats["mirror_fail"] == 0
-    finally:
-        channel.close()
-        server.stop(0)
-        node.close()

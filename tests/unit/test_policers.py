@@ -3,6 +3,8 @@ validation naming the field, put/replace/delete, interfaces held by one policer,
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from dpd.loader import Settings
@@ -86,17 +88,11 @@ def test_api(sockdir):
     import grpc
 
     from dpd.servicer import DatapathServicer
+    from tests.unit.conftest import serve_datapath
     from xlb.dpd.v1 import datapath_pb2 as pb
-    from xlb.dpd.v1 import datapath_pb2_grpc
-    from xlbcore.server import start_server
 
     node = _node()
-    servicer = DatapathServicer(node)
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        stub = datapath_pb2_grpc.DatapathStub(channel)
+    with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
         with pytest.raises(grpc.RpcError) as err:
             stub.PutPolicers(pb.PutPolicersRequest(policers=[
                 pb.Policer(name="a", rate_bps=8000, burst_bytes=1500),
@@ -110,7 +106,3 @@ def test_api(sockdir):
         assert (p.name, p.rate_bps, p.burst_bytes, list(p.interfaces)) == (
             "a", 8000, 1500, ["eth0"])
         assert stub.DeletePolicers(pb.DeletePolicersRequest(names=["a"]), timeout=5).deleted == 1
-    finally:
-        channel.close()
-        server.stop(0)
-        node.close()

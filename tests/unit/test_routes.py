@@ -3,6 +3,7 @@ the API over a node of in-memory maps, `--attach auto`'s choice of interfaces.""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,11 @@ from dpd.autoattach import eligible
 from dpd.routes import MemoryRoutes, same_route
 from dpd.rtnl import Hop, route_body
 from dpd.rtnl import parse_route as rtnl_parse
-from tests.unit.conftest import MemoryDatapathServicer
+from tests.unit.conftest import MemoryDatapathServicer, serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
-from xlb.dpd.v1 import datapath_pb2_grpc
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import PreconditionError, ValidationError
 from xlbcore.route import NextHopSpec, RouteSpec, parse_route
-from xlbcore.server import start_server
 
 
 def msg(prefix: str, *hops: tuple[str, str, int]) -> tpb.RouteSpec:
@@ -144,15 +143,8 @@ def test_attach_auto_picks(ifi_type: int, flags: int, kind: str | None, master: 
 @pytest.fixture
 def dpd(sockdir: Path) -> Iterator[tuple[MemoryDatapathServicer, object]]:
     servicer = MemoryDatapathServicer()
-    server = start_server(f"unix:{sockdir}/dpd.sock", "xlb.dpd.v1.Datapath",
-                          lambda s: datapath_pb2_grpc.add_DatapathServicer_to_server(servicer, s))
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield servicer, datapath_pb2_grpc.DatapathStub(channel)
-    finally:
-        channel.close()
-        server.stop(0)
-        servicer.close()
+    with contextlib.closing(servicer), serve_datapath(sockdir, servicer) as stub:
+        yield servicer, stub
 
 
 def test_api_put_list_delete(dpd) -> None:
