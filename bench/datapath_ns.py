@@ -97,8 +97,8 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
 
     root = tempfile.mkdtemp(prefix="xlb-bench-")
     top = max(services_counts)
-    settings = Settings(name="bench", bpf_root=root, max_services=max(top, 16),
-                        max_backends=max(4 * top, 64), ct_size=1 << 20, redirect=False)
+    settings = Settings(name="bench", bpf_root=root, max_services=max(top + 1, 16),  # + full-NAT
+                        max_backends=max(4 * (top + 1), 64), ct_size=1 << 20, redirect=False)
     node = bcc_floor = None
     rows = []
     try:
