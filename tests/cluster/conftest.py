@@ -26,6 +26,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "policyd_args(*args): extra xlb-policyd arguments")
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """`predicate()` once it is truthy (polled every 0.1 s); AssertionError naming `what`
+    after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
 @dataclass
 class Cluster:
     workdir: Path

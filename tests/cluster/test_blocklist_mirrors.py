@@ -6,13 +6,11 @@ and is an ObjectError on node2, which takes it once the interface appears."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from lab import netns
 from lab.client import run_udp_who
-from tests.cluster.conftest import VIP
+from tests.cluster.conftest import VIP, wait_until
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.types.v1 import types_pb2 as tpb
@@ -21,17 +19,6 @@ pytestmark = pytest.mark.root
 
 SYNCED, ERROR = ppb.SYNC_STATE_SYNCED, ppb.SYNC_STATE_ERROR
 CLIENT = "198.18.0.2"  # each topology's client
-
-
-def wait_until(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def blocked(cluster, name: str) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 
 from lab import netns
 from lab.client import run_tcp_who
-from tests.cluster.conftest import VIP
+from tests.cluster.conftest import VIP, wait_until
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.types.v1 import types_pb2 as tpb
@@ -55,17 +55,6 @@ def rule_packets(cluster, name: str, rule: str) -> int:
 def fib_routes(topo) -> str:
     """xlb's routes in the node's kernel FIB (route protocol 200)."""
     return netns.run(None, ["ip", "-n", topo.lb_ns, "route", "show", "proto", "200"]).stdout
-
-
-def wait_until(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_rules_and_routes_reach_both_nodes_and_are_enforced(cluster):
