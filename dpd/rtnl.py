@@ -196,63 +196,57 @@ class Rtnl:
                         out[seqs.pop(seq)] = -code
         return out
 
+    def _ask(self, flags: int, body: bytes) -> Iterator[tuple[int, bytes, int, int]]:
+        """Send one RTM_GETROUTE request: (type, data, offset, end) of each reply to it, as
+        they come, without end (the caller stops when it has its answer)."""
+        seq = self._next()
+        self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, flags, seq, 0)
+                          + body)
+        while True:
+            for kind, _flags, mseq, data, at, end in self._messages():
+                if mseq == seq:
+                    yield kind, data, at, end
+
     def dump(self, family: int) -> list[FibRoute]:
         """Every route of `family` in every table."""
-        seq = self._next()
         body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE,
-                                      NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
         out: list[FibRoute] = []
-        while True:
-            for kind, _flags, mseq, data, at, end in self._messages():
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, at)[0]
-                    if code:
-                        raise OSError(code, f"route dump: {errno.errorcode.get(code, code)}")
-                    return out
-                if kind == RTM_NEWROUTE:
-                    out.append(parse_route(data, at, end))
+        for kind, data, at, end in self._ask(NLM_F_REQUEST | NLM_F_DUMP, body):
+            if kind == NLMSG_DONE:
+                return out
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", data, at)[0]
+                if code:
+                    raise OSError(code, f"route dump: {errno.errorcode.get(code, code)}")
+                return out
+            if kind == RTM_NEWROUTE:
+                out.append(parse_route(data, at, end))
+        raise AssertionError("unreachable: the replies have no end")
 
-    def fib_match(self, family: int, address: str) -> FibRoute | None:
-        """The FIB entry a lookup of `address` matches (None: no route)."""
-        seq = self._next()
+    def _lookup(self, family: int, address: str, rtm_flags: int = 0,
+                oif: int = 0) -> tuple[FibRoute | None, int]:
+        """The answer to a lookup of `address` (out of `oif`): (route, 0), or (None, errno)
+        when the kernel answers with an error."""
         addr = ipaddress.ip_address(address)
-        body = _RTMSG.pack(family, addr.max_prefixlen, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
-        body += _attr(RTA_DST, addr.packed)
-        self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, NLM_F_REQUEST,
-                                      seq, 0) + body)
-        while True:
-            for kind, _flags, mseq, data, at, end in self._messages():
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, at)[0]
-                    if code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH,
-                                errno.ENOENT):
-                        return None
-                    raise OSError(code, f"route lookup: {errno.errorcode.get(code, code)}")
-                if kind == RTM_NEWROUTE:
-                    return parse_route(data, at, end)
-
-    def route_get(self, family: int, address: str, oif: int = 0) -> FibRoute | None:
-        """What a lookup of `address` (out of `oif`) resolves to, as `ip route get`."""
-        seq = self._next()
-        addr = ipaddress.ip_address(address)
-        body = _RTMSG.pack(family, addr.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)
+        body = _RTMSG.pack(family, addr.max_prefixlen, 0, 0, 0, 0, 0, 0, rtm_flags)
         body += _attr(RTA_DST, addr.packed)
         if oif:
             body += _attr(RTA_OIF, _U32.pack(oif))
-        self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, NLM_F_REQUEST,
-                                      seq, 0) + body)
-        while True:
-            for kind, _flags, mseq, data, at, end in self._messages():
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_ERROR:
-                    return None
-                if kind == RTM_NEWROUTE:
-                    return parse_route(data, at, end)
+        for kind, data, at, end in self._ask(NLM_F_REQUEST, body):
+            if kind == NLMSG_ERROR:
+                return None, -struct.unpack_from("=i", data, at)[0]
+            if kind == RTM_NEWROUTE:
+                return parse_route(data, at, end), 0
+        raise AssertionError("unreachable: the replies have no end")
+
+    def fib_match(self, family: int, address: str) -> FibRoute | None:
+        """The FIB entry a lookup of `address` matches (None: no route)."""
+        route, code = self._lookup(family, address, RTM_F_FIB_MATCH)
+        if route is not None or code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH,
+                                         errno.ENOENT):
+            return route
+        raise OSError(code, f"route lookup: {errno.errorcode.get(code, code)}")
+
+    def route_get(self, family: int, address: str, oif: int = 0) -> FibRoute | None:
+        """What a lookup of `address` (out of `oif`) resolves to, as `ip route get`."""
+        return self._lookup(family, address, oif=oif)[0]
