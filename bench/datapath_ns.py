@@ -21,13 +21,16 @@ Run: python -m bench.datapath_ns [--runs N] [--services 1,1000,10000,100000]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -92,47 +95,61 @@ class Row:
     fullnat_new: float = 0.0
 
 
-def measure(services_counts: list[int], runs: int) -> list[Row]:
+@contextlib.contextmanager
+def loaded_node(prefix: str, **settings: Any) -> Iterator[Any]:
+    """dpd's datapath (dpd.node.Node) loaded with Settings(`settings`) under a temporary
+    bpffs root (its name starting with `prefix`); closed, its pins and mount removed and
+    the root deleted afterwards, also when loading failed part-way."""
     from dpd.node import Node, cleanup
 
-    root = tempfile.mkdtemp(prefix="xlb-bench-")
-    top = max(services_counts)
-    settings = Settings(name="bench", bpf_root=root, max_services=max(top + 1, 16),  # + full-NAT
-                        max_backends=max(4 * (top + 1), 64), ct_size=1 << 20, redirect=False)
-    node = bcc_floor = None
-    rows = []
+    root = tempfile.mkdtemp(prefix=prefix)
+    config = Settings(bpf_root=root, **settings)
+    node = None
     try:
-        node = Node.load(settings, ct_aging_interval=0)
-        bcc_floor, ffd = floor_fd()
-        fd = node.dp.fast_fd
-        have = 0
-        eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
-        node.put_services([ServiceSpec(FNAT_VIP, 80, Proto.TCP, mode=Mode.FULLNAT,
-                                       endpoints=eps, snat_addr=SNAT)])
-        for count in sorted(services_counts):
-            batch = [ServiceSpec(vip(i), 80, Proto.TCP, endpoints=eps) for i in range(have, count)]
-            for k in range(0, len(batch), 5000):
-                node.put_services(batch[k:k + 5000])
-            have = count
-            node.flush_conntrack()
-            target = vip(count - 1)  # the last service programmed
-            miss = [pkt("198.19.255.254", 1000 + i % 50000) for i in range(64)]
-            new = [pkt(target, 1024 + i) for i in range(min(runs, 60000))]
-            t_floor = mean_ns(ffd, miss, runs)
-            t_pass = mean_ns(fd, miss, runs)
-            t_new = mean_ns(fd, new, min(runs, len(new)))
-            t_est = _established_ns(node, fd, target, runs)
-            fnew = [pkt(FNAT_VIP, 1024 + i) for i in range(min(runs, 60000))]
-            t_fnew = mean_ns(fd, fnew, min(runs, len(fnew)))
-            t_fest = _established_ns(node, fd, FNAT_VIP, runs)
-            rows.append(Row(count, t_floor, t_pass, t_est, t_new, t_fest, t_fnew))
+        node = Node.load(config, ct_aging_interval=0)
+        yield node
     finally:
-        if bcc_floor is not None:
-            bcc_floor.cleanup()  # type: ignore[attr-defined]
         if node is not None:
             node.close()
-        cleanup(settings)  # also when loading failed part-way: pins, mount
+        cleanup(config)
         os.rmdir(root)
+
+
+def measure(services_counts: list[int], runs: int) -> list[Row]:
+    top = max(services_counts)
+    bcc_floor = None
+    rows = []
+    with loaded_node("xlb-bench-", name="bench", max_services=max(top + 1, 16),  # + full-NAT
+                     max_backends=max(4 * (top + 1), 64), ct_size=1 << 20,
+                     redirect=False) as node:
+        try:
+            bcc_floor, ffd = floor_fd()
+            fd = node.dp.fast_fd
+            have = 0
+            eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
+            node.put_services([ServiceSpec(FNAT_VIP, 80, Proto.TCP, mode=Mode.FULLNAT,
+                                           endpoints=eps, snat_addr=SNAT)])
+            for count in sorted(services_counts):
+                batch = [ServiceSpec(vip(i), 80, Proto.TCP, endpoints=eps)
+                         for i in range(have, count)]
+                for k in range(0, len(batch), 5000):
+                    node.put_services(batch[k:k + 5000])
+                have = count
+                node.flush_conntrack()
+                target = vip(count - 1)  # the last service programmed
+                miss = [pkt("198.19.255.254", 1000 + i % 50000) for i in range(64)]
+                new = [pkt(target, 1024 + i) for i in range(min(runs, 60000))]
+                t_floor = mean_ns(ffd, miss, runs)
+                t_pass = mean_ns(fd, miss, runs)
+                t_new = mean_ns(fd, new, min(runs, len(new)))
+                t_est = _established_ns(node, fd, target, runs)
+                fnew = [pkt(FNAT_VIP, 1024 + i) for i in range(min(runs, 60000))]
+                t_fnew = mean_ns(fd, fnew, min(runs, len(fnew)))
+                t_fest = _established_ns(node, fd, FNAT_VIP, runs)
+                rows.append(Row(count, t_floor, t_pass, t_est, t_new, t_fest, t_fnew))
+        finally:
+            if bcc_floor is not None:
+                bcc_floor.cleanup()  # type: ignore[attr-defined]
     return rows
 
 
@@ -159,16 +176,10 @@ def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 
 
 def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
     """Fast-path ns and conntrack map memory with `count` entries present."""
-    from dpd.node import Node, cleanup
-
     out = []
     for count in counts:
-        root = tempfile.mkdtemp(prefix="xlb-bench-ct-")
-        settings = Settings(name="benchct", bpf_root=root, max_services=16, max_backends=64,
-                            ct_size=count + 1024, redirect=False)
-        node = None
-        try:
-            node = Node.load(settings, ct_aging_interval=0)
+        with loaded_node("xlb-bench-ct-", name="benchct", max_services=16, max_backends=64,
+                         ct_size=count + 1024, redirect=False) as node:
             eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
             node.put_services([ServiceSpec(vip(0), 80, Proto.TCP, endpoints=eps)])
             fill_conntrack(node, count)
@@ -178,11 +189,6 @@ def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
                                             capture_output=True, text=True,
                                             check=True).stdout)["bytes_memlock"]
             out.append({"entries": count, "established_ns": est, "ct_map_mb": mem / 2**20})
-        finally:
-            if node is not None:
-                node.close()
-            cleanup(settings)
-            os.rmdir(root)
     return out
 
 

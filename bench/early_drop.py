@@ -217,19 +217,12 @@ def xdp_cost(runs: int = 200_000, prefixes: int = 10_000) -> dict[str, float]:
     passed with the blocklist empty, passed with `prefixes` v4 and as many v6 prefixes
     that do not hold its source, and dropped."""
     import ipaddress
-    import tempfile
 
-    from bench.datapath_ns import mean_ns, pkt
-    from dpd.loader import Settings
-    from dpd.node import Node, cleanup
+    from bench.datapath_ns import loaded_node, mean_ns, pkt
 
-    root = tempfile.mkdtemp(prefix="xd-bench-")
-    settings = Settings(name="xdbench", bpf_root=root, max_services=16, max_backends=64,
-                        ct_size=4096, blocklist_size=2 * prefixes + 16)
-    node = None
     out: dict[str, float] = {}
-    try:
-        node = Node.load(settings, ct_aging_interval=0)
+    with loaded_node("xd-bench-", name="xdbench", max_services=16, max_backends=64,
+                     ct_size=4096, blocklist_size=2 * prefixes + 16) as node:
         fd = node.dp.xdp_fd
         packets = [pkt("198.19.0.10", 1024 + i) for i in range(64)]  # from 198.18.0.2
         floor = _xdp_pass_only()
@@ -247,11 +240,6 @@ def xdp_cost(runs: int = 200_000, prefixes: int = 10_000) -> dict[str, float]:
         out[f"pass, {prefixes:,} v4 + {prefixes:,} v6 prefixes"] = mean_ns(fd, packets, runs)
         node.blocklist.put(["198.18.0.0/24"])
         out["dropped (a /24 among them)"] = mean_ns(fd, packets, runs)
-    finally:
-        if node is not None:
-            node.close()
-        cleanup(settings)
-        os.rmdir(root)
     return out
 
 

@@ -16,16 +16,14 @@ With 0 rules the firewall is off: the new flow is passed untouched without connt
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
+from bench.datapath_ns import loaded_node
 from bench.firewall import TARGET_PORT, Rule, XlbRow, rule_set
 from dpd import bpfsys
-from dpd.loader import Settings
 from xlbcore.firewall import Action, PortRange, RuleMatch, RuleProto, RuleSpec
 
 CLIENT = "198.18.0.2"
@@ -51,15 +49,9 @@ def _mean(fd: int, packets: Sequence[bytes], runs: int) -> float:
 
 
 def measure(counts: Sequence[int], runs: int) -> list[XlbRow]:
-    from dpd.node import Node, cleanup
-
-    root = tempfile.mkdtemp(prefix="xlb-bench-fw-")
-    settings = Settings(name="benchfw", bpf_root=root, max_services=16, max_backends=64,
-                        ct_size=1 << 20, redirect=False)
-    node = None
     rows = []
-    try:
-        node = Node.load(settings, ct_aging_interval=0)
+    with loaded_node("xlb-bench-fw-", name="benchfw", max_services=16, max_backends=64,
+                     ct_size=1 << 20, redirect=False) as node:
         fd = node.dp.fast_fd
         for n in sorted(counts):
             rules = rule_set(n)
@@ -81,9 +73,4 @@ def measure(counts: Sequence[int], runs: int) -> list[XlbRow]:
             t_drop = _mean(fd, [drop_pkt], runs) if drop_pkt else 0.0
             rows.append(XlbRow(n, t_new, t_est, t_drop))
             node.firewall.delete([r.name for r in rules])
-    finally:
-        if node is not None:
-            node.close()
-        cleanup(settings)
-        os.rmdir(root)
     return rows
