@@ -50,6 +50,28 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.02)
 
 
+def memory_node(**settings: Any) -> Node:
+    """A dpd node over in-memory maps (16 services, 64 backends, 64 conntrack entries
+    unless `settings` say otherwise), no conntrack aging."""
+    limits: dict[str, Any] = {"max_services": 16, "max_backends": 64, "ct_size": 64}
+    return Node(MemoryDatapath(Settings(name="unit", **{**limits, **settings})),
+                ct_aging_interval=0)
+
+
+class RecordsAttach:
+    """Mixed into a module's NoFilters: the interfaces a filter is attached on (`on`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on: set[int] = set()
+
+    def attach(self, ifindex: int) -> None:
+        self.on.add(ifindex)
+
+    def detach(self, ifindex: int) -> None:
+        self.on.discard(ifindex)
+
+
 @contextlib.contextmanager
 def serve_datapath(sockdir: Path, servicer: DatapathServicer
                    ) -> Iterator[datapath_pb2_grpc.DatapathStub]:

@@ -12,19 +12,15 @@ import grpc
 import pytest
 
 from dpd.blocklist import Blocklist, parse_prefixes
-from dpd.loader import Settings
-from dpd.memory import MemoryDatapath
 from dpd.node import Node
 from dpd.servicer import DatapathServicer
-from tests.unit.conftest import serve_datapath
+from tests.unit.conftest import memory_node, serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlbcore.errors import Exhausted, ValidationError
 
 
 def _node(size: int = 8) -> Node:
-    return Node(MemoryDatapath(Settings(name="unit", max_services=16, max_backends=64,
-                                        ct_size=64, blocklist_size=size)),
-                ct_aging_interval=0)
+    return memory_node(blocklist_size=size)
 
 
 @pytest.fixture

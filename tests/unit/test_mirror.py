@@ -7,28 +7,13 @@ import contextlib
 
 import pytest
 
-from dpd.loader import Settings
-from dpd.memory import MemoryDatapath
 from dpd.mirror import MirrorSpec, MirrorTable, NoFilters, parse_mirror
-from dpd.node import Node
+from tests.unit.conftest import RecordsAttach, memory_node
 from xlbcore.errors import ValidationError
 
 
-def _node() -> Node:
-    return Node(MemoryDatapath(Settings(name="unit", max_services=16, max_backends=64,
-                                        ct_size=64)), ct_aging_interval=0)
-
-
-class Recording(NoFilters):
-    def __init__(self) -> None:
-        super().__init__()
-        self.on: set[int] = set()
-
-    def attach(self, ifindex: int) -> None:
-        self.on.add(ifindex)
-
-    def detach(self, ifindex: int) -> None:
-        self.on.discard(ifindex)
+class Recording(RecordsAttach, NoFilters):
+    pass
 
 
 def test_parse():
@@ -40,7 +25,7 @@ def test_parse():
 
 
 def test_put_replace_delete_and_filters():
-    node = _node()
+    node = memory_node()
     filters = Recording()
     table = MirrorTable(node.dp, node.firewall.links, filters)
     assert table.put([MirrorSpec("eth0", "eth1")]) == 1
@@ -57,7 +42,7 @@ def test_put_replace_delete_and_filters():
 
 
 def test_unknown_interface_writes_nothing():
-    node = _node()
+    node = memory_node()
     table = node.mirrors
     with pytest.raises(ValidationError, match=r"mirrors\[1\].mirror_interface: no interface "
                                               r"'eth9'"):
@@ -66,7 +51,7 @@ def test_unknown_interface_writes_nothing():
 
 
 def test_a_failure_midway_puts_back_what_was_there():
-    node = _node()
+    node = memory_node()
     filters = Recording()
     table = MirrorTable(node.dp, node.firewall.links, filters)
     table.put([MirrorSpec("eth0", "eth1")])
@@ -91,7 +76,7 @@ def test_api(sockdir):
     from tests.unit.conftest import serve_datapath
     from xlb.dpd.v1 import datapath_pb2 as pb
 
-    node = _node()
+    node = memory_node()
     with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
         with pytest.raises(grpc.RpcError) as err:
             stub.PutMirrors(pb.PutMirrorsRequest(mirrors=[

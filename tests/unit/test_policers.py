@@ -7,28 +7,13 @@ import contextlib
 
 import pytest
 
-from dpd.loader import Settings
-from dpd.memory import MemoryDatapath
-from dpd.node import Node
 from dpd.policers import Bucket, NoFilters, PolicerSpec, PolicerTable, byte_ns_q16, parse_policer
+from tests.unit.conftest import RecordsAttach, memory_node
 from xlbcore.errors import ValidationError
 
 
-def _node() -> Node:
-    return Node(MemoryDatapath(Settings(name="unit", max_services=16, max_backends=64,
-                                        ct_size=64)), ct_aging_interval=0)
-
-
-class Recording(NoFilters):
-    def __init__(self) -> None:
-        super().__init__()
-        self.on: set[int] = set()
-
-    def attach(self, ifindex: int) -> None:
-        self.on.add(ifindex)
-
-    def detach(self, ifindex: int) -> None:
-        self.on.discard(ifindex)
+class Recording(RecordsAttach, NoFilters):
+    pass
 
 
 def test_the_bucket_passes_the_burst_then_the_rate():
@@ -61,7 +46,7 @@ def test_validation_names_the_field():
 
 
 def test_put_replace_delete_and_filters():
-    node = _node()
+    node = memory_node()
     filters = Recording()
     table = PolicerTable(node.dp, node.firewall.links, filters)
     assert table.put([PolicerSpec("a", 8000, 1500, ("eth0",))]) == 1
@@ -91,7 +76,7 @@ def test_api(sockdir):
     from tests.unit.conftest import serve_datapath
     from xlb.dpd.v1 import datapath_pb2 as pb
 
-    node = _node()
+    node = memory_node()
     with contextlib.closing(node), serve_datapath(sockdir, DatapathServicer(node)) as stub:
         with pytest.raises(grpc.RpcError) as err:
             stub.PutPolicers(pb.PutPolicersRequest(policers=[
