@@ -8,11 +8,14 @@ is its default."""
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +26,8 @@ from tests.conftest import require_root
 pytestmark = pytest.mark.root
 
 VIP = "198.19.0.10"
+CLIENT = "198.18.0.2"  # the client namespace's address
+CLIENT2 = "198.18.0.3"  # a second address of the client namespace (add_client_address)
 DPD_LIMITS = ["--max-services", "16", "--max-backends", "64", "--ct-size", "16384"]
 
 
@@ -140,4 +145,27 @@ def reach(lab: Lab, source: str) -> dict[str, int]:
                                 ("udp-be", run_udp_who, be, 8080)):
         res = fn(lab.topo, dst, port, count=3, timeout=0.5, source=source)
         out[what] = res.get("errors", 0)
+    return out
+
+
+def put_vip_services(lab: Lab) -> None:
+    """VIP 80/tcp and 53/udp onto every backend's 8080 (what `reach` tries)."""
+    from xlb.dpd.v1 import datapath_pb2 as pb
+    from xlb.types.v1 import types_pb2 as tpb
+
+    eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
+    lab.stub.PutServices(pb.PutServicesRequest(services=[
+        pb.Service(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP, endpoints=eps),
+        pb.Service(vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP, endpoints=eps)]), timeout=10)
+
+
+def doc_grpcurl_commands(doc: str) -> list[list[str]]:
+    """The grpcurl commands of a page of docs/ (its sh blocks, continued lines joined), as
+    argument lists."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
+    out = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            if cmd.strip().startswith("grpcurl"):
+                out.append(shlex.split(cmd))
     return out

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.e2e.conftest import Lab, open_lab, wait_until
+from tests.e2e.conftest import Lab, doc_grpcurl_commands, open_lab, wait_until
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -183,18 +183,12 @@ def test_a_trap_flood_is_shed_with_bounded_memory_and_reported(lab):
 
 
 def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
-    import re
-    import shlex
-    from pathlib import Path
-
     from lab import netns
     from tests.unit.test_policyd_grpcurl import GRPCURL
 
     if GRPCURL is None:
         pytest.skip("grpcurl is missing")
-    text = (Path(__file__).resolve().parents[2] / "docs" / "events.md").read_text()
-    commands = [shlex.split(c) for block in re.findall(r"```sh\n(.*?)```", text, re.S)
-                for c in block.splitlines() if c.startswith("grpcurl")]
+    commands = doc_grpcurl_commands("events.md")
     assert len(commands) == 2
     put, watch = ([GRPCURL if a == "grpcurl" else lab.dpd.socket if a == "/run/xlb/dpd.sock"
                    else a for a in argv] for argv in commands)

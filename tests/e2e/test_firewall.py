@@ -10,14 +10,22 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.e2e.conftest import VIP, Lab, add_client_address, open_lab, reach
+from tests.e2e.conftest import (
+    CLIENT,
+    CLIENT2,
+    VIP,
+    Lab,
+    add_client_address,
+    open_lab,
+    put_vip_services,
+    reach,
+)
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
-ALLOWED = "198.18.0.2"  # the client namespace's address
-BLOCKED = "198.18.0.3"  # a second address of the client namespace
+ALLOWED, BLOCKED = CLIENT, CLIENT2  # the client's address, and its second one
 TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
 
 
@@ -25,13 +33,6 @@ TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
 def lab() -> Iterator[Lab]:
     with open_lab(prefix="fw", before_dpd=lambda topo: add_client_address(topo, BLOCKED)) as lab:
         yield lab
-
-
-def services(lab: Any) -> None:
-    eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
-    lab.stub.PutServices(pb.PutServicesRequest(services=[
-        pb.Service(vip=VIP, port=80, protocol=TCP, endpoints=eps),
-        pb.Service(vip=VIP, port=53, protocol=UDP, endpoints=eps)]), timeout=10)
 
 
 def fw_rule(name: str, priority: int, action: int, **match: object) -> pb.FirewallRule:
@@ -46,7 +47,7 @@ def put_rules(lab: Any, *rules: pb.FirewallRule, flush: bool = False
 
 
 def test_drop_rule_stops_tcp_and_udp_while_a_higher_allow_lets_one_client_through(lab):
-    services(lab)
+    put_vip_services(lab)
     assert reach(lab, BLOCKED) == {"tcp-vip": 0, "udp-vip": 0, "tcp-be": 0, "udp-be": 0}
     resp = put_rules(lab,
                      fw_rule("allow-one", 200, tpb.FIREWALL_ACTION_ALLOW, src=f"{ALLOWED}/32"),
@@ -73,7 +74,7 @@ def test_drop_rule_stops_tcp_and_udp_while_a_higher_allow_lets_one_client_throug
 
 
 def test_default_policy_drop_on_an_interface(lab):
-    services(lab)
+    put_vip_services(lab)
     intf = lab.stub.SetInterfaceConfig(pb.SetInterfaceConfigRequest(
         name="c0", zone="clients", default_policy=tpb.DEFAULT_POLICY_DROP), timeout=10)
     assert (intf.zone, intf.default_policy, intf.attached) == (
@@ -90,7 +91,7 @@ def test_default_policy_drop_on_an_interface(lab):
 def test_flush_existing_cuts_established_flows_the_new_set_drops(lab):
     from lab.client import start_tcp_long
 
-    services(lab)
+    put_vip_services(lab)
     be = lab.topo.backend_ips[0]
     # the firewall on before the connections open, so that their verdict is tracked
     put_rules(lab, fw_rule("unrelated", 1, tpb.FIREWALL_ACTION_DROP, src="198.18.200.0/24"))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.e2e.conftest import VIP, Lab, open_lab
+from tests.e2e.conftest import VIP, Lab, doc_grpcurl_commands, open_lab
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -167,27 +167,12 @@ def test_a_tcp_transfer_through_a_policed_vip_settles_near_the_rate(lab):
     assert _policer(lab).dropped.packets > 0  # TCP found the rate by losing packets
 
 
-def _doc_commands(doc: str) -> list[list[str]]:
-    """The grpcurl commands of a page of docs/, as argument lists."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
-    out = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            if cmd.strip().startswith("grpcurl"):
-                out.append(shlex.split(cmd))
-    return out
-
-
 def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
     from tests.unit.test_policyd_grpcurl import GRPCURL
 
     if GRPCURL is None:
         pytest.skip("grpcurl is missing")
-    commands = _doc_commands("policers.md")
+    commands = doc_grpcurl_commands("policers.md")
     assert len(commands) == 3
     for argv in commands:
         argv = [GRPCURL if a == "grpcurl" else lab.dpd.socket if a == "/run/xlb/dpd.sock"

@@ -12,24 +12,28 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.e2e.conftest import VIP, Lab, add_client_address, open_lab, reach
+from tests.e2e.conftest import (
+    CLIENT,
+    CLIENT2,
+    VIP,
+    Lab,
+    add_client_address,
+    doc_grpcurl_commands,
+    open_lab,
+    put_vip_services,
+    reach,
+)
 from xlb.dpd.v1 import datapath_pb2 as pb
-from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
-ALLOWED = "198.18.0.2"  # the client namespace's address
-BLOCKED = "198.18.0.3"  # a second address of the client namespace
-TCP, UDP = tpb.PROTOCOL_TCP, tpb.PROTOCOL_UDP
+ALLOWED, BLOCKED = CLIENT, CLIENT2  # the client's address, and its second one
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     with open_lab(prefix="xd", before_dpd=lambda topo: add_client_address(topo, BLOCKED)) as lab:
-        eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
-        lab.stub.PutServices(pb.PutServicesRequest(services=[
-            pb.Service(vip=VIP, port=80, protocol=TCP, endpoints=eps),
-            pb.Service(vip=VIP, port=53, protocol=UDP, endpoints=eps)]), timeout=10)
+        put_vip_services(lab)
         yield lab
 
 
@@ -125,27 +129,12 @@ def test_bad_prefixes_are_refused_naming_the_field(lab):
     assert list(lab.stub.ListBlocklist(pb.ListBlocklistRequest(), timeout=10)) == []
 
 
-def _doc_commands() -> list[list[str]]:
-    """The grpcurl commands of docs/xdp.md, as argument lists."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[2] / "docs" / "xdp.md").read_text()
-    out = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            if cmd.strip().startswith("grpcurl"):
-                out.append(shlex.split(cmd))
-    return out
-
-
 def test_the_grpcurl_examples_of_the_docs_work_as_written(lab):
     from tests.unit.test_policyd_grpcurl import GRPCURL
 
     if GRPCURL is None:
         pytest.skip("grpcurl is missing")
-    commands = _doc_commands()
+    commands = doc_grpcurl_commands("xdp.md")
     assert len(commands) >= 9
     sock = lab.dpd.socket
     for argv in commands:
