@@ -11,8 +11,9 @@ range), so no rule matches the measured traffic and every filter does all of its
   a packet dropped by the lowest-ranked rule. "0 rules" is the firewall switched off.
 - iptables / nftables (real packets through a router namespace, wall-clock): the time a
   UDP packet takes from a sender in a client namespace through the router to a backend,
-  with the rules in the router's FORWARD hook, minus the same with no rules: the cost the
-  rules add to each packet they judge. iptables and nftables rules are evaluated in order;
+  with the rules in the router's FORWARD hook, minus the same with no rules (each the
+  best of 3 runs: other work on the machine only ever adds): the cost the rules add to
+  each packet they judge. iptables and nftables rules are evaluated in order;
   "nftables set" is the idiomatic form at scale (one interval set of
   saddr . daddr . dport, one rule).
 
@@ -26,6 +27,7 @@ import ipaddress
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -149,6 +151,12 @@ def _send_ns(topo: object, packets: int) -> float:
     return float(out.stdout.strip())
 
 
+def _settle() -> None:
+    """Let the kernel finish freeing what the last rule change dropped (RCU callbacks
+    run after a grace period) before a timed run."""
+    time.sleep(0.3)
+
+
 def _load(topo: object, kind: str, rules: Sequence[Rule]) -> None:
     ns = topo.lb_ns  # type: ignore[attr-defined]
     if kind == "iptables":
@@ -183,9 +191,15 @@ def netfilter(counts: Sequence[int], packets: int, rounds: int) -> dict[str, dic
                 count = packets if n < 5000 or kind == "nftables set" else packets // 10
                 deltas = []
                 for _ in range(rounds):
-                    base = _send_ns(topo, count)
+                    # the best of 3 runs each: other work on the machine only ever adds;
+                    # a settling run after each change of the rules (freeing or
+                    # installing thousands of rules leaves the kernel busy for a while)
+                    _settle()
+                    base = min(_send_ns(topo, count) for _ in range(3))
                     _load(topo, kind, rules)
-                    with_rules = _send_ns(topo, count)
+                    _settle()
+                    _send_ns(topo, count)
+                    with_rules = min(_send_ns(topo, count) for _ in range(3))
                     _unload(topo, kind)
                     deltas.append(with_rules - base)
                 out[kind][n] = statistics.median(deltas)
