@@ -3,6 +3,8 @@ backends) in its own namespaces; programmed only through policyd's API."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import shutil
 import sys
 import tempfile
@@ -47,6 +49,7 @@ class Cluster:
     topos: list = field(default_factory=list)
     nodes: dict = field(default_factory=dict)  # name -> Dpd
     channels: list = field(default_factory=list)
+    procs: list = field(default_factory=list)  # each node's backend processes
 
     def datapath(self, name: str):
         from xlb.dpd.v1 import datapath_pb2_grpc
@@ -71,8 +74,14 @@ class Cluster:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def open_cluster(nodes: int = 2, resync: float = 1.0, policyd_args: list[str] | None = None,
+                 prefix: str | None = None, udp_port: int | None = None,
+                 workdir_prefix: str = "xlb-cluster-") -> Iterator[Cluster]:
+    """policyd (`resync` s, `policyd_args`) and `nodes` nodes, each a Topology (namespaces
+    named `prefix` and 4 random hex digits, or the default) with test servers on its two
+    backends (8080, UDP on `udp_port`) and a dpd registered with policyd. The logs are
+    dumped (shown by pytest only when the test failed) and everything removed afterwards."""
     require_root()
     from lab.daemons import Dpd, Policyd
     from lab.servers import start_backends
@@ -80,22 +89,19 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     from xlb.policy.v1 import policy_pb2 as ppb
     from xlb.policy.v1 import policy_pb2_grpc
 
-    workdir = Path(tempfile.mkdtemp(prefix="xlb-cluster-"))
-    marker = request.node.get_closest_marker("resync")
-    args = request.node.get_closest_marker("policyd_args")
-    count = request.node.get_closest_marker("nodes")
-    policyd = Policyd(workdir, resync_interval=marker.args[0] if marker else 1.0,
-                      extra=list(args.args) if args else None)
+    workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix))
+    policyd = Policyd(workdir, resync_interval=resync, extra=policyd_args)
     channel = None
     c: Cluster | None = None
     try:
         policyd.start()
         channel = grpc.insecure_channel(policyd.address)
         c = Cluster(workdir, policyd, policy_pb2_grpc.PolicyStub(channel))
-        for i in range(1, (count.args[0] if count else 2) + 1):
-            topo = Topology(backends=2, vip=VIP)
+        for i in range(1, nodes + 1):
+            topo = Topology(backends=2, vip=VIP,
+                            prefix=None if prefix is None else prefix + secrets.token_hex(2))
             c.topos.append(topo)
-            start_backends(topo, port=8080)
+            c.procs.append(start_backends(topo, port=8080, udp_port=udp_port))
             name = f"node{i}"
             c.nodes[name] = Dpd(name, topo.lb_ns, topo.lb_ifaces, workdir).start()
             c.policy.RegisterNode(ppb.RegisterNodeRequest(
@@ -117,3 +123,14 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
             channel.close()
         policyd.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    marker = request.node.get_closest_marker("resync")
+    args = request.node.get_closest_marker("policyd_args")
+    count = request.node.get_closest_marker("nodes")
+    with open_cluster(nodes=count.args[0] if count else 2,
+                      resync=marker.args[0] if marker else 1.0,
+                      policyd_args=list(args.args) if args else None) as c:
+        yield c

@@ -4,79 +4,32 @@ that node only, in GetSyncStatus (counts and with_health) and GetService (node_h
 
 from __future__ import annotations
 
-import secrets
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import grpc
 import pytest
 
-from tests.conftest import require_root
+from tests.cluster.conftest import VIP, Cluster, open_cluster
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.types.v1 import types_pb2 as tpb
 
 pytestmark = pytest.mark.root
 
-VIP = "198.19.0.10"
-
-
-class HcCluster:
-    def __init__(self, policy) -> None:
-        self.policy = policy
-        self.topos: list = []
-        self.procs: list = []  # each node's backend processes
-        self.nodes: dict = {}
-
 
 @pytest.fixture
-def hc_cluster() -> Iterator[HcCluster]:
-    require_root()
-    from lab.daemons import Dpd, Policyd
-    from lab.servers import start_backends
-    from lab.topology import Topology
-    from xlb.policy.v1 import policy_pb2_grpc
-
-    workdir = Path(tempfile.mkdtemp(prefix="hc-cluster-"))
-    policyd = Policyd(workdir, resync_interval=0.5)
-    channel = None
-    c: HcCluster | None = None
-    try:
-        policyd.start()
-        channel = grpc.insecure_channel(policyd.address)
-        c = HcCluster(policy_pb2_grpc.PolicyStub(channel))
-        for i in (1, 2):
-            topo = Topology(backends=2, vip=VIP, prefix="hc" + secrets.token_hex(2))
-            c.topos.append(topo)
-            c.procs.append(start_backends(topo, port=8080, udp_port=0))
-            name = f"node{i}"
-            c.nodes[name] = Dpd(name, topo.lb_ns, topo.lb_ifaces, workdir).start()
-            c.policy.RegisterNode(ppb.RegisterNodeRequest(
-                node=ppb.Node(name=name, address=c.nodes[name].address)), timeout=5)
+def hc_cluster() -> Iterator[Cluster]:
+    with open_cluster(resync=0.5, prefix="hc", udp_port=0,
+                      workdir_prefix="hc-cluster-") as c:
         yield c
-    finally:
-        sys.stderr.write(f"--- policyd log ---\n{policyd.log_text()[-4000:]}\n")
-        if c is not None:
-            for dpd in c.nodes.values():
-                dpd.cleanup()
-            for topo in c.topos:
-                topo.cleanup()
-        if channel is not None:
-            channel.close()
-        policyd.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def node_health(c: HcCluster) -> dict[str, ppb.NodeSyncStatus]:
+def node_health(c: Cluster) -> dict[str, ppb.NodeSyncStatus]:
     reply = c.policy.GetSyncStatus(ppb.GetSyncStatusRequest(with_health=True), timeout=5)
     return {n.node: n for n in reply.nodes}
 
 
-def wait(c: HcCluster, what: str, predicate, timeout: float = 30.0):
+def wait(c: Cluster, what: str, predicate, timeout: float = 30.0):
     end = time.monotonic() + timeout
     while True:
         got = node_health(c)
