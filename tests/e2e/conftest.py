@@ -159,13 +159,21 @@ def put_vip_services(lab: Lab) -> None:
         pb.Service(vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP, endpoints=eps)]), timeout=10)
 
 
-def doc_grpcurl_commands(doc: str) -> list[list[str]]:
-    """The grpcurl commands of a page of docs/ (its sh blocks, continued lines joined), as
-    argument lists."""
+def doc_grpcurl_commands(doc: str, target: str = "/run/xlb/dpd.sock") -> list[list[str]]:
+    """The grpcurl commands of a page of docs/ that call `target` (dpd's socket; the
+    policyd examples are run by unit tests), as argument lists: its sh blocks, continued
+    lines joined, a quoted argument (a JSON body) may span lines."""
     text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
     out = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            if cmd.strip().startswith("grpcurl"):
-                out.append(shlex.split(cmd))
+        pending = ""
+        for line in block.replace("\\\n", " ").splitlines():
+            pending = f"{pending}\n{line}" if pending else line
+            try:
+                argv = shlex.split(pending)
+            except ValueError:  # a quoted argument goes on on the next line
+                continue
+            pending = ""
+            if argv and argv[0] == "grpcurl" and target in argv:
+                out.append(argv)
     return out
