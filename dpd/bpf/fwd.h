@@ -18,23 +18,6 @@
 
 #ifndef AF_INET
 #define AF_INET 2
-/* Rewrite and send a packet of the tracked, NATed flow of entry `v`, by its mode. */
-static __always_inline int xlb_flow_out(struct __sk_buff *skb, struct xlb_pkt *p,
-                                        struct xlb_ct_val *v)
-{
-    int rc;
-    if (v->flags & XLB_CTF_DSR)
-        return xlb_dsr_out(skb, p, v->nat_addr, v->nat2_addr, v->flags & XLB_CTF_IPIP);
-    if (v->flags & XLB_CTF_FNAT)
-        rc = xlb_nat_full(skb, p, v->dir, v->nat_addr, v->nat_port, v->nat2_addr,
-                          v->nat2_port);
-    else
-        rc = xlb_nat(skb, p, v->dir, v->nat_addr, v->nat_port);
-    if (rc < 0)
-        return TC_ACT_OK;
-    return xlb_forward(skb, p);
-}
-
 #endif
 
 /* bcc 0.26 declares this helper with three arguments; the kernel's takes four. */
