@@ -174,6 +174,16 @@ static __always_inline int xlb_v6(struct __sk_buff *skb)
     return xlb_pass_unparsed(rc == XLB_P_BAD ? XLB_P_BAD : XLB_P_NOT_OURS);
 }
 
+/* The source a rewritten packet of a service takes (full-NAT's SNAT address, IP-in-IP's
+ * outer source): the service's own address, else the node's toward the endpoint (0: no
+ * route to it). */
+static __always_inline __be32 xlb_svc_source(struct __sk_buff *skb, struct xlb_nat_val *svc,
+                                             __be32 ep_addr)
+{
+    __be32 a = svc->snat_addr;
+    return a ? a : xlb_src_toward(skb, ep_addr);
+}
+
 static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p, int first_frag)
 {
     /* the firewall first (when on): drop and redirect end here */
@@ -235,9 +245,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         /* DSR: the ORIG entry only (replies do not come back through the node) */
         v.flags = XLB_CTF_DSR;
         if (mode == XLB_MODE_DSR_IPIP) {
-            __be32 outer = svc->snat_addr;
-            if (!outer)
-                outer = xlb_src_toward(skb, ep->addr);
+            __be32 outer = xlb_svc_source(skb, svc, ep->addr);
             if (!outer) {
                 xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_NO_ROUTE);
                 return TC_ACT_SHOT;
@@ -281,9 +289,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
          * toward the endpoint) and a port that makes the REPLY key (endpoint -> SNAT
          * address:port) unique: a hash of the flow picks the first candidate, the next
          * ones are probed; a taken candidate is never overwritten (NOEXIST). */
-        __be32 snat = svc->snat_addr;
-        if (!snat)
-            snat = xlb_src_toward(skb, ep->addr);
+        __be32 snat = xlb_svc_source(skb, svc, ep->addr);
         if (!snat) {
             xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_NO_ROUTE);
             return TC_ACT_SHOT;
