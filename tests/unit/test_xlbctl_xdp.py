@@ -9,7 +9,7 @@ import json
 
 import yaml
 
-from policyd import cli
+from tests.unit.test_xlbctl_documents import xlbctl
 
 SITE = """\
 kind: Node
@@ -30,12 +30,6 @@ kind: Mirror
 metadata: {name: tap}
 spec: {interface: eth0, mirror_interface: eth1}
 """
-
-
-def xlbctl(capsys, server, *args: str) -> tuple[int, str, str]:
-    rc = cli.main(["--server", server.address, *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_documents_roundtrip_and_reach_the_node(capsys, policyd, fake_node, tmp_path,
