@@ -1,0 +1,297 @@
+"""policyd's desired state replicated through etcd: every replica's Store is a copy of one
+log of store operations that etcd holds.
+
+How it works:
+
+- etcd holds, under a prefix (default ``/xlb/policyd/``), ``log/<index>`` (20 digits,
+  from 1, consecutive): each one committed store write (``apply_services``,
+  ``delete_rules``, ``register_node``, ...: every public ``apply_*``, ``delete_*``,
+  ``register_*``, ``deregister_*`` method of ``policyd.store.Store``), with its
+  arguments and the wall-clock time the writer stamped it with.
+- Each replica keeps a ``Store`` in memory (SQLite ``:memory:`` plus the Store's own
+  in-memory indexes) and applies the log to it in order (``catch_up``), so every
+  replica's Store passes through the same states, revisions and object generations, and
+  its listeners (Watch) see the same changes at the same revisions.
+- A write runs the Store's own method (validation, compare-and-swap on the objects'
+  generations, conflicts: the same code and errors as the SQLite store). When the method
+  reaches its transaction, the entry is written to etcd in one etcd transaction that
+  succeeds only if ``log/<applied + 1>`` does not exist yet (compare-and-swap on the
+  store's log position: the generations the method checked are those of the latest
+  state) and, when a fence is set (the leader's election key, policyd.ha), only while
+  that key is still the one this replica created. Only then does the local SQLite
+  transaction commit and the in-memory state move: an acknowledged write is in etcd.
+  A write that loses the race (another entry took the index) is rolled back, the replica
+  catches up and the method runs again on the new state (its CAS checks apply anew).
+- An etcd failure during a write is UNAVAILABLE and leaves the local state as it was; if
+  the entry did reach etcd after all, the replica applies it from the log like any other.
+- A follower learns of new entries through an etcd watch on the log (``follow``), with a
+  periodic re-read as a safety net.
+
+Arguments are pickled, and read back with an unpickler that only builds classes of
+policyd, xlbcore and the standard library's ipaddress and enum: the log is not a way to
+run code. Every replica must run the same policyd version (the log holds method calls).
+The log is never compacted: a replica starting reads it from the start (see docs/ha.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import enum
+import functools
+import io
+import json
+import pickle
+import threading
+import time as _time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+
+import policyd.store as store_module
+from policyd.etcd import Etcd, EtcdError, compare_created, op_put, prefix_end
+from policyd.store import Store
+from xlbcore.errors import UnavailableError, XlbError
+
+log = structlog.get_logger()
+
+DEFAULT_PREFIX = b"/xlb/policyd/"
+WRITE_PREFIXES = ("apply_", "delete_", "register_", "deregister_")
+RANGE_PAGE = 500  # log entries read per request
+WATCH_IDLE = 1.0  # seconds without news before a follower re-reads the log anyway
+RETRIES = 3  # runs of a write that keeps losing the race for the next log index
+
+
+class NotLeaderError(UnavailableError):
+    """This replica's fence (its leadership) is gone: the write was not made."""
+
+
+class _Behind(XlbError):
+    """The next log index is taken: catch up and run the write again."""
+
+
+class _Clock:
+    """Stands in for the ``time`` module inside policyd.store: ``time_ns`` answers the
+    time of the log entry being written or replayed in this thread, so that every replica
+    stores the same update times; anything else is the real ``time`` module."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def time_ns(self) -> int:
+        fixed: int | None = getattr(self._local, "now", None)
+        return fixed if fixed is not None else _time.time_ns()
+
+    @contextlib.contextmanager
+    def fixed(self, now: int) -> Iterator[None]:
+        before = getattr(self._local, "now", None)
+        self._local.now = now
+        try:
+            yield
+        finally:
+            self._local.now = before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+
+_CLOCK = _Clock()
+store_module.time = _CLOCK  # type: ignore[assignment]  # same answers outside a replay
+
+_SAFE_BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset", "int", "str", "bytes",
+                            "bool", "float", "complex", "bytearray", "slice", "range"})
+_SAFE_MODULES = ("policyd", "xlbcore", "ipaddress", "enum")
+
+
+def _enum_member(cls: Any, name: str) -> Any:
+    """What pickle's ``getattr(EnumClass, name)`` may do in a log entry: name a member."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str):
+        return cls[name]
+    raise pickle.UnpicklingError("log entry: getattr on something other than an enum")
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds only classes defined in policyd, xlbcore, ipaddress or enum, plain builtin
+    containers and enum members."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name == "getattr":
+            return _enum_member
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if module.split(".")[0] in _SAFE_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__.split(".")[0] in _SAFE_MODULES:
+                return found
+        raise pickle.UnpicklingError(f"log entry names {module}.{name}: not allowed")
+
+
+def encode_entry(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], now: int) -> bytes:
+    blob = pickle.dumps((args, kwargs), protocol=4)
+    return json.dumps({"op": op, "time_ns": now,
+                       "args": base64.b64encode(blob).decode("ascii")}).encode()
+
+
+def decode_entry(data: bytes) -> tuple[str, tuple[Any, ...], dict[str, Any], int]:
+    entry = json.loads(data)
+    op = entry["op"]
+    if not (isinstance(op, str) and op in _WRITES):
+        raise ValueError(f"log entry: unknown operation {op[:40]!r}")
+    args, kwargs = _Unpickler(io.BytesIO(base64.b64decode(entry["args"]))).load()
+    return op, tuple(args), dict(kwargs), int(entry["time_ns"])
+
+
+_WRITES: dict[str, Callable[..., Any]] = {
+    name: getattr(Store, name) for name in dir(Store)
+    if name.startswith(WRITE_PREFIXES) and callable(getattr(Store, name))
+}
+
+
+class EtcdStore(Store):
+    """A Store whose writes are committed to an etcd log and which applies the log."""
+
+    def __init__(self, etcd: Etcd, prefix: bytes = DEFAULT_PREFIX) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self._log_prefix = prefix + b"log/"
+        self.applied = 0  # the last log index applied to this replica's state
+        self._entry: bytes | None = None  # the entry of the write running (under the lock)
+        self._replaying = False
+        self._fence: list[dict[str, Any]] = []  # extra compares of every write (leadership)
+        self._following: threading.Thread | None = None
+        self._stop = threading.Event()
+        super().__init__(":memory:")
+        self.catch_up()
+
+    # -- the log --------------------------------------------------------------------
+
+    def _key(self, index: int) -> bytes:
+        return self._log_prefix + b"%020d" % index
+
+    def set_fence(self, compares: list[dict[str, Any]]) -> None:
+        """Make every write also require `compares` (etcd compares; [] for none)."""
+        with self._lock:
+            self._fence = list(compares)
+
+    def catch_up(self) -> int:
+        """Apply every log entry past ``applied``; the etcd revision read at. EtcdError
+        when etcd cannot be read (the state stays as it was)."""
+        while True:
+            kvs, revision = self.etcd.range(self._key(self.applied + 1),
+                                            prefix_end(self._log_prefix), RANGE_PAGE)
+            with self._lock:
+                for kv in kvs:
+                    index = int(kv.key[len(self._log_prefix):])
+                    if index <= self.applied:
+                        continue  # applied meanwhile (our own write, or another catch-up)
+                    if index != self.applied + 1:
+                        break  # a gap: read again from where we are
+                    self._replay(index, kv.value)
+            if len(kvs) < RANGE_PAGE:
+                return revision
+
+    def _replay(self, index: int, data: bytes) -> None:
+        try:
+            op, args, kwargs, now = decode_entry(data)
+        except Exception as exc:
+            log.error("store.log_unreadable", index=index, error=str(exc)[:200])
+            self.applied = index
+            return
+        self._replaying = True
+        try:
+            with _CLOCK.fixed(now):
+                _WRITES[op](self, *args, **kwargs)
+        except Exception as exc:  # the writer ran it on the same state: never expected
+            log.error("store.replay_failed", index=index, op=op, error=str(exc)[:200])
+        finally:
+            self._replaying = False
+            self.applied = index
+
+    def _write(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        method = _WRITES[op]
+        with self._lock:
+            if self._replaying or self._entry is not None:  # nested: part of the outer one
+                return method(self, *args, **kwargs)
+            for _ in range(RETRIES):
+                now = _time.time_ns()
+                self._entry = encode_entry(op, args, kwargs, now)
+                try:
+                    with _CLOCK.fixed(now):
+                        return method(self, *args, **kwargs)
+                except _Behind:
+                    pass
+                finally:
+                    self._entry = None
+                self.catch_up()
+        raise UnavailableError("store: other writes kept taking the next log entry; retry")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with super()._tx() as cur:
+            yield cur
+            if self._entry is not None and not self._replaying:
+                self._commit(self._entry)
+                self._entry = None
+
+    def _commit(self, entry: bytes) -> None:
+        """Write `entry` at the next index, or raise (the caller's SQLite transaction then
+        rolls back and the in-memory state is untouched)."""
+        index = self.applied + 1
+        key = self._key(index)
+        ok, _ = self.etcd.txn([compare_created(key, 0), *self._fence], [op_put(key, entry)])
+        if ok:
+            self.applied = index
+            return
+        if self.etcd.get(key) is not None:
+            raise _Behind(f"log entry {index} is taken")
+        raise NotLeaderError("store: this replica is no longer the leader; write to the leader")
+
+    # -- following ------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Apply new log entries as they appear (a thread), until ``close``."""
+        if self._following is None:
+            self._following = threading.Thread(target=self._follow, name="store-follow",
+                                               daemon=True)
+            self._following.start()
+
+    def _follow(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                revision = self.catch_up()
+                if failing:
+                    log.info("store.etcd_back", url=self.etcd.url, applied=self.applied)
+                failing = False
+            except EtcdError as exc:
+                if not failing:
+                    log.warning("store.etcd_unreachable", url=self.etcd.url, error=str(exc))
+                failing = True
+                self._stop.wait(0.2)
+                continue
+            for _ in self.etcd.watch(self._log_prefix, revision + 1, WATCH_IDLE):
+                if self._stop.is_set():
+                    return
+                try:
+                    self.catch_up()
+                except EtcdError:
+                    break
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._following is not None:
+            self._following.join(WATCH_IDLE + 1)
+        super().close()
+        self.etcd.close()
+
+
+def _logged(op: str) -> Callable[..., Any]:
+    @functools.wraps(_WRITES[op])
+    def write(self: EtcdStore, *args: Any, **kwargs: Any) -> Any:
+        return self._write(op, args, kwargs)
+    return write
+
+
+for _op in _WRITES:
+    setattr(EtcdStore, _op, _logged(_op))

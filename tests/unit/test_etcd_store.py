@@ -1,0 +1,182 @@
+"""The etcd store (policyd.etcd_store) against a real etcd on loopback: replicas see the
+same state at the same revisions, a write is in etcd when it returns, two replicas can
+never both commit on the same state, a fenced-off replica writes nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from policyd.etcd import Etcd, EtcdError, compare_created
+from policyd.etcd_store import EtcdStore, NotLeaderError, decode_entry, encode_entry
+from policyd.store import GenerationConflict
+from tests.etcd_server import run_etcd
+from xlb.types.v1 import types_pb2
+from xlbcore.errors import ConflictError, UnavailableError
+from xlbcore.firewall import parse_rule
+from xlbcore.service import EndpointSpec, Proto, ServiceSpec
+
+
+def spec(port: int = 80, weight: int = 1) -> ServiceSpec:
+    return ServiceSpec("198.19.0.10", port, Proto.TCP,
+                       endpoints=(EndpointSpec("198.18.1.2", 8080, weight),))
+
+
+@pytest.fixture(scope="module")
+def etcd_url():
+    with run_etcd() as url:
+        yield url
+
+
+_prefixes = iter(range(10_000))
+
+
+@pytest.fixture
+def prefix() -> bytes:
+    return b"/xlbtest/%d/" % next(_prefixes)  # each test its own log in the shared etcd
+
+
+def open_store(url: str, prefix: bytes) -> EtcdStore:
+    return EtcdStore(Etcd(url), prefix)
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_replica_opened_later_reads_the_same_state(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a:
+        web, _ = a.apply_service("web", spec())
+        a.apply_service("web", spec(weight=3))
+        a.register_node("n1", "127.0.0.1:1", (("zone", "east"),))
+        a.apply_service("dns", spec(port=53))
+        a.delete_service("dns")
+        with open_store(etcd_url, prefix) as b:
+            assert b.generation == a.generation == 4
+            assert b.list_services() == a.list_services()
+            got = b.get_service("web")
+            assert (got.generation, got.revision, got.spec.endpoints[0].weight) == (2, 2, 3)
+            assert got.update_time_ns == a.get_service("web").update_time_ns  # writer's time
+            assert b.list_nodes() == a.list_nodes()
+
+
+def test_a_follower_sees_writes_as_they_commit_and_its_listeners_fire(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a, open_store(etcd_url, prefix) as b:
+        b.follow()
+        seen: list[tuple[int, str, bool]] = []
+        b.add_listener(lambda rev, changes: seen.extend((rev, c.name, c.deleted)
+                                                        for c in changes))
+        a.apply_service("web", spec())
+        a.apply_service("dns", spec(port=53))
+        a.delete_service("web")
+        wait_until(lambda: b.generation == 3)
+        assert seen == [(1, "web", False), (2, "dns", False), (3, "web", True)]
+        assert [s.name for s in b.list_services()] == ["dns"]
+
+
+def test_acknowledged_means_in_etcd(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a:
+        a.apply_service("web", spec())
+        kvs, _ = Etcd(etcd_url).range(prefix + b"log/", prefix + b"log0")
+        assert len(kvs) == 1
+        op, args, kwargs, _ = decode_entry(kvs[0].value)
+        assert op == "apply_service" and args[0] == "web" and args[1] == spec()
+
+
+def test_two_replicas_never_both_commit_on_the_same_state(etcd_url, prefix):
+    """a and b both hold generation 1 of web; both write with expected=1. The log's CAS
+    makes the second one catch up and run its check again: ABORTED, nothing written."""
+    with open_store(etcd_url, prefix) as a, open_store(etcd_url, prefix) as b:
+        a.apply_service("web", spec())
+        b.catch_up()
+        a.apply_service("web", spec(weight=2), expected=1)
+        with pytest.raises(GenerationConflict):
+            b.apply_service("web", spec(weight=5), expected=1)  # b had not seen a's write
+        assert b.get_service("web").spec.endpoints[0].weight == 2
+        with open_store(etcd_url, prefix) as c:
+            assert c.get_service("web").generation == 2
+            assert c.get_service("web").spec.endpoints[0].weight == 2
+
+
+def test_concurrent_writers_get_one_total_order(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a, open_store(etcd_url, prefix) as b:
+        errors: list[Exception] = []
+
+        def churn(store: EtcdStore, base: int) -> None:
+            for i in range(15):
+                try:
+                    store.apply_service(f"s{base + i}", spec(port=base + i))
+                except Exception as exc:  # noqa: BLE001 (collected, asserted below)
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=churn, args=(a, 1000)),
+                   threading.Thread(target=churn, args=(b, 2000))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(e, UnavailableError) for e in errors)
+        a.catch_up()
+        b.catch_up()
+        with open_store(etcd_url, prefix) as c:
+            assert c.generation == a.generation == b.generation == 30 - len(errors)
+            assert c.list_services() == a.list_services() == b.list_services()
+
+
+def test_a_conflict_is_refused_on_the_leader_state_and_writes_nothing(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a:
+        a.apply_service("web", spec())
+        with pytest.raises(ConflictError):
+            a.apply_service("other", spec())  # same vip, port, protocol
+        assert a.applied == 1
+        rule = parse_rule(types_pb2.FirewallRuleSpec(priority=10,
+                                                     action=types_pb2.FIREWALL_ACTION_DROP))
+        a.apply_rules([("r1", rule)])
+        with open_store(etcd_url, prefix) as b:
+            assert [r.name for r in b.list_rules()] == ["r1"]
+            assert b.get_rule("r1").spec == rule
+
+
+def test_a_fenced_off_replica_writes_nothing(etcd_url, prefix):
+    etcd = Etcd(etcd_url)
+    fence_key = prefix + b"leader"
+    with open_store(etcd_url, prefix) as a:
+        revision = etcd.put(fence_key, b"a")
+        a.set_fence([compare_created(fence_key, revision)])
+        a.apply_service("web", spec())
+        etcd.delete(fence_key)  # a's leadership ends (its lease expired)
+        with pytest.raises(NotLeaderError):
+            a.apply_service("dns", spec(port=53))
+        assert [s.name for s in a.list_services()] == ["web"]
+        assert a.generation == 1
+
+
+def test_etcd_down_is_unavailable_and_changes_nothing(etcd_url, prefix):
+    with open_store(etcd_url, prefix) as a:
+        a.apply_service("web", spec())
+        a.etcd.port = 1  # nothing listens there
+        a.etcd.close()
+        with pytest.raises(EtcdError):
+            a.apply_service("dns", spec(port=53))
+        assert [s.name for s in a.list_services()] == ["web"] and a.generation == 1
+
+
+def test_log_entries_build_only_allowed_classes():
+    good = encode_entry("apply_service", ("web", spec()), {}, 5)
+    assert decode_entry(good)[1][1] == spec()
+    import base64
+    import json
+    import pickle
+
+    bad = json.loads(encode_entry("apply_service", (), {}, 5))
+    bad["args"] = base64.b64encode(pickle.dumps(((threading.Thread,), {}))).decode()
+    with pytest.raises(pickle.UnpicklingError):
+        decode_entry(json.dumps(bad).encode())
+    bad["op"] = "close"
+    with pytest.raises(ValueError):
+        decode_entry(json.dumps(bad).encode())
