@@ -11,7 +11,9 @@ through policyd: the client network is blocked from the web service except one c
 higher priority allow); the allowed and the blocked client are shown with the rules'
 counters. Then a Blocklist object stops a third client address in XDP (native, on the
 lb's client side) and a Mirror object copies the client side's traffic to a veth where a
-capture socket reads it (lab.demo_xdp). Everything is removed at the end.
+capture socket reads it (lab.demo_xdp). Then a policer on the client side limits a UDP
+stream at twice its rate, and a TRAP firewall rule's packet comes back as an event through
+policyd's WatchEvents (lab.demo_events). Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import grpc
 
 from lab.client import run_tcp_who, run_udp_who
 from lab.daemons import Dpd, Policyd
+from lab.demo_events import events_step
 from lab.demo_xdp import xdp_step
 from lab.servers import start_backends
 from lab.topology import Topology
@@ -159,6 +162,8 @@ def run(backends: int, requests: int) -> int:
                 ok = firewall_step(topo, policy, datapath, requests) and ok
                 out()
                 ok = xdp_step(topo, policy, datapath, VIP, wait_synced, out) and ok
+                out()
+                ok = events_step(topo, policy, datapath, VIP, wait_synced, out) and ok
         finally:
             dpd.cleanup()
             policyd.stop()
