@@ -3,8 +3,13 @@
  * a weighted hash of the client address, least connections (a sample of the slot table
  * against ep_conn_map) or Maglev (the 5-tuple hash indexes the service's Maglev table in
  * maglev_v4_map); session persistence (persist_v4_map) before any of them.
- * dpd fills the slot table from the weights (dpd/slots.py), the Maglev table from the
- * endpoints and weights (dpd/maglev.py). */
+ *
+ * A service's endpoints are ep_map[ep_base .. ep_base + n_eps) and its slot table
+ * slot_map[slot_base ..] (XLB_SLOT_CHUNK slots an entry); dpd fills the slot table from
+ * the weights (dpd/slots.py), the Maglev table from the endpoints and weights
+ * (dpd/maglev.py). Selection works on endpoint indexes and reads only what any address
+ * family has (weight, counter slot, flags): xlb_select_idx takes the flow's hashes and
+ * returns an index; reading the endpoint's address is the caller's (xlb_ep_at). */
 #ifndef XLB_LB_H
 #define XLB_LB_H
 
@@ -29,9 +34,18 @@ static __always_inline __u32 xlb_flow_hash(struct xlb_pkt *p)
     return xlb_mix(h ^ p->proto);
 }
 
-/* Maglev: the flow hash indexes the service's lookup table. NULL when the table is
+/* Endpoint idx of the service; NULL when it has none at idx. */
+static __always_inline struct xlb_ep *xlb_ep_at(struct xlb_nat_val *svc, __u32 idx)
+{
+    if (idx >= svc->n_eps)
+        return NULL;
+    __u32 k = svc->ep_base + idx;
+    return ep_map.lookup(&k);
+}
+
+/* Maglev: the flow hash indexes the service's lookup table. -1 when the table is
  * missing or names no endpoint of the service (never a guess). */
-static __always_inline int xlb_maglev_select(struct xlb_nat_val *svc, struct xlb_pkt *p)
+static __always_inline int xlb_maglev_select(struct xlb_nat_val *svc, __u32 hash)
 {
     __u32 key = svc->svc_id * 2 + (svc->flags & XLB_SVC_MAGLEV_B);
     struct xlb_maglev *t = maglev_v4_map.lookup(&key);
@@ -40,7 +54,7 @@ static __always_inline int xlb_maglev_select(struct xlb_nat_val *svc, struct xlb
     __u32 m = t->size;
     if (m == 0 || m > XLB_MAGLEV_SIZE)
         return -1;
-    __u32 pos = xlb_flow_hash(p) % m;
+    __u32 pos = hash % m;
     /* the verifier cannot bound a modulo by a variable: hide pos from the compiler so
      * that it keeps the check (it knows pos < m <= XLB_MAGLEV_SIZE) */
     asm volatile("" : "=r"(pos) : "0"(pos));
@@ -52,10 +66,14 @@ static __always_inline int xlb_maglev_select(struct xlb_nat_val *svc, struct xlb
     return idx;
 }
 
-/* the endpoint index of slot pos; -1 when it names no endpoint */
+/* the endpoint index of slot pos (< n_slots); -1 when it names no endpoint */
 static __always_inline int xlb_slot_ep(struct xlb_nat_val *svc, __u32 pos)
 {
-    __u8 idx = svc->slots[pos & (XLB_SLOTS - 1)];
+    __u32 k = svc->slot_base + pos / XLB_SLOT_CHUNK;
+    struct xlb_slots *s = slot_map.lookup(&k);
+    if (!s)
+        return -1;
+    __u16 idx = s->ep[pos & (XLB_SLOT_CHUNK - 1)];
     if (idx >= svc->n_eps)
         return -1;
     return idx;
@@ -77,7 +95,9 @@ static __always_inline int xlb_lc_select(struct xlb_nat_val *svc, __u32 n)
         int idx = xlb_slot_ep(svc, pos);
         if (idx < 0)
             continue;
-        struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
+        struct xlb_ep *ep = xlb_ep_at(svc, idx);
+        if (!ep)
+            continue;
         __u32 sid = ep->stat_id;
         __u32 *c = ep_conn_map.lookup(&sid);
         __u64 cnt = c ? *c : 0;
@@ -92,9 +112,9 @@ static __always_inline int xlb_lc_select(struct xlb_nat_val *svc, __u32 n)
 }
 
 /* Session persistence: the endpoint this client's last new flow went to, while it is
- * within the service's persist_s, still the service's endpoint at that index and still
- * selectable (it holds a slot: health and priority groups take endpoints out of the
- * slot table). NULL otherwise. */
+ * within the service's persist_s, still the service's endpoint at that index (same
+ * counter slot) and still selectable (XLB_EP_LIVE: it holds slots; health and priority
+ * groups take endpoints out). -1 otherwise. */
 static __always_inline int xlb_persist_get(struct xlb_nat_val *svc,
                                           struct xlb_persist_key *pk, __u64 now)
 {
@@ -104,31 +124,22 @@ static __always_inline int xlb_persist_get(struct xlb_nat_val *svc,
     if (now - pv->last_ns > (__u64)svc->persist_s * 1000000000ULL)
         return -1;
     __u32 idx = pv->idx;
-    if (idx >= svc->n_eps)
+    struct xlb_ep *ep = xlb_ep_at(svc, idx);
+    if (!ep || ep->stat_id != pv->stat_id || !(ep->flags & XLB_EP_LIVE))
         return -1;
-    struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
-    if (ep->addr != pv->addr || ep->port != pv->port)
-        return -1;
-    __u32 n = svc->n_slots;
-    for (__u32 i = 0; i < XLB_SLOTS; i++) {
-        if (i >= n)
-            break;
-        if (svc->slots[i] == idx)
-            return idx;
-    }
-    return -1;
+    return idx;
 }
 
-static __always_inline int xlb_select_algo(struct xlb_nat_val *svc, struct xlb_pkt *p,
-                                          int force_hash, __u32 n)
+static __always_inline int xlb_select_algo(struct xlb_nat_val *svc, __u32 flow_hash,
+                                          __u32 src_hash, int force_hash, __u32 n)
 {
     if (svc->algo == XLB_ALGO_MAGLEV)
-        return xlb_maglev_select(svc, p);
+        return xlb_maglev_select(svc, flow_hash);
     __u32 pos;
     if (svc->algo == XLB_ALGO_SOURCE_HASH) {
-        pos = xlb_mix(p->saddr ^ 0x9e3779b9) % n;
+        pos = src_hash % n;
     } else if (svc->algo == XLB_ALGO_HASH || force_hash) {
-        pos = xlb_flow_hash(p) % n;
+        pos = flow_hash % n;
     } else if (svc->algo == XLB_ALGO_LEAST_CONN) {
         return xlb_lc_select(svc, n);
     } else {
@@ -154,39 +165,48 @@ static __always_inline void xlb_lc_opened(__u8 algo, __u32 stat_id)
         __sync_fetch_and_add(c, 1);
 }
 
-/* Returns the chosen endpoint, or NULL when no endpoint takes new flows. A flow picked
- * up mid-stream (force_hash) goes by its hash whatever the algorithm, and neither
- * follows nor moves the client's persistence. */
-static __always_inline struct xlb_ep *xlb_select(struct xlb_nat_val *svc, struct xlb_pkt *p,
-                                                int force_hash)
+/* The endpoint index for a new flow of any address family, or -1 when no endpoint
+ * takes new flows. flow_hash: of the flow's 5-tuple; src_hash: of the client address;
+ * client: the persistence key's client (an IPv4 address, or a fold of a longer one).
+ * A flow picked up mid-stream (force_hash) goes by its hash whatever the algorithm, and
+ * neither follows nor moves the client's persistence. */
+static __always_inline int xlb_select_idx(struct xlb_nat_val *svc, __u32 flow_hash,
+                                         __u32 src_hash, __be32 client, int force_hash)
 {
     __u32 n = svc->n_slots;
     if (n == 0 || n > XLB_SLOTS)
-        return NULL;
-    int idx;
-    if (!svc->persist_s || force_hash) {
-        idx = xlb_select_algo(svc, p, force_hash, n);
-        if (idx < 0)
-            return NULL;
-        return &svc->eps[idx & (XLB_MAX_EPS - 1)];
-    }
+        return -1;
+    if (!svc->persist_s || force_hash)
+        return xlb_select_algo(svc, flow_hash, src_hash, force_hash, n);
     __u64 now = bpf_ktime_get_coarse_ns();
     struct xlb_persist_key pk = {};
     pk.svc_id = svc->svc_id;
-    pk.client = p->saddr;
-    idx = xlb_persist_get(svc, &pk, now);
+    pk.client = client;
+    int idx = xlb_persist_get(svc, &pk, now);
     if (idx < 0)
-        idx = xlb_select_algo(svc, p, force_hash, n);
+        idx = xlb_select_algo(svc, flow_hash, src_hash, force_hash, n);
     if (idx < 0)
-        return NULL;
-    struct xlb_ep *ep = &svc->eps[idx & (XLB_MAX_EPS - 1)];
+        return -1;
+    struct xlb_ep *ep = xlb_ep_at(svc, idx);
+    if (!ep)
+        return -1;
     struct xlb_persist_val pv = {};
-    pv.addr = ep->addr;
-    pv.port = ep->port;
+    pv.stat_id = ep->stat_id;
     pv.idx = idx;
     pv.last_ns = now;
     persist_v4_map.update(&pk, &pv);
-    return ep;
+    return idx;
+}
+
+/* IPv4: the chosen endpoint, or NULL when no endpoint takes new flows. */
+static __always_inline struct xlb_ep *xlb_select(struct xlb_nat_val *svc, struct xlb_pkt *p,
+                                                int force_hash)
+{
+    int idx = xlb_select_idx(svc, xlb_flow_hash(p), xlb_mix(p->saddr ^ 0x9e3779b9), p->saddr,
+                             force_hash);
+    if (idx < 0)
+        return NULL;
+    return xlb_ep_at(svc, idx);
 }
 
 #endif

@@ -64,6 +64,19 @@ BPF_TABLE_PINNED("hash", u32, struct xlb_svc_cfg, svc_cfg_map, XLB_MAX_SERVICES,
 /* (svc_id, client address) -> the client's endpoint (session persistence). */
 BPF_TABLE_PINNED("lru_hash", struct xlb_persist_key, struct xlb_persist_val, persist_v4_map,
                  XLB_PERSIST_SIZE, XLB_PIN(persist_v4_map));
+/* Services' endpoints and slot tables (struct xlb_ep, xlb_slots): each service holds a
+ * run of consecutive entries of each (xlb_nat_val.ep_base, slot_base), allocated by dpd
+ * (dpd/extents.py); a changed set goes to fresh runs before its service points at them.
+ * XLB_EP_TABLE entries, XLB_SLOT_TABLE chunks of XLB_SLOT_CHUNK slots (both default to
+ * XLB_MAX_BACKENDS); while a service is replaced its old runs and new ones coexist. */
+#ifndef XLB_EP_TABLE
+#define XLB_EP_TABLE XLB_MAX_BACKENDS
+#endif
+#ifndef XLB_SLOT_TABLE
+#define XLB_SLOT_TABLE XLB_MAX_BACKENDS
+#endif
+BPF_TABLE_PINNED("array", u32, struct xlb_ep, ep_map, XLB_EP_TABLE, XLB_PIN(ep_map));
+BPF_TABLE_PINNED("array", u32, struct xlb_slots, slot_map, XLB_SLOT_TABLE, XLB_PIN(slot_map));
 /* stat_id -> the endpoint's active flows (least connections): the datapath adds one per
  * flow it opens, dpd's conntrack sweep sets it to the live count (dpd/conntrack.py). */
 BPF_TABLE_PINNED("array", u32, u32, ep_conn_map, XLB_MAX_BACKENDS, XLB_PIN(ep_conn_map));

@@ -12,8 +12,14 @@
 
 #include <linux/types.h>
 
-#define XLB_MAX_EPS 64    /* endpoints per service */
-#define XLB_SLOTS 256     /* weighted selection slots per service */
+/* A service's endpoints and its slot table live outside its nat_v4_map value: in ep_map
+ * and slot_map, arrays shared by all services in which each service holds a run of
+ * consecutive entries that dpd allocates (xlb_nat_val.ep_base, slot_base). A value stays
+ * small whatever its endpoint count; a changed set is written to fresh runs and the
+ * service flips to them with one write of its value (docs/algorithms.md). */
+#define XLB_MAX_EPS 1024  /* endpoints per service */
+#define XLB_SLOTS 4096    /* weighted selection slots per service, at most */
+#define XLB_SLOT_CHUNK 4  /* slots per slot_map entry (8 bytes: an array value's unit) */
 /* Maglev lookup table capacity (entries, a prime): a service's table uses the first
  * xlb_maglev.size entries (a prime <= this, dpd's setting) */
 #define XLB_MAGLEV_SIZE 16381
@@ -146,27 +152,44 @@ struct xlb_nat_key {
     __u8 pad;
 };
 
+/* xlb_ep.flags */
+#define XLB_EP_LIVE 1 /* the endpoint holds slots (selectable): clear while health or a
+                       * priority group takes it out of selection */
+
+/* ep_map[ep_base + i]: endpoint i of a service (i < n_eps). Selection reads weight,
+ * stat_id and flags only (address-family neutral); addr is the IPv4 address. */
 struct xlb_ep {
     __be32 addr;
     __be16 port;
-    __u16 weight;
-    __u32 stat_id; /* index into ep_stats_map */
+    __u16 weight;  /* configured (least connections divides by it) */
+    __u32 stat_id; /* index into ep_stats_map and ep_conn_map */
+    __u8 flags;    /* XLB_EP_* */
+    __u8 prio;     /* priority group (dpd's record: the datapath reads only LIVE) */
+    __u16 pad;
+};
+
+/* slot_map[slot_base + pos / XLB_SLOT_CHUNK].ep[pos % XLB_SLOT_CHUNK]: slot pos of a
+ * service's slot table (pos < n_slots) -> an endpoint index (< n_eps) */
+struct xlb_slots {
+    __u16 ep[XLB_SLOT_CHUNK];
 };
 
 struct xlb_nat_val {
     __u32 svc_id; /* index into svc_stats_map and rr_map */
     __u8 algo;
     __u8 mode;
-    __u8 n_eps;
     __u8 flags;
+    __u8 pad;
+    __u16 n_eps;
     __u16 n_slots; /* 0: no endpoint takes new flows */
     __u16 persist_s; /* session persistence: a client's new flows go to the endpoint of
                       * its last new flow for this many seconds (persist_v4_map); 0: off */
+    __u16 pad2;
     /* XLB_MODE_FULLNAT: the source address of the flows to endpoints; XLB_MODE_DSR_IPIP:
      * the outer source. 0: the node's address toward the endpoint (a FIB lookup) */
     __be32 snat_addr;
-    struct xlb_ep eps[XLB_MAX_EPS];
-    __u8 slots[XLB_SLOTS]; /* slot -> index into eps */
+    __u32 ep_base;   /* the service's endpoints: ep_map[ep_base .. ep_base + n_eps) */
+    __u32 slot_base; /* its slot table: slot_map[slot_base ..] */
 };
 
 /* maglev_v4_map value: a Maglev service's lookup table (flow hash % size -> index into
@@ -187,9 +210,10 @@ struct xlb_persist_key {
 };
 
 struct xlb_persist_val {
-    __be32 addr;   /* the endpoint (checked against the service's endpoint idx) */
-    __be16 port;
-    __u16 idx;     /* index into the service's eps when chosen */
+    __u32 stat_id; /* the endpoint (checked against the service's endpoint idx: a stat_id
+                    * names one endpoint of one service while it stays in the service) */
+    __u16 idx;     /* index into the service's endpoints when chosen */
+    __u16 pad;
     __u64 last_ns; /* bpf_ktime_get_coarse_ns() of the client's last new flow */
 };
 
@@ -366,10 +390,7 @@ struct xlb_svc_cfg {
     __u8 hc_req[XLB_HC_PAYLOAD];
     __u8 hc_expect[XLB_HC_PAYLOAD];
     __u8 hc_path[XLB_HC_PAYLOAD];
-    /* each endpoint's priority group (xlb.types.v1.Endpoint.priority, in the order of
-     * the service's eps; lower is preferred): dpd's record, the datapath sees only the
-     * effective weights (the best group with a selectable endpoint) */
-    __u8 ep_prio[XLB_MAX_EPS];
+    /* (each endpoint's priority group is its xlb_ep.prio) */
 };
 
 /* intf_map[ifindex]: per interface settings, written by dpd */
