@@ -29,14 +29,10 @@ from dpd.loader import Datapath
 from dpd.services import Counter, sum_counters
 from xlbcore.errors import Exhausted, ValidationError, quote
 from xlbcore.firewall import parse_ifname
+from xlbcore.policer import check_burst, check_rate
 
 log = structlog.get_logger("dpd.policers")
 
-
-MIN_RATE = 8_000  # bits/s
-MAX_RATE = 400_000_000_000
-MIN_BURST = 1_500  # bytes: one full-size Ethernet frame
-MAX_BURST = 1 << 30
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
 Q = 16  # byte_ns_q16's fixed point
 
@@ -88,12 +84,8 @@ def parse_policer(name: str, rate_bps: int, burst_bytes: int, interfaces: Iterab
     if not NAME_RE.fullmatch(name):
         raise ValidationError(f"{where}.name: {quote(name)} is not 1..63 letters, digits, "
                               "'.', '_' or '-'")
-    if not MIN_RATE <= rate_bps <= MAX_RATE:
-        raise ValidationError(f"{where}.rate_bps: {quote(rate_bps)} is outside "
-                              f"{MIN_RATE}..{MAX_RATE} bits per second")
-    if not MIN_BURST <= burst_bytes <= MAX_BURST:
-        raise ValidationError(f"{where}.burst_bytes: {quote(burst_bytes)} is outside "
-                              f"{MIN_BURST}..{MAX_BURST} bytes")
+    check_rate(rate_bps, f"{where}.rate_bps")
+    check_burst(burst_bytes, f"{where}.burst_bytes")
     names: list[str] = []
     for i, n in enumerate(interfaces):
         if not n:
@@ -284,3 +276,8 @@ class PolicerTable:
 
     def count(self) -> int:
         return len(self._ids)
+
+    def summary(self) -> tuple[int, int]:
+        """(generation, policers): GetSummary's "policers" table."""
+        with self._lock:
+            return self.generation, len(self._ids)

@@ -170,6 +170,8 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, PolicerRpcs, Even
         resp.tables.add(table="blocklist", generation=generation, count=count)
         generation, count = n.mirrors.summary()
         resp.tables.add(table="mirrors", generation=generation, count=count)
+        generation, count = n.policers.summary()
+        resp.tables.add(table="policers", generation=generation, count=count)
         generation, count = n.health.summary()
         resp.tables.add(table="health", generation=generation, count=count)
         for t in resp.tables:

@@ -1,10 +1,11 @@
 """xlbctl: operate policyd from a shell.
 
     xlbctl apply -f site.yaml [--cas]        # services, rules, routes, nodes (YAML or JSON)
-    xlbctl get services|firewall-rules|routes|blocklists|mirrors|nodes [NAME] [-o yaml|json|wide]
+    xlbctl get services|firewall-rules|routes|blocklists|mirrors|policers|nodes [NAME]
+        [-o yaml|json|wide]
     xlbctl delete -f site.yaml [--ignore-not-found] | delete KIND NAME [NAME...]
     xlbctl status [NODE] [-o table|wide|json] [--wait [--timeout S]]
-    xlbctl --dpd unix:/run/xlb/dpd.sock services|conntrack|stats|interfaces|rules|routes
+    xlbctl --dpd unix:/run/xlb/dpd.sock services|conntrack|stats|interfaces|rules|routes|policers
     xlbctl completion bash > /etc/bash_completion.d/xlbctl
     xlbctl --version
 
@@ -24,6 +25,9 @@
     xlbctl blocklist list | get NAME | delete NAME [NAME...]
     xlbctl mirror apply --name tap --interface eth0 --mirror-interface mirror0
     xlbctl mirror list | get NAME | delete NAME [NAME...]
+    xlbctl policer apply --name eth0-in --rate-bps 8000000 --burst-bytes 30000 \
+        --interface eth0 [--interface eth1] [--node-selector K=V...]
+    xlbctl policer list | get NAME | delete NAME [NAME...]
     xlbctl apply-file FILE                  # alias of apply -f
     xlbctl node register NAME ADDR [--label K=V...] | deregister NAME | list
 
@@ -73,6 +77,7 @@ from policyd.client import (
     is_synced,
     make_blocklist,
     make_mirror,
+    make_policer,
     make_route,
     make_rule,
     make_service,
@@ -121,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare-and-swap: each object's metadata.generation must be the "
                          "stored one (none: it must not exist)")
     get = sub.add_parser("get", help="show objects (as a table, or documents apply -f takes)")
-    get.add_argument("kind", help="services, firewall-rules, routes, blocklists, mirrors or "
-                                  "nodes")
+    get.add_argument("kind", help="services, firewall-rules, routes, blocklists, mirrors, "
+                                  "policers or nodes")
     get.add_argument("name", nargs="?", default="")
     get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json"),
                      default="table")
@@ -238,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_parser("get", help="show a mirror").add_argument("name")
     mi.add_parser("list", help="list mirrors")
 
+    po = sub.add_parser("policer", help="desired policers (token buckets charged by an "
+                                        "interface's incoming packets)").add_subparsers(
+        dest="verb", required=True)
+    policer = po.add_parser("apply", help="create or replace a policer")
+    policer.add_argument("--name", required=True)
+    policer.add_argument("--rate-bps", type=int, required=True, help="bits per second")
+    policer.add_argument("--burst-bytes", type=int, required=True, help="the bucket's depth")
+    policer.add_argument("--interface", action="append", default=[],
+                         help="a policed interface; repeat for more")
+    policer.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                         help="the nodes that take it (labels); repeat for several")
+    po.add_parser("delete", help="delete policers (several: atomically)").add_argument(
+        "name", nargs="+")
+    po.add_parser("get", help="show a policer").add_argument("name")
+    po.add_parser("list", help="list policers")
+
     af = sub.add_parser("apply-file",
                         help="the older form of apply -f (JSON output, no Node documents)")
     af.add_argument("file", help="FILE, or - for stdin")
@@ -273,12 +294,12 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def parse_labels(values: Sequence[str]) -> dict[str, str]:
+def parse_labels(values: Sequence[str], flag: str = "--label") -> dict[str, str]:
     out = {}
     for text in values:
         key, sep, value = text.partition("=")
         if not sep or not key:
-            raise ValueError(f"--label {quote(text)}: use KEY=VALUE")
+            raise ValueError(f"{flag} {quote(text)}: use KEY=VALUE")
         out[key] = value
     return out
 
@@ -298,7 +319,8 @@ def completion_script(parser: argparse.ArgumentParser) -> str:
                     walk(child, f"{path} {name}".strip())
         words[path] = subs + options
     walk(parser, "")
-    kinds = ["services", "firewall-rules", "routes", "nodes", "blocklists", "mirrors"]
+    kinds = ["services", "firewall-rules", "routes", "nodes", "blocklists", "mirrors",
+             "policers"]
     words["get"] = [*kinds, *words["get"]]
     words["delete"] = [*kinds, *words["delete"]]
     cases = "\n".join(f'    "{k}") opts="{" ".join(v)}" ;;' for k, v in sorted(words.items()))
@@ -515,6 +537,17 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
             _print(_json(client.get_mirror(args.name)))
         else:
             _print([_json(m) for m in client.list_mirrors()])
+    elif args.group == "policer":
+        if args.verb == "apply":
+            _print(_json(client.apply_policer(make_policer(
+                args.name, args.rate_bps, args.burst_bytes, args.interface,
+                parse_labels(args.node_selector, "--node-selector")))))
+        elif args.verb == "delete":
+            _print(_delete(args.name, client.delete_policer, client.delete_policers))
+        elif args.verb == "get":
+            _print(_json(client.get_policer(args.name)))
+        else:
+            _print([_json(m) for m in client.list_policers()])
     elif args.group == "apply-file":  # apply -f's documents, JSON output as before
         docs = cli_objects.by_kind(cli_objects.read_docs(args.file))
         if docs["Node"]:
@@ -588,7 +621,7 @@ def run_documents(args: argparse.Namespace, client: PolicyClient) -> int:
         kind = cli_objects.kind_of(args.kind)
         if kind is None:
             raise ValueError(f"get: {quote(args.kind)} is not one of services, "
-                             "firewall-rules, routes, blocklists, mirrors, nodes")
+                             "firewall-rules, routes, blocklists, mirrors, policers, nodes")
         objects = cli_objects.fetch(client, kind, args.name)
         if not objects and args.output in ("table", "wide"):
             cli_objects.say(f"no {args.kind}")
@@ -601,7 +634,8 @@ def run_documents(args: argparse.Namespace, client: PolicyClient) -> int:
         kind = str(cli_objects.kind_of(args.target[0]))
         message = {"Service": policy_pb2.Service, "FirewallRule": policy_pb2.FirewallRule,
                    "Route": policy_pb2.Route, "Node": policy_pb2.Node,
-                   "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror}[kind]
+                   "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror,
+                   "Policer": policy_pb2.Policer}[kind]
         docs = [cli_objects.Doc(kind, message(name=n), None, "") for n in args.target[1:]]
     else:
         raise ValueError("delete: use -f FILE, or KIND NAME [NAME...]")

@@ -1,4 +1,4 @@
-"""``xlbctl --dpd ADDR services|conntrack|stats|interfaces|rules|routes``: one node's
+"""``xlbctl --dpd ADDR services|conntrack|stats|interfaces|rules|routes|policers``: one node's
 tables as dpd reads them back from its maps, decoded (addresses and ports as text, enums
 by name), without grpcurl. Read-only: it calls only dpd's List/Get methods."""
 
@@ -14,7 +14,7 @@ from policyd.cli_objects import enum_name, next_hops, rule_match, table
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.types.v1 import types_pb2
 
-VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes")
+VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes", "policers")
 
 
 def _key(key: Any) -> str:
@@ -87,9 +87,18 @@ def routes(stub: Any, args: argparse.Namespace) -> str:
     return table(["PREFIX", "NEXT-HOPS"], rows)
 
 
+def policers(stub: Any, args: argparse.Namespace) -> str:
+    rows = [[p.name, p.rate_bps, p.burst_bytes, ",".join(p.interfaces) or "-",
+             p.passed.packets, p.passed.bytes, p.dropped.packets, p.dropped.bytes]
+            for p in stub.ListPolicers(datapath_pb2.ListPolicersRequest(),
+                                       timeout=args.rpc_timeout)]
+    return table(["NAME", "RATE-BPS", "BURST-BYTES", "INTERFACES", "PASSED", "PASSED-BYTES",
+                  "DROPPED", "DROPPED-BYTES"], rows)
+
+
 _VIEWS: dict[str, Callable[[Any, argparse.Namespace], str]] = {
     "services": services, "conntrack": conntrack, "stats": stats,
-    "interfaces": interfaces, "rules": rules, "routes": routes,
+    "interfaces": interfaces, "rules": rules, "routes": routes, "policers": policers,
 }
 
 

@@ -4,7 +4,8 @@
 A document::
 
     apiVersion: xlb.policy/v1        # optional
-    kind: Service                    # Service, FirewallRule, Route, Blocklist, Mirror or Node
+    kind: Service                    # Service, FirewallRule, Route, Blocklist, Mirror,
+                                     # Policer or Node
     metadata:
       name: web
       nodeSelector: {zone: east}     # objects: the nodes that take it (empty: all)
@@ -18,7 +19,8 @@ A document::
 
 A FirewallRule's spec is ``xlb.types.v1.FirewallRuleSpec`` plus ``flush_existing``; a
 Route's is ``xlb.types.v1.RouteSpec``; a Blocklist's ``{prefixes: [...]}``; a Mirror's
-``{interface: ..., mirror_interface: ...}``; a Node's is ``{address: ...}``. ``kind: List``
+``{interface: ..., mirror_interface: ...}``; a Policer's ``{rate_bps: ..., burst_bytes:
+..., interfaces: [...]}``; a Node's is ``{address: ...}``. ``kind: List``
 with ``items`` holds several; YAML files may hold several documents. ``get -o yaml`` and
 ``get -o json`` print documents that ``apply -f`` takes back (output-only metadata:
 generation, revision, updateTime, registerTime, are ignored unless ``--cas``).
@@ -40,7 +42,8 @@ from xlb.policy.v1 import policy_pb2
 from xlbcore.errors import brief, quote
 
 API_VERSION = "xlb.policy/v1"
-KINDS = ("Node", "FirewallRule", "Blocklist", "Mirror", "Route", "Service")  # apply -f's order
+# apply -f's order (policers before the rules that may name them)
+KINDS = ("Node", "Policer", "FirewallRule", "Blocklist", "Mirror", "Route", "Service")
 _ALIASES = {
     "service": "Service", "services": "Service", "svc": "Service",
     "firewallrule": "FirewallRule", "firewallrules": "FirewallRule", "rule": "FirewallRule",
@@ -48,6 +51,7 @@ _ALIASES = {
     "route": "Route", "routes": "Route", "rt": "Route",
     "blocklist": "Blocklist", "blocklists": "Blocklist", "bl": "Blocklist",
     "mirror": "Mirror", "mirrors": "Mirror",
+    "policer": "Policer", "policers": "Policer",
     "node": "Node", "nodes": "Node", "no": "Node",
 }
 _OUTPUT_ONLY = {"generation", "revision", "updateTime", "update_time", "registerTime",
@@ -166,7 +170,8 @@ def from_doc(value: Any, where: str) -> list[Doc]:
 
 
 _MESSAGES: dict[str, Any] = {"FirewallRule": policy_pb2.FirewallRule, "Route": policy_pb2.Route,
-                             "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror}
+                             "Blocklist": policy_pb2.Blocklist, "Mirror": policy_pb2.Mirror,
+                             "Policer": policy_pb2.Policer}
 
 
 def _strings(value: Any, where: str, key: str) -> dict[str, str]:
@@ -227,6 +232,8 @@ def apply_docs(client: PolicyClient, docs: list[Doc], cas: bool) -> list[str]:
         node = client.register_node(doc.name, doc.msg.address, dict(doc.msg.labels))
         lines.append(f"node/{node.name} registered ({node.address})")
     calls = (
+        ("Policer", "policer", "policers", policy_pb2.ApplyPolicersRequest,
+         client.stub.ApplyPolicers),
         ("FirewallRule", "firewall-rule", "rules", policy_pb2.ApplyFirewallRulesRequest,
          client.stub.ApplyFirewallRules),
         ("Blocklist", "blocklist", "blocklists", policy_pb2.ApplyBlocklistsRequest,
@@ -260,7 +267,8 @@ def delete_docs(client: PolicyClient, docs: list[Doc], ignore_missing: bool) -> 
              ("Route", "route", client.list_routes, client.delete_routes),
              ("Mirror", "mirror", client.list_mirrors, client.delete_mirrors),
              ("Blocklist", "blocklist", client.list_blocklists, client.delete_blocklists),
-             ("FirewallRule", "firewall-rule", client.list_rules, client.delete_rules))
+             ("FirewallRule", "firewall-rule", client.list_rules, client.delete_rules),
+             ("Policer", "policer", client.list_policers, client.delete_policers))
     for kind, label, listing, delete in kinds:
         names = [d.name for d in groups[kind]]
         if ignore_missing and names:
@@ -294,6 +302,8 @@ def fetch(client: PolicyClient, kind: str, name: str) -> list[Any]:
         return [client.get_blocklist(name)] if name else client.list_blocklists()
     if kind == "Mirror":
         return [client.get_mirror(name)] if name else client.list_mirrors()
+    if kind == "Policer":
+        return [client.get_policer(name)] if name else client.list_policers()
     nodes = client.list_nodes()
     if name:
         nodes = [n for n in nodes if n.name == name]
@@ -453,8 +463,22 @@ def _mirrors(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[A
     return headers, rows
 
 
+def _policers(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[Any]]]:
+    headers = ["NAME", "RATE-BPS", "BURST-BYTES", "INTERFACES", "GENERATION"]
+    if wide:
+        headers += ["NODE-SELECTOR", "REVISION"]
+    rows = []
+    for p in objects:
+        row = [p.name, p.spec.rate_bps, p.spec.burst_bytes, ",".join(p.spec.interfaces) or "-",
+               p.generation]
+        if wide:
+            row += [labels_text(p.node_selector), p.revision]
+        rows.append(row)
+    return headers, rows
+
+
 _ROWS = {"Service": _services, "FirewallRule": _rules, "Route": _routes, "Node": _nodes,
-         "Blocklist": _blocklists, "Mirror": _mirrors}
+         "Blocklist": _blocklists, "Mirror": _mirrors, "Policer": _policers}
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -463,7 +487,7 @@ _ROWS = {"Service": _services, "FirewallRule": _rules, "Route": _routes, "Node":
 def status_table(status: policy_pb2.GetSyncStatusResponse, wide: bool = False) -> str:
     headers = ["NODE", "STATE", "OBSERVED", "SERVICES", "RULES", "ROUTES", "DRIFT", "MESSAGE"]
     if wide:
-        headers[-1:-1] = ["BLOCKED", "MIRRORS", "EPOCH", "FOREIGN"]
+        headers[-1:-1] = ["BLOCKED", "MIRRORS", "POLICERS", "EPOCH", "FOREIGN"]
     rows = []
     for n in status.nodes:
         state = policy_pb2.SyncState.Name(n.state).removeprefix("SYNC_STATE_")
@@ -471,7 +495,7 @@ def status_table(status: policy_pb2.GetSyncStatusResponse, wide: bool = False) -
                           n.services, n.firewall_rules, n.routes,
                           f"{n.drift_repaired_total}", brief(n.message, 80) or "-"]
         if wide:
-            row[-1:-1] = [n.blocklist_prefixes, n.mirrors, n.epoch, len(n.foreign)]
+            row[-1:-1] = [n.blocklist_prefixes, n.mirrors, n.policers, n.epoch, len(n.foreign)]
         rows.append(row)
     return table(headers, rows) if rows else "no nodes"
 

@@ -241,6 +241,13 @@ def make_mirror(name: str, interface: str, mirror_interface: str,
         node_selector=node_selector or {})
 
 
+def make_policer(name: str, rate_bps: int, burst_bytes: int, interfaces: Iterable[str] = (),
+                 node_selector: dict[str, str] | None = None) -> policy_pb2.Policer:
+    return policy_pb2.Policer(name=name, spec=policy_pb2.PolicerSpec(
+        rate_bps=rate_bps, burst_bytes=burst_bytes, interfaces=interfaces),
+        node_selector=node_selector or {})
+
+
 def make_route(name: str, prefix: str, next_hops: Iterable[str | types_pb2.NextHop]
                ) -> policy_pb2.Route:
     hops = [parse_next_hop(h) if isinstance(h, str) else h for h in next_hops]
@@ -445,6 +452,42 @@ class PolicyClient:
 
     def list_mirrors(self) -> list[policy_pb2.Mirror]:
         return list(self.stub.ListMirrors(policy_pb2.ListMirrorsRequest(), timeout=self.timeout))
+
+    # -- policers ------------------------------------------------------------------------
+
+    def apply_policer(self, policer: policy_pb2.Policer,
+                      expected_generation: int | None = None) -> policy_pb2.Policer:
+        result: policy_pb2.Policer = self.stub.ApplyPolicer(
+            policy_pb2.ApplyPolicerRequest(policer=policer,
+                                           expected_generation=expected_generation),
+            timeout=self.timeout)
+        return result
+
+    def apply_policers(self, policers: Iterable[policy_pb2.Policer],
+                       check_generations: bool = False) -> policy_pb2.ApplyPolicersResponse:
+        result: policy_pb2.ApplyPolicersResponse = self.stub.ApplyPolicers(
+            policy_pb2.ApplyPolicersRequest(policers=policers,
+                                            check_generations=check_generations),
+            timeout=self.timeout)
+        return result
+
+    def delete_policer(self, name: str) -> None:
+        self.stub.DeletePolicer(policy_pb2.DeletePolicerRequest(name=name),
+                                timeout=self.timeout)
+
+    def delete_policers(self, names: Iterable[str]) -> int:
+        result: policy_pb2.DeletePolicersResponse = self.stub.DeletePolicers(
+            policy_pb2.DeletePolicersRequest(names=names), timeout=self.timeout)
+        return int(result.generation)
+
+    def get_policer(self, name: str) -> policy_pb2.Policer:
+        result: policy_pb2.Policer = self.stub.GetPolicer(
+            policy_pb2.GetPolicerRequest(name=name), timeout=self.timeout)
+        return result
+
+    def list_policers(self) -> list[policy_pb2.Policer]:
+        return list(self.stub.ListPolicers(policy_pb2.ListPolicersRequest(),
+                                           timeout=self.timeout))
 
     # -- nodes -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from typing import Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from policyd.policer_objects import fill_policer
 from policyd.status import NodeStatus
 from policyd.store import (
     Change,
@@ -13,6 +14,7 @@ from policyd.store import (
     StoredBlocklist,
     StoredMirror,
     StoredObject,
+    StoredPolicer,
     StoredRoute,
     StoredRule,
     StoredService,
@@ -103,6 +105,14 @@ def mirror_to_proto(stored: StoredMirror) -> policy_pb2.Mirror:
     return fill_mirror_proto(policy_pb2.Mirror(), stored)
 
 
+def fill_policer_proto(msg: policy_pb2.Policer, stored: StoredPolicer) -> policy_pb2.Policer:
+    return cast(policy_pb2.Policer, _fill_object(msg, stored, fill_policer))
+
+
+def policer_to_proto(stored: StoredPolicer) -> policy_pb2.Policer:
+    return fill_policer_proto(policy_pb2.Policer(), stored)
+
+
 def node_to_proto(node: NodeRecord) -> policy_pb2.Node:
     msg = policy_pb2.Node(name=node.name, address=node.address, labels=dict(node.labels))
     msg.register_time.FromNanoseconds(node.register_time_ns)
@@ -130,6 +140,7 @@ def status_to_proto(status: NodeStatus) -> policy_pb2.NodeSyncStatus:
         foreign=[policy_pb2.ObjectRef(kind=kind, key=key) for kind, key in status.foreign],
         blocklist_prefixes=status.blocklist_prefixes,
         mirrors=status.mirrors,
+        policers=status.policers,
     )
 
 
@@ -146,6 +157,8 @@ def change_to_event(revision: int, change: Change) -> policy_pb2.WatchEvent:
         fill_blocklist_proto(event.blocklist, change.obj)
     elif change.kind == "mirror":
         fill_mirror_proto(event.mirror, change.obj)
+    elif change.kind == "policer":
+        fill_policer_proto(event.policer, change.obj)
     else:
         fill_route_proto(event.route, change.obj)
     return event

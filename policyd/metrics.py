@@ -48,6 +48,8 @@ class StatusCollector(Collector):
                                     "union of its blocklists)", labels=["node"])
         mirrors = GaugeMetricFamily(f"{PREFIX}_node_mirrors", "mirrored interfaces the node "
                                     "held after its last successful sync", labels=["node"])
+        policers = GaugeMetricFamily(f"{PREFIX}_node_policers", "policers the node held "
+                                     "after its last successful sync", labels=["node"])
         refused = GaugeMetricFamily(f"{PREFIX}_node_refused_objects", "objects the node "
                                     "refused (it is in error while any remain)",
                                     labels=["node", "kind"])
@@ -68,7 +70,8 @@ class StatusCollector(Collector):
             routes.add_metric([n.node], n.routes)
             blocked.add_metric([n.node], n.blocklist_prefixes)
             mirrors.add_metric([n.node], n.mirrors)
-            for kind in ("firewall_rule", "route", "blocklist", "mirror"):
+            policers.add_metric([n.node], n.policers)
+            for kind in ("firewall_rule", "route", "blocklist", "mirror", "policer"):
                 refused.add_metric([n.node, kind], sum(1 for e in n.errors if e.kind == kind))
             last_sync.add_metric([n.node], n.last_sync_ns / 1e9)
             drift.add_metric([n.node], n.drift_repaired_total)
@@ -80,6 +83,7 @@ class StatusCollector(Collector):
         yield routes
         yield blocked
         yield mirrors
+        yield policers
         yield refused
         yield last_sync
         yield drift

@@ -1,11 +1,11 @@
-"""One node's firewall rules, routes, blocklist and mirrors: pushed, diffed and repaired as
-services are, at a cost that follows what changed (the node's worker, policyd.worker,
-drives it).
+"""One node's firewall rules, routes, blocklist, mirrors and policers: pushed, diffed and
+repaired as services are, at a cost that follows what changed (the node's worker,
+policyd.worker, drives it).
 
-Per node and kind (``RULES``, ``ROUTES``, ``BLOCKLIST``, ``MIRRORS``), ``ObjectSync``
-keeps ``known`` (what it believes the node holds, by the node's key: a rule's name, a
+Per node and kind (``RULES``, ``ROUTES``, ``BLOCKLIST``, ``MIRRORS``, ``POLICERS``),
+``ObjectSync`` keeps ``known`` (what it believes the node holds, by the node's key: a rule's name, a
 route's prefix, a blocked prefix (the union of the node's blocklists, each prefix its
-own spec: policyd.xdp_objects), a mirrored interface), the
+own spec: policyd.xdp_objects), a mirrored interface, a policer's name), the
 table's identity and generation as last seen (dpd bumps the generation by one on every
 write call), for routes the digest of the node's FIB as last seen, and ``refused``: the
 objects the node would not take, each with its reason (an ObjectError in the node's
@@ -40,6 +40,7 @@ import grpc
 import structlog
 
 from policyd.nodeclient import NodeClient, TableState, describe_error
+from policyd.policer_objects import PolicerSpec, delete_policers, list_policers, put_policers
 from policyd.status import ObjectError
 from policyd.store import Desired, ObjectChanges, Store
 from policyd.xdp_objects import (
@@ -56,11 +57,11 @@ from xlbcore.route import RouteSpec
 
 log = structlog.get_logger()
 
-S = TypeVar("S", RuleSpec, RouteSpec, str, MirrorSpec)
+S = TypeVar("S", RuleSpec, RouteSpec, str, MirrorSpec, PolicerSpec)
 
 # what a node answers for an object it will not take (others are the node's failure)
 REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-_ITEM_RE = re.compile(r"^(?:rules|routes|prefixes|mirrors)\[(\d+)\]")
+_ITEM_RE = re.compile(r"^(?:rules|routes|prefixes|mirrors|policers)\[(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ BLOCKLIST: Kind[str] = Kind("blocklist", "blocklist", False, Store.changed_block
 MIRRORS: Kind[MirrorSpec] = Kind("mirror", "mirrors", False, Store.changed_mirrors,
                                  Store.desired_mirrors, put_mirrors, delete_mirrors,
                                  list_mirrors)
+POLICERS: Kind[PolicerSpec] = Kind("policer", "policers", False, Store.changed_policers,
+                                   Store.desired_policers, put_policers, delete_policers,
+                                   list_policers)
 
 
 def object_reason(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from policyd import messages
 from policyd.events import NodeEventsRpcs
 from policyd.health import fill_status
 from policyd.object_rpcs import ObjectKind
+from policyd.policer_rpcs import PolicerRpcs
 from policyd.reconciler import Reconciler
 from policyd.selectors import describe
 from policyd.store import GenerationConflict, Store
@@ -47,7 +48,7 @@ RULE = ObjectKind("rule", "rules", "firewall_rule",
 ROUTE = ObjectKind("route", "routes", "route",
                    lambda spec: {"prefix": spec.prefix, "next_hops": len(spec.next_hops)})
 
-class PolicyServicer(XdpRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
+class PolicyServicer(XdpRpcs, PolicerRpcs, NodeEventsRpcs, policy_pb2_grpc.PolicyServicer):
     STATUS_FOR = ((sqlite3.Error, grpc.StatusCode.UNAVAILABLE),
                   (GenerationConflict, grpc.StatusCode.ABORTED),
                   (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),

@@ -18,7 +18,7 @@ class SyncState(enum.IntEnum):
 class ObjectError:
     """An object a node refused (xlb.policy.v1.ObjectError)."""
 
-    kind: str  # "service", "firewall_rule", "route", "blocklist", "mirror"
+    kind: str  # "service", "firewall_rule", "route", "blocklist", "mirror", "policer"
     name: str
     message: str
 
@@ -36,6 +36,7 @@ class NodeProgress:
     routes: int = 0
     blocklist_prefixes: int = 0  # blocked prefixes it held (the union of its blocklists)
     mirrors: int = 0
+    policers: int = 0
     errors: tuple[ObjectError, ...] = ()  # objects the node refused (it is ERROR)
     drift_found: int = 0  # objects that differed at the last read-back (not the first)
     drift_repaired: int = 0  # writes that repaired them
@@ -65,6 +66,7 @@ class NodeStatus:
     foreign: tuple[tuple[str, str], ...] = ()
     blocklist_prefixes: int = 0
     mirrors: int = 0
+    policers: int = 0
 
 
 def sync_state(progress: NodeProgress, desired_generation: int) -> SyncState:
@@ -100,6 +102,7 @@ def node_status(name: str, progress: NodeProgress, desired_generation: int) -> N
         foreign=progress.foreign,
         blocklist_prefixes=progress.blocklist_prefixes,
         mirrors=progress.mirrors,
+        policers=progress.policers,
     )
 
 

@@ -43,6 +43,8 @@ a global revision.
   blocklist has one node key per prefix and a prefix may belong to several blocklists:
   a node takes the union, and a prefix's change is logged whenever an object holding it
   changes (the node then puts it, or deletes it when no object it selects holds it).
+- Policers (``apply_policers``, ...; policyd.policer_objects) follow rules: the node key
+  is the name.
 - The store is the only writer of its file. It reads the services once when it opens
   and keeps them parsed in memory, updated after each commit, so reads and snapshots
   never decode or re-validate a stored service again.
@@ -87,10 +89,16 @@ from policyd.xdp_objects import (  # isort: skip (beside the shared models)
     parse_blocklist,
     parse_mirror,
 )
+from policyd.policer_objects import (  # isort: skip
+    PolicerSpec,
+    fill_policer,
+    parse_policer,
+    policer_key,
+)
 
 # 2: firewall_rules and routes; 3: object generations, selectors, labels; 4: blocklists
-# and mirrors
-SCHEMA_VERSION = 4
+# and mirrors; 5: policers
+SCHEMA_VERSION = 5
 CHANGE_LOG_KEYS = 1_000_000  # keys a change log remembers (per kind)
 
 _SCHEMA = """
@@ -136,6 +144,15 @@ CREATE TABLE IF NOT EXISTS blocklists (
 CREATE TABLE IF NOT EXISTS mirrors (
     name              TEXT PRIMARY KEY,
     spec              BLOB NOT NULL,   -- canonical xlb.policy.v1.MirrorSpec
+    generation        INTEGER NOT NULL,
+    update_time_ns    INTEGER NOT NULL,
+    flush             INTEGER NOT NULL DEFAULT 0,  -- unused
+    object_generation INTEGER NOT NULL DEFAULT 1,
+    selector          TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS policers (
+    name              TEXT PRIMARY KEY,
+    spec              BLOB NOT NULL,   -- canonical xlb.policy.v1.PolicerSpec
     generation        INTEGER NOT NULL,
     update_time_ns    INTEGER NOT NULL,
     flush             INTEGER NOT NULL DEFAULT 0,  -- unused
@@ -264,7 +281,7 @@ class ChangeLog:
         return out
 
 
-S = TypeVar("S", RuleSpec, RouteSpec, BlocklistSpec, MirrorSpec, str)
+S = TypeVar("S", RuleSpec, RouteSpec, BlocklistSpec, MirrorSpec, PolicerSpec, str)
 T = TypeVar("T")
 
 
@@ -286,6 +303,7 @@ StoredRule = StoredObject[RuleSpec]
 StoredRoute = StoredObject[RouteSpec]
 StoredBlocklist = StoredObject[BlocklistSpec]
 StoredMirror = StoredObject[MirrorSpec]
+StoredPolicer = StoredObject[PolicerSpec]
 
 
 @dataclass(frozen=True)
@@ -630,8 +648,12 @@ class Store:
         self._mirrors: _Objects[MirrorSpec] = _Objects(
             "mirror", "mirrors", policy_pb2.MirrorSpec, parse_mirror, fill_mirror,
             mirror_key, self._generation, "mirror")
+        self._policers: _Objects[PolicerSpec] = _Objects(
+            "policer", "policers", policy_pb2.PolicerSpec, parse_policer, fill_policer,
+            policer_key, self._generation, "policer")
         objects: _Objects[Any]
-        for objects in (self._rules, self._routes, self._blocklists, self._mirrors):
+        for objects in (self._rules, self._routes, self._blocklists, self._mirrors,
+                        self._policers):
             objects.load(self._conn.execute(
                 "SELECT name, spec, generation, update_time_ns, flush, object_generation,"
                 f" selector FROM {objects.table}"
@@ -1090,6 +1112,39 @@ class Store:
             return (self._blocklists.at_keys(self._blocklists.selected, self._generation,
                                              labels),
                     self._mirrors.at_keys(self._mirrors.selected, self._generation, labels))
+
+    # -- policers (policyd.policer_objects) ------------------------------------------------
+
+    def apply_policers(self, items: Sequence[tuple[str, PolicerSpec]], *,
+                       field: str = "policers", selectors: Mapping[str, Labels] | None = None,
+                       expected: Mapping[str, int] | None = None) -> ObjectBatch[PolicerSpec]:
+        """As ``apply_rules`` (the node key is the name)."""
+        return self._apply(self._policers, items, field, (), selectors, expected)
+
+    def delete_policers(self, names: Sequence[str]) -> ObjectBatch[PolicerSpec]:
+        return self._delete(self._policers, names)
+
+    def get_policer(self, name: str) -> StoredPolicer:
+        return self._get(self._policers, name)
+
+    def list_policers(self) -> list[StoredPolicer]:
+        return self._list(self._policers)
+
+    def changed_policers(self, generation: int, labels: Mapping[str, str] | None = None
+                         ) -> ObjectChanges[PolicerSpec] | None:
+        """Policers changed after `generation`, by name."""
+        with self._lock:
+            return self._policers.changes(generation, self._generation, labels)
+
+    def desired_policers(self, labels: Mapping[str, str] | None = None
+                         ) -> Desired[PolicerSpec]:
+        with self._lock:
+            return self._policers.everything(self._generation, labels)
+
+    def selected_policers(self, labels: Mapping[str, str]) -> ObjectChanges[PolicerSpec]:
+        """As ``selected_specs`` for policers."""
+        with self._lock:
+            return self._policers.at_keys(self._policers.selected, self._generation, labels)
 
     def _apply(self, objects: _Objects[S], items: Sequence[tuple[str, S]],
                field: str, flush: Collection[str], selectors: Mapping[str, Labels] | None,

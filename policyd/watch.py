@@ -32,7 +32,7 @@ E = TypeVar("E")
 QUEUE_LIMIT = 10_000  # events a watcher may lag behind before it is dropped
 MAX_WATCHERS = 4  # streams of each kind at once (each holds one of 16 gRPC handler threads)
 HISTORY = 10_000  # changes kept to resume a Watch from a revision
-KINDS = ("service", "firewall_rule", "route", "blocklist", "mirror")
+KINDS = ("service", "firewall_rule", "route", "blocklist", "mirror", "policer")
 
 
 class OutOfRange(XlbError):
@@ -195,7 +195,7 @@ class ObjectWatch:
                 reads: tuple[tuple[str, Callable[[], list[Any]]], ...] = (
                     ("service", store.list_services), ("firewall_rule", store.list_rules),
                     ("route", store.list_routes), ("blocklist", store.list_blocklists),
-                    ("mirror", store.list_mirrors))
+                    ("mirror", store.list_mirrors), ("policer", store.list_policers))
                 for kind, listing in reads:
                     if kind in wanted:
                         initial.extend((o.revision, Change(kind, o.name, o, False))

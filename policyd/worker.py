@@ -60,7 +60,7 @@ from policyd.nodeclient import (
     open_channel,
     service_body,
 )
-from policyd.objects import BLOCKLIST, MIRRORS, ROUTES, RULES, ObjectSync
+from policyd.objects import BLOCKLIST, MIRRORS, POLICERS, ROUTES, RULES, ObjectSync
 from policyd.status import NodeProgress
 from policyd.store import NodeRecord, Store
 from xlbcore.service import ServiceKey, ServiceSpec
@@ -324,8 +324,10 @@ class NodeWorker:
         self._routes = ObjectSync(ROUTES, self._node, store, node.name, self._labels)
         self._blocklist = ObjectSync(BLOCKLIST, self._node, store, node.name, self._labels)
         self._mirrors = ObjectSync(MIRRORS, self._node, store, node.name, self._labels)
+        self._policers = ObjectSync(POLICERS, self._node, store, node.name, self._labels)
         self._objects: tuple[ObjectSync[Any], ...] = (self._rules, self._routes,
-                                                      self._blocklist, self._mirrors)
+                                                      self._blocklist, self._mirrors,
+                                                      self._policers)
         self._no_tables = False  # the node has no GetSummary (GetServicesSummary then)
         self.health = NodeHealth()  # its endpoints' health (policyd/health.py)
         self._thread = threading.Thread(
@@ -373,6 +375,7 @@ class NodeWorker:
         blocklist, mirrors = self._store.selected_xdp(labels)
         calls += self._blocklist.apply_changes(blocklist).calls
         calls += self._mirrors.apply_changes(mirrors).calls
+        calls += self._policers.apply_changes(self._store.selected_policers(labels)).calls
         w = self._routes.apply_changes(routes)
         calls += w.calls
         if w.calls:
@@ -715,6 +718,7 @@ class NodeWorker:
     def _object_status(self) -> dict[str, Any]:
         return {"firewall_rules": self._rules.count, "routes": self._routes.count,
                 "blocklist_prefixes": self._blocklist.count, "mirrors": self._mirrors.count,
+                "policers": self._policers.count,
                 "errors": tuple(e for o in self._objects for e in o.refused.values())}
 
     def _synced_at(self, generation: int, result: SyncResult, started: float,
