@@ -254,6 +254,7 @@ class NodeCollector(Collector):
                      "(bumped by every write call)", name, generation)
         yield from self.firewall(name)
         yield from self.xdp(name)
+        yield from self.policers(name)
         yield from self.health(name)
 
     def health(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -332,6 +333,26 @@ class NodeCollector(Collector):
             copies.add_metric([name, m.spec.interface, m.spec.mirror_interface],
                               m.counters.packets)
         yield copies
+
+
+    def policers(self, name: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Each policer's passed and dropped packets and bytes (polx_stats_map, summed
+        over CPUs), and how many policers the node has (docs/policers.md)."""
+        packets = CounterMetricFamily(f"{PREFIX}_policer_packets", "packets charged to a "
+                                      "policer, by result (passed: the bucket paid for "
+                                      "them; dropped: over the rate)",
+                                      labels=["node", "policer", "result"])
+        nbytes = CounterMetricFamily(f"{PREFIX}_policer_bytes", "bytes of the packets "
+                                     "charged to a policer, by result",
+                                     labels=["node", "policer", "result"])
+        entries = self.node.policers.entries()
+        for p in entries:
+            for result, counter in (("passed", p.passed), ("dropped", p.dropped)):
+                packets.add_metric([name, p.spec.name, result], counter.packets)
+                nbytes.add_metric([name, p.spec.name, result], counter.bytes)
+        yield packets
+        yield nbytes
+        yield _gauge(f"{PREFIX}_policers", "policers on the node", name, len(entries))
 
 
 def _gauge(metric: str, help_text: str, node: str, value: float) -> GaugeMetricFamily:

@@ -320,3 +320,29 @@ def test_policyd_node_state_passes_and_rpcs(policyd, client_for, fake_node, fast
         e.stop()
 
 
+
+
+def test_policer_counters_by_name_and_result(node, exporter):
+    from dpd.policers import PolicerSpec
+
+    abi = node.dp.abi
+    node.policers.put([PolicerSpec("eth0-in", 8_000_000, 30_000, ("eth0",)),
+                       PolicerSpec("idle", 8_000, 1_500)])
+    pid = 1  # the first id handed out
+    assert node.policers.name_of(pid) == "eth0-in"
+    put_counter(node, "polx_stats_map", pid * 2 + abi.const("XLB_POLX_PASS"),
+                [(3, 4500), (4, 6000)])
+    put_counter(node, "polx_stats_map", pid * 2 + abi.const("XLB_POLX_DROP"), [(0, 0), (2, 3000)])
+    s = get(exporter)
+    for metric, result, want in (("packets", "passed", 7), ("bytes", "passed", 10_500),
+                                 ("packets", "dropped", 2), ("bytes", "dropped", 3_000)):
+        assert value(s, f"xlb_dpd_policer_{metric}_total", node="mem", policer="eth0-in",
+                     result=result) == want
+        assert value(s, f"xlb_dpd_policer_{metric}_total", node="mem", policer="idle",
+                     result=result) == 0
+    assert value(s, "xlb_dpd_policers", node="mem") == 2
+    node.policers.delete(["eth0-in"])
+    s = get(exporter)
+    assert ("xlb_dpd_policer_packets_total", frozenset(
+        {("node", "mem"), ("policer", "eth0-in"), ("result", "passed")})) not in s
+    assert value(s, "xlb_dpd_policers", node="mem") == 1
