@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import threading
 from typing import Any
 
 import structlog
@@ -37,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="/var/lib/xlb/policyd.db",
         help="SQLite file holding the desired state (default /var/lib/xlb/policyd.db)",
     )
+    ha = p.add_argument_group("replicas on etcd (docs/ha.md)")
+    ha.add_argument("--store", default="", metavar="URL",
+                    help="keep the desired state in etcd at etcd://HOST:PORT (or "
+                    "http://HOST:PORT) instead of --db; every policyd given the same etcd is "
+                    "a replica: one leader reconciles and takes writes, the others serve reads")
+    ha.add_argument("--replica-name", default="", metavar="NAME",
+                    help="this replica's name in the election (default HOSTNAME-PID)")
+    ha.add_argument("--advertise", default="", metavar="ADDR",
+                    help="the address followers tell clients to send writes to when this "
+                    "replica leads (default the --listen address)")
+    ha.add_argument("--lease-ttl", type=int, default=2, metavar="S",
+                    help="seconds of the leader's etcd lease: a dead leader is replaced "
+                    "within about this (default 2)")
     p.add_argument(
         "--resync-interval",
         type=_positive,
@@ -163,8 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     except (TLSError, StartupError) as exc:
         log.error("policyd.start_failed", error=str(exc))
         return 1
+    lost = threading.Event()  # leadership lost (replicas on etcd): stop, exit 1
+
+    def leadership_lost() -> None:
+        lost.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # taken by stop.wait() below
+
     config = PolicydConfig(listen=args.listen, db_path=args.db, reconciler=reconciler,
-                           interceptors=(exporter.rpc,) if exporter else (), **trust)
+                           interceptors=(exporter.rpc,) if exporter else (), **trust,
+                           store=args.store, replica=args.replica_name,
+                           advertise=args.advertise, lease_ttl=max(1, args.lease_ttl),
+                           on_leadership_lost=leadership_lost)
     server = None
     if not stop.requested():
         stop.step("server_start")
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.step("server_stop")
         server.stop(grace)
     stop.step("interpreter_exit")
-    return 0
+    return 1 if lost.is_set() else 0
 
 
 if __name__ == "__main__":

@@ -14,12 +14,18 @@ removes the unix socket it created.
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
 from policyd.defaults import DEFAULT_LISTEN
+from policyd.etcd import Etcd
+from policyd.etcd_store import EtcdStore
+from policyd.ha import Election, FollowerInterceptor
 from policyd.nodeclient import node_channels
 from policyd.reconciler import Reconciler, ReconcilerSettings
 from policyd.servicer import PolicyServicer
@@ -56,6 +62,14 @@ class PolicydConfig:
     token_file: str = ""
     insecure_tcp: bool = False
     node_tls: ClientTLS | None = None  # policyd's certificate towards dpd nodes over TCP
+    # Replicas on etcd (docs/ha.md): the store's URL (etcd://HOST:PORT; "" = SQLite at
+    # db_path), this replica's name, the address followers name as the leader's (default:
+    # the listen address), the lease's seconds, and what to do when leadership is lost.
+    store: str = ""
+    replica: str = ""
+    advertise: str = ""
+    lease_ttl: int = 2
+    on_leadership_lost: Callable[[], None] | None = None
 
 
 class PolicyServer:
@@ -71,15 +85,20 @@ class PolicyServer:
         self._server: Server | None = None
         self._servicer: PolicyServicer | None = None
         self._stopped = False
+        self.election: Election | None = None  # replicas on etcd only
 
     def start(self) -> PolicyServer:
+        where = self.config.store or self.config.db_path
         try:
-            self.store = Store(self.config.db_path)
+            self.store = (EtcdStore(Etcd(self.config.store)) if self.config.store
+                          else Store(self.config.db_path))
         except Exception as exc:
-            raise StartupError(f"store {self.config.db_path}: {exc}") from exc
+            raise StartupError(f"store {where}: {exc}") from exc
         store = self.store
         try:
             interceptors, credentials = self._security()
+            if self.config.store:  # after the role checks: no leader named to strangers
+                interceptors += (FollowerInterceptor(lambda: self.election),)
             self.reconciler = Reconciler(store, self.config.reconciler,
                                          **node_channels(self.config.node_tls))
             servicer = self._servicer = PolicyServicer(store, self.reconciler)
@@ -96,11 +115,18 @@ class PolicyServer:
             store.close()
             raise
         self.address = self._server.address
-        self.reconciler.start()
+        if isinstance(store, EtcdStore):
+            store.follow()
+            self.election = Election(
+                store, self.config.replica or f"{socket.gethostname()}-{os.getpid()}",
+                self.config.advertise or self.address, ttl=self.config.lease_ttl,
+                on_elected=self.reconciler.start, on_lost=self._leadership_lost).start()
+        else:
+            self.reconciler.start()
         log.info(
             "policyd.started",
             listen=self.address,
-            db=self.config.db_path,
+            db=where,
             generation=store.generation,
             nodes=len(store.list_nodes()),
             resync_interval=self.config.reconciler.resync_interval,
@@ -131,6 +157,12 @@ class PolicyServer:
                  client_certificates=bool(tls and tls.client_ca), tls=tls is not None)
         return (AuthInterceptor(tokens, daemon="policyd"),), credentials
 
+    def _leadership_lost(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
+        if self.config.on_leadership_lost is not None:
+            self.config.on_leadership_lost()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server ends (True) or `timeout` passes (False)."""
         if self._server is None:
@@ -149,6 +181,8 @@ class PolicyServer:
             self._server.stop(grace)
         if self.reconciler is not None:
             self.reconciler.stop()
+        if self.election is not None:
+            self.election.stop()  # after the reconciler: never two leaders pushing
         if self.store is not None:
             self.store.close()
         log.info("policyd.stopped")
