@@ -14,6 +14,7 @@ import structlog
 
 from dpd import maglev
 from dpd.loader import LoaderError, Settings
+from dpd.netns import Netns
 from dpd.routes import RTPROT_XLB, check_proto
 from xlbcore.address import parse_address
 from xlbcore.auth import AuthInterceptor
@@ -85,9 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "veth and bond interface, now and as they appear (docs/routing.md)")
     p.add_argument("--netns", default="",
                    help="run in this named network namespace (only the network namespace "
-                        "changes, so the bpffs mount outlives dpd). A TCP --listen address is "
-                        "bound inside it: reach it from there, or listen on a unix socket, "
-                        "which lives in the filesystem and is reachable from every namespace")
+                        "changes, so the bpffs mount outlives dpd); see --listen-netns")
+    p.add_argument("--listen-netns", choices=("caller", "inside"), default="caller",
+                   help="with --netns, where a TCP --listen address is bound: caller (the "
+                        "default): in the network namespace xlb-dpd was started from, where "
+                        "policyd and xlbctl reach it; inside: in the --netns namespace. A "
+                        "unix socket lives in the filesystem: reachable from every namespace. "
+                        "--metrics listens inside")
     p.add_argument("--max-services", type=int, default=Settings.max_services)
     p.add_argument("--max-backends", type=int, default=Settings.max_backends,
                    help="endpoint counter slots, shared by all services")
@@ -133,18 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _enter_netns(name: str) -> None:
-    from pyroute2.netns import setns
-
-    setns(name)  # before any thread exists, so every later thread inherits it
+def _enter_netns(args: argparse.Namespace) -> Netns | None:
+    """Enter --netns (before any thread exists, so every later thread inherits it);
+    the Netns when a TCP listener is to be bound in the starting namespace."""
+    if not args.netns:
+        return None
+    ns = Netns(args.netns)
+    ns.enter()
+    if args.listen_netns == "inside":
+        ns.close()
+        return None
+    return ns
 
 
 def serve(node: object, listen: str, max_workers: int = 8,
           exporter: Exporter | None = None, tls: ServerTLS | None = None,
-          insecure_tcp: bool = False) -> Server:
+          insecure_tcp: bool = False, netns: Netns | None = None) -> Server:
     """Serve `node` on `listen`: a unix socket (0600), or TCP with mutual TLS (`tls`:
     every call needs a client certificate of its CA with a role, xlbcore.auth) or with
-    `insecure_tcp`; StartupError otherwise."""
+    `insecure_tcp`; StartupError otherwise. With `netns` (dpd runs in a namespace) a TCP
+    listener is bound in the namespace dpd was started from."""
     from dpd.servicer import DatapathServicer
     from xlb.dpd.v1 import datapath_pb2_grpc
 
@@ -164,6 +177,7 @@ def serve(node: object, listen: str, max_workers: int = 8,
         interceptors=interceptors,
         credentials=tls.credentials() if tls is not None else None,
         socket_mode=SOCKET_MODE,
+        bind_context=netns.caller() if netns is not None and not addr.is_unix else None,
     )
 
 
@@ -194,7 +208,8 @@ def _exporter(args: argparse.Namespace) -> Exporter | None:
     return Exporter(args.metrics)
 
 
-def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) -> int:
+def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals,
+             netns: Netns | None = None) -> int:
     """Serve --simulate N nodes over in-memory maps from this process until stopped."""
     from dataclasses import replace
 
@@ -220,7 +235,7 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
             nodes.append(node)
             servers.append(serve(node, args.listen.replace("{i}", str(i)),
                                  max_workers=8 if count == 1 else 2, exporter=exporter,
-                                 tls=tls, insecure_tcp=args.insecure_tcp))
+                                 tls=tls, insecure_tcp=args.insecure_tcp, netns=netns))
         start_metrics(exporter, nodes)
     except (StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
@@ -228,7 +243,7 @@ def simulate(args: argparse.Namespace, settings: Settings, stop: StopSignals) ->
             server.stop(0)
         return 1
     log.info("dpd_started", name=settings.name, datapath="memory", nodes=len(servers),
-             listen=args.listen)
+             listen=servers[0].address if len(servers) == 1 else args.listen)
     sig = stop.wait()
     stop.step("log_signal")
     log.info("dpd_signal", signal=sig.name)
@@ -250,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignals()  # first, before any thread exists: see xlbcore.daemon
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
-    if args.netns:
-        _enter_netns(args.netns)
+    try:
+        netns = _enter_netns(args)
+    except OSError as e:
+        log.error("dpd_start_failed", error=f"--netns {args.netns}: {e.strerror}")
+        return 1
     settings = Settings(
         name=args.name,
         bpf_root=args.bpf_root,
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.datapath == "memory":
-        return simulate(args, settings, stop)
+        return simulate(args, settings, stop, netns)
 
     try:
         tls = _server_tls(args)
@@ -312,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if not stop.requested():
             stop.step("serve")
             server = serve(node, args.listen, exporter=exporter, tls=tls,
-                           insecure_tcp=args.insecure_tcp)
+                           insecure_tcp=args.insecure_tcp, netns=netns)
             start_metrics(exporter, [node])
     except (InterfaceMissing, StartupError, ValueError) as e:
         log.error("dpd_start_failed", error=str(e))
@@ -324,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if server is not None:
         log.info("dpd_started", name=settings.name, listen=server.address,
+                 listen_netns=(args.listen_netns if args.netns else ""),
                  pin_dir=settings.pin_dir, services=node.services.count(),
                  interfaces=[a.name for a in node.interfaces()])
     sig = stop.wait()  # the stop signal, taken in this thread: logging here is safe

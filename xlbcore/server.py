@@ -118,13 +118,15 @@ def start_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     socket_mode: int | None = None,
+    bind_context: contextlib.AbstractContextManager[object] | None = None,
 ) -> Server:
     """Serve `service_name` (added to the server by `register`), health and reflection
     on `listen` (``HOST:PORT``, port 0 for any free port, or ``unix:PATH``);
     `interceptors` see every call (xlbcore.metrics.RpcMetrics counts and times them).
     With `credentials` (xlbcore.tls) the port serves TLS; `socket_mode` is set on a unix
     socket before the server accepts calls (dpd: 0600). Who may call what: the caller's
-    checks go in `interceptors` (xlbcore.auth.AuthInterceptor)."""
+    checks go in `interceptors` (xlbcore.auth.AuthInterceptor). The listening socket is
+    made and bound inside `bind_context` (dpd --netns: in the starting namespace)."""
     try:
         addr = listen if isinstance(listen, Address) else parse_address(
             listen, "listen", allow_port_zero=True)
@@ -144,10 +146,11 @@ def start_server(
     if addr.is_unix:
         prepare_unix_socket(addr.path)
     try:
-        if credentials is not None:
-            port = server.add_secure_port(addr.text, credentials)
-        else:
-            port = server.add_insecure_port(addr.text)
+        with bind_context or contextlib.nullcontext():
+            if credentials is not None:
+                port = server.add_secure_port(addr.text, credentials)
+            else:
+                port = server.add_insecure_port(addr.text)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {addr.text}: {exc}") from None
     if addr.is_unix and socket_mode is not None:
