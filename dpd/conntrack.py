@@ -23,7 +23,7 @@ import structlog
 from dpd.abi import Abi
 from dpd.loader import Datapath
 from xlbcore.errors import ValidationError, quote
-from xlbcore.service import CT_TIMEOUT_FIELDS, CtTimeoutsSpec, Proto, ServiceKey
+from xlbcore.service import CT_TIMEOUT_FIELDS, CtTimeoutsSpec, Proto, ServiceKey, is_range
 
 log = structlog.get_logger("dpd.conntrack")
 
@@ -143,13 +143,17 @@ class Conntrack:
     def __init__(self, dp: Datapath, timeouts: Timeouts | None = None,
                  clock: Callable[[], int] = time.monotonic_ns,
                  per_service: Callable[[], dict[int, CtTimeoutsSpec]] = dict,
-                 least_conn: Callable[[], dict[int, list[int]]] = dict) -> None:
+                 least_conn: Callable[[], dict[int, list[int]]] = dict,
+                 range_last: Callable[[str, int, Proto], int] = lambda *_: 0) -> None:
         """`clock`: the clock of last_ns (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC);
         `per_service`: svc_id -> the timeouts of the services that set them;
-        `least_conn`: svc_id -> the endpoint slots of each least-connections service."""
+        `least_conn`: svc_id -> the endpoint slots of each least-connections service;
+        `range_last`: (vip, first port, proto) of a port-range service -> its last port
+        (a flow's entry records the range's nat_v4_map key: vip, first port, range 1)."""
         self.map = dp.maps["ct_v4_map"]
         self.per_service = per_service
         self.least_conn = least_conn
+        self.range_last = range_last
         self.ep_conn = dp.maps["ep_conn_map"]
         self.counters = CtCounters()
         self.key = dp.abi.structs["xlb_ct_key"].codec
@@ -181,8 +185,9 @@ class Conntrack:
     def _matcher(self, f: CtFilter) -> Callable[[dict[str, Any], dict[str, Any]], bool]:
         """A test of one decoded entry (both of a flow's entries answer alike)."""
         orig = self.states.orig
-        svc_key = (socket.inet_aton(f.service.vip), f.service.port,
-                   int(f.service.proto)) if f.service is not None else None
+        svc_key = (socket.inet_aton(f.service.vip), f.service.port, int(f.service.proto),
+                   int(is_range(f.service.port, f.service.port_last))) \
+            if f.service is not None else None
         ep = socket.inet_aton(f.endpoint) if f.endpoint else None
         client = socket.inet_aton(f.client) if f.client else None
 
@@ -191,7 +196,7 @@ class Conntrack:
                 return False
             if svc_key is not None:
                 s = v["svc"]
-                if (s["vip"], s["port"], s["proto"]) != svc_key:
+                if (s["vip"], s["port"], s["proto"], s["range"]) != svc_key:
                     return False
             if v["dir"] == orig:  # client -> VIP, rewritten to the endpoint
                 e_addr, e_port, c_addr = v["nat_addr"], v["nat_port"], k["saddr"]
@@ -217,13 +222,18 @@ class Conntrack:
                 Proto(k["proto"]), socket.inet_ntoa(k["saddr"]), k["sport"],
                 socket.inet_ntoa(k["daddr"]), k["dport"], v["dir"], v["state"],
                 socket.inet_ntoa(v["nat_addr"]), v["nat_port"],
-                ServiceKey(socket.inet_ntoa(svc["vip"]), svc["port"], Proto(svc["proto"]))
-                if svc["proto"] else None,
+                self._service(svc) if svc["proto"] else None,
                 max(0, now - v["last_ns"]),
                 socket.inet_ntoa(v["nat2_addr"]) if v["flags"] & self.nat2 else "",
                 v["nat2_port"] if v["flags"] & self.fnat else 0,
             ))
         return out
+
+    def _service(self, svc: dict[str, Any]) -> ServiceKey:
+        """The service of a flow's entry (its xlb_nat_key)."""
+        vip, proto = socket.inet_ntoa(svc["vip"]), Proto(svc["proto"])
+        last = self.range_last(vip, svc["port"], proto) if svc["range"] else 0
+        return ServiceKey(vip, svc["port"], proto, last)
 
     def count(self) -> int:
         return self.map.count()

@@ -52,7 +52,8 @@ class Node:
         # the kernel's id of nat_v4_map: new whenever the table is created anew
         self.datapath_id = dp.datapath_id
         self.conntrack = Conntrack(dp, ct_timeouts, per_service=self.services.ct_timeouts,
-                                   least_conn=self.services.lc_stat_ids)
+                                   least_conn=self.services.lc_stat_ids,
+                                   range_last=self.services.range_last)
         self.health = HealthMonitor(self.services.set_down)
         # what a restarted dpd read back, endpoints out of selection still out
         self.health.update(self.services.specs(), down=self.services.down)

@@ -18,6 +18,12 @@ keys per service (svc_id * 2 + the XLB_SVC_MAGLEV_B bit of its flags): a change 
 the new table under the other key, then the service value that points at it, then
 deletes the old table (make-before-break); a delete removes the service, then its table.
 
+A port-range or any-port service (docs/services.md) is keyed (vip, first port, proto,
+range 1) and has its ports in range_v4_map (an LPM trie: the port prefixes that cover
+the range exactly; any-port one entry of the bare (vip, proto)), written after its
+nat_v4_map entry and deleted before it, so that no prefix ever leads to no service.
+Ranges of one (vip, proto) that overlap are refused before anything is written.
+
 Endpoint health (dpd/health.py) takes an endpoint out of selection without changing the
 service: ``set_down`` rewrites the value with the slot table (and Maglev table) built
 as if the endpoint's weight were 0, while the value keeps the configured weights (the
@@ -64,11 +70,14 @@ from xlbcore.service import (
     Proto,
     ServiceKey,
     ServiceSpec,
+    check_ranges,
+    is_range,
 )
 
 log = structlog.get_logger("dpd.services")
 
 _VIP, _PORT, _PROTO = attrgetter("vip"), attrgetter("port"), attrgetter("proto")
+_LAST = attrgetter("port_last")
 _SPEC = attrgetter("spec")
 _ENDPOINTS, _ALGORITHM = attrgetter("endpoints"), attrgetter("algorithm")
 _WEIGHT = attrgetter("weight")
@@ -136,7 +145,12 @@ class ServiceTable:
         # layout order, checked by wire_struct): a value for n endpoints is one pack
         # call, no Python call per field.
         key = abi.structs["xlb_nat_key"].codec
-        self._key = key.wire_struct(("vip", "port", "proto"))
+        self._key = key.wire_struct(("vip", "port", "proto", "range"))
+        self.ranges = dp.maps["range_v4_map"]
+        self._range_key = abi.structs["xlb_range_key"].codec.wire_struct(
+            ("prefixlen", "vip", "proto", "port"))
+        self._range_val = abi.structs["xlb_range_val"].codec.wire_struct(("first", "last"))
+        self._range_base = abi.const("XLB_RANGE_BASE_BITS")
         self._val = abi.structs["xlb_nat_val"].codec
         self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots",
                             "persist_s", "snat_addr", "eps", "slots")
@@ -166,6 +180,10 @@ class ServiceTable:
         )
         # nat_v4_map key bytes -> entry
         self._index: dict[bytes, _Entry] = entries
+        # (vip, first port, proto) -> entry, of the port-range and any-port services
+        self._range_first: dict[tuple[str, int, Proto], _Entry] = {
+            (e.spec.vip, e.spec.port, e.spec.proto): e for e in entries.values()
+            if is_range(e.spec.port, e.spec.port_last)}
         self.generation = 0
         self.instance_id = os.urandom(8).hex()
         self._sorted: tuple[int, list[bytes]] | None = None
@@ -185,12 +203,56 @@ class ServiceTable:
 
     def key_bytes(self, key: ServiceKey | ServiceSpec) -> bytes:
         """The nat_v4_map key of a service (the table's index key too)."""
-        return self._key.pack(socket.inet_aton(key.vip), socket.htons(key.port), key.proto)
+        return self._key.pack(socket.inet_aton(key.vip), socket.htons(key.port), key.proto,
+                              is_range(key.port, key.port_last))
 
     def _keys(self, items: Sequence[ServiceKey | ServiceSpec]) -> list[bytes]:
         """key_bytes of each of `items`, column by column (no Python step per item)."""
+        ports = list(map(_PORT, items))
         return list(map(self._key.pack, map(socket.inet_aton, map(_VIP, items)),
-                        map(socket.htons, map(_PORT, items)), map(_PROTO, items)))
+                        map(socket.htons, ports), map(_PROTO, items),
+                        map(is_range, ports, map(_LAST, items))))
+
+    # -- port-range and any-port services (range_v4_map) ------------------------------
+
+    def _range_keys(self, spec: ServiceSpec | ServiceKey) -> list[bytes]:
+        """range_v4_map keys of a port-range or any-port service."""
+        vip = socket.inet_aton(spec.vip)
+        base = self._range_base
+        if not spec.port:
+            return [self._range_key.pack(base, vip, spec.proto, 0)]
+        return [self._range_key.pack(base + bits, vip, spec.proto, socket.htons(port))
+                for port, bits in port_prefixes(spec.port, spec.port_last)]
+
+    def _write_ranges(self, specs: list[ServiceSpec]) -> None:
+        """The prefixes of `specs` (new range services); all or none (MapFull)."""
+        done: list[bytes] = []
+        try:
+            for spec in specs:
+                val = self._range_val.pack(socket.htons(spec.port), socket.htons(spec.port_last))
+                for k in self._range_keys(spec):
+                    self.ranges.put(k, val)
+                    done.append(k)
+        except Exception as err:
+            self.ranges.delete_batch(done)
+            if isinstance(err, MapFull):
+                raise Exhausted(f"range_v4_map has no room for the port ranges: "
+                                f"{err.strerror}") from err
+            raise
+
+    def range_last(self, vip: str, port: int, proto: Proto) -> int:
+        """The last port of the port-range service (vip, first `port`, proto); 0 when
+        there is none (or it is any-port)."""
+        with self._lock:
+            e = self._range_first.get((vip, port, proto))
+            return e.spec.port_last if e is not None else 0
+
+    def _check_ranges(self, specs: list[ServiceSpec]) -> None:
+        """Refuse (ValidationError) ranges of `specs` that overlap each other or a held one."""
+        new = [s.key for s in specs if s.port_last]
+        if new:
+            held = [e.spec.key for e in self._range_first.values()]
+            check_ranges(list(dict.fromkeys(held + new)))
 
     def _val_struct(self, n: int) -> struct.Struct:
         st = self._vals.get(n)
@@ -319,8 +381,13 @@ class ServiceTable:
         ntoa, ntohs = socket.inet_ntoa, socket.ntohs
         vals, val_struct = self._vals, self._val_struct
         flag, max_eps = self._maglev_flag, self.max_eps
+        lasts = {}
+        for rk, rv in self.ranges.items():
+            _, rvip, rproto, _ = self._range_key.unpack(rk)
+            first, last = self._range_val.unpack(rv)
+            lasts[(rvip, rproto, first)] = ntohs(last)
         for kraw, vraw in self.nat.items():
-            vip, port, proto = kunpack(kraw)
+            vip, port, proto, ranged = kunpack(kraw)
             svc_id, algo, mode, n, flags, _, persist, snat = head(vraw)[:8]
             n = min(n, max_eps)
             flat = (vals.get(n) or val_struct(n)).unpack(vraw)
@@ -329,7 +396,8 @@ class ServiceTable:
             spec = ServiceSpec(ntoa(vip), ntohs(port), Proto(proto), Algorithm(algo),
                                Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]),
                                snat_addr=ntoa(snat) if any(snat) else "",
-                               persistence_s=persist)
+                               persistence_s=persist,
+                               port_last=lasts.get((vip, proto, port), 0) if ranged else 0)
             out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
                                                1 if flags & flag else 0)
         cfgs = {int.from_bytes(k, "little"): v for k, v in self.cfg.items()}
@@ -437,6 +505,8 @@ class ServiceTable:
                 s = next(s for s in specs if len(s.endpoints) > max_eps)
                 raise Exhausted(f"service {s.key}: {len(s.endpoints)} endpoints, the "
                                 f"datapath holds at most {max_eps}")
+            if any(map(_LAST, specs)):
+                self._check_ranges(specs)
             if specs:
                 self.generation += 1  # every write call, also when nothing changes
             index = self._index
@@ -487,6 +557,10 @@ class ServiceTable:
                                           [self._maglev_value(e) for e in part])
                 if plan:
                     self._write_nat(keys, plan)
+                ranged = [e.spec for e, p in zip(plan, old, strict=True)
+                          if p is None and is_range(e.spec.port, e.spec.port_last)]
+                if ranged:
+                    self._write_ranges(ranged)  # after their services: all or none
                 self._write_cfg(plan, old)
             except Exception as err:
                 self._restore(keys, old)
@@ -507,6 +581,9 @@ class ServiceTable:
                                       if p is not None and p.spec.algorithm == Algorithm.MAGLEV])
             self.stat_ids.release(freed)
             index.update(zip(keys, plan, strict=True))
+            for e in plan:
+                if is_range(e.spec.port, e.spec.port_last):
+                    self._range_first[(e.spec.vip, e.spec.port, e.spec.proto)] = e
             self._count_vips([k for k, p in zip(keys, old, strict=True) if p is None], +1)
             return len(specs)
 
@@ -564,6 +641,9 @@ class ServiceTable:
                 e = self._index.get(k)
                 if e is None:
                     continue
+                if is_range(e.spec.port, e.spec.port_last):  # its ports first, then it
+                    self.ranges.delete_batch(self._range_keys(e.spec))
+                    self._range_first.pop((e.spec.vip, e.spec.port, e.spec.proto), None)
                 self.nat.delete(k)
                 if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
                     self.maglev.delete_batch([self._maglev_key(e)])
@@ -678,3 +758,17 @@ def sum_counters(codec: object, per_cpu: list[bytes]) -> Counter:
         packets += c["packets"]
         nbytes += c["bytes"]
     return Counter(packets, nbytes)
+
+
+def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """The port prefixes (port, prefix bits of 16) that cover first..last exactly, fewest
+    first-to-last (at most 30)."""
+    out = []
+    port = first
+    while port <= last:
+        size = port & -port if port else 1 << 16  # the largest block aligned at port
+        while port + size - 1 > last:
+            size >>= 1
+        out.append((port, 16 - size.bit_length() + 1))
+        port += size
+    return out

@@ -1,8 +1,9 @@
 """The service model and its validation, shared by dpd and policyd (pure Python).
 
-A service is identified by (vip, port, protocol). Endpoints are kept sorted by
-(address, port) so that the same service always produces the same datapath entry,
-on every node, whatever order a client sent them in.
+A service is identified by (vip, port, protocol, port_last): one port (port_last 0), a
+port range port..port_last, or every port of the VIP (port 0: any-port). Endpoints are
+kept sorted by (address, port) so that the same service always produces the same
+datapath entry, on every node, whatever order a client sent them in.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import enum
 import functools
 import operator
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from typing import Protocol as TypingProtocol
@@ -77,11 +79,40 @@ class EndpointSpec:
 @dataclass(frozen=True)
 class ServiceKey:
     vip: str
-    port: int
+    port: int  # one port, a range's first port, or 0: any-port
     proto: Proto
+    port_last: int = 0  # a range's last port (> port); 0: one port, or any-port
 
     def __str__(self) -> str:
-        return f"{self.proto.name.lower()}://{self.vip}:{self.port}"
+        return f"{self.proto.name.lower()}://{self.vip}:{ports_text(self.port, self.port_last)}"
+
+
+def ports_text(port: int, port_last: int) -> str:
+    """A service's ports as people read them: "80", "8000-8099" or "*" (any-port)."""
+    if not port:
+        return "*"
+    return f"{port}-{port_last}" if port_last else str(port)
+
+
+def is_range(port: int, port_last: int) -> bool:
+    """A port-range or any-port service (its endpoints may keep the client's port)."""
+    return not port or bool(port_last)
+
+
+def check_ranges(keys: Iterable[ServiceKey], field: str = "services") -> None:
+    """Refuse port ranges of one (vip, protocol) that overlap (ValidationError): an
+    exact-port service inside a range is allowed (it wins), as is any-port (ranges win
+    over it), but two ranges could not say which serves a port between them."""
+    by: dict[tuple[str, Proto], list[ServiceKey]] = collections.defaultdict(list)
+    for k in keys:
+        if k.port_last:
+            by[(k.vip, k.proto)].append(k)
+    for ranges in by.values():
+        ranges.sort(key=lambda k: (k.port, k.port_last))
+        for a, b in zip(ranges, ranges[1:], strict=False):
+            if b.port <= a.port_last:
+                raise ValidationError(f"{field}: port range {b} overlaps {a}; ranges of "
+                                      "one vip and protocol must not overlap")
 
 
 class HealthKind(enum.IntEnum):
@@ -152,6 +183,7 @@ class ServiceSpec:
     # address toward the endpoint)
     snat_addr: str = ""
     persistence_s: int = 0  # session persistence timeout (0: off)
+    port_last: int = 0  # a port range's last port; 0: one port (or any-port: port 0)
 
     @functools.cached_property
     def grouped(self) -> bool:
@@ -160,7 +192,7 @@ class ServiceSpec:
 
     @functools.cached_property
     def key(self) -> ServiceKey:  # made once (a frozen spec's key cannot change)
-        return ServiceKey(self.vip, self.port, self.proto)
+        return ServiceKey(self.vip, self.port, self.proto, self.port_last)
 
     @functools.cached_property
     def columns(self) -> EndpointColumns:
@@ -238,7 +270,10 @@ class _EndpointMsg(TypingProtocol):
     def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf API)
 
 
-def parse_endpoints(msgs: Any, field: str = "endpoints") -> tuple[EndpointSpec, ...]:
+def parse_endpoints(msgs: Any, field: str = "endpoints",
+                    keep_port: bool = False) -> tuple[EndpointSpec, ...]:
+    """`keep_port`: port 0 is allowed (a port-range or any-port service's endpoint that
+    keeps the client's destination port)."""
     eps: list[EndpointSpec] = []
     for i, ep in enumerate(msgs):
         where = f"{field}[{i}]"
@@ -252,7 +287,7 @@ def parse_endpoints(msgs: Any, field: str = "endpoints") -> tuple[EndpointSpec, 
         eps.append(
             EndpointSpec(
                 parse_ipv4(ep.address, f"{where}.address"),
-                parse_port(ep.port, f"{where}.port"),
+                0 if keep_port and ep.port == 0 else parse_port(ep.port, f"{where}.port"),
                 weight,
                 priority,
             )
@@ -352,21 +387,44 @@ def fill_ct_timeouts(msg: Any, spec: CtTimeoutsSpec) -> Any:
     return msg
 
 
+def parse_ports(port: int, port_last: int, prefix: str = "") -> tuple[int, int]:
+    """(port, port_last) of a service: one port 1..65535 (port_last 0, or equal to
+    port), a range port < port_last <= 65535, or any-port (both 0)."""
+    if port == 0:
+        if port_last:
+            raise ValidationError(f"{prefix}port_last: {port_last} with port 0; a range "
+                                  "starts at port 1..65534 (port 0 alone: every port)")
+        return 0, 0
+    parse_port(port, f"{prefix}port")
+    if port_last in (0, port):
+        return port, 0
+    if not port < port_last <= 65535:
+        raise ValidationError(f"{prefix}port_last: {port_last} is out of range "
+                              f"{port + 1}..65535 (port is {port}; 0: one port)")
+    return port, port_last
+
+
 def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
-    """From any message with vip, port and protocol fields."""
+    """From any message with vip, port and protocol fields (and port_last, if it has
+    one)."""
     prefix = f"{field}." if field else ""
+    port, last = parse_ports(msg.port, getattr(msg, "port_last", 0), prefix)
     return ServiceKey(
         parse_ipv4(msg.vip, f"{prefix}vip"),
-        parse_port(msg.port, f"{prefix}port"),
+        port,
         parse_proto(msg.protocol, f"{prefix}protocol"),
+        last,
     )
 
 
 def parse_snat(msg: Any, mode: Mode, port: int, endpoints: tuple[EndpointSpec, ...],
-               prefix: str) -> str:
+               prefix: str, ranged: bool = False) -> str:
     """The SNAT address of a service in `mode` ("" when unset), and the mode's rules on
-    the endpoints (DSR does not rewrite ports: each endpoint's port is the service's)."""
+    the endpoints (DSR does not rewrite ports: each endpoint's port is the service's;
+    a port-range or any-port service's (`ranged`): 0, the client's port)."""
     if mode in DSR_MODES:
+        if ranged:
+            port = 0
         for i, ep in enumerate(endpoints):
             if ep.port != port:
                 raise ValidationError(
@@ -393,7 +451,13 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
     prefix = f"{field}." if field else ""
     key = parse_service_key(msg, field)
     mode = parse_mode(msg.mode, f"{prefix}mode")
-    endpoints = parse_endpoints(msg.endpoints, f"{prefix}endpoints")
+    ranged = is_range(key.port, key.port_last)
+    endpoints = parse_endpoints(msg.endpoints, f"{prefix}endpoints", keep_port=ranged)
+    health = parse_health(msg.health, f"{prefix}health") if msg.HasField("health") else None
+    if health is not None and health.kind != HealthKind.ICMP and not health.port \
+            and any(not ep.port for ep in endpoints):
+        raise ValidationError(f"{prefix}health.port: 0, but an endpoint has port 0 (it "
+                              "keeps the client's port): the check needs a port")
     return ServiceSpec(
         vip=key.vip,
         port=key.port,
@@ -401,13 +465,13 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
         algorithm=parse_algorithm(msg.algorithm),
         mode=mode,
         endpoints=endpoints,
-        snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix),
+        snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix, ranged),
         persistence_s=parse_persistence(msg.persistence_timeout_s,
                                         f"{prefix}persistence_timeout_s"),
-        health=parse_health(msg.health, f"{prefix}health")
-        if msg.HasField("health") else None,
+        health=health,
         ct_timeouts=parse_ct_timeouts(msg.conntrack_timeouts, f"{prefix}conntrack_timeouts")
         if msg.HasField("conntrack_timeouts") else None,
+        port_last=key.port_last,
     )
 
 
@@ -420,6 +484,7 @@ def fill_service(msg: Any, spec: ServiceSpec) -> Any:
     msg.mode = int(spec.mode)
     msg.snat_address = spec.snat_addr
     msg.persistence_timeout_s = spec.persistence_s
+    msg.port_last = spec.port_last
     del msg.endpoints[:]
     for ep in spec.endpoints:
         msg.endpoints.add(address=ep.address, port=ep.port, weight=ep.weight,
@@ -439,6 +504,7 @@ def fill_service_key(msg: Any, key: ServiceKey) -> Any:
     msg.vip = key.vip
     msg.port = key.port
     msg.protocol = proto_to_api(key.proto)
+    msg.port_last = key.port_last
     return msg
 
 
@@ -460,14 +526,14 @@ _MODES = {0: Mode.DNAT, **{int(m): m for m in Mode}}
 _SERVICE_FIELDS = operator.attrgetter("vip", "port", "protocol", "algorithm", "mode",
                                       "endpoints", "snat_address", "persistence_timeout_s")
 _ENDPOINT_FIELDS = operator.attrgetter("address", "port", "weight", "priority")
-_KEY_FIELDS = operator.attrgetter("vip", "port", "proto")  # a ServiceKey's fields
+_KEY_FIELDS = operator.attrgetter("vip", "port", "proto", "port_last")  # a ServiceKey's
 
 
 def _service_fast(msg: Any) -> ServiceSpec | None:
     """parse_service's result for a valid service, read with few Python steps and no
     error names; None for anything parse_service might refuse (it then says why), and
     for a service with a health check or conntrack timeouts (parse_service reads them)."""
-    if msg.HasField("health") or msg.HasField("conntrack_timeouts"):
+    if msg.HasField("health") or msg.HasField("conntrack_timeouts") or msg.port_last:
         return None
     vip, port, api_proto, api_algorithm, api_mode, ep_msgs, snat, persist = \
         _SERVICE_FIELDS(msg)
@@ -522,4 +588,6 @@ def parse_services(msgs: Any, field: str = "services") -> list[ServiceSpec]:
         dup = next(k for k in keys if counts[k] > 1)
         raise ValidationError(f"{field}: {ServiceKey(*dup)} appears more than once in the "
                               "batch")
+    if any(k[3] for k in keys):
+        check_ranges([ServiceKey(*k) for k in keys if k[3]], field)
     return specs

@@ -48,6 +48,12 @@ BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
                  XLB_CT_SIZE, XLB_PIN(ct_v4_map));
 BPF_TABLE_PINNED("lru_hash", struct xlb_frag_key, struct xlb_frag_val, frag_v4_map,
                  XLB_FRAG_SIZE, XLB_PIN(frag_v4_map));
+#ifndef XLB_RANGE_SIZE
+#define XLB_RANGE_SIZE 16384 /* port prefixes of all port-range and any-port services */
+#endif
+/* (vip, proto, port prefix) -> the port-range or any-port service holding it */
+BPF_TABLE_PINNED("lpm_trie", struct xlb_range_key, struct xlb_range_val, range_v4_map,
+                 XLB_RANGE_SIZE, XLB_PIN(range_v4_map), BPF_F_NO_PREALLOC);
 /* VIP -> how many services it carries: the datapath answers ICMP echo to a VIP. */
 BPF_TABLE_PINNED("hash", __be32, u32, vip_v4_map, XLB_MAX_SERVICES, XLB_PIN(vip_v4_map),
                  BPF_F_NO_PREALLOC);

@@ -15,6 +15,7 @@
 #include "maps.h"
 #include "nat.h"
 #include "parse.h"
+#include "ranges.h"
 #include "stats.h"
 
 /* The first fragment of a NATed datagram records its ports for the later ones. */
@@ -196,6 +197,8 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     nk.port = p->dport;
     nk.proto = p->proto;
     struct xlb_nat_val *svc = nat_v4_map.lookup(&nk);
+    if (!svc)
+        svc = xlb_svc_range(&nk); /* a port-range or any-port service: nk becomes its key */
     if (!svc) {
         if (judged)
             xlb_pass_flow(skb, p, first_frag);
@@ -229,8 +232,10 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     struct xlb_ct_key k;
     struct xlb_ct_val v = {};
     xlb_ct_key_of(&k, p);
+    /* endpoint port 0 (port-range and any-port services): the client's port, kept */
+    __be16 ep_port = ep->port ? ep->port : p->dport;
     v.nat_addr = ep->addr;
-    v.nat_port = ep->port;
+    v.nat_port = ep_port;
     v.dir = XLB_DIR_ORIG;
     v.state = midstream ? XLB_CT_EST : XLB_CT_NEW;
     v.svc_id = svc->svc_id;
@@ -271,13 +276,13 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
 
     struct xlb_ct_key rk = {};
     rk.saddr = ep->addr;
-    rk.sport = ep->port;
+    rk.sport = ep_port;
     rk.daddr = p->saddr;
     rk.dport = p->sport;
     rk.proto = p->proto;
     struct xlb_ct_val rv = v;
     rv.nat_addr = nk.vip;
-    rv.nat_port = nk.port;
+    rv.nat_port = p->dport; /* the service port the client used (a range's: its own) */
     rv.dir = XLB_DIR_REPLY;
     if (p->proto == IPPROTO_TCP) {
         v.seq_end = xlb_seq_end(p);

@@ -145,11 +145,34 @@
 #define XLB_STAT_DSR 35               /* sent to an endpoint by DSR (MAC or IP-in-IP) */
 #define XLB_STAT_MAX 40
 
+/* nat_v4_map key. An exact-port service: range 0, port its port. A port-range or
+ * any-port service (docs/services.md): range 1, port its first port (0: any-port);
+ * range_v4_map leads a new flow's (vip, proto, port) to it when no exact-port service
+ * holds the port. */
 struct xlb_nat_key {
     __be32 vip;
     __be16 port;
     __u8 proto;
+    __u8 range;
+};
+
+/* range_v4_map (an LPM trie): the port-range and any-port services of a (vip, proto).
+ * A range [first, last] is written as the port prefixes that cover it exactly
+ * (prefixlen XLB_RANGE_BASE_BITS + the prefix's bits); any-port is one entry of
+ * prefixlen XLB_RANGE_BASE_BITS. Ranges of one (vip, proto) never overlap (dpd refuses
+ * it), so the longest match is the range holding the port, else any-port. */
+#define XLB_RANGE_BASE_BITS 48 /* vip, proto, pad: matched whole */
+struct xlb_range_key {
+    __u32 prefixlen;
+    __be32 vip;
+    __u8 proto;
     __u8 pad;
+    __be16 port;
+};
+
+struct xlb_range_val {
+    __be16 first; /* the service's nat_v4_map key port (0: any-port) */
+    __be16 last;  /* its last port (dpd's record; any-port: 0) */
 };
 
 /* xlb_ep.flags */

@@ -62,7 +62,7 @@ def test_codec_round_trips_by_field_name():
     assert raw[4:6] == (8080).to_bytes(2, "big")  # __be16 written in network order
     back = codec.unpack(raw)
     assert back["nat_port"] == 8080 and back["state"] == 3 and back["last_ns"] == 123
-    assert back["svc"] == {"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6}
+    assert back["svc"] == {"vip": b"\xc6\x13\x00\x0a", "port": 80, "proto": 6, "range": 0}
     with pytest.raises(KeyError, match="no field bogus"):
         codec.pack(bogus=1)
 

@@ -34,7 +34,11 @@ def test_endpoints_are_sorted_and_weights_defaulted():
 
 
 @pytest.mark.parametrize(("kw", "field"), [
-    ({"port": 0}, "port"),
+    ({"port": 65536}, "port"),
+    ({"port": 80, "port_last": 79}, "port_last"),  # a range ends after it starts
+    ({"port": 0, "port_last": 90}, "port_last"),  # any-port has no last port
+    # endpoint port 0 (the client's port, kept): port-range and any-port services only
+    ({"endpoints": [tpb.Endpoint(address="198.18.1.2", port=0)]}, "endpoints\\[0\\].port"),
     ({"protocol": 0}, "protocol"),
     ({"algorithm": 7}, "algorithm"),
     ({"endpoints": []}, "endpoints"),
