@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 bpftool libbpf1
-          iptables nftables nginx-light wrk make procps iputils-ping)
+          iptables nftables nginx-light wrk make procps iputils-ping
+          etcd-server etcd-client)  # etcd: policyd replicas (docs/ha.md) and their tests
 
 log() { printf 'setup: %s\n' "$*"; }
 

@@ -101,3 +101,30 @@ def test_a_watch_on_a_follower_streams_the_leaders_writes(replicas):
     stream.cancel()
     assert seen == [(ppb.EVENT_TYPE_PUT, 1, "service", "web"),
                     (ppb.EVENT_TYPE_DELETE, 2, "service", "web")]
+
+
+def test_a_leader_whose_lease_is_gone_stops_and_exits_1(tmp_path):
+    """xlb-policyd as a process: its lease revoked behind its back (as when etcd expired
+    it), it stops reconciling and exits with status 1 for its supervisor to restart."""
+    import json
+    import subprocess
+    import sys
+
+    from lab.daemons import Policyd
+    from policyd.etcd import Etcd
+
+    with run_etcd() as url:
+        p = Policyd(tmp_path, extra=["--store", url, "--replica-name", "solo"]).start()
+        try:
+            etcd = Etcd(url)
+            leader = etcd.get(b"/xlb/policyd/leader")
+            assert leader is not None and json.loads(leader.value)["name"] == "solo"
+            etcd.revoke(leader.lease)
+            assert p.proc is not None
+            assert p.proc.wait(timeout=15) == 1
+            assert "policyd.leadership_lost" in p.log_text()
+        except (AssertionError, subprocess.TimeoutExpired):
+            sys.stderr.write(p.log_text()[-3000:])
+            raise
+        finally:
+            p.stop()
