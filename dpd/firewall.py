@@ -40,7 +40,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +122,7 @@ class Verdict:
 
     action: Action
     rule: str | None = None
-    redirect_ifindex: int = 0
+    target: int = 0  # REDIRECT, MIRROR: the interface's ifindex; POLICE: the policer id
     judged: bool = True
 
     @property
@@ -138,14 +138,15 @@ OFF = Verdict(Action.ALLOW, judged=False)
 
 @dataclass(frozen=True)
 class BoundRule:
-    """A rule as the node holds it: its spec, its counter slot and its interfaces'
-    ifindexes (0: any / none) as resolved when it was put."""
+    """A rule as the node holds it: its spec, its counter slot and what its names
+    resolved to when it was put: the ingress interface's ifindex (0: any) and the action's
+    target (REDIRECT, MIRROR: the interface's ifindex; POLICE: the policer's id; else 0)."""
 
     name: str
     spec: RuleSpec
     rule_id: int
     in_ifindex: int = 0
-    redirect_ifindex: int = 0
+    target: int = 0
 
 
 def _prefix(prefix: str) -> tuple[int, int]:
@@ -195,7 +196,7 @@ class Entry:
     rank: int
     rule_id: int
     action: Action
-    redirect_ifindex: int
+    target: int
     rule: str
 
 
@@ -247,7 +248,7 @@ class Classifier:
             return OFF
         e = self.lookup(pkt)
         if e is not None:
-            return Verdict(e.action, e.rule, e.redirect_ifindex)
+            return Verdict(e.action, e.rule, e.target)
         if policy_drop and policies.get(pkt.ifindex, Policy.ALLOW) is Policy.DROP:
             return Verdict(Action.DROP)
         return Verdict(Action.ALLOW)
@@ -269,7 +270,7 @@ def compile_rules(rules: Iterable[BoundRule], max_tuples: int) -> Classifier:
         src, src_len = _prefix(m.src)
         dst, dst_len = _prefix(m.dst)
         proto = int(m.protocol)
-        entry = Entry(rank, r.rule_id, r.spec.action, r.redirect_ifindex, r.name)
+        entry = Entry(rank, r.rule_id, r.spec.action, r.target, r.name)
         for sp, sp_len in port_prefixes(m.src_ports):
             for dp, dp_len in port_prefixes(m.dst_ports):
                 shape = (fam != 0, proto != 0, r.in_ifindex != 0, sp_len, dp_len,
@@ -406,6 +407,9 @@ class FirewallTable:
     def __init__(self, dp: Datapath, links: Links | None = None) -> None:
         abi = dp.abi
         self.links = links or Links()
+        # a policer's id by name (None: no such policer): set by the node to its policer
+        # table's; without one, no POLICE rule can be bound
+        self.policer_id: Callable[[str], int | None] = lambda name: None
         m = dp.maps
         self.acl, self.tuple_map, self.cfg_map = m["acl_map"], m["acl_tuple_map"], m["acl_cfg_map"]
         self.rules_map, self.stats_map = m["acl_rules_map"], m["acl_stats_map"]
@@ -419,7 +423,7 @@ class FirewallTable:
         self._counter = abi.structs["xlb_counter"].codec
         self._pack_key = self._key.packer("tuple", "family", "proto", "ifindex", "sport",
                                           "dport", "src", "dst")
-        self._pack_val = self._val.packer("rank", "rule_id", "redirect_ifindex", "action")
+        self._pack_val = self._val.packer("rank", "rule_id", "target", "action")
         self.max_tuples = abi.const("XLB_ACL_TUPLES")
         self.f_policy_drop = abi.const("XLB_ACL_F_POLICY_DROP")
         self.has_src, self.has_dst = abi.const("XLB_ACL_HAS_SRC"), abi.const("XLB_ACL_HAS_DST")
@@ -472,7 +476,7 @@ class FirewallTable:
         for i, t in enumerate(cls.tuples):
             for k, e in t.entries.items():
                 keys.append(key_bytes(base + i, k))
-                vals.append(pack_val(e.rank, e.rule_id, e.redirect_ifindex, int(e.action)))
+                vals.append(pack_val(e.rank, e.rule_id, e.target, int(e.action)))
             m = t.mask
             tuples.append(self._tuple.pack(min_rank=t.min_rank, mask=dict(
                 family=m[0], proto=m[1], ifindex=m[2], sport=m[3], dport=m[4],
@@ -492,8 +496,10 @@ class FirewallTable:
             has=(self.has_src if m.src else 0) | (self.has_dst if m.dst else 0),
             src=src.to_bytes(16, "big"), dst=dst.to_bytes(16, "big"),
             sport_first=sp.first, sport_last=sp.last, dport_first=dp.first,
-            dport_last=dp.last, in_ifindex=r.in_ifindex, redirect_ifindex=r.redirect_ifindex,
-            in_name=m.in_interface.encode(), redirect_name=r.spec.redirect_interface.encode())
+            dport_last=dp.last, in_ifindex=r.in_ifindex, target=r.target,
+            in_name=m.in_interface.encode(),
+            target_name=(r.spec.redirect_interface or r.spec.mirror_interface).encode(),
+            policer=r.spec.policer.encode())
 
     def _decode_rule(self, rule_id: int, raw: bytes) -> BoundRule:
         v = self._rule.unpack(raw)
@@ -511,9 +517,12 @@ class FirewallTable:
         match = RuleMatch(src, dst, RuleProto(v["proto"]),
                           ports(v["sport_first"], v["sport_last"]),
                           ports(v["dport_first"], v["dport_last"]), _cstr(v["in_name"]))
-        spec = RuleSpec(v["priority"], match, Action(v["action"]), _cstr(v["redirect_name"]))
-        return BoundRule(_cstr(v["name"]), spec, rule_id, v["in_ifindex"],
-                         v["redirect_ifindex"])
+        action = Action(v["action"])
+        target = _cstr(v["target_name"])
+        spec = RuleSpec(v["priority"], match, action,
+                        target if action is Action.REDIRECT else "", _cstr(v["policer"]),
+                        target if action is Action.MIRROR else "")
+        return BoundRule(_cstr(v["name"]), spec, rule_id, v["in_ifindex"], v["target"])
 
     # -- acl_cfg -------------------------------------------------------------------------
 
@@ -624,9 +633,25 @@ class FirewallTable:
                                       f"{quote(ifname)} on this node")
             return ifindex
 
+        if spec.action is Action.POLICE:
+            pid = self.policer_id(spec.policer)
+            if pid is None:
+                raise ValidationError(f"rules[{i}].spec.policer: no policer "
+                                      f"{quote(spec.policer)} on this node")
+            target = pid
+        elif spec.action is Action.MIRROR:
+            target = resolve(spec.mirror_interface, "mirror_interface")
+        else:
+            target = resolve(spec.redirect_interface, "redirect_interface")
         return BoundRule(name, spec, rule_id,
-                         resolve(spec.match.in_interface, "match.in_interface"),
-                         resolve(spec.redirect_interface, "redirect_interface"))
+                         resolve(spec.match.in_interface, "match.in_interface"), target)
+
+    def policer_rules(self, policer: str) -> list[str]:
+        """The names of the rules that charge `policer` (its deletion is refused while
+        any does)."""
+        with self._lock:
+            return sorted(n for n, r in self._rules.items()
+                          if r.spec.action is Action.POLICE and r.spec.policer == policer)
 
     def put(self, rules: list[tuple[str, RuleSpec]]) -> int:
         """Upsert rules by name: the node's whole new set is staged and swapped in. All

@@ -66,6 +66,9 @@ class Node:
         self.policers = polx.PolicerTable(
             dp, self.firewall.links,
             polx.Filters(dp.police_fd) if dp.kind == "kernel" else polx.NoFilters())
+        # POLICE rules name policers; a policer a rule charges is not deleted
+        self.firewall.policer_id = self.policers.id_of
+        self.policers.rules_using = self.firewall.policer_rules
         self.events = NodeEvents(self)  # after health, firewall and policers: it names by them
         self.routes: routes.RouteTable = (routes.KernelRoutes(dp.settings.route_proto)
                                           if dp.kind == "kernel" else routes.MemoryRoutes())

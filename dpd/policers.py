@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,9 @@ import structlog
 from dpd import attach as tc
 from dpd.firewall import Links
 from dpd.loader import Datapath
+from dpd.maps import MapError, MapFull
 from dpd.services import Counter, sum_counters
-from xlbcore.errors import Exhausted, ValidationError, quote
+from xlbcore.errors import Exhausted, PreconditionError, ValidationError, quote
 from xlbcore.firewall import parse_ifname
 from xlbcore.policer import check_burst, check_rate
 
@@ -128,6 +129,49 @@ def _text(raw: bytes) -> str:
 
 # -- the table ----------------------------------------------------------------------------
 
+class _Undo:
+    """What PolicerTable.put has changed so far, to put back when a later step fails
+    (a map write, attaching a filter): the buckets' values, the policed interfaces'
+    records and their filters."""
+
+    def __init__(self, table: PolicerTable, attached: dict[int, int]) -> None:
+        self.t = table
+        self.attached = attached  # ifindex -> policer id, before the call
+        self.buckets: dict[int, bytes] = {}
+        self.intfs: list[int] = []  # ifindexes whose record and filter this call touched
+        self.failed_ifindex: int | None = None  # the interface being changed last
+
+    def bucket(self, pid: int) -> None:
+        if pid not in self.buckets:
+            self.buckets[pid] = self.t.map.get(self.t._key(pid)) or self.t.map.zero_value()
+
+    def detaching(self, ifindex: int) -> None:
+        self.intfs.append(ifindex)
+        self.failed_ifindex = ifindex
+
+    attaching = detaching
+
+    def run(self) -> None:
+        t = self.t
+        for ifindex in reversed(self.intfs):
+            pid = self.attached.get(ifindex)
+            try:
+                if pid is None:
+                    t.intf.delete(t._key(ifindex))
+                    t.filters.detach(ifindex)
+                else:
+                    t.intf.put(t._key(ifindex), t._key(pid))
+                    t.filters.attach(ifindex)
+            except Exception as e:  # noqa: BLE001 - put back what can be; say what could not
+                log.error("policer_rollback_failed", ifindex=ifindex, error=str(e))
+        for pid, raw in self.buckets.items():
+            try:
+                t.map.put(t._key(pid), raw)
+            except Exception as e:  # noqa: BLE001
+                log.error("policer_rollback_failed", policer_id=pid, error=str(e))
+        log.warning("policers_rolled_back", interfaces=self.intfs, policers=list(self.buckets))
+
+
 class PolicerTable:
     def __init__(self, dp: Datapath, links: Links, filters: Filters) -> None:
         self.map = dp.maps["polx_map"]
@@ -135,6 +179,9 @@ class PolicerTable:
         self.stats = dp.maps["polx_stats_map"]
         self.links = links
         self.filters = filters
+        # the firewall rules that charge a policer (set by the node to its firewall's):
+        # a policer a rule uses is not deleted
+        self.rules_using: Callable[[str], list[str]] = lambda name: []
         self.capacity = self.map.spec.max_entries
         self._val = dp.abi.structs["xlb_polx"].codec
         self._counter = dp.abi.structs["xlb_counter"].codec
@@ -197,26 +244,47 @@ class PolicerTable:
                                               f"policed by {quote(want[ifindex])} too")
                     want[ifindex] = s.name
             ids = {**self._ids, **new_ids}
-            for s in specs:
-                pid = ids[s.name]
-                old = self._record(pid) if s.name in self._ids else None
-                if old is None:
-                    self._zero_stats(pid)
-                self.map.put(self._key(pid), self._val.pack(
-                    tat=old["tat"] if old else 0,
-                    byte_ns_q16=byte_ns_q16(s.rate_bps),
-                    burst_ns=burst_ns(s.rate_bps, s.burst_bytes),
-                    event_ns=old["event_ns"] if old else 0,
-                    rate_bps=s.rate_bps, burst_bytes=s.burst_bytes, name=s.name.encode()))
-            self._ids = ids
-            names = {s.name for s in specs}
-            for ifindex, pid in attached.items():  # interfaces these policers no longer hold
-                if by_id.get(pid) in names and ifindex not in want:
-                    self.filters.detach(ifindex)
-                    self.intf.delete(self._key(ifindex))
-            for ifindex, name in want.items():
-                self.intf.put(self._key(ifindex), self._key(ids[name]))
-                self.filters.attach(ifindex)
+            before_ids = dict(self._ids)
+            undo = _Undo(self, attached)
+            try:
+                for s in specs:
+                    pid = ids[s.name]
+                    old = self._record(pid) if s.name in self._ids else None
+                    undo.bucket(pid)
+                    if old is None:
+                        self._zero_stats(pid)
+                    self.map.put(self._key(pid), self._val.pack(
+                        tat=old["tat"] if old else 0,
+                        byte_ns_q16=byte_ns_q16(s.rate_bps),
+                        burst_ns=burst_ns(s.rate_bps, s.burst_bytes),
+                        event_ns=old["event_ns"] if old else 0,
+                        rate_bps=s.rate_bps, burst_bytes=s.burst_bytes, name=s.name.encode()))
+                self._ids = ids
+                names = {s.name for s in specs}
+                for ifindex, pid in attached.items():  # interfaces these policers no longer hold
+                    if by_id.get(pid) in names and ifindex not in want:
+                        undo.detaching(ifindex)
+                        self.filters.detach(ifindex)
+                        self.intf.delete(self._key(ifindex))
+                for ifindex, name in want.items():
+                    undo.attaching(ifindex)
+                    self.intf.put(self._key(ifindex), self._key(ids[name]))
+                    self.filters.attach(ifindex)
+            except BaseException as e:
+                # nothing half-written: buckets, policed interfaces, filters and the names
+                # go back to what they were before the call
+                undo.run()
+                self._ids = before_ids
+                if isinstance(e, MapFull):
+                    raise Exhausted(f"policers: {e.strerror}; nothing was written") from None
+                if isinstance(e, OSError) and not isinstance(e, MapError) and \
+                        undo.failed_ifindex is not None:
+                    where = self.links.name(undo.failed_ifindex) or \
+                        f"ifindex {undo.failed_ifindex}"
+                    raise PreconditionError(f"policers: the policer filter could not be "
+                                            f"attached to {quote(where)}: {e}; nothing was "
+                                            "written") from None
+                raise
             if specs:
                 self.generation += 1
                 log.info("policers_put", policers=[(s.name, s.rate_bps, s.burst_bytes,
@@ -227,6 +295,15 @@ class PolicerTable:
         """Remove policers by name (idempotent); their interfaces are no longer policed."""
         with self._lock:
             gone = [n for n in dict.fromkeys(names) if n in self._ids]
+            for i, n in enumerate(gone):
+                rules = self.rules_using(n)
+                if rules:
+                    raise PreconditionError(
+                        f"names[{i}]: policer {quote(n)} is charged by firewall rule"
+                        f"{'s' if len(rules) > 1 else ''} "
+                        f"{', '.join(quote(r) for r in rules[:3])}"
+                        f"{' and more' if len(rules) > 3 else ''}: delete or change "
+                        "them first; nothing was deleted")
             ids = {self._ids[n] for n in gone}
             for ifindex, pid in self._intf_records().items():
                 if pid in ids:
@@ -247,6 +324,11 @@ class PolicerTable:
 
     def dropped(self, pid: int) -> Counter:
         return self._counter_of(pid * 2 + self._drop)
+
+    def id_of(self, name: str) -> int | None:
+        """The policer's id (its polx_map index), None when the node has no such policer."""
+        with self._lock:
+            return self._ids.get(name)
 
     def name_of(self, pid: int) -> str | None:
         for n, i in self._ids.items():

@@ -26,6 +26,9 @@ PRIORITY_MAX = 65535
 NAME_MAX = 63  # a rule name: 1..63 of [a-z0-9-], starting with a letter or digit
 IFNAME_MAX = 15  # Linux IFNAMSIZ - 1
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+# a policer's name as dpd's PutPolicers takes it (whether the node has it is the node's
+# business)
+_POLICER_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 
 class Action(enum.IntEnum):
@@ -35,6 +38,8 @@ class Action(enum.IntEnum):
     DROP = 2
     REDIRECT = 3
     TRAP = 4  # the packet's first bytes to dpd's event stream, then as ALLOW
+    POLICE = 5  # charged to a policer: over its rate dropped, else as ALLOW
+    MIRROR = 6  # a copy out of a mirror interface, then as ALLOW
 
 
 class RuleProto(enum.IntEnum):
@@ -94,6 +99,8 @@ class RuleSpec:
     match: RuleMatch
     action: Action
     redirect_interface: str = ""
+    policer: str = ""  # POLICE: the policer's name
+    mirror_interface: str = ""  # MIRROR: where the copies go
 
 
 def parse_rule_name(value: str, field: str = "name") -> str:
@@ -211,7 +218,8 @@ def parse_rule(msg: Any, field: str = "spec") -> RuleSpec:
         what = "no action given" if msg.action == 0 else f"unknown action {msg.action}"
         raise ValidationError(
             f"{prefix}action: {what}; use FIREWALL_ACTION_ALLOW, FIREWALL_ACTION_DROP,"
-            " FIREWALL_ACTION_REDIRECT or FIREWALL_ACTION_TRAP"
+            " FIREWALL_ACTION_REDIRECT, FIREWALL_ACTION_TRAP, FIREWALL_ACTION_POLICE or"
+            " FIREWALL_ACTION_MIRROR"
         ) from None
     redirect = msg.redirect_interface
     if action is Action.REDIRECT:
@@ -222,7 +230,28 @@ def parse_rule(msg: Any, field: str = "spec") -> RuleSpec:
     elif redirect:
         raise ValidationError(
             f"{prefix}redirect_interface: only FIREWALL_ACTION_REDIRECT takes an interface")
-    return RuleSpec(int(msg.priority), match, action, redirect)
+    policer = msg.policer
+    if action is Action.POLICE:
+        if not policer:
+            raise ValidationError(f"{prefix}policer: FIREWALL_ACTION_POLICE needs a policer name")
+        if not _POLICER_RE.fullmatch(policer):
+            raise ValidationError(f"{prefix}policer: {quote(policer)} is not a policer name "
+                                  "(1..63 letters, digits, '.', '_' or '-')")
+    elif policer:
+        raise ValidationError(f"{prefix}policer: only FIREWALL_ACTION_POLICE takes a policer")
+    mirror = msg.mirror_interface
+    if action is Action.MIRROR:
+        if not mirror:
+            raise ValidationError(
+                f"{prefix}mirror_interface: FIREWALL_ACTION_MIRROR needs an interface")
+        parse_ifname(mirror, f"{prefix}mirror_interface")
+        if mirror == match.in_interface:
+            raise ValidationError(f"{prefix}mirror_interface: {quote(mirror)} is the rule's "
+                                  "in_interface itself")
+    elif mirror:
+        raise ValidationError(
+            f"{prefix}mirror_interface: only FIREWALL_ACTION_MIRROR takes a mirror interface")
+    return RuleSpec(int(msg.priority), match, action, redirect, policer, mirror)
 
 
 def fill_rule(msg: Any, spec: RuleSpec) -> Any:
@@ -240,6 +269,8 @@ def fill_rule(msg: Any, spec: RuleSpec) -> Any:
     out.in_interface = m.in_interface
     msg.action = int(spec.action)
     msg.redirect_interface = spec.redirect_interface
+    msg.policer = spec.policer
+    msg.mirror_interface = spec.mirror_interface
     return msg
 
 

@@ -16,6 +16,7 @@
 #include "events.h"
 #include "maps.h"
 #include "parse.h"
+#include "police.h"
 #include "stats.h"
 
 /* xlb_fw_judge verdicts */
@@ -57,10 +58,60 @@ static __always_inline struct xlb_acl_cfg *xlb_fw_on(void)
     return cfg;
 }
 
+/* What a judgement leaves for conntrack to keep: a POLICE or MIRROR rule's flow carries
+ * ctf (XLB_CTF_POLICE / XLB_CTF_MIRROR), the rule and its target in its ORIG entry, so
+ * that every later packet is charged or copied too (xlb_fw_flow). */
+struct xlb_fw_res {
+    __u32 target;  /* REDIRECT: where to; POLICE: the policer; MIRROR: the mirror ifindex */
+    __u32 rule_id;
+    __u32 ctf;     /* 0, XLB_CTF_POLICE or XLB_CTF_MIRROR */
+};
+
+static __always_inline void xlb_fw_count_rule(__u32 rule_id, __u32 len)
+{
+    struct xlb_counter *c = acl_stats_map.lookup(&rule_id);
+    if (c) {
+        c->packets++;
+        c->bytes += len;
+    }
+}
+
+/* A copy of the packet as it is (nothing rewritten yet) out of `ifindex`. Packet
+ * pointers are invalid afterwards (bpf_clone_redirect may move the data). */
+static __always_inline void xlb_fw_mirror(struct __sk_buff *skb, __u32 ifindex)
+{
+    if (bpf_clone_redirect(skb, ifindex, 0) != 0)
+        xlb_count(XLB_STAT_MIRROR_FAIL);
+    else
+        xlb_count(XLB_STAT_MIRRORED);
+}
+
+/* A later packet of a flow a POLICE or MIRROR rule opened (`v`: its ORIG entry, with
+ * XLB_CTF_FW): TC_ACT_SHOT when its policer finds it over the rate (counted on the
+ * policer, the rule and as drop_policer), else -1 after copying it to the mirror. */
+static __always_inline int xlb_fw_flow(struct __sk_buff *skb, struct xlb_ct_val *v)
+{
+    __u32 len = skb->len;
+    __u32 rule_id = v->fw_rule;
+    if (v->flags & XLB_CTF_POLICE) {
+        __u32 ifindex = skb->ingress_ifindex;
+        if (xlb_police(v->fw_arg, len, ifindex)) {
+            xlb_fw_count_rule(rule_id, len);
+            xlb_count_drop(ifindex, XLB_STAT_DROP_POLICER);
+            return TC_ACT_SHOT;
+        }
+        return -1;
+    }
+    xlb_fw_mirror(skb, v->fw_arg);
+    xlb_fw_count_rule(rule_id, len);
+    return -1;
+}
+
 /* Judge the packet whose key (all but tuple and ifindex) is in *pk, with the firewall on
- * (`cfg` from xlb_fw_on). */
-static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cfg *cfg,
-                                        struct xlb_acl_key *pk, __u32 *redirect)
+ * (`cfg` from xlb_fw_on); *res says what conntrack keeps of it. POLICE and MIRROR act on
+ * the packet here (dropped over the rate; copied), then go on as allow. */
+static __always_inline int xlb_fw_judge_res(struct __sk_buff *skb, struct xlb_acl_cfg *cfg,
+                                            struct xlb_acl_key *pk, struct xlb_fw_res *res)
 {
     /* dpd changes one field per write (the count of the idle generation, then gen), so
      * gen and its count read apart are always a consistent pair */
@@ -97,27 +148,36 @@ static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cf
             best = v->rank;
             rule_id = v->rule_id;
             action = v->action;
-            redir = v->redirect_ifindex;
+            redir = v->target;
         }
     }
 
     if (best != XLB_RANK_NONE) {
-        struct xlb_counter *c = acl_stats_map.lookup(&rule_id);
-        if (c) {
-            c->packets++;
-            c->bytes += skb->len;
-        }
+        xlb_fw_count_rule(rule_id, skb->len);
         if (action == XLB_ACT_DROP) {
             xlb_count_drop(ifindex, XLB_STAT_DROP_FIREWALL);
             return XLB_FW_DROP;
         }
+        res->target = redir;
         if (action == XLB_ACT_REDIRECT) {
             xlb_count(XLB_STAT_FW_REDIRECT);
-            *redirect = redir;
             return XLB_FW_REDIRECT;
         }
         if (action == XLB_ACT_TRAP) /* to dpd, then allowed */
             xlb_trap(skb, rule_id);
+        if (action == XLB_ACT_POLICE) {
+            if (xlb_police(redir, skb->len, ifindex)) {
+                xlb_count_drop(ifindex, XLB_STAT_DROP_POLICER);
+                return XLB_FW_DROP;
+            }
+            res->ctf = XLB_CTF_POLICE;
+            res->rule_id = rule_id;
+        }
+        if (action == XLB_ACT_MIRROR) {
+            xlb_fw_mirror(skb, redir);
+            res->ctf = XLB_CTF_MIRROR;
+            res->rule_id = rule_id;
+        }
         return XLB_FW_ALLOW;
     }
     if (flags & XLB_ACL_F_POLICY_DROP) {
@@ -128,6 +188,17 @@ static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cf
         }
     }
     return XLB_FW_ALLOW;
+}
+
+/* xlb_fw_judge_res for a packet whose flow is not tracked by the caller: *redirect is
+ * where a REDIRECT sends it. */
+static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cfg *cfg,
+                                        struct xlb_acl_key *pk, __u32 *redirect)
+{
+    struct xlb_fw_res res = {};
+    int fw = xlb_fw_judge_res(skb, cfg, pk, &res);
+    *redirect = res.target;
+    return fw;
 }
 
 #ifndef IPPROTO_ICMPV6
@@ -183,23 +254,32 @@ static __always_inline void xlb_acl_key_v4(struct xlb_acl_key *k, struct xlb_pkt
 }
 
 /* Judge an IPv4 packet; returns the TC action when the verdict ends its way here (drop,
- * redirect), else -1 with *judged telling whether the firewall judged it. */
-static __always_inline int xlb_fw_v4(struct __sk_buff *skb, struct xlb_pkt *p, int ports,
-                                     int *judged)
+ * redirect), else -1 with *judged telling whether the firewall judged it and *res what
+ * the flow's conntrack entry keeps. */
+static __always_inline int xlb_fw_v4_res(struct __sk_buff *skb, struct xlb_pkt *p, int ports,
+                                         int *judged, struct xlb_fw_res *res)
 {
     struct xlb_acl_cfg *cfg = xlb_fw_on();
     *judged = cfg != NULL;
     if (!cfg)
         return -1;
     struct xlb_acl_key k;
-    __u32 redirect = 0;
     xlb_acl_key_v4(&k, p, ports);
-    int fw = xlb_fw_judge(skb, cfg, &k, &redirect);
+    int fw = xlb_fw_judge_res(skb, cfg, &k, res);
     if (fw == XLB_FW_DROP)
         return TC_ACT_SHOT;
     if (fw == XLB_FW_REDIRECT)
-        return bpf_redirect(redirect, 0);
+        return bpf_redirect(res->target, 0);
     return -1;
+}
+
+/* xlb_fw_v4_res for a packet whose flow is not tracked from here (ICMP, a later
+ * fragment): a POLICE or MIRROR rule acts on each such packet as it is judged. */
+static __always_inline int xlb_fw_v4(struct __sk_buff *skb, struct xlb_pkt *p, int ports,
+                                     int *judged)
+{
+    struct xlb_fw_res res = {};
+    return xlb_fw_v4_res(skb, p, ports, judged, &res);
 }
 
 #endif

@@ -5,6 +5,7 @@
 
 #include <uapi/linux/pkt_cls.h>
 
+#include "acl.h"
 #include "ct.h"
 #include "fwd.h"
 #include "maps.h"
@@ -31,8 +32,13 @@ int tc_packet_func(struct __sk_buff *skb)
         if (want)
             xlb_ct_track_seq(v, &p);
         xlb_ct_touch(v);
-        if (v->flags & XLB_CTF_PASS) /* a flow the firewall allowed: no service, no NAT */
-            return TC_ACT_OK;
+        if (v->flags & (XLB_CTF_PASS | XLB_CTF_FW)) { /* one test for both */
+            /* a flow a POLICE or MIRROR rule opened: charged or copied as it arrived */
+            if ((v->flags & XLB_CTF_FW) && xlb_fw_flow(skb, v) >= 0)
+                return TC_ACT_SHOT;
+            if (v->flags & XLB_CTF_PASS) /* a flow the firewall allowed: no service, no NAT */
+                return TC_ACT_OK;
+        }
         xlb_count_flow(skb, v->svc_id, v->stat_id);
         if (v->flags & (XLB_CTF_FNAT | XLB_CTF_DSR)) /* full-NAT, DSR */
             return xlb_flow_out(skb, &p, v);

@@ -62,6 +62,8 @@ static __always_inline int xlb_later_fragment(struct __sk_buff *skb, struct xlb_
     struct xlb_ct_key k;
     xlb_ct_key_of(&k, p);
     struct xlb_ct_val *v = ct_v4_map.lookup(&k);
+    if (v && (v->flags & XLB_CTF_FW) && xlb_fw_flow(skb, v) >= 0)
+        return TC_ACT_SHOT; /* over its POLICE rule's rate */
     if (!v || (v->flags & XLB_CTF_PASS)) {
         xlb_count(XLB_STAT_PASS_FRAG);
         return TC_ACT_OK;
@@ -109,10 +111,11 @@ static __always_inline int xlb_ct_reclaim(struct xlb_ct_key *rk)
 /* A flow the firewall allowed that no service carries (TCP opened by a SYN, or picked up
  * by a bare ACK; UDP): both conntrack entries, flagged XLB_CTF_PASS and rewriting
  * nothing (the "NAT" address and port are the destination's own), so that its later
- * packets and its replies take the fast path unjudged. A flow that cannot be tracked
- * (an entry of another flow in the way, a martian source) is passed, judged per packet. */
+ * packets and its replies take the fast path unjudged (a POLICE or MIRROR rule's ORIG
+ * entry keeps the rule: fw). A flow that cannot be tracked (an entry of another flow in
+ * the way, a martian source) is passed, judged per packet. */
 static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *p,
-                                          int first_frag)
+                                          int first_frag, struct xlb_fw_res *fw)
 {
     int midstream = 0;
     if (p->proto == IPPROTO_TCP) {
@@ -147,6 +150,9 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
         v.seq_end = xlb_seq_end(p);
         v.flags |= XLB_CTF_SEQ;
     }
+    v.flags |= fw->ctf;
+    v.fw_rule = fw->rule_id;
+    v.fw_arg = fw->target;
     if (ct_v4_map.insert(&k, &v)) {
         ct_v4_map.delete(&rk);
         return;
@@ -189,7 +195,8 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
 {
     /* the firewall first (when on): drop and redirect end here */
     int judged;
-    int act = xlb_fw_v4(skb, p, 1, &judged);
+    struct xlb_fw_res fw = {};
+    int act = xlb_fw_v4_res(skb, p, 1, &judged, &fw);
     if (act >= 0)
         return act;
     struct xlb_nat_key nk = {};
@@ -201,7 +208,7 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
         svc = xlb_svc_range(&nk); /* a port-range or any-port service: nk becomes its key */
     if (!svc) {
         if (judged)
-            xlb_pass_flow(skb, p, first_frag);
+            xlb_pass_flow(skb, p, first_frag, &fw);
         xlb_count(XLB_STAT_PASS);
         return TC_ACT_OK;
     }
@@ -262,6 +269,9 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
             v.seq_end = xlb_seq_end(p);
             v.flags |= XLB_CTF_SEQ;
         }
+        v.flags |= fw.ctf;
+        v.fw_rule = fw.rule_id;
+        v.fw_arg = fw.target;
         if (ct_v4_map.insert(&k, &v)) {
             xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
             return TC_ACT_SHOT;
@@ -338,6 +348,9 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
             return TC_ACT_SHOT;
         }
     }
+    v.flags |= fw.ctf;
+    v.fw_rule = fw.rule_id;
+    v.fw_arg = fw.target;
     if (ct_v4_map.insert(&k, &v)) {
         ct_v4_map.delete(&rk);
         xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
@@ -406,6 +419,8 @@ int tc_packet_func_slow(struct __sk_buff *skb)
             xlb_ct_touch(v);
             if (first_frag)
                 xlb_frag_record(&p, &k);
+            if ((v->flags & XLB_CTF_FW) && xlb_fw_flow(skb, v) >= 0)
+                return TC_ACT_SHOT; /* over its POLICE rule's rate */
             if (v->flags & XLB_CTF_PASS)
                 return TC_ACT_OK; /* a flow the firewall allowed: handed on untouched */
             xlb_count_flow(skb, v->svc_id, v->stat_id);

@@ -64,6 +64,12 @@
  * outer source nat2_addr */
 #define XLB_CTF_DSR 32
 #define XLB_CTF_IPIP 64
+/* a flow a firewall rule polices (charged to policer fw_arg) or mirrors (copied out of
+ * ifindex fw_arg), on the ORIG entry only (the rule's direction): every packet of it, fast
+ * path included, is charged or copied; fw_rule counts what the rule drops or copies */
+#define XLB_CTF_POLICE 128
+#define XLB_CTF_MIRROR 256
+#define XLB_CTF_FW (XLB_CTF_POLICE | XLB_CTF_MIRROR)
 
 /* modes (xlb_nat_val.mode; values match the API's Mode) */
 #define XLB_MODE_DNAT 1
@@ -266,8 +272,8 @@ struct xlb_ct_val {
     __be32 nat2_addr; /* XLB_CTF_FNAT: ORIG: new source; REPLY: new destination.
                        * XLB_CTF_IPIP: the outer source */
     __be16 nat2_port; /* XLB_CTF_FNAT: ORIG: new source port; REPLY: new destination port */
-    __u16 pad2;
-    __u32 pad3;
+    __u16 fw_rule;    /* XLB_CTF_POLICE, XLB_CTF_MIRROR: the rule's id (acl_stats_map) */
+    __u32 fw_arg;     /* XLB_CTF_POLICE: the policer id; XLB_CTF_MIRROR: the mirror ifindex */
 };
 
 struct xlb_counter {
@@ -315,7 +321,9 @@ struct xlb_cfg {
 #define XLB_ACT_ALLOW 1
 #define XLB_ACT_DROP 2
 #define XLB_ACT_REDIRECT 3
-#define XLB_ACT_TRAP 4 /* the packet's first bytes to dpd (pkt_ring), then as allow */
+#define XLB_ACT_TRAP 4   /* the packet's first bytes to dpd (pkt_ring), then as allow */
+#define XLB_ACT_POLICE 5 /* charged to policer `target`: over the rate dropped, else allow */
+#define XLB_ACT_MIRROR 6 /* copied out of ifindex `target` (bpf_clone_redirect), then allow */
 
 /* xlb_intf.policy (values match the API's DefaultPolicy) */
 #define XLB_POLICY_ALLOW 1
@@ -340,7 +348,7 @@ struct xlb_acl_key {
 struct xlb_acl_val {
     __u32 rank;    /* the rule's place in the set: the lowest rank matching wins */
     __u32 rule_id; /* index into acl_stats_map */
-    __u32 redirect_ifindex;
+    __u32 target;  /* REDIRECT, MIRROR: the interface's ifindex; POLICE: the policer id */
     __u8 action;   /* XLB_ACT_* */
     __u8 pad[3];
 };
@@ -385,11 +393,12 @@ struct xlb_acl_rule {
     __u16 dport_first;
     __u16 dport_last;
     __u32 in_ifindex;       /* 0: any */
-    __u32 redirect_ifindex;
+    __u32 target;           /* as xlb_acl_val.target */
     /* the interfaces by name as the API gave them: an ifindex alone cannot be named
-     * again once its interface is gone */
+     * again once its interface is gone (target_name: REDIRECT's or MIRROR's) */
     __u8 in_name[XLB_IFNAME_LEN];
-    __u8 redirect_name[XLB_IFNAME_LEN];
+    __u8 target_name[XLB_IFNAME_LEN];
+    __u8 policer[XLB_NAME_LEN]; /* POLICE: the policer's name */
 };
 
 /* svc_cfg_map[svc_id]: dpd's record of a service's health check and conntrack

@@ -267,7 +267,7 @@ def test_a_restarted_table_reads_its_rules_back_and_keeps_the_classifier():
     assert {r.name: r.spec for r in again.rules()} == dict(put)
     assert [r.rule_id for r in again.rules()] == [r.rule_id for r in fw.rules()]
     assert sorted(again.acl.items()) == acl  # nothing rewritten
-    assert again.rules()[0].in_ifindex == 2 and again.rules()[2].redirect_ifindex == 3
+    assert again.rules()[0].in_ifindex == 2 and again.rules()[2].target == 3
     # a classifier that does not match the records (a dpd stopped mid-way) is rebuilt
     gen = live_gen(again)[0]
     stray = fw._key_bytes((gen ^ 1) * fw.max_tuples, (4, 6, 0, 0, 0, 0, 0))
