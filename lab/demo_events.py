@@ -1,14 +1,13 @@
 """`make run`'s events step: a policed stream and a trapped packet, followed through
 policyd's WatchEvents.
 
-A policer (8 Mbit/s) goes on the lb's client-side interface (c0): a Policer object
-through policyd where policyd serves them, else dpd's PutPolicers. A UDP stream at twice
-the rate crosses it for two seconds; the offered and the delivered rate (counted by a
-receiver on be1) and the policer's counters are printed with the POLICER_DROP event the
-node sent. Then a firewall rule with action TRAP (UDP to port 53 arriving on c0) goes
-through policyd, one datagram is sent to the VIP's DNS service, and the TRAP event that
-policyd's WatchEvents brings (tagged with the node) is printed decoded, with its first
-bytes. Both are removed at the end.
+A Policer object (8 Mbit/s) on the lb's client-side interface (c0) goes through
+policyd. A UDP stream at twice the rate crosses it for two seconds; the offered and the
+delivered rate (counted by a receiver on be1) and the policer's counters are printed
+with the POLICER_DROP events the node sent. Then a firewall rule with action TRAP (UDP
+to port 53 arriving on c0) goes through policyd, one datagram is sent to the VIP's DNS
+service, and the TRAP event that policyd's WatchEvents brings (tagged with the node) is
+printed decoded, with its first bytes. Both are removed at the end.
 
 The stream's two ends run in the namespaces as ``python -m lab.demo_events udp-sink``
 and ``udp-stream``.
@@ -89,31 +88,6 @@ class Events:
         self._thread.join(timeout=5)
 
 
-def _put_policer(policy: pgrpc.PolicyStub, datapath: dgrpc.DatapathStub,
-                 wait_synced: Callable[[pgrpc.PolicyStub, str], Any]) -> str:
-    """The demo's policer on c0, through policyd if it serves Policer objects (else
-    through dpd); returns which."""
-    try:
-        policy.ApplyPolicer(ppb.ApplyPolicerRequest(policer=ppb.Policer(
-            name=POLICER, spec=ppb.PolicerSpec(rate_bps=RATE, burst_bytes=BURST,
-                                               interfaces=["c0"]))), timeout=5)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
-            raise
-        datapath.PutPolicers(dpb.PutPolicersRequest(policers=[dpb.Policer(
-            name=POLICER, rate_bps=RATE, burst_bytes=BURST, interfaces=["c0"])]), timeout=5)
-        return "dpd's PutPolicers"
-    wait_synced(policy, "node1")
-    return "policyd's ApplyPolicer, node1 SYNCED"
-
-
-def _delete_policer(policy: pgrpc.PolicyStub, datapath: dgrpc.DatapathStub, via: str) -> None:
-    if via.startswith("policyd"):
-        policy.DeletePolicer(ppb.DeletePolicerRequest(name=POLICER), timeout=5)
-    else:
-        datapath.DeletePolicers(dpb.DeletePolicersRequest(names=[POLICER]), timeout=5)
-
-
 def _mbps(bits: float) -> str:
     return f"{bits / 1e6:.1f} Mbit/s"
 
@@ -121,8 +95,14 @@ def _mbps(bits: float) -> str:
 def police_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.DatapathStub,
                 wait_synced: Callable[[pgrpc.PolicyStub, str], Any],
                 out: Callable[[str], None], events: Events) -> bool:
-    via = _put_policer(policy, datapath, wait_synced)
-    out(f"policer {POLICER} on c0 ({via}): {_mbps(RATE)}, burst {BURST} bytes")
+    pol = policy.ApplyPolicer(ppb.ApplyPolicerRequest(policer=ppb.Policer(
+        name=POLICER, spec=ppb.PolicerSpec(rate_bps=RATE, burst_bytes=BURST,
+                                           interfaces=["c0"]))), timeout=5)
+    t0 = time.monotonic()
+    st = wait_synced(policy, "node1")
+    out(f"applied policer {POLICER} (c0: {_mbps(RATE)}, burst {BURST} bytes) at revision "
+        f"{pol.revision}: node1 SYNCED in {1000 * (time.monotonic() - t0):.0f} ms, "
+        f"{st.policers} policer(s)")
     be1 = topo.backend_ips[0]
     drops0 = datapath.GetStats(dpb.GetStatsRequest(), timeout=5).global_counters.get(
         "drop_policer", 0)
@@ -143,15 +123,15 @@ def police_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.Datapa
     finally:
         topo.stop(sink)
     offered, delivered = sent * FRAME * 8 / SECONDS, got * FRAME * 8 / SECONDS
-    [pol] = [p for p in datapath.ListPolicers(dpb.ListPolicersRequest(), timeout=5)
-             if p.name == POLICER]
+    [counted] = [p for p in datapath.ListPolicers(dpb.ListPolicersRequest(), timeout=5)
+                 if p.name == POLICER]
     drops = datapath.GetStats(dpb.GetStatsRequest(), timeout=5).global_counters.get(
         "drop_policer", 0) - drops0
     out(f"  UDP stream {topo.client_ip} -> {be1}:{SINK_PORT} for {SECONDS:.0f} s, "
         f"{SIZE}-byte datagrams: offered {_mbps(offered)} ({sent} datagrams), delivered "
         f"{_mbps(delivered)} ({got} received on be1)")
-    out(f"  policer {POLICER}: passed {pol.passed.packets} packets, dropped "
-        f"{pol.dropped.packets}; datapath drop_policer +{drops}")
+    out(f"  policer {POLICER} on node1: passed {counted.passed.packets} packets, dropped "
+        f"{counted.dropped.packets}; datapath drop_policer +{drops}")
     def dropped(e: tpb.Event) -> bool:
         return e.kind == tpb.EVENT_KIND_POLICER_DROP and e.policer == POLICER
 
@@ -163,9 +143,10 @@ def police_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.Datapa
             f"interface {ev.interface}, policer {ev.policer}, dropped {ev.count} so far")
     else:
         out("  no POLICER_DROP event reached policyd's WatchEvents")
-    _delete_policer(policy, datapath, via)
+    policy.DeletePolicer(ppb.DeletePolicerRequest(name=POLICER), timeout=5)
     ok = abs(delivered - RATE) <= 0.10 * RATE and offered >= 1.8 * RATE
-    return ok and pol.dropped.packets > 0 and drops == pol.dropped.packets and ev is not None
+    return (ok and counted.dropped.packets > 0 and drops == counted.dropped.packets
+            and ev is not None)
 
 
 def trap_step(topo: Topology, policy: pgrpc.PolicyStub, datapath: dgrpc.DatapathStub,

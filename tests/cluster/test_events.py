@@ -10,13 +10,11 @@ import sys
 import time
 from typing import Any
 
-import grpc
 import pytest
 
 from lab import netns
 from lab.demo_events import Events
 from tests.cluster.conftest import wait_until
-from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.types.v1 import types_pb2 as tpb
 
@@ -54,20 +52,13 @@ def tagged(events: Events, prefix: str) -> list[tpb.Event]:
 
 
 def put_policer(cluster, rate: int, burst: int) -> None:
-    """A policer on c0: through policyd where it serves Policer objects (onto every node,
-    SYNCED), else straight through node1's dpd."""
-    try:
-        p = cluster.policy.ApplyPolicer(ppb.ApplyPolicerRequest(policer=ppb.Policer(
-            name="c0-in", spec=ppb.PolicerSpec(rate_bps=rate, burst_bytes=burst,
-                                               interfaces=["c0"]))), timeout=5)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-            raise
-        cluster.datapath("node1").PutPolicers(dpb.PutPolicersRequest(policers=[dpb.Policer(
-            name="c0-in", rate_bps=rate, burst_bytes=burst, interfaces=["c0"])]), timeout=5)
-        return
+    """A Policer object on c0 through policyd, SYNCED on every node."""
+    p = cluster.policy.ApplyPolicer(ppb.ApplyPolicerRequest(policer=ppb.Policer(
+        name="c0-in", spec=ppb.PolicerSpec(rate_bps=rate, burst_bytes=burst,
+                                           interfaces=["c0"]))), timeout=5)
     for name in cluster.nodes:
-        cluster.wait_state(name, SYNCED, generation=p.revision)
+        st = cluster.wait_state(name, SYNCED, generation=p.revision)
+        assert st.policers == 1
 
 
 def test_trapped_packets_come_through_policyd_tagged_by_node_and_filtered(cluster):
@@ -134,9 +125,9 @@ def test_trapped_packets_come_through_policyd_tagged_by_node_and_filtered(cluste
         # the kind filter: no trapped packet on the policer-drops stream
         assert drops.seen() == []
 
-        # a policer on node1's client side, and a burst far over it: its drop events
-        # reach the streams that asked for them, not the traps-only one (the burst goes
-        # to another port: no trap)
+        # a policer on each node's client side, and a burst far over it through node1:
+        # its drop events reach the streams that asked for them, not the traps-only one
+        # (the burst goes to another port: no trap)
         put_policer(cluster, rate=1_000_000, burst=3000)
         end = time.monotonic() + 20
         while not drops.seen():

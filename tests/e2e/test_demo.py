@@ -52,7 +52,9 @@ def test_the_demo_shows_a_policed_stream(demo):
                    r"\((\d+) received on be1\)$")
     offered, delivered = float(m.group(1)), float(m.group(3))
     assert offered >= 14.4 and abs(delivered - 8.0) <= 0.8, m.group(0)
-    m = _line(out, r"^  policer demo-c0-in: passed (\d+) packets, dropped (\d+); "
+    _line(out, r"^applied policer demo-c0-in \(c0: 8\.0 Mbit/s, burst 15000 bytes\) at revision "
+               r"\d+: node1 SYNCED in \d+ ms, 1 policer\(s\)$")
+    m = _line(out, r"^  policer demo-c0-in on node1: passed (\d+) packets, dropped (\d+); "
                    r"datapath drop_policer \+(\d+)$")
     assert int(m.group(2)) > 0.35 * (int(m.group(1)) + int(m.group(2)))
     assert m.group(2) == m.group(3)
