@@ -43,7 +43,7 @@ from xlbcore.errors import PreconditionError
 log = structlog.get_logger("dpd.loader")
 
 PROGRAMS = ("tc_packet_func", "tc_packet_func_slow", "xdp_packet_func", "tc_mirror_func",
-            "tc_police_func")
+            "tc_police_func", "tc_packet_func_slow6")
 # programs of another type than TC (sched_cls): bcc's program type names
 PROGRAM_TYPES = {"xdp_packet_func": "XDP"}
 # Suffix of the program pins a compile made and dpd has not installed yet (bpffs
@@ -292,13 +292,16 @@ class KernelDatapath(Datapath):
         return out
 
     def _install_slow_path(self) -> None:
-        """Point pgm_tbl's slow-path slot at our slow program (if it is not already)."""
+        """Point pgm_tbl's slow-path slots (IPv4's, IPv6's) at our slow programs (where
+        they do not already)."""
         pgm = self.maps["pgm_tbl"]
-        key = self.abi.const("XLB_PGM_SLOW").to_bytes(4, "little")
-        slow = self.progs["tc_packet_func_slow"]
-        current = pgm.get(key)
-        if current is None or int.from_bytes(current, "little") != bpfsys.prog_id(slow):
-            pgm.put(key, slow.to_bytes(4, "little"))
+        for slot, prog in (("XLB_PGM_SLOW", "tc_packet_func_slow"),
+                           ("XLB_PGM_SLOW6", "tc_packet_func_slow6")):
+            key = self.abi.const(slot).to_bytes(4, "little")
+            slow = self.progs[prog]
+            current = pgm.get(key)
+            if current is None or int.from_bytes(current, "little") != bpfsys.prog_id(slow):
+                pgm.put(key, slow.to_bytes(4, "little"))
 
     def _replace_program_pins(self) -> None:
         for p, fd in self.progs.items():

@@ -133,11 +133,13 @@ static __always_inline int xlb_rst_ok(struct xlb_pkt *p, struct xlb_ct_val *v,
     return 1;
 }
 
-/* The slow path's conntrack step for a packet that hit entry `v` (key `k`): state
- * transition of both entries and sequence tracking. Returns 0 to forward the packet,
- * or the XLB_STAT_* reason to drop it for. */
-static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
-                                       struct xlb_ct_val *v)
+/* The slow path's conntrack step for a packet that hit entry `v`, whose peer entry
+ * (the other direction's, when it is really the same flow's) is `pv` (may be NULL):
+ * state transition of both entries and sequence tracking, family-neutral (IPv4 below,
+ * IPv6 in svc6.h). Returns 0 to forward the packet, or the XLB_STAT_* reason to drop
+ * it for. */
+static __always_inline int xlb_ct_step_pv(struct xlb_pkt *p, struct xlb_ct_val *v,
+                                          struct xlb_ct_val *pv)
 {
     __u8 st = v->state;
     __u8 next = st;
@@ -151,7 +153,6 @@ static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
         __u8 f = p->tcp_flags;
         if (!xlb_tcp_flags_valid(f))
             return XLB_STAT_DROP_BAD_FLAGS;
-        struct xlb_ct_val *pv = xlb_ct_peer(k, v);
         if (f & XLB_TCP_RST) {
             if (!xlb_rst_ok(p, v, pv))
                 return XLB_STAT_DROP_RST_WINDOW;
@@ -200,13 +201,17 @@ static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
     if (next != st || fins != (v->flags & XLB_CTF_FINS)) {
         v->state = next;
         v->flags = (v->flags & ~XLB_CTF_FINS) | fins;
-        if (p->proto != IPPROTO_TCP) {
-            struct xlb_ct_val *pv = xlb_ct_peer(k, v);
-            if (pv)
-                pv->state = next;
-        }
+        if (p->proto != IPPROTO_TCP && pv)
+            pv->state = next;
     }
     return 0;
+}
+
+/* The step of an IPv4 entry `v` (key `k`). */
+static __always_inline int xlb_ct_step(struct xlb_pkt *p, struct xlb_ct_key *k,
+                                       struct xlb_ct_val *v)
+{
+    return xlb_ct_step_pv(p, v, xlb_ct_peer(k, v));
 }
 
 #endif

@@ -46,6 +46,16 @@ BPF_TABLE_PINNED("hash", struct xlb_nat_key, struct xlb_nat_val, nat_v4_map,
                  XLB_MAX_SERVICES, XLB_PIN(nat_v4_map), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct xlb_ct_key, struct xlb_ct_val, ct_v4_map,
                  XLB_CT_SIZE, XLB_PIN(ct_v4_map));
+/* IPv6 services and their conntrack (svc6.h): service ids and endpoint runs and counter
+ * slots are shared with IPv4's (one id space: svc_stats_map, ep_map, ep_stats_map, ...). */
+BPF_TABLE_PINNED("hash", struct xlb_nat6_key, struct xlb_nat6_val, nat_v6_map,
+                 XLB_MAX_SERVICES, XLB_PIN(nat_v6_map), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct xlb_ct6_key, struct xlb_ct6_val, ct_v6_map,
+                 XLB_CT_SIZE, XLB_PIN(ct_v6_map));
+/* per-CPU room for a new IPv6 flow's conntrack value and keys (the IPv6 slow path's
+ * stack is short of them) */
+BPF_TABLE_PINNED("percpu_array", u32, struct xlb_scratch6, scratch6_map, 1,
+                 XLB_PIN(scratch6_map));
 BPF_TABLE_PINNED("lru_hash", struct xlb_frag_key, struct xlb_frag_val, frag_v4_map,
                  XLB_FRAG_SIZE, XLB_PIN(frag_v4_map));
 #ifndef XLB_RANGE_SIZE
@@ -82,6 +92,8 @@ BPF_TABLE_PINNED("lru_hash", struct xlb_persist_key, struct xlb_persist_val, per
 #define XLB_SLOT_TABLE XLB_MAX_BACKENDS
 #endif
 BPF_TABLE_PINNED("array", u32, struct xlb_ep, ep_map, XLB_EP_TABLE, XLB_PIN(ep_map));
+/* ep_map's index -> the IPv6 address of an IPv6 service's endpoint there */
+BPF_TABLE_PINNED("array", u32, struct xlb_ep6, ep6_map, XLB_EP_TABLE, XLB_PIN(ep6_map));
 BPF_TABLE_PINNED("array", u32, struct xlb_slots, slot_map, XLB_SLOT_TABLE, XLB_PIN(slot_map));
 /* stat_id -> the endpoint's active flows (least connections): the datapath adds one per
  * flow it opens, dpd's conntrack sweep sets it to the live count (dpd/conntrack.py). */

@@ -1,7 +1,8 @@
 /* tc_packet_func: TC ingress entry. Established flows are rewritten and forwarded
  * here from a single conntrack lookup; everything else (new flows, TCP handshakes
- * and teardowns, fragments, ICMP, IPv6, packets that are not ours) tail-calls
- * tc_packet_func_slow. Malformed packets and IPv4 options pass untouched, counted. */
+ * and teardowns, fragments, ICMP, packets that are not ours) tail-calls
+ * tc_packet_func_slow; IPv6 packets but those of established IPv6 flows (svc6.h)
+ * tail-call tc_packet_func_slow6. Malformed packets and IPv4 options pass untouched, counted. */
 
 #include <uapi/linux/pkt_cls.h>
 
@@ -12,13 +13,22 @@
 #include "nat.h"
 #include "parse.h"
 #include "stats.h"
+#include "svc6.h"
 
 int tc_packet_func(struct __sk_buff *skb)
 {
     struct xlb_pkt p;
     int rc = xlb_parse(skb, &p);
     if (rc != XLB_P_OK) {
-        if (rc >= XLB_P_FRAG) /* fragments, ICMP, IPv6 */
+        if (rc == XLB_P_V6) { /* IPv6: established flows here, the rest in tc_slow6.c */
+            int act = xlb_v6_fast(skb);
+            if (act >= 0)
+                return act;
+            pgm_tbl.call(skb, XLB_PGM_SLOW6);
+            xlb_count(XLB_STAT_TAILCALL_FAIL);
+            return TC_ACT_OK;
+        }
+        if (rc >= XLB_P_FRAG) /* fragments, ICMP */
             goto slow;
         return xlb_pass_unparsed(rc);
     }

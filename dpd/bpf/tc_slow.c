@@ -162,25 +162,6 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
         xlb_frag_record(p, &k);
 }
 
-/* IPv6: judged by the firewall per packet (no IPv6 conntrack yet), else passed. */
-static __always_inline int xlb_v6(struct __sk_buff *skb)
-{
-    struct xlb_acl_cfg *cfg = xlb_fw_on();
-    if (!cfg)
-        return xlb_pass_unparsed(XLB_P_NOT_OURS);
-    struct xlb_acl_key k;
-    int rc = xlb_parse_v6(skb, &k);
-    if (rc == XLB_P_OK) {
-        __u32 redirect = 0;
-        int fw = xlb_fw_judge(skb, cfg, &k, &redirect);
-        if (fw == XLB_FW_DROP)
-            return TC_ACT_SHOT;
-        if (fw == XLB_FW_REDIRECT)
-            return bpf_redirect(redirect, 0);
-    }
-    return xlb_pass_unparsed(rc == XLB_P_BAD ? XLB_P_BAD : XLB_P_NOT_OURS);
-}
-
 /* The source a rewritten packet of a service takes (full-NAT's SNAT address, IP-in-IP's
  * outer source): the service's own address, else the node's toward the endpoint (0: no
  * route to it). */
@@ -377,8 +358,11 @@ int tc_packet_func_slow(struct __sk_buff *skb)
     struct xlb_pkt p;
     xlb_count(XLB_STAT_SLOW_PATH);
     int rc = xlb_parse(skb, &p);
-    if (rc == XLB_P_V6)
-        return xlb_v6(skb);
+    if (rc == XLB_P_V6) { /* IPv6 has its own slow path (tc_slow6.c) */
+        pgm_tbl.call(skb, XLB_PGM_SLOW6);
+        xlb_count(XLB_STAT_TAILCALL_FAIL);
+        return TC_ACT_OK;
+    }
     if (rc == XLB_P_ICMP) {
         /* judged, except errors about a tracked flow (as conntrack's RELATED) */
         if (xlb_fw_on() && !xlb_icmp_related(skb)) {

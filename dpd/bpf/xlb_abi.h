@@ -26,6 +26,7 @@
 
 /* pgm_tbl slots */
 #define XLB_PGM_SLOW 1
+#define XLB_PGM_SLOW6 2 /* IPv6 (tc_slow6.c) */
 
 /* conntrack direction */
 #define XLB_DIR_ORIG 1   /* client -> VIP: destination is rewritten to the endpoint */
@@ -525,6 +526,57 @@ struct xlb_event {
                      * XLB_STAT_* */
     __u64 time_ns;  /* bpf_ktime_get_ns() */
     __u8 data[XLB_TRAP_BYTES];
+};
+
+/* ---- IPv6 services (docs/ipv6.md) ------------------------------------------------------
+ * nat_v6_map and ct_v6_map are the IPv6 twins of nat_v4_map and ct_v4_map. Selection is
+ * IPv4's (lb.h xlb_select_idx) on the embedded struct xlb_nat_val `sel`: its endpoints
+ * are runs of ep_map as IPv4's (port, weights, counter slot, flags; addr holds a 32-bit
+ * fold of the address, its four words XORed), and ep6_map at the same index holds each
+ * one's IPv6 address. The conntrack value embeds IPv4's (state machine, flags, ports,
+ * counters as there) with the IPv6 rewrite addresses beside it. Only the fixed header is
+ * parsed: a packet with an extension header passes untouched (counted). */
+#define XLB_STAT_PASS_V6_EXT 36 /* passed untouched: IPv6 with an extension header */
+
+struct xlb_nat6_key {
+    __be32 vip[4];
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct xlb_nat6_val {
+    struct xlb_nat_val sel; /* sel.snat_addr unused (0) */
+    __be32 snat_addr[4];    /* as xlb_nat_val.snat_addr; all 0: the node's */
+};
+
+/* ep6_map[ep_base + i]: the address of endpoint i of an IPv6 service */
+struct xlb_ep6 {
+    __be32 addr[4];
+};
+
+struct xlb_ct6_key {
+    __be32 saddr[4];
+    __be32 daddr[4];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+struct xlb_ct6_val {
+    struct xlb_ct_val c;  /* c.nat_addr, c.nat2_addr and c.svc unused (0) */
+    __be32 nat_addr[4];   /* as xlb_ct_val.nat_addr */
+    __be32 nat2_addr[4];  /* as xlb_ct_val.nat2_addr */
+    struct xlb_nat6_key svc;
+    __u32 pad;
+};
+
+/* scratch6_map[0] (per CPU): a new IPv6 flow's entry and keys, off the short stack */
+struct xlb_scratch6 {
+    struct xlb_ct6_val e;
+    struct xlb_ct6_key k;
+    struct xlb_ct6_key rk;
 };
 
 #endif
