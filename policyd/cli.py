@@ -12,6 +12,8 @@
     xlbctl --server unix:/run/xlb/policyd.sock service apply --name web \\
         --vip 198.19.0.10 --port 80 --protocol tcp \\
         --endpoint 198.18.1.2:8080 --endpoint 198.18.1.3:8080@2
+    xlbctl service apply --name games --vip 198.19.0.10 --port 8000-8099 --protocol udp \\
+        --endpoint 198.18.1.2:0      # a port range; endpoint port 0 keeps the client's port
     xlbctl service list | get NAME | delete NAME [NAME...]
     xlbctl service apply-file FILE.json     # many services in one call (FILE - : stdin)
     xlbctl firewall apply --name no-telnet --priority 100 --action drop \
@@ -81,6 +83,7 @@ from policyd.client import (
     make_route,
     make_rule,
     make_service,
+    parse_service_ports,
 )
 from policyd.defaults import DEFAULT_LISTEN, ENV_SERVER
 from xlb.policy.v1 import policy_pb2
@@ -147,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     apply = svc.add_parser("apply", help="create or replace a service")
     apply.add_argument("--name", required=True)
     apply.add_argument("--vip", required=True)
-    apply.add_argument("--port", type=int, required=True)
+    apply.add_argument("--port", required=True, metavar="PORT|FIRST-LAST|*",
+                       help="one port, a port range (8000-8099) or * for every port of the "
+                            "VIP (docs/services.md)")
+    apply.add_argument("--port-last", type=int, default=None, metavar="PORT",
+                       help="a port range's last port (as --port FIRST-LAST)")
     apply.add_argument("--protocol", choices=sorted(PROTOCOLS), default="tcp")
     apply.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="round-robin")
     apply.add_argument(
@@ -559,9 +566,16 @@ def run(args: argparse.Namespace, client: PolicyClient) -> int:
         _print(apply_objects(client, objects, args.full))
     elif args.group == "service":
         if args.verb == "apply":
+            port, port_last = parse_service_ports(args.port, "--port")
+            if args.port_last is not None:
+                if port_last and port_last != args.port_last:
+                    raise ValueError(f"--port {quote(args.port)} and --port-last "
+                                     f"{args.port_last} disagree; give the range once")
+                port_last = args.port_last
             service = make_service(
-                args.name, args.vip, args.port, args.protocol, args.endpoint, args.algorithm,
+                args.name, args.vip, port, args.protocol, args.endpoint, args.algorithm,
                 args.health, args.ct_timeout, persistence_s=args.persistence,
+                port_last=port_last,
             )
             _print(_json(client.apply(service)))
         elif args.verb == "apply-file":

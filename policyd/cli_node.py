@@ -13,20 +13,22 @@ import grpc
 from policyd.cli_objects import enum_name, next_hops, rule_match, table
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.types.v1 import types_pb2
+from xlbcore.service import ports_text
 
 VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes", "policers")
 
 
 def _key(key: Any) -> str:
     proto = enum_name(key.protocol, types_pb2.Protocol, "PROTOCOL_")
-    return f"{key.vip}:{key.port}/{proto}"
+    return f"{key.vip}:{ports_text(key.port, key.port_last)}/{proto}"
 
 
 def services(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=args.rpc_timeout):
         eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
-        rows.append([f"{s.vip}:{s.port}", enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
+        rows.append([f"{s.vip}:{ports_text(s.port, s.port_last)}",
+                     enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
                      enum_name(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
                      enum_name(s.mode, types_pb2.Mode, "MODE_"), eps or "-"])
     return table(["VIP", "PROTO", "ALGORITHM", "MODE", "ENDPOINTS"], rows)

@@ -17,6 +17,10 @@ A document::
       protocol: PROTOCOL_TCP
       endpoints: [{address: 198.18.1.2, port: 8080}]
 
+A Service's ``port`` may also be written ``"8000-8099"`` (a range: port and port_last)
+or ``"*"`` (every port of the VIP); ``get`` prints port and port_last as the API has
+them (an any-port service: no port at all).
+
 A FirewallRule's spec is ``xlb.types.v1.FirewallRuleSpec`` plus ``flush_existing``; a
 Route's is ``xlb.types.v1.RouteSpec``; a Blocklist's ``{prefixes: [...]}``; a Mirror's
 ``{interface: ..., mirror_interface: ...}``; a Policer's ``{rate_bps: ..., burst_bytes:
@@ -40,6 +44,7 @@ from google.protobuf.message import Message
 from policyd.client import PolicyClient
 from xlb.policy.v1 import policy_pb2
 from xlbcore.errors import brief, quote
+from xlbcore.service import ports_text
 
 API_VERSION = "xlb.policy/v1"
 # apply -f's order (policers before the rules that may name them)
@@ -150,7 +155,8 @@ def from_doc(value: Any, where: str) -> list[Doc]:
             msg: Any = policy_pb2.Node(name=name, address=str(spec.get("address", "")),
                                        labels=_strings(meta.get("labels"), where, "labels"))
         elif kind == "Service":
-            msg = json_format.ParseDict({**spec, "name": name}, policy_pb2.Service())
+            msg = json_format.ParseDict({**_service_ports(spec, where), "name": name},
+                                        policy_pb2.Service())
         else:
             body = dict(spec)
             flush = bool(body.pop("flush_existing", body.pop("flushExisting", False)))
@@ -167,6 +173,22 @@ def from_doc(value: Any, where: str) -> list[Doc]:
     except (json_format.ParseError, AttributeError, TypeError) as exc:
         raise ValueError(f"{where}.spec: {brief(str(exc), 160)}") from None
     return [Doc(kind, msg, int(generation) if generation is not None else None, where)]
+
+
+def _service_ports(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Service spec whose ``port`` is written as people write ports, ``"8000-8099"`` or
+    ``"*"`` (every port), as the API's port and port_last."""
+    port = spec.get("port")
+    if not isinstance(port, str) or port.isdigit():
+        return spec
+    from policyd.client import parse_service_ports
+
+    first, last = parse_service_ports(port, f"{where}.spec.port")
+    if last and spec.get("port_last", spec.get("portLast", last)) != last:
+        raise ValueError(f"{where}.spec.port_last: {quote(spec.get('port_last'))} but port is"
+                         f" {quote(port)}; give the range once")
+    out = {k: v for k, v in spec.items() if k not in ("port", "port_last", "portLast")}
+    return {**out, "port": first, "port_last": last}
 
 
 _MESSAGES: dict[str, Any] = {"FirewallRule": policy_pb2.FirewallRule, "Route": policy_pb2.Route,
@@ -354,7 +376,8 @@ def _services(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[
     rows = []
     for s in objects:
         eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
-        row = [s.name, s.vip, s.port, enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
+        row = [s.name, s.vip, ports_text(s.port, s.port_last),
+               enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
                eps or "-", s.generation]
         if wide:
             row += [enum_name(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),

@@ -130,6 +130,19 @@ def parse_ct_timeouts(items: Iterable[str]) -> types_pb2.ConntrackTimeouts | Non
     return out if items else None
 
 
+def parse_service_ports(text: str, field: str = "port") -> tuple[int, int]:
+    """A service's ports as people write them -> (port, port_last): ``80`` (one port),
+    ``8000-8099`` (a range) or ``*`` (any-port: every port of the VIP). The server
+    validates the values."""
+    text = text.strip()
+    if text in ("*", "any"):
+        return 0, 0
+    first, sep, last = text.partition("-")
+    if not first.isdigit() or (sep and not last.isdigit()):
+        raise ValueError(f"{field} {quote(text)}: use PORT, FIRST-LAST or * (every port)")
+    return int(first), int(last) if sep else 0
+
+
 def make_service(
     name: str,
     vip: str,
@@ -140,7 +153,11 @@ def make_service(
     health: str | None = None,
     ct_timeouts: Iterable[str] = (),
     persistence_s: int = 0,
+    port_last: int = 0,
 ) -> policy_pb2.Service:
+    """`port` with `port_last` 0: one port; port_last > port: the range port..port_last;
+    port 0: every port (docs/services.md). An endpoint ``ADDRESS:0`` of a range or
+    any-port service keeps the client's destination port."""
     if protocol.lower() not in PROTOCOLS:
         raise ValueError(f"protocol {quote(protocol)}: use {' or '.join(PROTOCOLS)}")
     if algorithm.lower() not in ALGORITHMS:
@@ -149,6 +166,7 @@ def make_service(
         name=name,
         vip=vip,
         port=port,
+        port_last=port_last,
         protocol=PROTOCOLS[protocol.lower()],
         algorithm=ALGORITHMS[algorithm.lower()],
         endpoints=[parse_endpoint(e) if isinstance(e, str) else e for e in endpoints],

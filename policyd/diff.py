@@ -8,12 +8,12 @@ from typing import NamedTuple
 from xlbcore.service import ServiceKey, ServiceSpec
 
 
-def _order(key: ServiceKey) -> tuple[str, int, int]:
-    return (key.vip, key.port, int(key.proto))
+def _order(key: ServiceKey) -> tuple[str, int, int, int]:
+    return (key.vip, key.port, int(key.proto), key.port_last)
 
 
-def _spec_order(spec: ServiceSpec) -> tuple[str, int, int]:
-    return (spec.vip, spec.port, int(spec.proto))
+def _spec_order(spec: ServiceSpec) -> tuple[str, int, int, int]:
+    return (spec.vip, spec.port, int(spec.proto), spec.port_last)
 
 
 class ServiceDiff(NamedTuple):
@@ -33,7 +33,7 @@ def diff_services(
     but that could not be read back as a valid service (it is replaced or deleted).
 
     One dict lookup per desired and per actual entry; only what changes is sorted, by
-    (vip, port, protocol), so a plan is deterministic.
+    (vip, port, protocol, port_last), so a plan is deterministic.
     """
     if desired is actual:  # an incremental pass with nothing new
         return ServiceDiff([], [])

@@ -23,8 +23,12 @@ a global revision.
   source.
 - A batch (``apply_services``, ``delete_services``) is one transaction and one bump:
   all of it is written, at one new generation, or none of it.
-- A service name is unique, and so is (vip, port, protocol) across services: applying
-  a second name for the same key raises ConflictError and writes nothing.
+- A service name is unique, and so is its key (vip, port, protocol, port_last) across
+  services: applying a second name for the same key raises ConflictError and writes
+  nothing. An exact-port service and a port range starting at the same port are two
+  keys (the exact port wins on the node); two port ranges of one (vip, protocol) that
+  overlap raise PreconditionError naming both services (ValidationError when both are
+  in the batch), and nothing is written.
 - Services are stored as their canonical ``xlb.policy.v1.Service`` bytes (what
   ``xlbcore.service.fill_service`` writes), with the key in columns for the uniqueness rule.
 - One connection, one lock: safe to share between the gRPC threads and the reconcilers.
@@ -74,10 +78,24 @@ from typing import Any, Generic, TypeVar
 from policyd.selectors import Labels, from_text, matches, to_text
 from xlb.policy.v1 import policy_pb2
 from xlb.types.v1 import types_pb2
-from xlbcore.errors import ConflictError, NotFoundError, ValidationError, XlbError, quote
+from xlbcore.errors import (
+    ConflictError,
+    NotFoundError,
+    PreconditionError,
+    ValidationError,
+    XlbError,
+    quote,
+)
 from xlbcore.firewall import RuleSpec, fill_rule, parse_rule
 from xlbcore.route import RouteSpec, fill_route, parse_route
-from xlbcore.service import ServiceKey, ServiceSpec, fill_service, parse_service, proto_to_api
+from xlbcore.service import (
+    Proto,
+    ServiceKey,
+    ServiceSpec,
+    fill_service,
+    parse_service,
+    proto_to_api,
+)
 
 from policyd.xdp_objects import (  # isort: skip (beside the shared models)
     BlocklistSpec,
@@ -97,8 +115,8 @@ from policyd.policer_objects import (  # isort: skip
 )
 
 # 2: firewall_rules and routes; 3: object generations, selectors, labels; 4: blocklists
-# and mirrors; 5: policers
-SCHEMA_VERSION = 5
+# and mirrors; 5: policers; 6: services.port_last, in the services' UNIQUE key
+SCHEMA_VERSION = 6
 CHANGE_LOG_KEYS = 1_000_000  # keys a change log remembers (per kind)
 
 _SCHEMA = """
@@ -115,7 +133,10 @@ CREATE TABLE IF NOT EXISTS services (
     spec           BLOB NOT NULL,      -- canonical xlb.policy.v1.Service (no output fields)
     generation     INTEGER NOT NULL,
     update_time_ns INTEGER NOT NULL,
-    UNIQUE (vip, port, protocol)
+    object_generation INTEGER NOT NULL DEFAULT 1,
+    selector       TEXT NOT NULL DEFAULT '',
+    port_last      INTEGER NOT NULL DEFAULT 0,  -- a port range's last port (schema 6)
+    UNIQUE (vip, port, port_last, protocol)
 );
 CREATE TABLE IF NOT EXISTS firewall_rules (
     name           TEXT PRIMARY KEY,
@@ -177,6 +198,29 @@ _ADDED_COLUMNS = (
     ("routes", "selector", "TEXT NOT NULL DEFAULT ''"),
     ("nodes", "labels", "TEXT NOT NULL DEFAULT ''"),
 )
+
+
+_SERVICE_COLUMNS = ("name, vip, port, protocol, spec, generation, update_time_ns,"
+                    " object_generation, selector")
+
+
+def _migrate_services(cur: sqlite3.Cursor) -> None:
+    """A store from before schema 6: rebuild the services table with port_last in its
+    UNIQUE key (SQLite cannot change a constraint in place), port_last read from each
+    stored service (a schema-5 policyd may have stored ranges already)."""
+    columns = {r[1] for r in cur.execute("PRAGMA table_info(services)")}
+    if "port_last" in columns:
+        return
+    cur.execute("ALTER TABLE services RENAME TO services_v5")
+    cur.execute(_SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS services"):
+                        _SCHEMA.index(");", _SCHEMA.index("CREATE TABLE IF NOT EXISTS services"))
+                        + 1])
+    rows = cur.execute(f"SELECT {_SERVICE_COLUMNS} FROM services_v5").fetchall()
+    cur.executemany(
+        f"INSERT INTO services ({_SERVICE_COLUMNS}, port_last)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*r, policy_pb2.Service.FromString(r[4]).port_last) for r in rows])
+    cur.execute("DROP TABLE services_v5")
 
 
 class GenerationConflict(XlbError):
@@ -614,6 +658,7 @@ class Store:
                 columns = {r[1] for r in cur.execute(f"PRAGMA table_info({table})")}
                 if column not in columns:
                     cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            _migrate_services(cur)  # stores from before schema 6
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._closed = False
         # In-memory copy of the services table (see the module docstring).
@@ -625,6 +670,8 @@ class Store:
         self._desired: Mapping[ServiceKey, ServiceSpec] | None = None
         self._log = ChangeLog(self._generation)  # service keys changed, by generation
         self._selected: set[ServiceKey] = set()  # keys of services with a node selector
+        # (vip, protocol) -> {key: name} of the port-range services (the overlap rule)
+        self._ranges: dict[tuple[str, Proto], dict[ServiceKey, str]] = {}
         self._listeners: list[Listener] = []
         rows = self._conn.execute(
             "SELECT name, spec, generation, update_time_ns, object_generation, selector"
@@ -633,7 +680,7 @@ class Store:
         for row in rows:
             stored = self._service_row(row)
             self._services[stored.name] = stored
-            self._holders[stored.spec.key] = stored.name
+            self._hold(stored.spec.key, stored.name)
             if stored.selector:
                 self._selected.add(stored.spec.key)
         self._rules: _Objects[RuleSpec] = _Objects(
@@ -802,6 +849,7 @@ class Store:
                 changed.append(i)
             if not changed:
                 return BatchResult([self._services[name] for name, _ in items], self._generation, 0)
+            self._check_ranges(items, changed, names, field)
             now = time.time_ns()
             with self._tx() as cur:
                 generation = self._bump(cur)
@@ -825,13 +873,15 @@ class Store:
                         now,
                         gens[i],
                         to_text(selectors.get(items[i][0], ())),
+                        items[i][1].port_last,
                     )
                     for i in changed
                 ]
                 cur.executemany(
                     "INSERT INTO services"
                     " (name, vip, port, protocol, spec, generation, update_time_ns,"
-                    " object_generation, selector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " object_generation, selector, port_last)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             # Committed: bring the in-memory copy along.
@@ -842,7 +892,7 @@ class Store:
                 if old is not None and old.spec.key != keys[i]:
                     touched.append(old.spec.key)
                 if old is not None and self._holders.get(old.spec.key) == old.name:
-                    del self._holders[old.spec.key]
+                    self._unhold(old.spec.key)
                     self._selected.discard(old.spec.key)
             self._log_change(generation, touched)
             events: list[Change] = []
@@ -852,7 +902,7 @@ class Store:
                 stored = StoredService(name, spec, gens[i], now, blobs[i], selector,
                                        generation)
                 self._services[name] = stored
-                self._holders[keys[i]] = name
+                self._hold(keys[i], name)
                 if selector:
                     self._selected.add(keys[i])
                 events.append(Change("service", name, stored, False))
@@ -862,6 +912,49 @@ class Store:
             return BatchResult(
                 [self._services[name] for name, _ in items], generation, len(changed)
             )
+
+    def _hold(self, key: ServiceKey, name: str) -> None:
+        self._holders[key] = name
+        if key.port_last:
+            self._ranges.setdefault((key.vip, key.proto), {})[key] = name
+
+    def _unhold(self, key: ServiceKey) -> None:
+        del self._holders[key]
+        if key.port_last:
+            held = self._ranges[(key.vip, key.proto)]
+            del held[key]
+            if not held:
+                del self._ranges[(key.vip, key.proto)]
+
+    def _check_ranges(self, items: Sequence[tuple[str, ServiceSpec]], changed: list[int],
+                      names: set[str], field: str) -> None:
+        """Refuse port ranges of one (vip, protocol) that would overlap once `items` are
+        stored: PreconditionError naming the stored service a range of ``field[i]``
+        overlaps, ValidationError when both are in `items`. O(ranges of the touched
+        (vip, protocol) pairs)."""
+        pairs = {(items[i][1].vip, items[i][1].proto) for i in changed
+                 if items[i][1].port_last}
+        for pair in pairs:
+            # who holds what afterwards: the stored ranges of names not in the batch...
+            after: list[tuple[ServiceKey, str, int]] = [
+                (k, n, -1) for k, n in self._ranges.get(pair, {}).items() if n not in names]
+            # ...and the batch's own
+            after += [(spec.key, n, i) for i, (n, spec) in enumerate(items)
+                      if spec.port_last and (spec.vip, spec.proto) == pair]
+            after.sort(key=lambda a: (a[0].port, a[0].port_last))
+            reach = after[0]
+            for this in after[1:]:
+                if this[0].port <= reach[0].port_last and max(this[2], reach[2]) >= 0:
+                    new, other = (this, reach) if this[2] >= 0 else (reach, this)
+                    where = f"{field}[{new[2]}]: " if field else ""
+                    text = (f"{where}service {quote(new[1])}'s port range {new[0]} overlaps"
+                            f" service {quote(other[1])}'s {other[0]}; port ranges of one vip"
+                            " and protocol must not overlap")
+                    if other[2] >= 0:
+                        raise ValidationError(text)
+                    raise PreconditionError(text + " (delete or change that one first)")
+                if this[0].port_last > reach[0].port_last:
+                    reach = this
 
     def delete_service(self, name: str) -> int:
         """Delete service `name`; returns the new generation. NotFoundError if missing."""
@@ -889,7 +982,7 @@ class Store:
                 touched.append(old.spec.key)
                 events.append(Change("service", name, old, True))
                 if self._holders.get(old.spec.key) == name:
-                    del self._holders[old.spec.key]
+                    self._unhold(old.spec.key)
                     self._selected.discard(old.spec.key)
             self._log_change(generation, touched)
             self._generation = generation

@@ -69,17 +69,20 @@ def validate_services(
     msgs: Sequence[Any], field: str = "services"
 ) -> list[tuple[str, ServiceSpec]]:
     """Validate a batch: every service (errors name ``services[i]``), then uniqueness of
-    names and of (vip, port, protocol) within the batch. Returns (name, spec) in order."""
+    names and of keys (vip, port, protocol, port_last: an exact-port service and a port
+    range starting at its port are two keys) within the batch. Port ranges that overlap
+    are the store's to refuse (it sees the stored ones too). Returns (name, spec) in
+    order."""
     items: list[tuple[str, ServiceSpec]] = []
     names: dict[str, int] = {}
-    keys: dict[tuple[str, int, int], int] = {}  # cheaper to build than a ServiceKey
+    keys: dict[tuple[str, int, int, int], int] = {}  # cheaper to build than a ServiceKey
     for i, msg in enumerate(msgs):
         where = f"{field}[{i}]"
         name, spec = validate_service(msg, where)
         first = names.setdefault(name, i)
         if first != i:
             raise ValidationError(f"{where}.name: {quote(name)} is also {field}[{first}]")
-        first = keys.setdefault((spec.vip, spec.port, spec.proto), i)
+        first = keys.setdefault((spec.vip, spec.port, spec.proto, spec.port_last), i)
         if first != i:
             raise ValidationError(
                 f"{where}: {spec.key} is also used by {field}[{first}] ({quote(items[first][0])})"

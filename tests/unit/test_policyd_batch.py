@@ -106,7 +106,7 @@ def test_empty_batch_changes_nothing(policyd, client_for):
          "services[2].vip: "),
         ([svc(0), make_service("S1", "198.19.0.9", 80, "tcp", ["198.18.1.2:80"])],
          "services[1].name: "),
-        ([svc(0), make_service("s1", "198.19.0.9", 0, "tcp", ["198.18.1.2:80"])],
+        ([svc(0), make_service("s1", "198.19.0.9", 70000, "tcp", ["198.18.1.2:80"])],
          "services[1].port: "),
         ([make_service("s0", "198.19.0.9", 80, "tcp", [])], "services[0].endpoints: "),
         ([svc(0), make_service("s1", "198.19.0.9", 80, "tcp", ["198.18.1.2:80@2000"])],

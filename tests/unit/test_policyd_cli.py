@@ -45,7 +45,7 @@ def test_errors_exit_nonzero_with_status_message(capsys, policyd):
 
     rc, _, err = run(
         capsys, server, "service", "apply", "--name", "web", "--vip", "198.19.0.10",
-        "--port", "0", "--endpoint", "198.18.1.2:80",
+        "--port", "70000", "--endpoint", "198.18.1.2:80",
     )  # fmt: skip
     assert rc == 1
     assert "INVALID_ARGUMENT: service.port" in err

@@ -117,7 +117,7 @@ def test_delete_propagates(wait_for, policyd, fake_node, client_for):
         (make_service("", "198.19.0.10", 80, "tcp", ["198.18.1.2:80"]), "service.name"),
         (make_service("w" * 64, "198.19.0.10", 80, "tcp", ["198.18.1.2:80"]), "service.name"),
         (make_service("web", "198.19.0.300", 80, "tcp", ["198.18.1.2:80"]), "service.vip"),
-        (make_service("web", "198.19.0.10", 0, "tcp", ["198.18.1.2:80"]), "service.port"),
+        (make_service("web", "198.19.0.10", 70000, "tcp", ["198.18.1.2:80"]), "service.port"),
         (make_service("web", "198.19.0.10", 80, "tcp", []), "service.endpoints"),
         (make_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:0"]), "endpoints[0].port"),
         (make_service("web", "198.19.0.10", 80, "tcp", ["198.18.1.2:80@1001"]), "weight"),

@@ -133,7 +133,7 @@ def _svc(name: str, port: int, **fields: object) -> policy_pb2.Service:
 def test_validate_services_names_the_index():
     assert [n for n, _ in validate_services([_svc("a", 1), _svc("b", 2)])] == ["a", "b"]
     with pytest.raises(ValidationError, match=r"^services\[1\]\.port: "):
-        validate_services([_svc("a", 1), _svc("b", 0)])
+        validate_services([_svc("a", 1), _svc("b", 70000)])
     with pytest.raises(ValidationError, match=r"^services\[0\]\.mode: "):
         validate_services([_svc("a", 1, mode=7)])
     with pytest.raises(ValidationError, match=r"^services\[2\]\.name: 'a' is also services\[0\]"):
