@@ -43,13 +43,12 @@ import io
 import json
 import pickle
 import threading
-import time as _time
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
 
-import policyd.store as store_module
 from policyd.etcd import Etcd, EtcdError, compare_created, op_put, prefix_end
 from policyd.store import Store
 from xlbcore.errors import UnavailableError, XlbError
@@ -70,34 +69,6 @@ class NotLeaderError(UnavailableError):
 class _Behind(XlbError):
     """The next log index is taken: catch up and run the write again."""
 
-
-class _Clock:
-    """Stands in for the ``time`` module inside policyd.store: ``time_ns`` answers the
-    time of the log entry being written or replayed in this thread, so that every replica
-    stores the same update times; anything else is the real ``time`` module."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def time_ns(self) -> int:
-        fixed: int | None = getattr(self._local, "now", None)
-        return fixed if fixed is not None else _time.time_ns()
-
-    @contextlib.contextmanager
-    def fixed(self, now: int) -> Iterator[None]:
-        before = getattr(self._local, "now", None)
-        self._local.now = now
-        try:
-            yield
-        finally:
-            self._local.now = before
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
-
-
-_CLOCK = _Clock()
-store_module.time = _CLOCK  # type: ignore[assignment]  # same answers outside a replay
 
 _SAFE_BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset", "int", "str", "bytes",
                             "bool", "float", "complex", "bytearray", "slice", "range"})
@@ -158,6 +129,7 @@ class EtcdStore(Store):
         self.applied = 0  # the last log index applied to this replica's state
         self._entry: bytes | None = None  # the entry of the write running (under the lock)
         self._replaying = False
+        self._time: int | None = None  # the time of the entry being written or replayed
         self._fence: list[dict[str, Any]] = []  # extra compares of every write (leadership)
         self._following: threading.Thread | None = None
         self._stop = threading.Event()
@@ -198,14 +170,13 @@ class EtcdStore(Store):
             log.error("store.log_unreadable", index=index, error=str(exc)[:200])
             self.applied = index
             return
-        self._replaying = True
+        self._replaying, self._time = True, now
         try:
-            with _CLOCK.fixed(now):
-                _WRITES[op](self, *args, **kwargs)
+            _WRITES[op](self, *args, **kwargs)
         except Exception as exc:  # the writer ran it on the same state: never expected
             log.error("store.replay_failed", index=index, op=op, error=str(exc)[:200])
         finally:
-            self._replaying = False
+            self._replaying, self._time = False, None
             self.applied = index
 
     def _write(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -214,17 +185,21 @@ class EtcdStore(Store):
             if self._replaying or self._entry is not None:  # nested: part of the outer one
                 return method(self, *args, **kwargs)
             for _ in range(RETRIES):
-                now = _time.time_ns()
-                self._entry = encode_entry(op, args, kwargs, now)
+                self._time = time.time_ns()
+                self._entry = encode_entry(op, args, kwargs, self._time)
                 try:
-                    with _CLOCK.fixed(now):
-                        return method(self, *args, **kwargs)
+                    return method(self, *args, **kwargs)
                 except _Behind:
                     pass
                 finally:
-                    self._entry = None
+                    self._entry, self._time = None, None
                 self.catch_up()
         raise UnavailableError("store: other writes kept taking the next log entry; retry")
+
+    def _now(self) -> int:
+        """The Store's clock: the time stamped in the log entry being written or
+        replayed, so that every replica stores the same update times."""
+        return self._time if self._time is not None else super()._now()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:

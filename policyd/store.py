@@ -722,6 +722,11 @@ class Store:
                     cur.execute("ROLLBACK")
                 raise
 
+    def _now(self) -> int:
+        """The wall-clock time every write stamps (update and register times): the one
+        clock of the store (policyd.etcd_store answers the log entry's time here)."""
+        return time.time_ns()
+
     @staticmethod
     def _bump(cur: sqlite3.Cursor) -> int:
         """Bump the generation inside the transaction `cur`. The caller sets
@@ -850,7 +855,7 @@ class Store:
             if not changed:
                 return BatchResult([self._services[name] for name, _ in items], self._generation, 0)
             self._check_ranges(items, changed, names, field)
-            now = time.time_ns()
+            now = self._now()
             with self._tx() as cur:
                 generation = self._bump(cur)
                 # Delete first, then insert: keys may move between services of the batch
@@ -1267,7 +1272,7 @@ class Store:
             if not changed:
                 return ObjectBatch([objects.objects[name] for name, _ in items],
                                    self._generation, 0)
-            now = time.time_ns()
+            now = self._now()
             written = [(items[i][0], items[i][1], objects.encode(items[i][1]),
                         items[i][0] in flush, selectors.get(items[i][0], ())) for i in changed]
             gens = {w[0]: objects.objects[w[0]].generation + 1 if w[0] in objects.objects
@@ -1308,7 +1313,7 @@ class Store:
                 generation = self._bump(cur)
                 cur.executemany(f"DELETE FROM {objects.table} WHERE name = ?",
                                 [(n,) for n in names])
-            events = objects.committed(generation, time.time_ns(), [], names)
+            events = objects.committed(generation, self._now(), [], names)
             self._generation = generation
             self._emit(generation, events)
             return ObjectBatch([], generation, len(names))
@@ -1346,7 +1351,7 @@ class Store:
                     (name,)).fetchone()
                 if row is not None and row[1] == address and from_text(row[3]) == labels:
                     return NodeRecord(row[0], row[1], int(row[2]), labels), False
-                now = time.time_ns()
+                now = self._now()
                 if row is not None and row[1] == address:
                     now = int(row[2])  # relabeled, not registered anew
                 cur.execute(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from policyd.etcd import Etcd, EtcdError, compare_created
+from policyd.etcd import Etcd, EtcdError, compare_created, prefix_end
 from policyd.etcd_store import EtcdStore, NotLeaderError, decode_entry, encode_entry
 from policyd.store import GenerationConflict
 from tests.etcd_server import run_etcd
@@ -63,6 +63,23 @@ def test_a_replica_opened_later_reads_the_same_state(etcd_url, prefix):
             assert (got.generation, got.revision, got.spec.endpoints[0].weight) == (2, 2, 3)
             assert got.update_time_ns == a.get_service("web").update_time_ns  # writer's time
             assert b.list_nodes() == a.list_nodes()
+
+
+def test_every_write_stamps_the_time_its_log_entry_carries(etcd_url, prefix):
+    """The Store's clock seam (Store._now): the writer stamps objects, deletions and
+    nodes with the time in the entry, and a replica replaying it stores that time."""
+    with open_store(etcd_url, prefix) as a:
+        a.apply_service("web", spec())
+        a.register_node("n1", "127.0.0.1:1")
+        a.apply_service("web", spec(weight=2))
+        kvs, _ = Etcd(etcd_url).range(prefix + b"log/", prefix_end(prefix + b"log/"))
+        times = [decode_entry(kv.value)[3] for kv in kvs]
+        assert len(times) == 3 and times[0] < times[1] < times[2]
+        assert a.get_service("web").update_time_ns == times[2]
+        assert a.get_node("n1").register_time_ns == times[1]
+        with open_store(etcd_url, prefix) as b:
+            assert b.get_service("web").update_time_ns == times[2]
+            assert b.get_node("n1").register_time_ns == times[1]
 
 
 def test_a_follower_sees_writes_as_they_commit_and_its_listeners_fire(etcd_url, prefix):
