@@ -11,6 +11,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "sctp.h"
 #include "stats.h"
 
 /* Refresh the last-seen time at most every XLB_CT_TOUCH_NS: aging needs seconds, and
@@ -145,7 +146,9 @@ static __always_inline int xlb_ct_step_pv(struct xlb_pkt *p, struct xlb_ct_val *
     __u8 next = st;
     __u32 fins = v->flags & XLB_CTF_FINS;
 
-    if (p->proto != IPPROTO_TCP) {
+    if (p->proto == IPPROTO_SCTP) {
+        next = xlb_sctp_next(st, p->tcp_flags, v->dir, v->flags); /* by its first chunk */
+    } else if (p->proto != IPPROTO_TCP) {
         /* a reply establishes; a DSR flow sees none: its second packet does */
         if (st == XLB_CT_NEW && (v->dir == XLB_DIR_REPLY || (v->flags & XLB_CTF_DSR)))
             next = XLB_CT_EST;

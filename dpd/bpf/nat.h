@@ -13,6 +13,7 @@
 #include <uapi/linux/udp.h>
 
 #include "parse.h"
+#include "sctp.h"
 #include "xlb_abi.h"
 
 static __always_inline __u16 xlb_fold(__u32 s)
@@ -79,6 +80,40 @@ static __always_inline int xlb_nat_l3_full(struct __sk_buff *skb, struct xlb_pkt
     return 0;
 }
 
+/* SCTP: the packet's addresses and ports become (s, d, sp, dp). Its CRC32c covers no
+ * pseudo header: only a port change updates it (sctp.h). A first fragment does not say
+ * how long the SCTP packet is, which the update needs: when its ports change it is left
+ * untranslated (-1), never given a CRC that does not fit it. */
+static __always_inline int xlb_nat_sctp(struct __sk_buff *skb, struct xlb_pkt *p, __be32 s,
+                                        __be32 d, __be16 sp, __be16 dp)
+{
+    void *data = xlb_data(skb);
+    void *data_end = xlb_data_end(skb);
+    struct iphdr *ip = data + XLB_L3_OFF;
+    __u8 *sh = data + XLB_L4_OFF;
+    if ((void *)(ip + 1) > data_end || (void *)(sh + 12) > data_end)
+        return -1;
+    __u16 *ports = (__u16 *)sh;
+    __u32 old4 = *(__u32 *)sh;
+    __u32 new4 = ((__u32)dp << 16) | sp; /* as the two ports read in memory order */
+    if (xlb_le32(1) != 1)
+        new4 = ((__u32)sp << 16) | dp;
+    if (old4 != new4 && p->frag)
+        return -1;
+    __u32 delta = xlb_delta4(ip->saddr, s) + xlb_delta4(ip->daddr, d);
+    xlb_sctp_crc_ports(sh, old4, new4, p->l4_len);
+    ip->saddr = s;
+    ip->daddr = d;
+    ports[0] = sp;
+    ports[1] = dp;
+    p->saddr = s;
+    p->daddr = d;
+    p->sport = sp;
+    p->dport = dp;
+    xlb_ip_csum_add(ip, delta);
+    return 0;
+}
+
 /* Full-NAT: both ends rewritten. ORIG: destination (addr, port), source (addr2, port2);
  * REPLY: source (addr, port), destination (addr2, port2). As many helper calls as
  * DNAT: one for both addresses (pseudo header), one for both ports (a precomputed
@@ -100,6 +135,8 @@ static __always_inline int xlb_nat_full(struct __sk_buff *skb, struct xlb_pkt *p
     __be32 new_d = dir == XLB_DIR_ORIG ? addr : addr2;
     __be16 new_sp = dir == XLB_DIR_ORIG ? port2 : port;
     __be16 new_dp = dir == XLB_DIR_ORIG ? port : port2;
+    if (p->proto == IPPROTO_SCTP)
+        return xlb_nat_sctp(skb, p, new_s, new_d, new_sp, new_dp);
     __u32 adelta = xlb_delta4(ip->saddr, new_s) + xlb_delta4(ip->daddr, new_d);
     __u32 pdelta = (~ports[0] & 0xffff) + new_sp + (~ports[1] & 0xffff) + new_dp;
     ip->saddr = new_s;
@@ -137,6 +174,9 @@ static __always_inline int xlb_nat(struct __sk_buff *skb, struct xlb_pkt *p, __u
 
     if ((void *)(ip + 1) > data_end || (void *)(ports + 2) > data_end)
         return -1;
+    if (p->proto == IPPROTO_SCTP) /* its checksum is no Internet checksum */
+        return dir == XLB_DIR_ORIG ? xlb_nat_sctp(skb, p, ip->saddr, new_addr, ports[0], new_port)
+                                   : xlb_nat_sctp(skb, p, new_addr, ip->daddr, new_port, ports[1]);
     __be32 old_addr;
     __be16 old_port;
     if (dir == XLB_DIR_ORIG) {

@@ -24,13 +24,20 @@
 #define XLB_TCP_ACK 0x10
 #define XLB_TCP_URG 0x20
 
+/* SCTP has no flags: p->tcp_flags carries what its first chunk means to conntrack, in
+ * bits the fast path already sends to the slow path (tc_main.c tests SYN|FIN|RST|ACK
+ * against 0 for what is not TCP): a data packet carries none (sctp.h). */
+#define XLB_SCTP_INIT XLB_TCP_SYN /* INIT with verification tag 0: opens a flow */
+#define XLB_SCTP_SHUT XLB_TCP_FIN /* SHUTDOWN, SHUTDOWN ACK */
+#define XLB_SCTP_END XLB_TCP_RST  /* ABORT, SHUTDOWN COMPLETE */
+
 #define XLB_PACKET_OTHERHOST 3 /* skb->pkt_type: PACKET_OTHERHOST of linux/if_packet.h */
 
 #define XLB_L3_OFF 14 /* sizeof(struct ethhdr) */
 #define XLB_L4_OFF 34 /* IPv4 without options */
 
 /* xlb_parse results */
-#define XLB_P_OK 0       /* unfragmented TCP/UDP, valid: conntrack and NAT may apply */
+#define XLB_P_OK 0       /* unfragmented TCP/UDP/SCTP, valid: conntrack and NAT may apply */
 #define XLB_P_NOT_OURS 1 /* not IPv4, or a protocol xlb does not handle: pass */
 #define XLB_P_BAD 2      /* malformed: pass untouched (the kernel drops it), counted */
 #define XLB_P_OPTIONS 3  /* IPv4 options: pass untouched, counted */
@@ -162,6 +169,23 @@ static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
             return XLB_P_BAD;
         p->sport = udp->source;
         p->dport = udp->dest;
+        return p->frag ? XLB_P_FRAG : XLB_P_OK;
+    }
+    if (p->proto == IPPROTO_SCTP) {
+        /* common header (ports as TCP's, verification tag, CRC32c: not checked, NAT
+         * keeps it right or wrong: sctp.h) and the first chunk's header */
+        __u8 *sh = l4;
+        if ((void *)(sh + 16) > data_end || p->l4_len < 16)
+            return XLB_P_BAD;
+        p->sport = *(__be16 *)sh;
+        p->dport = *(__be16 *)(sh + 2);
+        __u8 chunk = sh[12];
+        if (chunk == 1) /* INIT: alone in its packet, with verification tag 0 */
+            p->tcp_flags = *(__u32 *)(sh + 4) == 0 ? XLB_SCTP_INIT : 0;
+        else if (chunk == 6 || chunk == 14) /* ABORT, SHUTDOWN COMPLETE */
+            p->tcp_flags = XLB_SCTP_END;
+        else if (chunk == 7 || chunk == 8) /* SHUTDOWN, SHUTDOWN ACK */
+            p->tcp_flags = XLB_SCTP_SHUT;
         return p->frag ? XLB_P_FRAG : XLB_P_OK;
     }
     if (p->proto == IPPROTO_ICMP)

@@ -206,6 +206,10 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
             xlb_count(XLB_STAT_PASS_BAD_FLAGS);
             return TC_ACT_OK;
         }
+    } else if (p->proto == IPPROTO_SCTP && p->tcp_flags != XLB_SCTP_INIT) {
+        /* an SCTP association opens with an INIT: another chunk has no flow to join */
+        xlb_count(XLB_STAT_PASS_BAD_FLAGS);
+        return TC_ACT_OK;
     }
     if (xlb_martian(p->saddr)) {
         xlb_count(XLB_STAT_PASS_MARTIAN);

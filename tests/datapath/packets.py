@@ -84,3 +84,56 @@ def sum16(data: bytes) -> int:
     while s >> 16:
         s = (s & 0xffff) + (s >> 16)
     return s
+
+
+# SCTP (RFC 9260): a common header (ports, verification tag, CRC32c) and chunks.
+SCTP_INIT, SCTP_INIT_ACK, SCTP_ABORT, SCTP_SHUTDOWN_COMPLETE = 1, 2, 6, 14
+SCTP_DATA, SCTP_COOKIE_ECHO = 0, 10
+CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32c computed bit by bit: independent of the datapath's incremental update."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (CRC32C_POLY & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def sctp_chunk(ctype: int, value: bytes = b"", flags: int = 0) -> bytes:
+    """One chunk, padded to 4 bytes (the length field counts the unpadded chunk)."""
+    raw = struct.pack("!BBH", ctype, flags, 4 + len(value)) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def sctp_init(tag: int = 0x1234ABCD) -> bytes:
+    """An INIT chunk: initiate tag, a_rwnd, outbound and inbound streams, initial TSN."""
+    return sctp_chunk(SCTP_INIT, struct.pack("!IIHHI", tag, 65536, 10, 10, 1))
+
+
+def sctp(src: str, dst: str, sport: int, dport: int, chunks: bytes, vtag: int = 0,
+         crc: int | None = None) -> bytes:
+    """An SCTP packet with its CRC32c right (or `crc`, to send a wrong one)."""
+    common = struct.pack("!HHI", sport, dport, vtag)
+    if crc is None:
+        crc = crc32c(common + b"\0\0\0\0" + chunks)
+    l4 = common + struct.pack("<I", crc) + chunks
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst, proto=132) / l4)
+
+
+def sctp_fields(pkt: bytes) -> tuple[int, int, int, int, bytes]:
+    """(sport, dport, vtag, crc, chunks) of an SCTP packet in an Ethernet frame (IPv4,
+    no options), the CRC as the field holds it (little-endian)."""
+    ip = IP(pkt[14:])
+    l4 = pkt[34:14 + ip.len]
+    sport, dport, vtag = struct.unpack("!HHI", l4[:8])
+    return sport, dport, vtag, struct.unpack("<I", l4[8:12])[0], l4[12:]
+
+
+def sctp_crc_ok(pkt: bytes) -> bool:
+    """The packet's CRC32c, recomputed in full over its SCTP packet, is what it holds."""
+    ip = IP(pkt[14:])
+    l4 = pkt[34:14 + ip.len]
+    return crc32c(l4[:8] + b"\0\0\0\0" + l4[12:]) == struct.unpack("<I", l4[8:12])[0]
