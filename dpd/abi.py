@@ -196,6 +196,9 @@ class Abi:
         if maps_header:
             text = _strip_comments(maps_header)
             self._parse_defines(text, self.defaults, skip_strings=True)
+            # a default may name another setting (XLB_EP_TABLE: XLB_MAX_BACKENDS): kept
+            # as written, evaluated again with the settings of each map_specs call
+            self._default_exprs = {n: v for n, v in _DEFINE.findall(text) if n in self.defaults}
             self._parse_maps(text)
 
     @classmethod
@@ -278,7 +281,10 @@ class Abi:
     def map_specs(self, settings: Mapping[str, int]) -> dict[str, MapSpec]:
         """Every map with its sizes; `settings` overrides maps.h's defaults by macro
         name (e.g. {"XLB_CT_SIZE": 4096})."""
-        consts = {**self.constants, **self.defaults, **settings}
+        consts = {**self.constants}
+        for name, expr in getattr(self, "_default_exprs", {}).items():
+            consts[name] = settings[name] if name in settings else _eval(expr, consts)
+        consts.update(settings)
         out = {}
         for d in self.maps.values():
             ksize, klayout = self._type(d.key)

@@ -1,14 +1,19 @@
-"""nat_v4_map values of a whole batch, built in one numpy array.
+"""The map values of a batch of services, built in numpy arrays.
 
-The array is what BPF_MAP_UPDATE_BATCH takes: struct xlb_nat_val back to back, laid out
-by the structured dtype dpd/abi.py derives from xlb_abi.h (nothing here restates a
-layout). A batch is encoded column by column from each service's endpoint columns
-(ServiceSpec.columns: address bytes, ports, weights; made once, when the request is
-parsed): the addresses of the batch are joined and go into the array through one '>u4'
-view, ports, weights and counter slots are numpy columns put into the services'
-endpoint arrays in one assignment, and a service's slot table is a row of a cached
-matrix of slot tables (one row per weight tuple seen). No Python step runs per
-endpoint or field; per service, a few C calls through map().
+Each array is what BPF_MAP_UPDATE_BATCH takes: structs back to back, laid out by the
+structured dtypes dpd/abi.py derives from xlb_abi.h (nothing here restates a layout).
+
+- nat_v4_map values (struct xlb_nat_val, NatValues): one row per service, every field a
+  column its caller gives (where its endpoints and slot table live: ep_base, slot_base);
+- ep_map rows (struct xlb_ep, EndpointRows.eps): a batch's endpoints, service after
+  service, from each service's endpoint columns (ServiceSpec.columns: address bytes,
+  ports, weights; made once, when the request is parsed): the addresses joined go in
+  through one '>u4' view, the other fields as numpy columns;
+- slot_map rows (struct xlb_slots, EndpointRows.slots): each service's slot table
+  (2-byte endpoint indexes, cached by weight tuple), padded to whole XLB_SLOT_CHUNK
+  entries, joined.
+
+No Python step runs per endpoint or field; per service, a few C calls through map().
 """
 
 from __future__ import annotations
@@ -29,83 +34,50 @@ _ADDRESSES, _PORTS, _WEIGHTS = (attrgetter("addresses"), attrgetter("ports"),
 
 
 class SlotTables:
-    """Slot tables by weight tuple, as rows of one zero-padded matrix (``tables``, the
-    length of each in ``lengths``), so that a batch's tables are one gather. Bounded:
-    past `limit` tuples the cache starts over (a batch's own tuples always fit)."""
+    """Slot tables by weight tuple (np.uint16 arrays of endpoint indexes), cached.
+    Bounded: past `limit` tuples the cache starts over."""
 
     def __init__(self, size: int, limit: int = 4096) -> None:
         self.size = size
         self.limit = limit
-        self._row: dict[tuple[int, ...], int] = {}
-        self.tables = np.zeros((64, size), np.uint8)
-        self.lengths = np.zeros(64, np.uint16)
+        self._tables: dict[tuple[int, ...], np.ndarray] = {}
 
-    def rows(self, weights: Sequence[tuple[int, ...]]) -> np.ndarray:
-        """The row of each weight tuple's table (built when first seen)."""
-        rows = list(map(self._row.get, weights))
-        if None in rows:
-            missing = set(weights).difference(self._row)
-            if len(self._row) + len(missing) > self.limit:
-                self._row.clear()
-                missing = set(weights)
-            for w in missing:
-                self._add(w)
-            rows = list(map(self._row.__getitem__, weights))
-        return np.fromiter(rows, np.intp, len(rows))
+    def get(self, weights: tuple[int, ...]) -> np.ndarray:
+        t = self._tables.get(weights)
+        if t is None:
+            if len(self._tables) >= self.limit:
+                self._tables.clear()
+            t = self._tables[weights] = np.array(build_slots(weights, self.size), np.uint16)
+        return t
 
     def table(self, weights: tuple[int, ...]) -> bytes:
-        """One weight tuple's slot table (as the value holds it: `length` bytes)."""
-        row = int(self.rows([weights])[0])
-        return self.tables[row, :self.lengths[row]].tobytes()
-
-    def _add(self, weights: tuple[int, ...]) -> None:
-        row = len(self._row)
-        if row == len(self.lengths):  # grow by doubling
-            self.tables = np.concatenate([self.tables, np.zeros_like(self.tables)])
-            self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
-        table = build_slots(weights, self.size)
-        self.tables[row] = 0
-        self.tables[row, :len(table)] = table
-        self.lengths[row] = len(table)
-        self._row[weights] = row
+        """One weight tuple's slot table as bytes (2 per slot, little-endian)."""
+        return self.get(weights).astype("<u2").tobytes()
 
 
-CHUNK = 1024  # values built at a time into a buffer kept for the next: ~1 MiB
+CHUNK = 1024  # nat values built at a time into a buffer kept for the next
 
 
 class NatValues:
     """Encodes the nat_v4_map values (struct xlb_nat_val) of a batch of services.
 
     Up to CHUNK values go into a buffer the encoder keeps (its pages are faulted in and
-    zeroed by the kernel once, not on every batch: for fresh memory that costs as much
-    as the encoding); a larger batch gets an array of its own."""
+    zeroed by the kernel once, not on every batch); a larger batch gets its own array."""
 
-    def __init__(self, layout: Layout, slot_limit: int = 4096) -> None:
+    def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.dtype = layout.dtype
         self._kept = np.zeros(CHUNK, self.dtype)
-        self._ep_dtype = self.dtype["eps"].base
-        self.slots = SlotTables(layout.field("slots").count, slot_limit)
-        # what build() computes itself; every other field is a column its caller gives
-        own = {"n_eps", "eps", "n_slots", "slots"}
-        self.head = frozenset(self.dtype.names) - own
+        self.head = frozenset(self.dtype.names)
 
-    def build(self, head: Mapping[str, Any], endpoints: Sequence[EndpointColumns],
-              stat_ids: Iterable[int],
-              selection: Mapping[int, tuple[int, ...]] | None = None) -> np.ndarray:
-        """The values of len(endpoints) services, in one array of the layout's dtype
-        (up to CHUNK: the kept buffer, valid until the next call).
-
-        `head`: each header field (all but n_eps, n_slots, eps and slots: checked) as a
-        column numpy can assign (a list of ints, an array). `endpoints`: each service's
-        endpoints (ServiceSpec.columns); `stat_ids`: their counter slots, flat, in the
-        same order. `selection`: service (its position) -> the weights its slot table
-        is built from, when not the configured ones (health took an endpoint out, a
-        priority group stands by); the values keep the configured weights."""
+    def build(self, head: Mapping[str, Any]) -> np.ndarray:
+        """The values of a batch, in one array of the layout's dtype (up to CHUNK: the
+        kept buffer, valid until the next call). `head`: every field (checked) as a
+        column numpy can assign (a list of ints, an array), all of one length."""
         if head.keys() != self.head:
-            raise KeyError(f"struct {self.layout.name}: header fields {sorted(head)}, "
+            raise KeyError(f"struct {self.layout.name}: fields {sorted(head)}, "
                            f"the layout has {sorted(self.head)}")
-        n = len(endpoints)
+        n = len(head["svc_id"])
         if n <= CHUNK:
             out = self._kept[:n]
             out.view(np.uint8).fill(0)
@@ -113,27 +85,59 @@ class NatValues:
             out = np.zeros(n, self.dtype)
         for name, column in head.items():
             out[name] = column
-        weights = list(map(_WEIGHTS, endpoints))
-        counts = list(map(len, weights))
-        out["n_eps"] = counts
-        m = sum(counts)
-        eps = np.empty(m, self._ep_dtype)
-        eps["addr"] = np.frombuffer(b"".join(map(_ADDRESSES, endpoints)), ">u4")
-        eps["port"] = np.fromiter(chain.from_iterable(map(_PORTS, endpoints)), np.uint16, m)
-        eps["weight"] = np.fromiter(chain.from_iterable(weights), np.uint16, m)
-        eps["stat_id"] = np.fromiter(stat_ids, np.uint32, m)
-        if n and counts.count(counts[0]) == n:  # one endpoint count: a reshape
-            out["eps"][:, :counts[0]] = eps.reshape(n, counts[0])
-        else:
-            per = np.array(counts, np.intp)
-            starts = np.cumsum(per) - per
-            rows = np.repeat(np.arange(n), per)
-            out["eps"][rows, np.arange(m) - np.repeat(starts, per)] = eps
-        for i, w in (selection or {}).items():
-            weights[i] = w
-        table = self.slots.rows(weights)
-        lengths = self.slots.lengths[table]
-        out["n_slots"] = lengths
-        used = int(lengths.max(initial=0))  # the columns past every table stay zero
-        out["slots"][:, :used] = self.slots.tables[table, :used]
+        return out
+
+
+def runs(starts: Sequence[int], counts: Sequence[int]) -> np.ndarray:
+    """The indexes start, start + 1, ..., start + count - 1 of each run, joined (u32)."""
+    per = np.asarray(counts, np.intp)
+    total = int(per.sum())
+    if not total:
+        return np.zeros(0, "<u4")
+    first = np.repeat(np.asarray(starts, np.int64) - (np.cumsum(per) - per), per)
+    return (first + np.arange(total)).astype("<u4")
+
+
+class EndpointRows:
+    """Encodes the ep_map and slot_map rows of a batch of services."""
+
+    def __init__(self, ep: Layout, slots: Layout, max_slots: int) -> None:
+        self.ep_dtype = ep.dtype
+        self.slot_dtype = slots.dtype
+        self.chunk = slots.field("ep").count
+        self.tables = SlotTables(max_slots)
+
+    def chunks(self, n_slots: int) -> int:
+        """slot_map entries a table of `n_slots` slots takes."""
+        return -(-n_slots // self.chunk)
+
+    def eps(self, endpoints: Sequence[EndpointColumns], stat_ids: Iterable[int],
+            live: Sequence[tuple[int, ...]], prios: Sequence[tuple[int, ...]],
+            down: Sequence[tuple[int, ...]], down_flag: int) -> np.ndarray:
+        """The xlb_ep rows of the services' endpoints, service after service.
+        `stat_ids`: their counter slots, flat; per service: `live`, the weights selection
+        uses (> 0: XLB_EP_LIVE); `prios`, each endpoint's priority group; `down`, 1 for
+        each endpoint health found down (`down_flag` set)."""
+        m = sum(map(len, map(_WEIGHTS, endpoints)))
+        out = np.zeros(m, self.ep_dtype)
+        if not m:
+            return out
+        out["addr"] = np.frombuffer(b"".join(map(_ADDRESSES, endpoints)), ">u4")
+        out["port"] = np.fromiter(chain.from_iterable(map(_PORTS, endpoints)), np.uint16, m)
+        out["weight"] = np.fromiter(chain.from_iterable(map(_WEIGHTS, endpoints)), np.uint16, m)
+        out["stat_id"] = np.fromiter(stat_ids, np.uint32, m)
+        out["flags"] = (  # XLB_EP_LIVE is 1
+            (np.fromiter(chain.from_iterable(live), np.uint16, m) > 0).astype(np.uint8)
+            | np.fromiter(chain.from_iterable(down), np.uint8, m) * np.uint8(down_flag))
+        out["prio"] = np.fromiter(chain.from_iterable(prios), np.uint8, m)
+        return out
+
+    def slots(self, tables: Sequence[np.ndarray]) -> np.ndarray:
+        """The xlb_slots rows of the services' slot tables, each padded to whole
+        entries, joined."""
+        chunk = self.chunk
+        padded = [np.pad(t, (0, -len(t) % chunk)) for t in tables]
+        flat = np.concatenate(padded) if padded else np.zeros(0, np.uint16)
+        out = np.zeros(len(flat) // chunk, self.slot_dtype)
+        out["ep"] = flat.reshape(-1, chunk)
         return out

@@ -1,11 +1,14 @@
 """The service table: ServiceSpec <-> nat_v4_map entries, with counter slot ids.
 
-Each service is one nat_v4_map entry holding its endpoints and slot table inline, so a
-service changes atomically with one map update: a flow never sees half a service.
-A batch is checked for room before anything is written and rolled back if the map
-refuses a write part-way. Layouts come from the ABI (struct xlb_nat_key, xlb_nat_val,
-xlb_ep); the table works on the map seam (dpd/maps.py), so it runs the same over
-kernel maps and over in-memory maps.
+Each service is one small nat_v4_map entry that points at its endpoints (a run of
+ep_map entries, struct xlb_ep) and its slot table (a run of slot_map entries, 2-byte
+endpoint indexes); the runs are allocated by dpd/extents.py. A changed service is
+written make-before-break: its endpoints and slot table go to fresh runs, then one
+write of its nat_v4_map value flips it to them, then the old runs are freed; so a flow
+never sees half a service. A batch is checked for room (counter slots, runs) before
+anything is written and rolled back if a map refuses a write part-way. Layouts come
+from the ABI (struct xlb_nat_key, xlb_nat_val, xlb_ep, xlb_slots); the table works on
+the map seam (dpd/maps.py), so it runs the same over kernel maps and over in-memory maps.
 
 The table keeps an index of what nat_v4_map holds (read from the map once, when dpd
 starts, then maintained by every write), so a write never reads the map back and a
@@ -25,10 +28,12 @@ nat_v4_map entry and deleted before it, so that no prefix ever leads to no servi
 Ranges of one (vip, proto) that overlap are refused before anything is written.
 
 Endpoint health (dpd/health.py) takes an endpoint out of selection without changing the
-service: ``set_down`` rewrites the value with the slot table (and Maglev table) built
-as if the endpoint's weight were 0, while the value keeps the configured weights (the
-datapath reads only the slots), so ListServices and a restarted dpd read back what the
-API gave. It moves no generation. When every endpoint with weight is down, selection
+service: ``set_down`` writes the service's runs afresh with the slot table (and Maglev
+table) built as if the endpoint's weight were 0 and the endpoint's XLB_EP_LIVE flag
+clear, while the endpoints keep the configured weights (selection reads the slots), so
+ListServices and a restarted dpd read back what the API gave (and a restarted dpd the
+endpoints health found down: XLB_EP_DOWN). It moves no generation.
+When every endpoint with weight is down, selection
 uses the configured weights (fail open: a check that is wrong must not take a service
 down). A service's health check and conntrack timeouts are kept in svc_cfg_map (dpd's
 record; the datapath never reads it).
@@ -53,10 +58,11 @@ import numpy as np
 import structlog
 
 from dpd import maglev
+from dpd.extents import Extents
 from dpd.ids import IdPool
 from dpd.loader import Datapath
 from dpd.maps import MapFull
-from dpd.natbatch import CHUNK, NatValues
+from dpd.natbatch import CHUNK, EndpointRows, NatValues, runs
 from xlbcore import gcpause
 from xlbcore.errors import Exhausted
 from xlbcore.service import (
@@ -104,6 +110,9 @@ class _Entry(NamedTuple):
     svc_id: int
     ep_ids: tuple[int, ...]
     maglev_b: int = 0  # Maglev: which of the service's two table keys is in use
+    ep_base: int = 0  # its endpoints: ep_map[ep_base:ep_base + len(ep_ids)]
+    slot_base: int = 0  # its slot table: slot_map from slot_base on
+    n_slots: int = 0  # slots in its slot table
 
     @property
     def stat_ids(self) -> dict[tuple[str, int], int]:
@@ -115,7 +124,8 @@ class _Entry(NamedTuple):
 def _entries(specs: Iterable[ServiceSpec], svc_ids: Iterable[int],
              ep_ids: Iterable[tuple[int, ...]], maglev_b: Iterable[int]) -> list[_Entry]:
     """_Entry(spec, svc_id, ep_ids, maglev_b) of each, made by tuple.__new__ in C."""
-    rows = zip(specs, svc_ids, ep_ids, maglev_b, strict=False)  # maglev_b may repeat
+    rows = zip(specs, svc_ids, ep_ids, maglev_b, repeat(0), repeat(0), repeat(0),
+               strict=False)  # maglev_b and the runs (placed later) repeat
     return list(map(tuple.__new__, repeat(_Entry), rows))
 
 
@@ -152,15 +162,21 @@ class ServiceTable:
         self._range_val = abi.structs["xlb_range_val"].codec.wire_struct(("first", "last"))
         self._range_base = abi.const("XLB_RANGE_BASE_BITS")
         self._val = abi.structs["xlb_nat_val"].codec
-        self._val_fields = ("svc_id", "algo", "mode", "n_eps", "flags", "n_slots",
-                            "persist_s", "snat_addr", "eps", "slots")
-        self._ep_fields = ("addr", "port", "weight", "stat_id")
-        self._val_head = self._val.wire_struct(self._val_fields, "eps", self._ep_fields, 0)
-        self._vals: dict[int, struct.Struct] = {}  # endpoints -> the value's wire struct
-        # the values of a batch in one array (dpd/natbatch.py), slot tables cached there
+        self._val_head = self._val.wire_struct(
+            ("svc_id", "algo", "mode", "flags", "n_eps", "n_slots", "persist_s", "snat_addr",
+             "ep_base", "slot_base"))
+        self._ep_row = abi.structs["xlb_ep"].codec.wire_struct(
+            ("addr", "port", "weight", "stat_id", "flags", "prio"))
+        self._ep_live = abi.const("XLB_EP_LIVE")
+        self._ep_down = abi.const("XLB_EP_DOWN")
+        # the values and rows of a batch in arrays (dpd/natbatch.py), slot tables cached
         self._values_of = NatValues(abi.structs["xlb_nat_val"])
         self.max_eps = abi.const("XLB_MAX_EPS")
         self.n_slots = abi.const("XLB_SLOTS")
+        self._rows = EndpointRows(abi.structs["xlb_ep"], abi.structs["xlb_slots"], self.n_slots)
+        self.ep_map = dp.maps["ep_map"]
+        self.slot_map = dp.maps["slot_map"]
+        self._live: dict[int, tuple[int, ...]] = {}  # svc_id -> XLB_EP_DOWN read at start
         self.max_services = self.nat.spec.max_entries
         self.cfg = dp.maps["svc_cfg_map"]
         self._cfg = abi.structs["xlb_svc_cfg"].codec
@@ -168,9 +184,16 @@ class ServiceTable:
         self._down: dict[int, frozenset[tuple[str, int]]] = {}
         self._lock = threading.Lock()
         # weights -> slot table (cached, bounded: a process holds one table per node)
-        self._slot_table: Callable[[tuple[int, ...]], bytes] = self._values_of.slots.table
+        self._slot_table: Callable[[tuple[int, ...]], bytes] = self._rows.tables.table
         with gcpause.paused():
             entries = self._read_all()
+        # the runs of ep_map and slot_map the services hold; the rest is free
+        self.ep_space = Extents(self.ep_map.spec.max_entries,
+                                ((e.ep_base, len(e.ep_ids)) for e in entries.values()),
+                                "ep_map (endpoints)")
+        self.slot_space = Extents(self.slot_map.spec.max_entries,
+                                  ((e.slot_base, self._rows.chunks(e.n_slots))
+                                   for e in entries.values()), "slot_map (slot tables)")
         self.svc_ids = IdPool(self.max_services, (e.svc_id for e in entries.values()),
                               assume_dirty=dp.reused)
         self.stat_ids = IdPool(
@@ -254,13 +277,6 @@ class ServiceTable:
             held = [e.spec.key for e in self._range_first.values()]
             check_ranges(list(dict.fromkeys(held + new)))
 
-    def _val_struct(self, n: int) -> struct.Struct:
-        st = self._vals.get(n)
-        if st is None:
-            st = self._vals[n] = self._val.wire_struct(self._val_fields, "eps",
-                                                       self._ep_fields, n)
-        return st
-
     @functools.lru_cache(maxsize=512)  # noqa: B019 - one table per process, bounded
     def _maglev_table(self, eps: tuple[tuple[str, int, int], ...]) -> bytes:
         return self._maglev.pack(size=self.maglev_size, ep=maglev.build(eps, self.maglev_size))
@@ -309,8 +325,6 @@ class ServiceTable:
                           hc_path_len=len(path), hc_path=path)
         if ct is not None:
             fields["ct_timeouts"] = tuple(getattr(ct, f) for f in CT_TIMEOUT_FIELDS)
-        if spec.grouped:
-            fields["ep_prio"] = bytes(ep.priority for ep in spec.endpoints)
         return self._cfg.pack(**fields)
 
     def _cfg_spec(self, raw: bytes) -> tuple[HealthSpec | None, CtTimeoutsSpec | None]:
@@ -349,22 +363,75 @@ class ServiceTable:
         self.cfg.delete_batch(gone)
 
     def _values(self, entries: list[_Entry]) -> np.ndarray:
-        """nat_v4_map values of `entries`, in one array (dpd/natbatch.py): the header
-        fields as columns, the slot tables from the weights selection uses (health,
-        priority groups)."""
+        """nat_v4_map values of `entries` (placed: their runs allocated), in one array
+        (dpd/natbatch.py), the fields as columns."""
         if not entries:
             return np.zeros(0, self._values_of.dtype)
-        specs, svc_ids, ep_ids, maglev_b = zip(*entries, strict=True)  # columns, in C
-        algos, modes, persist, snats, columns = zip(*map(_VALUE_FIELDS, specs), strict=True)
-        down = self._down
-        selection = None
-        if down or any(map(_GROUPED, specs)):
-            selection = {i: self._effective(e) for i, e in enumerate(entries)
-                         if e.svc_id in down or e.spec.grouped}
+        specs, svc_ids, ep_ids, maglev_b, ep_base, slot_base, n_slots = zip(
+            *entries, strict=True)  # columns, in C
+        algos, modes, persist, snats, _ = zip(*map(_VALUE_FIELDS, specs), strict=True)
         head = {"svc_id": svc_ids, "algo": algos, "mode": modes, "persist_s": persist,
                 "flags": np.array(maglev_b, np.uint8) * self._maglev_flag,
-                "snat_addr": np.frombuffer(b"".join(map(_snat_bytes, snats)), ">u4")}
-        return self._values_of.build(head, columns, chain.from_iterable(ep_ids), selection)
+                "snat_addr": np.frombuffer(b"".join(map(_snat_bytes, snats)), ">u4"),
+                "n_eps": list(map(len, ep_ids)), "n_slots": n_slots, "ep_base": ep_base,
+                "slot_base": slot_base}
+        return self._values_of.build(head)
+
+    def _place(self, entries: list[_Entry]) -> list[_Entry]:
+        """`entries` with fresh runs of ep_map and slot_map, their endpoints and slot
+        tables (from the weights selection uses: health, priority groups) written there.
+        No service points at the runs yet. Exhausted when either map has no room: then
+        nothing is written and nothing held."""
+        if not entries:
+            return []
+        down = self._down
+        specs = list(map(_SPEC, entries))
+        weights = [self._effective(e) if e.svc_id in down or e.spec.grouped
+                   else e.spec.columns.weights for e in entries]
+        tables = list(map(self._rows.tables.get, weights))
+        counts = list(map(len, map(_ENDPOINTS, specs)))
+        chunks = list(map(self._rows.chunks, map(len, tables)))
+        ep_base = self.ep_space.reserve(counts)
+        try:
+            slot_base = self.slot_space.reserve(chunks)
+        except Exhausted:
+            self.ep_space.free(zip(ep_base, counts, strict=True))
+            raise
+        try:
+            prios = [tuple(ep.priority for ep in s.endpoints) if s.grouped else (0,) * n
+                     for s, n in zip(specs, counts, strict=True)]
+            gone = [down.get(e.svc_id) if e.spec.health is not None else None for e in entries]
+            downs = [tuple((ep.address, ep.port) in out for ep in s.endpoints) if out
+                     else (0,) * n for s, n, out in zip(specs, counts, gone, strict=True)]
+            rows = self._rows.eps([s.columns for s in specs],
+                                  chain.from_iterable(e.ep_ids for e in entries), weights, prios,
+                                  downs, self._ep_down)
+            keys = runs(ep_base, counts)
+            for i in range(0, len(rows), 65536):
+                self.ep_map.put_batch_raw(keys[i:i + 65536].data, rows[i:i + 65536].data)
+            srows = self._rows.slots(tables)
+            skeys = runs(slot_base, chunks)
+            for i in range(0, len(srows), 65536):
+                self.slot_map.put_batch_raw(skeys[i:i + 65536].data, srows[i:i + 65536].data)
+        except Exception:
+            self.ep_space.free(zip(ep_base, counts, strict=True))
+            self.slot_space.free(zip(slot_base, chunks, strict=True))
+            raise
+        return [e._replace(ep_base=b, slot_base=s, n_slots=len(t))
+                for e, b, s, t in zip(entries, ep_base, slot_base, tables, strict=True)]
+
+    def _unplace(self, entries: Iterable[_Entry]) -> None:
+        """Free the runs of `entries` (no service points at them any more)."""
+        entries = list(entries)
+        self.ep_space.free([(e.ep_base, len(e.ep_ids)) for e in entries])
+        self.slot_space.free([(e.slot_base, self._rows.chunks(e.n_slots)) for e in entries])
+
+    def _read_eps(self, base: int, n: int) -> list[tuple[bytes, int, int, int, int, int]]:
+        """ep_map[base:base + n] decoded: (addr, port (network order), weight, stat_id,
+        flags, prio) each."""
+        get, unpack = self.ep_map.get, self._ep_row.unpack
+        zero = bytes(self.ep_map.value_bytes)
+        return [unpack(get((base + i).to_bytes(4, "little")) or zero) for i in range(n)]
 
     def _write_nat(self, keys: list[bytes], entries: list[_Entry]) -> None:
         """Write `entries` under `keys`, in batches of natbatch.CHUNK (keys and values
@@ -379,7 +446,7 @@ class ServiceTable:
         out: dict[bytes, _Entry] = {}
         kunpack, head = self._key.unpack, self._val_head.unpack
         ntoa, ntohs = socket.inet_ntoa, socket.ntohs
-        vals, val_struct = self._vals, self._val_struct
+        read_eps, down_flag = self._read_eps, self._ep_down
         flag, max_eps = self._maglev_flag, self.max_eps
         lasts = {}
         for rk, rv in self.ranges.items():
@@ -388,52 +455,38 @@ class ServiceTable:
             lasts[(rvip, rproto, first)] = ntohs(last)
         for kraw, vraw in self.nat.items():
             vip, port, proto, ranged = kunpack(kraw)
-            svc_id, algo, mode, n, flags, _, persist, snat = head(vraw)[:8]
-            n = min(n, max_eps)
-            flat = (vals.get(n) or val_struct(n)).unpack(vraw)
-            eps = sorted([(ntoa(flat[i]), ntohs(flat[i + 1]), flat[i + 2], flat[i + 3])
-                          for i in range(8, 8 + 4 * n, 4)])
+            (svc_id, algo, mode, flags, n, n_slots, persist, snat, ep_base,
+             slot_base) = head(vraw)
+            rows = read_eps(ep_base, min(n, max_eps))  # in the spec's order
+            eps = [(ntoa(a), ntohs(p), w, g, sid) for a, p, w, sid, _, g in rows]
+            self._live[svc_id] = tuple([fl & down_flag for *_, fl, _ in rows])
             spec = ServiceSpec(ntoa(vip), ntohs(port), Proto(proto), Algorithm(algo),
-                               Mode(mode), tuple([EndpointSpec(a, p, w) for a, p, w, _ in eps]),
+                               Mode(mode),
+                               tuple([EndpointSpec(a, p, w, g) for a, p, w, g, _ in eps]),
                                snat_addr=ntoa(snat) if any(snat) else "",
                                persistence_s=persist,
                                port_last=lasts.get((vip, proto, port), 0) if ranged else 0)
             out[self.key_bytes(spec)] = _Entry(spec, svc_id, tuple([i for *_, i in eps]),
-                                               1 if flags & flag else 0)
+                                               1 if flags & flag else 0, ep_base, slot_base,
+                                               n_slots)
         cfgs = {int.from_bytes(k, "little"): v for k, v in self.cfg.items()}
         if cfgs:
             for k, e in list(out.items()):
                 raw = cfgs.pop(e.svc_id, None)
                 if raw is not None:
                     health, ct = self._cfg_spec(raw)
-                    grouped = e.spec.endpoints
-                    prio = self._cfg.unpack(raw)["ep_prio"]
-                    if any(prio[:len(grouped)]):  # eps in the value's order: the spec's
-                        grouped = tuple(replace(ep, priority=g)
-                                        for ep, g in zip(grouped, prio, strict=False))
-                    out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct,
-                                                     endpoints=grouped))
+                    out[k] = e._replace(spec=replace(e.spec, health=health, ct_timeouts=ct))
                     if health is not None:
-                        self._restore_down(out[k], k)
+                        self._restore_down(out[k])
             self.cfg.delete_batch([self._svc_key(i) for i in cfgs])  # of no service
+        self._live.clear()
         return out
 
-    def _restore_down(self, e: _Entry, key: bytes) -> None:
-        """The endpoints a previous dpd took out of selection: those with weight that
-        have no slot in the value the map holds (when its slot table is not the one of
-        the configured weights and priority groups)."""
-        raw = self.nat.get(key)
-        if raw is None:
-            return
-        v = self._val.unpack(raw)
-        held = bytes(v["slots"][:v["n_slots"]])
-        base = self._effective(e, health=False)
-        if held == self._slot_table(base):
-            return
-        present = set(held)
+    def _restore_down(self, e: _Entry) -> None:
+        """The endpoints a previous dpd's health checks found down (XLB_EP_DOWN)."""
+        flags = self._live.get(e.svc_id, ())
         out = frozenset((ep.address, ep.port)
-                        for i, (ep, w) in enumerate(zip(e.spec.endpoints, base, strict=True))
-                        if w and i not in present)
+                        for ep, fl in zip(e.spec.endpoints, flags, strict=False) if fl)
         if out:
             self._down[e.svc_id] = out
 
@@ -544,6 +597,7 @@ class ServiceTable:
                 raise
             plan, freed = self._plan(list(batch.values()), counts, old, svc_ids, stat_pool)
             tables = list(compress(plan, map(_IS_MAGLEV, map(_ALGORITHM, batch.values()))))
+            placed: list[_Entry] = []
             try:
                 dirty_eps = self.stat_ids.take_dirty(stat_pool)
                 self.ep_stats.zero(dirty_eps)
@@ -551,6 +605,7 @@ class ServiceTable:
                 fresh_svc = self.svc_ids.take_dirty(svc_ids)
                 self.svc_stats.zero(fresh_svc)
                 self.rr.zero(fresh_svc)
+                plan = placed = self._place(plan)  # the new endpoint sets, not used yet
                 for i in range(0, len(tables), 256):  # 32 KiB values: bounded batches
                     part = tables[i:i + 256]
                     self.maglev.put_batch([self._maglev_key(e) for e in part],
@@ -569,6 +624,7 @@ class ServiceTable:
                 self.cfg.delete_batch([self._svc_key(e.svc_id)
                                        for e, p in zip(plan, old, strict=True) if p is None])
                 self.maglev.delete_batch([self._maglev_key(e) for e in tables])
+                self._unplace(placed)  # no service points at them (restored above)
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 if isinstance(err, MapFull):
@@ -579,6 +635,7 @@ class ServiceTable:
             # the services point at their new tables: the old ones go
             self.maglev.delete_batch([self._maglev_key(p) for p in old
                                       if p is not None and p.spec.algorithm == Algorithm.MAGLEV])
+            self._unplace([p for p in old if p is not None])  # the replaced sets
             self.stat_ids.release(freed)
             index.update(zip(keys, plan, strict=True))
             for e in plan:
@@ -647,6 +704,7 @@ class ServiceTable:
                 self.nat.delete(k)
                 if e.spec.algorithm == Algorithm.MAGLEV:  # the service first, then its table
                     self.maglev.delete_batch([self._maglev_key(e)])
+                self._unplace([e])  # and its endpoint set
                 if e.spec.health is not None or e.spec.ct_timeouts is not None \
                         or e.spec.grouped:
                     self.cfg.delete_batch([self._svc_key(e.svc_id)])
@@ -691,7 +749,9 @@ class ServiceTable:
             if not plan:
                 return 0
             tables = [e for e in plan if e.spec.algorithm == Algorithm.MAGLEV]
+            placed: list[_Entry] = []
             try:
+                plan = placed = self._place(plan)  # fresh sets, with the new LIVE flags
                 if tables:
                     self.maglev.put_batch([self._maglev_key(e) for e in tables],
                                           [self._maglev_value(e) for e in tables])
@@ -703,9 +763,13 @@ class ServiceTable:
                     else:
                         down.pop(e.svc_id, None)
                 self.maglev.delete_batch([self._maglev_key(e) for e in tables])
+                if placed:  # the services back on their old sets, then the new go
+                    self._write_nat(keys, [e for e, _ in old])
+                    self._unplace(placed)
                 raise
             self.maglev.delete_batch([self._maglev_key(e) for e, _ in old
                                       if e.spec.algorithm == Algorithm.MAGLEV])
+            self._unplace([e for e, _ in old])
             index.update(zip(keys, plan, strict=True))
             return len(plan)
 
@@ -727,6 +791,20 @@ class ServiceTable:
         with self._lock:
             e = self._index.get(self.key_bytes(key))
             return self._down.get(e.svc_id, frozenset()) if e is not None else frozenset()
+
+    def held_selection(self, key: ServiceKey) -> tuple[list[int], list[int]] | None:
+        """What the datapath selects from for `key`, read back from the maps: its slot
+        table (endpoint indexes) and each endpoint's XLB_EP_LIVE flag; None when
+        nat_v4_map holds no such service."""
+        raw = self.nat.get(self.key_bytes(key))
+        if raw is None:
+            return None
+        _, _, _, _, n, n_slots, _, _, ep_base, slot_base = self._val_head.unpack(raw)
+        live = [fl & self._ep_live for *_, fl, _ in self._read_eps(ep_base, n)]
+        chunks = [self.slot_map.get((slot_base + i).to_bytes(4, "little")) or b""
+                  for i in range(self._rows.chunks(n_slots))]
+        table = list(struct.unpack(f"<{n_slots}H", b"".join(chunks)[:2 * n_slots]))
+        return table, live
 
     # -- counters ------------------------------------------------------------------------
 

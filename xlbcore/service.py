@@ -22,10 +22,10 @@ from xlb.types.v1 import types_pb2
 from xlbcore import gcpause
 from xlbcore.errors import ValidationError, quote
 
-MAX_ENDPOINTS = 64  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
+MAX_ENDPOINTS = 1024  # endpoints per service; fixed by the datapath ABI (bpf/xlb_abi.h)
 MAX_WEIGHT = 1000
 DEFAULT_WEIGHT = 1
-MAX_PRIORITY = 255  # an endpoint's priority group (xlb_svc_cfg.ep_prio is a byte)
+MAX_PRIORITY = 255  # an endpoint's priority group (xlb_ep.prio is a byte)
 MAX_PERSISTENCE_S = 65535  # xlb_nat_val.persist_s is 16 bits
 
 

@@ -185,6 +185,7 @@ struct xlb_range_val {
 /* xlb_ep.flags */
 #define XLB_EP_LIVE 1 /* the endpoint holds slots (selectable): clear while health or a
                        * priority group takes it out of selection */
+#define XLB_EP_DOWN 2 /* health found it down (dpd's record; the datapath reads LIVE) */
 
 /* ep_map[ep_base + i]: endpoint i of a service (i < n_eps). Selection reads weight,
  * stat_id and flags only (address-family neutral); addr is the IPv4 address. */

@@ -15,10 +15,14 @@ ABI = abi.load()
 
 
 def test_layouts_are_what_the_programs_index():
-    nat = ABI.structs["xlb_nat_val"]
-    assert nat.field("eps").count == ABI.const("XLB_MAX_EPS")
-    assert nat.field("slots").count == ABI.const("XLB_SLOTS") == SLOTS
-    assert nat.field("eps").struct is ABI.structs["xlb_ep"]
+    assert ABI.const("XLB_SLOTS") == SLOTS
+    # 2-byte endpoint indexes (slot and Maglev tables) reach every endpoint
+    assert ABI.structs["xlb_slots"].field("ep").elem_size == 2
+    assert ABI.structs["xlb_slots"].field("ep").count == ABI.const("XLB_SLOT_CHUNK")
+    assert ABI.structs["xlb_slots"].size == 8  # an array value's unit: no padding
+    assert ABI.const("XLB_MAX_EPS") <= 1 << 16 and ABI.const("XLB_MAX_EPS") <= SLOTS
+    assert ABI.structs["xlb_maglev"].field("ep").elem_size == 2
+    assert ABI.structs["xlb_nat_val"].field("n_eps").size == 2
     assert ABI.structs["xlb_ct_val"].field("last_ns").offset % 8 == 0
     for name, layout in ABI.structs.items():
         assert layout.holes() == [], name
@@ -80,19 +84,17 @@ def test_parser_refuses_what_it_does_not_understand():
 
 def test_positional_packer_names_every_field_and_packs_as_pack_does():
     ep = ABI.structs["xlb_ep"].codec
-    fast = ep.packer("addr", "port", "weight", "stat_id")
-    assert fast(b"\xc6\x12\x01\x02", 8080, 3, 9) == ep.pack(
-        addr=b"\xc6\x12\x01\x02", port=8080, weight=3, stat_id=9)
+    fast = ep.packer("addr", "port", "weight", "stat_id", "flags", "prio")
+    assert fast(b"\xc6\x12\x01\x02", 8080, 3, 9, 1, 2) == ep.pack(
+        addr=b"\xc6\x12\x01\x02", port=8080, weight=3, stat_id=9, flags=1, prio=2)
     with pytest.raises(KeyError, match="missing"):
         ep.packer("addr", "port", "weight")
     val = ABI.structs["xlb_nat_val"].codec
-    fast_val = val.packer("svc_id", "algo", "mode", "n_eps", "flags", "n_slots", "persist_s",
-                          "snat_addr", "eps", "slots")
-    one = {"addr": b"\x01\x02\x03\x04", "port": 80, "weight": 1, "stat_id": 5}
-    assert fast_val(1, 1, 2, 1, 0, 1, 30, b"\xc6\x12\x00\x01", ep.pack(**one),
-                    b"\x00") == val.pack(
+    fast_val = val.packer("svc_id", "algo", "mode", "flags", "n_eps", "n_slots", "persist_s",
+                          "snat_addr", "ep_base", "slot_base")
+    assert fast_val(1, 1, 2, 0, 1, 1, 30, b"\xc6\x12\x00\x01", 7, 9) == val.pack(
         svc_id=1, algo=1, mode=2, n_eps=1, n_slots=1, persist_s=30,
-        snat_addr=b"\xc6\x12\x00\x01", eps=[one], slots=b"\x00")
+        snat_addr=b"\xc6\x12\x00\x01", ep_base=7, slot_base=9)
 
 
 def test_numpy_dtype_has_the_layout_of_every_struct():

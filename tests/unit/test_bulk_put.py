@@ -104,7 +104,8 @@ def test_parse_services_names_the_first_key_given_twice():
 
 
 def spec(i: int, n: int, algorithm: Algorithm = Algorithm.ROUND_ROBIN) -> ServiceSpec:
-    eps = tuple(sorted(EndpointSpec(f"198.18.{j}.{i % 250 + 1}", 8000 + j, (i + j) % 4)
+    eps = tuple(sorted(EndpointSpec(f"198.{18 + j // 256}.{j % 256}.{i % 250 + 1}", 8000 + j,
+                                    (i + j) % 4)
                        for j in range(n)))
     return ServiceSpec(f"198.19.{i // 250}.{i % 250 + 1}", 80 + i % 3, Proto.TCP, algorithm,
                        endpoints=eps)
@@ -113,51 +114,80 @@ def spec(i: int, n: int, algorithm: Algorithm = Algorithm.ROUND_ROBIN) -> Servic
 @pytest.fixture
 def table():
     return ServiceTable(MemoryDatapath(Settings(name="m", max_services=512,
-                                                max_backends=4096, ct_size=64)),
+                                                max_backends=8192, ct_size=64)),
                         maglev_size=251)
 
 
 def restarted(table: ServiceTable) -> ServiceTable:
     """A new table over the same maps, as a restarted dpd makes."""
-    dp = MemoryDatapath(Settings(name="m", max_services=512, max_backends=4096, ct_size=64))
+    dp = MemoryDatapath(Settings(name="m", max_services=512, max_backends=8192, ct_size=64))
     for name, m in (("maglev_v4_map", table.maglev), ("nat_v4_map", table.nat),
                     ("svc_stats_map", table.svc_stats), ("ep_stats_map", table.ep_stats),
                     ("rr_map", table.rr), ("vip_v4_map", table.vips),
-                    ("svc_cfg_map", table.cfg), ("ep_conn_map", table.ep_conn)):
+                    ("svc_cfg_map", table.cfg), ("ep_conn_map", table.ep_conn),
+                    ("ep_map", table.ep_map), ("slot_map", table.slot_map)):
         dp.maps[name] = m
     dp.reused = True
     return ServiceTable(dp, maglev_size=251)
 
 
-def reference_value(t: ServiceTable, e, selected: tuple[int, ...] | None = None) -> bytes:
-    """The value as the ABI codec packs it, field by field; the slot table from the
-    `selected` weights (default: the configured ones)."""
-    codec = load().structs["xlb_nat_val"].codec
+def reference_value(t: ServiceTable, e, selected: tuple[int, ...] | None = None
+                    ) -> tuple[bytes, list[bytes], list[int]]:
+    """The nat_v4_map value and ep_map rows as the ABI codecs pack them, field by field,
+    and the slot table from the `selected` weights (default: the configured ones)."""
+    abi = load()
     weights = [ep.weight for ep in e.spec.endpoints]
-    slots = bytes(build_slots(weights if selected is None else selected, t.n_slots))
-    return codec.pack(
+    sel = weights if selected is None else list(selected)
+    slots = build_slots(sel, t.n_slots)
+    down = t.down(e.spec.key) if e.spec.health else ()  # XLB_EP_DOWN (2): health's
+    nat = abi.structs["xlb_nat_val"].codec.pack(
         svc_id=e.svc_id, algo=int(e.spec.algorithm), mode=int(e.spec.mode),
         n_eps=len(weights), flags=t._maglev_flag if e.maglev_b else 0, n_slots=len(slots),
         persist_s=e.spec.persistence_s,
         snat_addr=socket.inet_aton(e.spec.snat_addr) if e.spec.snat_addr else bytes(4),
-        eps=[{"addr": socket.inet_aton(ep.address), "port": ep.port, "weight": ep.weight,
-              "stat_id": sid} for ep, sid in zip(e.spec.endpoints, e.ep_ids, strict=True)],
-        slots=slots)
+        ep_base=e.ep_base, slot_base=e.slot_base)
+    eps = [abi.structs["xlb_ep"].codec.pack(
+        addr=socket.inet_aton(ep.address), port=ep.port, weight=ep.weight, stat_id=sid,
+        flags=(1 if w > 0 else 0) | (2 if (ep.address, ep.port) in down else 0),
+        prio=ep.priority)
+        for ep, sid, w in zip(e.spec.endpoints, e.ep_ids, sel, strict=True)]
+    return nat, eps, slots
+
+
+def held_value(t: ServiceTable, e) -> tuple[bytes, list[bytes], list[int]]:
+    """What the maps hold for `e`: its nat_v4_map value, ep_map rows and slot table."""
+    nat = t.nat.get(t.key_bytes(e.spec))
+    eps = [t.ep_map.get((e.ep_base + i).to_bytes(4, "little")) for i in range(len(e.ep_ids))]
+    held = t.held_selection(e.spec.key)
+    assert nat is not None and held is not None
+    return nat, eps, held[0]
+
+
+def check_runs(t: ServiceTable) -> None:
+    """No two services share an ep_map or slot_map entry, and every entry no service
+    holds is free."""
+    for space, runs in ((t.ep_space, [(e.ep_base, len(e.ep_ids)) for _, e in t.entries()]),
+                        (t.slot_space, [(e.slot_base, -(-e.n_slots // 4))
+                                        for _, e in t.entries()])):
+        held = sorted(r for r in runs if r[1])
+        for (a, n), (b, _) in zip(held, held[1:], strict=False):
+            assert a + n <= b
+        assert space.free_entries() == space.size - sum(n for _, n in held)
 
 
 def test_bulk_encoding_writes_what_the_codec_packs_and_a_restart_reads_it_back(table):
-    specs = [spec(i, n) for i, n in enumerate([1, 2, 3, 4, 5, 17, 64] * 40)]
+    specs = [spec(i, n) for i, n in enumerate([1, 2, 3, 4, 5, 17, 64] * 40 + [1024] * 2)]
     specs[3] = spec(3, 5, Algorithm.MAGLEV)
     table.put(specs)
     # changes: endpoints added and removed, a weight, maglev flipping its key
-    changed = [spec(i, n) for i, n in enumerate([2, 1, 4, 3, 5, 16, 64] * 5)]
+    changed = [spec(i, n) for i, n in enumerate([2, 1, 4, 3, 5, 16, 64] * 5 + [1023])]
     changed[3] = spec(3, 4, Algorithm.MAGLEV)
     table.put(changed)
     entries = dict(table.entries())
-    held = dict(table.nat.items())
-    assert len(held) == len(entries) == len(specs)
-    for key, e in entries.items():
-        assert held[table.key_bytes(key)] == reference_value(table, e)
+    assert len(dict(table.nat.items())) == len(entries) == len(specs)
+    for e in entries.values():
+        assert held_value(table, e) == reference_value(table, e)
+    check_runs(table)
     again = restarted(table)
     assert {k: (e.spec, e.svc_id, e.ep_ids, e.maglev_b) for k, e in again.entries()} == {
         k: (e.spec, e.svc_id, e.ep_ids, e.maglev_b) for k, e in entries.items()}
@@ -166,7 +196,7 @@ def test_bulk_encoding_writes_what_the_codec_packs_and_a_restart_reads_it_back(t
 
 
 def random_spec(rng: random.Random, i: int) -> ServiceSpec:
-    n = rng.choice([1, 2, 3, 4, 4, 4, 7, 17, 64])
+    n = rng.choice([1, 2, 3, 4, 4, 4, 7, 17, 64]) if rng.random() > 0.01 else 1024
     weights = rng.choice([[1] * n, [0] * n,
                           [rng.choice([0, 1, 2, 5, 999, 1000]) for _ in range(n)]])
     grouped = rng.random() < 0.2
@@ -190,7 +220,7 @@ def test_batch_encoder_writes_what_the_codec_packs_for_random_services():
     is held, and the services a restart reads back."""
     rng = random.Random(11)
     t = ServiceTable(MemoryDatapath(Settings(name="m", max_services=1024,
-                                             max_backends=65536, ct_size=64)),
+                                             max_backends=262144, ct_size=64)),
                      maglev_size=251)
     for round_ in range(4):
         specs = [random_spec(rng, i) for i in rng.sample(range(600), 300)]
@@ -202,13 +232,21 @@ def test_batch_encoder_writes_what_the_codec_packs_for_random_services():
             changes[key] = frozenset((ep.address, ep.port)
                                      for ep in rng.sample(eps, rng.randrange(len(eps) + 1)))
         t.set_down(changes)
-        held = dict(t.nat.items())
         for key, e in t.entries():
             want = reference_value(t, e, t._effective(e))
-            assert held[t.key_bytes(key)] == want, (round_, key)
+            assert held_value(t, e) == want, (round_, key)
+        check_runs(t)
     again = restarted(t)
     assert {k: (e.spec, e.ep_ids) for k, e in again.entries()} == {
         k: (e.spec, e.ep_ids) for k, e in t.entries()}
+    # what health took out of selection is read back (XLB_EP_DOWN)
+    assert {k: again.down(k) for k, _ in t.entries()} == {
+        k: t.down(k) & {(ep.address, ep.port) for ep in e.spec.endpoints}
+        if e.spec.health else frozenset() for k, e in t.entries()}
+    check_runs(again)
+    t.delete([k for k, _ in t.entries()])  # every run freed
+    assert t.ep_space.free_entries() == t.ep_space.size
+    assert t.slot_space.free_entries() == t.slot_space.size
 
 
 def test_put_batch_raw_splits_for_an_in_memory_map_and_checks_sizes(table):

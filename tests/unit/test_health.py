@@ -195,9 +195,11 @@ def dp():
 
 
 def slots_of(table: ServiceTable, s: ServiceSpec) -> set[int]:
-    raw = table.nat.get(table.key_bytes(s))
-    v = table._val.unpack(raw)
-    return set(v["slots"][:v["n_slots"]])
+    held = table.held_selection(s.key)
+    assert held is not None
+    slots, live = held
+    assert set(slots) == {i for i, up in enumerate(live) if up}  # LIVE: holds slots
+    return set(slots)
 
 
 def test_set_down_rewrites_the_slots_keeps_weights_and_generation(dp):
