@@ -29,7 +29,8 @@ from xlbcore.server import MESSAGE_OPTIONS
 # Replies of ApplyServices / ListServices for many services exceed grpc's default 4 MiB.
 CHANNEL_OPTIONS = MESSAGE_OPTIONS
 
-PROTOCOLS = {"tcp": types_pb2.PROTOCOL_TCP, "udp": types_pb2.PROTOCOL_UDP}
+PROTOCOLS = {"tcp": types_pb2.PROTOCOL_TCP, "udp": types_pb2.PROTOCOL_UDP,
+             "sctp": types_pb2.PROTOCOL_SCTP}
 ALGORITHMS = {
     "round-robin": types_pb2.ALGORITHM_ROUND_ROBIN,
     "rr": types_pb2.ALGORITHM_ROUND_ROBIN,

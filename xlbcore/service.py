@@ -34,6 +34,7 @@ class Proto(enum.IntEnum):
 
     TCP = 6
     UDP = 17
+    SCTP = 132
 
 
 class Algorithm(enum.IntEnum):
@@ -64,6 +65,7 @@ DSR_MODES = (Mode.DSR, Mode.DSR_IPIP)
 _API_PROTO: dict[int, Proto] = {
     types_pb2.PROTOCOL_TCP: Proto.TCP,
     types_pb2.PROTOCOL_UDP: Proto.UDP,
+    types_pb2.PROTOCOL_SCTP: Proto.SCTP,
 }
 _PROTO_API = {v: k for k, v in _API_PROTO.items()}
 
@@ -236,7 +238,8 @@ def parse_proto(api_value: int, field: str = "protocol") -> Proto:
         return _API_PROTO[api_value]
     except KeyError:
         raise ValidationError(
-            f"{field}: unknown protocol {api_value}; use PROTOCOL_TCP or PROTOCOL_UDP"
+            f"{field}: unknown protocol {api_value}; use PROTOCOL_TCP, PROTOCOL_UDP "
+            "or PROTOCOL_SCTP"
         ) from None
 
 
