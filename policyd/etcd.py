@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class Etcd:
         self.host, self.port = parse_endpoint(url)
         self.timeout = timeout
         self._local = threading.local()
+        self._watches: set[http.client.HTTPConnection] = set()  # open watch streams
+        self._watches_lock = threading.Lock()
 
     # -- transport ------------------------------------------------------------------
 
@@ -176,6 +179,8 @@ class Etcd:
             "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
             "start_revision": start_revision}}).encode()
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        with self._watches_lock:
+            self._watches.add(conn)
         try:
             conn.request("POST", "/v3/watch", body, {"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -191,7 +196,21 @@ class Etcd:
         except (OSError, http.client.HTTPException, ValueError):
             return
         finally:
+            with self._watches_lock:
+                self._watches.discard(conn)
             conn.close()
+
+    def abort_watches(self) -> None:
+        """End every watch of this client now (they return), e.g. to stop at once."""
+        with self._watches_lock:
+            conns = list(self._watches)
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def compare_created(key: bytes, create_revision: int) -> dict[str, Any]:

@@ -255,6 +255,7 @@ class EtcdStore(Store):
 
     def close(self) -> None:
         self._stop.set()
+        self.etcd.abort_watches()
         if self._following is not None:
             self._following.join(WATCH_IDLE + 1)
         super().close()

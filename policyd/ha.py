@@ -13,11 +13,11 @@
   never reconciles without holding the key, and its fenced writes fail once the key is
   gone.
 - Followers serve Get*, List* and Watch from their copy of the store (kept current by
-  policyd.etcd_store's watch) and refuse, with UNAVAILABLE naming the leader, what only
-  the leader can answer: every write (what xlbcore.auth calls admin), GetSyncStatus,
-  WatchSyncStatus and WatchEvents (the nodes' status and events live in the leader's
-  reconciler). Refusing rather than forwarding keeps one path for a write, with the
-  caller's own credentials, and tells the caller where to go.
+  policyd.etcd_store's watch), GetSyncStatus and WatchSyncStatus from the status the
+  leader publishes in etcd (policyd.ha_status), and refuse, with UNAVAILABLE naming the
+  leader, every write (what xlbcore.auth calls admin) and WatchEvents (the nodes' event
+  streams are the leader's). Refusing rather than forwarding keeps one path for a write,
+  with the caller's own credentials, and tells the caller where to go.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ log = structlog.get_logger()
 
 DEFAULT_TTL = 2  # seconds: etcd leases are whole seconds
 DEFAULT_POLL = 0.25
-# reads that only the leader can answer (its reconciler's state)
-LEADER_READS = frozenset({"GetSyncStatus", "WatchSyncStatus", "WatchEvents"})
+# reads that only the leader can answer (the nodes' event streams it holds)
+LEADER_READS = frozenset({"WatchEvents"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ class Election:
     def leading(self) -> bool:
         with self._lock:
             return self._leading
+
+    @property
+    def lease(self) -> int:
+        """The etcd lease of this replica's leadership; 0 when it does not lead."""
+        with self._lock:
+            return self._lease if self._leading else 0
 
     @property
     def leader(self) -> Leader | None:

@@ -26,6 +26,7 @@ from policyd.defaults import DEFAULT_LISTEN
 from policyd.etcd import Etcd
 from policyd.etcd_store import EtcdStore
 from policyd.ha import Election, FollowerInterceptor
+from policyd.ha_status import ReplicaStatus, StatusMirror, StatusPublisher
 from policyd.nodeclient import node_channels
 from policyd.reconciler import Reconciler, ReconcilerSettings
 from policyd.servicer import PolicyServicer
@@ -86,6 +87,8 @@ class PolicyServer:
         self._servicer: PolicyServicer | None = None
         self._stopped = False
         self.election: Election | None = None  # replicas on etcd only
+        self._mirror: StatusMirror | None = None  # the leader's published node status
+        self._publisher: StatusPublisher | None = None  # it, while this replica leads
 
     def start(self) -> PolicyServer:
         where = self.config.store or self.config.db_path
@@ -101,7 +104,13 @@ class PolicyServer:
                 interceptors += (FollowerInterceptor(lambda: self.election),)
             self.reconciler = Reconciler(store, self.config.reconciler,
                                          **node_channels(self.config.node_tls))
-            servicer = self._servicer = PolicyServicer(store, self.reconciler)
+            status = None
+            if isinstance(store, EtcdStore):  # followers answer the leader's published status
+                self._mirror = StatusMirror(store.etcd, store.prefix, store)
+                status = ReplicaStatus(lambda: self.election is not None
+                                       and self.election.leading, self.reconciler,
+                                       self._mirror)
+            servicer = self._servicer = PolicyServicer(store, self.reconciler, status=status)
             self._server = start_server(
                 self._listen,
                 POLICY_SERVICE,
@@ -117,10 +126,15 @@ class PolicyServer:
         self.address = self._server.address
         if isinstance(store, EtcdStore):
             store.follow()
-            self.election = Election(
+            if self._mirror is not None:
+                self._mirror.start()
+            election = self.election = Election(
                 store, self.config.replica or f"{socket.gethostname()}-{os.getpid()}",
                 self.config.advertise or self.address, ttl=self.config.lease_ttl,
-                on_elected=self.reconciler.start, on_lost=self._leadership_lost).start()
+                on_elected=self._elected, on_lost=self._leadership_lost)
+            self._publisher = StatusPublisher(store.etcd, store.prefix, self.reconciler,
+                                              lambda: election.lease)
+            election.start()
         else:
             self.reconciler.start()
         log.info(
@@ -157,7 +171,15 @@ class PolicyServer:
                  client_certificates=bool(tls and tls.client_ca), tls=tls is not None)
         return (AuthInterceptor(tokens, daemon="policyd"),), credentials
 
+    def _elected(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.start()
+        if self._publisher is not None:
+            self._publisher.start()
+
     def _leadership_lost(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
         if self.config.on_leadership_lost is not None:
@@ -177,12 +199,19 @@ class PolicyServer:
         self._stopped = True
         if self._servicer is not None:
             self._servicer.close()  # Watch streams end (UNAVAILABLE) before the grace
+        if self._mirror is not None:
+            self._mirror.signal_stop()  # a follower's WatchSyncStatus streams too; its
+            # etcd watch ends within a second, beside the store's (joined below)
         if self._server is not None:
             self._server.stop(grace)
+        if self._publisher is not None:
+            self._publisher.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
         if self.election is not None:
             self.election.stop()  # after the reconciler: never two leaders pushing
+        if self._mirror is not None:
+            self._mirror.close()
         if self.store is not None:
             self.store.close()
         log.info("policyd.stopped")

@@ -14,6 +14,7 @@ import structlog
 
 from policyd import messages
 from policyd.events import NodeEventsRpcs
+from policyd.ha_status import StatusSource
 from policyd.health import fill_status
 from policyd.object_rpcs import ObjectKind
 from policyd.policer_rpcs import PolicerRpcs
@@ -56,10 +57,12 @@ class PolicyServicer(XdpRpcs, PolicerRpcs, NodeEventsRpcs, policy_pb2_grpc.Polic
     POLL = 0.5  # seconds a stream waits for events before it checks its call
 
     def __init__(self, store: Store, reconciler: Reconciler,
-                 watch: ObjectWatch | None = None) -> None:
+                 watch: ObjectWatch | None = None, status: StatusSource | None = None) -> None:
         self._store = store
         self._reconciler = reconciler
         self.watch = watch if watch is not None else ObjectWatch(store)
+        # GetSyncStatus' and WatchSyncStatus' answers (replicas: policyd.ha_status)
+        self._status: StatusSource = status if status is not None else reconciler
 
     def close(self) -> None:
         """End every Watch and WatchSyncStatus stream (policyd stopping)."""
@@ -308,8 +311,8 @@ class PolicyServicer(XdpRpcs, PolicerRpcs, NodeEventsRpcs, policy_pb2_grpc.Polic
         self, request: policy_pb2.WatchSyncStatusRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.SyncStatusEvent]:
         name = validate_name(request.node, "node") if request.node else ""
-        hub = self._reconciler.status_watch
-        current = self._reconciler.statuses()
+        hub = self._status.status_watch
+        current = self._status.statuses()
         if name and name not in current:
             self._store.get_node(name)  # NOT_FOUND
         watcher, initial = hub.subscribe(name, current)
@@ -334,7 +337,7 @@ class PolicyServicer(XdpRpcs, PolicerRpcs, NodeEventsRpcs, policy_pb2_grpc.Polic
         self, request: policy_pb2.GetSyncStatusRequest, context: grpc.ServicerContext
     ) -> policy_pb2.GetSyncStatusResponse:
         name = validate_name(request.node, "node") if request.node else ""
-        generation, statuses = self._reconciler.status(name)
+        generation, statuses = self._status.status(name)
         resp = policy_pb2.GetSyncStatusResponse(
             generation=generation, nodes=[messages.status_to_proto(s) for s in statuses]
         )
@@ -344,7 +347,7 @@ class PolicyServicer(XdpRpcs, PolicerRpcs, NodeEventsRpcs, policy_pb2_grpc.Polic
     def _fill_health(self, resp: policy_pb2.GetSyncStatusResponse, listed: bool) -> None:
         """Each node's endpoint counts by health, and with `listed` every checked
         service's endpoints (by the service's name)."""
-        health = self._reconciler.node_health()
+        health = self._status.node_health()
         names = ({s.spec.key: s.name for s in self._store.list_services()}
                  if listed else {})
         for status in resp.nodes:

@@ -2,11 +2,13 @@
 client applies changes continuously (retrying on UNAVAILABLE at the next replica); a
 follower takes over within the 5 s the design promises (lease ttl 2 s + election), every
 apply the client saw succeed is in the store afterwards with its generation, and the new
-leader brings the node to the latest state: SYNCED, its datapath holding exactly the
-stored services, traffic through a service applied after the failover."""
+leader brings the node to the latest state: SYNCED (the remaining follower serving that
+status too), its datapath holding exactly the stored services, traffic through a service
+applied after the failover."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import grpc
 import pytest
 
 from lab.client import run_tcp_who
+from policyd.etcd import Etcd
 from tests.cluster.conftest import VIP, open_cluster, wait_until
 from tests.etcd_server import run_etcd
 from xlb.dpd.v1 import datapath_pb2 as dpb
@@ -98,14 +101,12 @@ def test_leader_killed_under_churn_follower_takes_over_without_losing_acks():
             c.policyd.kill()  # SIGKILL: no lease given up, no goodbye
             killed = time.monotonic()
 
+            etcd = Etcd(url)
+
             def leader() -> int | None:
-                for k, stub in enumerate(stubs[1:], start=1):
-                    try:
-                        stub.GetSyncStatus(ppb.GetSyncStatusRequest(), timeout=1)
-                        return k
-                    except grpc.RpcError:
-                        pass
-                return None
+                held = etcd.get(b"/xlb/policyd/leader")  # the election's key
+                name = json.loads(held.value)["name"] if held is not None else ""
+                return {"p2": 1, "p3": 2}.get(name)
 
             new = wait_until(leader, 15, "a follower to lead")
             takeover = time.monotonic() - killed
@@ -149,6 +150,12 @@ def test_leader_killed_under_churn_follower_takes_over_without_losing_acks():
                         and st.observed_generation >= web.revision)
 
             wait_until(synced, 30, "node1 SYNCED at the latest revision on the new leader")
+            # the other replica, a follower, answers the node's status as the leader does
+            wait_until(lambda: other.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"),
+                                                   timeout=5)
+                       == stub.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"),
+                                             timeout=5),
+                       10, "the follower to serve the new leader's status of node1")
             with grpc.insecure_channel(c.nodes["node1"].address) as ch:
                 on_node = {(s.vip, s.port) for s in datapath_pb2_grpc.DatapathStub(ch)
                            .ListServices(dpb.ListServicesRequest(), timeout=5)}

@@ -1,6 +1,7 @@
-"""policyd replicas on a real etcd, in process (no nodes): one leader takes writes, a
-follower serves reads from etcd and refuses writes and sync status with UNAVAILABLE naming
-the leader; a stopped leader hands over and the follower carries on from the same state."""
+"""policyd replicas on a real etcd, in process (nodes: in-memory dpds): one leader takes
+writes, a follower serves reads from etcd and the nodes' sync status as the leader
+publishes it, and refuses writes and WatchEvents with UNAVAILABLE naming the leader; a
+stopped leader hands over and the follower carries on from the same state."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.etcd_server import run_etcd
 from xlb.policy.v1 import policy_pb2 as ppb
 from xlb.policy.v1 import policy_pb2_grpc
 from xlb.types.v1 import types_pb2 as tpb
+from xlbcore.service import parse_service
 
 
 def service(name: str, port: int, weight: int = 1) -> ppb.Service:
@@ -23,14 +25,15 @@ def service(name: str, port: int, weight: int = 1) -> ppb.Service:
 
 
 @pytest.fixture
-def replicas(tmp_path):
+def replicas(sockdir, fast):
     with run_etcd() as url:
         servers: list[PolicyServer] = []
         channels: list[grpc.Channel] = []
 
         def start(name: str) -> policy_pb2_grpc.PolicyStub:
-            srv = PolicyServer(PolicydConfig(listen=f"unix:{tmp_path}/{name}.sock",
-                                             store=url, replica=name)).start()
+            srv = PolicyServer(PolicydConfig(listen=f"unix:{sockdir}/{name}.sock",
+                                             store=url, replica=name,
+                                             reconciler=fast)).start()
             servers.append(srv)
             channels.append(grpc.insecure_channel(srv.address))
             return policy_pb2_grpc.PolicyStub(channels[-1])
@@ -76,8 +79,9 @@ def test_follower_reads_refuses_writes_and_takes_over(replicas):
     assert "p2 is a follower" in err.value.details()
     assert f"leader is replica p1 at {servers[0].address}" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        follower.GetSyncStatus(ppb.GetSyncStatusRequest(), timeout=5)
+        next(follower.WatchEvents(ppb.WatchEventsRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "WatchEvents goes to the leader" in err.value.details()
     assert [s.name for s in leader.ListServices(ppb.ListServicesRequest(), timeout=5)] == ["web"]
 
     servers[0].stop(0)  # a graceful stop gives the lease up: the follower's next poll wins
@@ -128,3 +132,71 @@ def test_a_leader_whose_lease_is_gone_stops_and_exits_1(tmp_path):
             raise
         finally:
             p.stop()
+
+
+def test_a_follower_serves_the_nodes_sync_status_the_leader_publishes(replicas, fake_node):
+    start, servers = replicas
+    leader = start("p1")
+    follower = start("p2")
+    node = fake_node("n1").start()
+    leader.RegisterNode(ppb.RegisterNodeRequest(node=ppb.Node(name="n1",
+                                                              address=node.address)),
+                        timeout=5)
+    web = leader.ApplyService(ppb.ApplyServiceRequest(service=service("web", 80)), timeout=5)
+
+    def status(stub: policy_pb2_grpc.PolicyStub) -> ppb.GetSyncStatusResponse:
+        return stub.GetSyncStatus(ppb.GetSyncStatusRequest(node="n1"), timeout=5)
+
+    until(lambda: status(leader).nodes[0].state == ppb.SYNC_STATE_SYNCED)
+    # the follower answers what the leader answers, field for field (times included)
+    until(lambda: status(follower) == status(leader))
+    got = status(follower)
+    assert (got.generation, got.nodes[0].state, got.nodes[0].observed_generation,
+            got.nodes[0].services) == (web.revision, ppb.SYNC_STATE_SYNCED, web.revision, 1)
+
+    stream = follower.WatchSyncStatus(ppb.WatchSyncStatusRequest(node="n1"), timeout=20)
+    first = next(stream)
+    assert first.node.node == "n1" and first.node.state == ppb.SYNC_STATE_SYNCED
+    assert next(stream).current
+    node.stop()  # the node goes away: the leader's status turns ERROR, and the follower's
+    while True:
+        event = next(stream)
+        if event.HasField("node") and event.node.state == ppb.SYNC_STATE_ERROR:
+            break
+    stream.cancel()
+    assert event.node.message and event.node.message == status(leader).nodes[0].message
+    with pytest.raises(grpc.RpcError) as err:
+        follower.GetSyncStatus(ppb.GetSyncStatusRequest(node="n9"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_dead_leaders_status_is_not_served_as_current(tmp_path):
+    """The records live on the leader's lease: once it is gone (the leader died) a
+    replica answers PENDING saying no leader reports, not the last record."""
+    from policyd.etcd import Etcd
+    from policyd.etcd_store import EtcdStore
+    from policyd.ha_status import NO_LEADER, StatusMirror, encode_record
+    from policyd.status import NodeStatus, SyncState
+
+    with run_etcd() as url:
+        etcd = Etcd(url)
+        store = EtcdStore(Etcd(url), b"/t/")
+        mirror = StatusMirror(etcd, b"/t/", store)
+        try:
+            store.register_node("n1", "198.18.0.1:50051")
+            mirror.start()
+            lease = etcd.grant(30)
+            synced = NodeStatus("n1", SyncState.SYNCED, 0, 0, "", 5, 6, 0)
+            etcd.put(b"/t/status/n1", encode_record(synced, (2, 1, 0)), lease)
+            until(lambda: mirror.status("n1")[1][0].state == SyncState.SYNCED)
+            assert mirror.node_health()["n1"].counts() == (2, 1, 0)
+            store.apply_service("web", parse_service(service("web", 80)))  # generation 1
+            assert mirror.status("n1")[1][0].state == SyncState.PENDING  # synced to 0 only
+            etcd.revoke(lease)
+            until(lambda: mirror.status("n1")[1][0].message == NO_LEADER)
+            assert mirror.status("n1")[0] == 1
+            assert mirror.status("n1")[1][0].state == SyncState.PENDING
+        finally:
+            mirror.close()
+            store.close()
+            etcd.close()
