@@ -166,6 +166,7 @@ def test_packet_of_no_flow_passes_untouched(node, chunks, vtag):
     verdict, out = run(node, pkt)
     assert verdict == TC_ACT_OK and bytes(out) == pkt
     assert node.list_conntrack() == []
+    assert node.global_stats()["pass_bad_flags"].packets == 1
 
 
 def test_sctp_to_other_port_or_tcp_service_is_untouched(node):

@@ -118,18 +118,29 @@ def test_sctp_flows_age_by_the_tcp_timeouts():
     assert expired(Proto.SCTP, new, 31 * SECOND, s, t)  # an INIT never answered
 
 
-def test_xlbctl_applies_an_sctp_service_that_reaches_the_node(capsys, policyd, fake_node):
-    from policyd import cli
+def test_the_examples_in_docs_sctp_work_as_written(capsys, policyd, fake_node):
+    """docs/sctp.md's grpcurl body is what dpd takes, and its xlbctl line applies through
+    policyd onto a node."""
+    import shlex
 
+    from google.protobuf import json_format
+
+    from policyd import cli
+    from xlbcore.service import parse_services
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sctp.md").read_text()
+    (body,) = re.findall(r"-d '(\{.*?\})' \\", text, re.S)
+    specs = parse_services(json_format.Parse(body, pb.PutServicesRequest()).services)
+    assert [(s.port, s.proto, len(s.endpoints)) for s in specs] == [(38412, Proto.SCTP, 2)]
+    (line,) = re.findall(r"^xlbctl service apply .*?(?<!\\)\n", text, re.S | re.M)
+    argv = shlex.split(line.replace("\\\n", " "))
     node = fake_node("a").start()
     server = policyd()
     assert cli.main(["--server", server.address, "node", "register", "a", node.address]) == 0
-    assert cli.main(["--server", server.address, "service", "apply", "--name", "ngap",
-                     "--vip", "198.19.0.10", "--port", "38412", "--protocol", "sctp",
-                     "--endpoint", "198.18.1.2:9000"]) == 0
+    assert cli.main(["--server", server.address, *argv[1:]]) == 0
     assert cli.main(["--server", server.address, "status", "a", "--wait",
                      "--timeout", "10"]) == 0
     capsys.readouterr()
-    stub_services = list(node.datapath.ListServices(pb.ListServicesRequest(), None))
-    assert [(s.vip, s.port, s.protocol) for s in stub_services] == [
-        ("198.19.0.10", 38412, tpb.PROTOCOL_SCTP)]
+    got = list(node.datapath.ListServices(pb.ListServicesRequest(), None))
+    assert [(s.port, s.protocol, len(s.endpoints)) for s in got] == [
+        (38412, tpb.PROTOCOL_SCTP, 2)]
