@@ -130,12 +130,15 @@ class Etcd:
         kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs", [])
         return _kv(kvs[0]) if kvs else None
 
-    def range(self, start: bytes, end: bytes, limit: int = 0) -> tuple[list[KeyValue], int]:
-        """Keys in [start, end), ascending, at most `limit` (0: all); with the store's
-        revision the read was at."""
+    def range(self, start: bytes, end: bytes, limit: int = 0,
+              revision: int = 0) -> tuple[list[KeyValue], int]:
+        """Keys in [start, end), ascending, at most `limit` (0: all), as of store revision
+        `revision` (0: now); with the store's revision the read was at."""
         body: dict[str, Any] = {"key": _b64(start), "range_end": _b64(end)}
         if limit:
             body["limit"] = limit
+        if revision:
+            body["revision"] = revision
         answer = self.call("kv/range", body)
         return ([_kv(i) for i in answer.get("kvs", [])],
                 int(answer.get("header", {}).get("revision", 0)))
@@ -224,6 +227,10 @@ def op_put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
     if lease:
         put["lease"] = str(lease)
     return {"request_put": put}
+
+
+def op_delete_range(start: bytes, end: bytes) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(start), "range_end": _b64(end)}}
 
 
 def op_get(key: bytes) -> dict[str, Any]:

@@ -26,11 +26,19 @@ How it works:
   the entry did reach etcd after all, the replica applies it from the log like any other.
 - A follower learns of new entries through an etcd watch on the log (``follow``), with a
   periodic re-read as a safety net.
+- Snapshots: every ``snapshot_every`` entries (default 1000) the leader writes its state
+  at log index N (the SQLite image, zlib-compressed, in chunks under
+  ``snapshot/<N>/``, then the pointer ``snapshot`` naming N) and deletes the log entries
+  up to the previous snapshot's index and older snapshots' chunks, all fenced like a
+  write. A replica starting loads the latest snapshot (read at the pointer's etcd
+  revision, so a newer one written meanwhile does not tear it) and applies the log from
+  N + 1. A running replica that finds its next entry deleted (it fell more than a
+  snapshot interval behind) cannot catch up in place: ``Compacted``, and ``on_compacted``
+  runs (xlb-policyd exits 1 and its supervisor starts it again, from the snapshot).
 
 Arguments are pickled, and read back with an unpickler that only builds classes of
 policyd, xlbcore and the standard library's ipaddress and enum: the log is not a way to
 run code. Every replica must run the same policyd version (the log holds method calls).
-The log is never compacted: a replica starting reads it from the start (see docs/ha.md).
 """
 
 from __future__ import annotations
@@ -39,17 +47,30 @@ import base64
 import contextlib
 import enum
 import functools
+import hashlib
 import io
 import json
+import os
 import pickle
+import shutil
+import sqlite3
+import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
 
-from policyd.etcd import Etcd, EtcdError, compare_created, op_put, prefix_end
+from policyd.etcd import (
+    Etcd,
+    EtcdError,
+    compare_created,
+    op_delete_range,
+    op_put,
+    prefix_end,
+)
 from policyd.store import Store
 from xlbcore.errors import UnavailableError, XlbError
 
@@ -60,10 +81,16 @@ WRITE_PREFIXES = ("apply_", "delete_", "register_", "deregister_")
 RANGE_PAGE = 500  # log entries read per request
 WATCH_IDLE = 1.0  # seconds without news before a follower re-reads the log anyway
 RETRIES = 3  # runs of a write that keeps losing the race for the next log index
+SNAPSHOT_EVERY = 1000  # log entries between the leader's snapshots
+SNAPSHOT_CHUNK = 512 * 1024  # bytes of a snapshot chunk (etcd takes 1.5 MiB a request)
 
 
 class NotLeaderError(UnavailableError):
     """This replica's fence (its leadership) is gone: the write was not made."""
+
+
+class Compacted(EtcdError):
+    """The log entries this replica needs next were compacted away: start it again."""
 
 
 class _Behind(XlbError):
@@ -122,10 +149,15 @@ _WRITES: dict[str, Callable[..., Any]] = {
 class EtcdStore(Store):
     """A Store whose writes are committed to an etcd log and which applies the log."""
 
-    def __init__(self, etcd: Etcd, prefix: bytes = DEFAULT_PREFIX) -> None:
+    def __init__(self, etcd: Etcd, prefix: bytes = DEFAULT_PREFIX, *,
+                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self._log_prefix = prefix + b"log/"
+        self._snapshot_key = prefix + b"snapshot"
+        self.snapshot_every = snapshot_every  # 0: this replica never writes one
+        self.snapshot_index = 0  # the log index of the latest snapshot loaded or written
+        self.on_compacted: Callable[[], None] | None = None  # see Compacted
         self.applied = 0  # the last log index applied to this replica's state
         self._entry: bytes | None = None  # the entry of the write running (under the lock)
         self._replaying = False
@@ -133,8 +165,88 @@ class EtcdStore(Store):
         self._fence: list[dict[str, Any]] = []  # extra compares of every write (leadership)
         self._following: threading.Thread | None = None
         self._stop = threading.Event()
-        super().__init__(":memory:")
+        image = self._read_snapshot()
+        if image is None:
+            super().__init__(":memory:")
+        else:
+            self._open_image(*image)
         self.catch_up()
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def _chunks(self, index: int) -> bytes:
+        return self.prefix + b"snapshot/%020d/" % index
+
+    def _read_snapshot(self) -> tuple[int, bytes] | None:
+        """(index, SQLite image) of the latest snapshot, None when there is none."""
+        kvs, revision = self.etcd.range(self._snapshot_key, self._snapshot_key + b"\0")
+        if not kvs:
+            return None
+        meta = json.loads(kvs[0].value)
+        index = int(meta["index"])
+        start = self._chunks(index)
+        chunks, _ = self.etcd.range(start, prefix_end(start), revision=revision)
+        data = b"".join(kv.value for kv in chunks)
+        if len(chunks) != int(meta["chunks"]) or hashlib.sha256(data).hexdigest() != meta[
+                "sha256"]:
+            raise EtcdError(f"store: snapshot {index} is incomplete in etcd")
+        return index, zlib.decompress(data)
+
+    def _open_image(self, index: int, image: bytes) -> None:
+        """Open the Store on a snapshot's SQLite image, then hold it in memory."""
+        workdir = tempfile.mkdtemp(prefix="xlb-policyd-snapshot-")
+        try:
+            path = os.path.join(workdir, "store.db")
+            with open(path, "wb") as f:
+                f.write(image)
+            super().__init__(path)  # reads the image (and migrates an older schema)
+            memory = sqlite3.connect(":memory:", check_same_thread=False,
+                                     isolation_level=None)
+            self._conn.backup(memory)
+            self._conn.close()
+            self._conn, self.path = memory, ":memory:"
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.applied = self.snapshot_index = index
+        log.info("store.snapshot_loaded", index=index, bytes=len(image),
+                 generation=self.generation)
+
+    def write_snapshot(self) -> int:
+        """Write the state at ``applied`` as the latest snapshot, then delete the log up to
+        the previous snapshot and older snapshots' chunks (fenced: NotLeaderError once
+        this replica no longer leads). Its log index."""
+        with self._lock:
+            index, image = self.applied, self._conn.serialize()
+            fence = list(self._fence)
+        data = zlib.compress(image, 6)
+        start = self._chunks(index)
+        chunks = [data[i:i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)]
+        for n, chunk in enumerate(chunks):
+            if not self.etcd.txn(fence, [op_put(start + b"%06d" % n, chunk)])[0]:
+                raise NotLeaderError("store: no longer the leader; snapshot not written")
+        before = self.etcd.get(self._snapshot_key)
+        previous = int(json.loads(before.value)["index"]) if before is not None else 0
+        meta = json.dumps({"index": index, "chunks": len(chunks), "bytes": len(image),
+                           "sha256": hashlib.sha256(data).hexdigest()}).encode()
+        ops = [op_put(self._snapshot_key, meta),
+               op_delete_range(self.prefix + b"snapshot/", start)]
+        if previous:
+            ops.append(op_delete_range(self._key(1), self._key(min(previous, index) + 1)))
+        if not self.etcd.txn(fence, ops)[0]:
+            raise NotLeaderError("store: no longer the leader; snapshot not written")
+        self.snapshot_index = index
+        log.info("store.snapshot_written", index=index, bytes=len(image),
+                 compressed=len(data), log_deleted_to=min(previous, index))
+        return index
+
+    def _maybe_snapshot(self) -> None:
+        if not (self._fence and self.snapshot_every
+                and self.applied - self.snapshot_index >= self.snapshot_every):
+            return
+        try:
+            self.write_snapshot()
+        except EtcdError as exc:  # the write itself is committed; the next one tries again
+            log.warning("store.snapshot_failed", error=str(exc)[:200])
 
     # -- the log --------------------------------------------------------------------
 
@@ -157,8 +269,12 @@ class EtcdStore(Store):
                     index = int(kv.key[len(self._log_prefix):])
                     if index <= self.applied:
                         continue  # applied meanwhile (our own write, or another catch-up)
-                    if index != self.applied + 1:
-                        break  # a gap: read again from where we are
+                    if index != self.applied + 1:  # deleted by a snapshot (a gap else)
+                        log.error("store.compacted_past", applied=self.applied,
+                                  next_in_log=index,
+                                  note="this replica must start again from the snapshot")
+                        raise Compacted(f"store: log entries {self.applied + 1}..{index - 1}"
+                                        " were compacted; restart this replica")
                     self._replay(index, kv.value)
             if len(kvs) < RANGE_PAGE:
                 return revision
@@ -188,12 +304,14 @@ class EtcdStore(Store):
                 self._time = time.time_ns()
                 self._entry = encode_entry(op, args, kwargs, self._time)
                 try:
-                    return method(self, *args, **kwargs)
+                    result = method(self, *args, **kwargs)
                 except _Behind:
-                    pass
+                    self.catch_up()
+                    continue
                 finally:
                     self._entry, self._time = None, None
-                self.catch_up()
+                self._maybe_snapshot()
+                return result
         raise UnavailableError("store: other writes kept taking the next log entry; retry")
 
     def _now(self) -> int:
@@ -239,6 +357,10 @@ class EtcdStore(Store):
                 if failing:
                     log.info("store.etcd_back", url=self.etcd.url, applied=self.applied)
                 failing = False
+            except Compacted:
+                if self.on_compacted is not None:
+                    self.on_compacted()
+                return
             except EtcdError as exc:
                 if not failing:
                     log.warning("store.etcd_unreachable", url=self.etcd.url, error=str(exc))
@@ -250,6 +372,10 @@ class EtcdStore(Store):
                     return
                 try:
                     self.catch_up()
+                except Compacted:
+                    if self.on_compacted is not None:
+                        self.on_compacted()
+                    return
                 except EtcdError:
                     break
 

@@ -65,7 +65,8 @@ class PolicydConfig:
     node_tls: ClientTLS | None = None  # policyd's certificate towards dpd nodes over TCP
     # Replicas on etcd (docs/ha.md): the store's URL (etcd://HOST:PORT; "" = SQLite at
     # db_path), this replica's name, the address followers name as the leader's (default:
-    # the listen address), the lease's seconds, and what to do when leadership is lost.
+    # the listen address), the lease's seconds, and what to do when leadership is lost
+    # (or the store's log was compacted past this replica): a replica that must start again.
     store: str = ""
     replica: str = ""
     advertise: str = ""
@@ -125,6 +126,7 @@ class PolicyServer:
             raise
         self.address = self._server.address
         if isinstance(store, EtcdStore):
+            store.on_compacted = self._leadership_lost  # behind a snapshot: start again
             store.follow()
             if self._mirror is not None:
                 self._mirror.start()

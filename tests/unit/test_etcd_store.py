@@ -197,3 +197,51 @@ def test_log_entries_build_only_allowed_classes():
     bad["op"] = "close"
     with pytest.raises(ValueError):
         decode_entry(json.dumps(bad).encode())
+
+
+def log_indexes(url: str, prefix: bytes) -> list[int]:
+    kvs, _ = Etcd(url).range(prefix + b"log/", prefix_end(prefix + b"log/"))
+    return [int(kv.key[len(prefix) + 4:]) for kv in kvs]
+
+
+def test_snapshots_compact_the_log_and_a_new_replica_starts_from_the_latest(etcd_url,
+                                                                             prefix):
+    etcd = Etcd(etcd_url)
+    fence_key = prefix + b"leader"
+    rule = parse_rule(types_pb2.FirewallRuleSpec(priority=10,
+                                                 action=types_pb2.FIREWALL_ACTION_DROP))
+    with EtcdStore(Etcd(etcd_url), prefix, snapshot_every=5) as a:
+        a.set_fence([compare_created(fence_key, etcd.put(fence_key, b"a"))])  # the leader
+        a.register_node("n1", "198.18.0.1:50051", (("zone", "east"),))
+        a.apply_rules([("r1", rule)])
+        for i in range(10):
+            a.apply_service(f"s{i % 4}", spec(port=1000 + i % 4, weight=1 + i))
+        assert a.applied == 12 and a.snapshot_index == 10  # snapshots at 5 and 10
+        # entries up to the previous snapshot (5) are gone; 6.. stay for replicas loading
+        # snapshot 5 while 10 was written
+        assert log_indexes(etcd_url, prefix) == list(range(6, 13))
+        kvs, _ = etcd.range(prefix + b"snapshot/", prefix_end(prefix + b"snapshot/"))
+        assert {kv.key.split(b"/")[-2] for kv in kvs} == {b"%020d" % 10}
+        with open_store(etcd_url, prefix) as b:  # snapshot 10, then entries 11 and 12
+            assert (b.applied, b.snapshot_index, b.generation) == (12, 10, a.generation)
+            assert b.list_services() == a.list_services()
+            assert b.list_nodes() == a.list_nodes()
+            assert b.get_rule("r1") == a.get_rule("r1")
+            a.apply_service("s9", spec(port=2000))  # b follows on from the log
+            b.catch_up()
+            assert b.get_service("s9") == a.get_service("s9")
+
+
+def test_a_replica_behind_the_compacted_log_must_start_again(etcd_url, prefix):
+    etcd = Etcd(etcd_url)
+    fence_key = prefix + b"leader"
+    with EtcdStore(Etcd(etcd_url), prefix, snapshot_every=3) as a, \
+            open_store(etcd_url, prefix) as b:
+        a.set_fence([compare_created(fence_key, etcd.put(fence_key, b"a"))])
+        for i in range(7):  # snapshots at 3 and 6: entries 1..3 deleted
+            a.apply_service(f"s{i}", spec(port=1000 + i))
+        restarts: list[bool] = []
+        b.on_compacted = lambda: restarts.append(True)
+        b.follow()  # b applied nothing: its next entry (1) is gone
+        wait_until(lambda: restarts == [True])
+        assert b.applied == 0 and b.list_services() == []
