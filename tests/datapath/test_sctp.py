@@ -189,6 +189,7 @@ def test_truncated_sctp_is_not_translated(node):
     verdict, out = run(node, pkt)
     assert verdict == TC_ACT_OK and bytes(out) == pkt
     assert node.list_conntrack() == []
+    assert node.global_stats()["pass_bad_header"].packets == 1
 
 
 def test_abort_closes_the_flow_and_an_init_reopens_it(node):
