@@ -8,7 +8,13 @@ Cases (each through tc_packet_func, the attached entry program):
 - new_flow:    a flow's first packet (tail call, service lookup, endpoint selection,
                conntrack create for both directions, DNAT);
 - fullnat_established, fullnat_new: the same for a full-NAT service (both ends
-               rewritten; a new flow also allocates its source port: docs/modes.md).
+               rewritten; a new flow also allocates its source port: docs/modes.md);
+- maglev_established, maglev_new: the same for a service with Maglev selection (a new
+               flow reads the service's lookup table in maglev_v4_map: docs/maglev.md);
+- pass_established: a data packet of a pass flow: a TCP flow to an address no service
+               has, opened while a firewall ALLOW rule was in place (judged once, then
+               tracked: the fast path's conntrack hit, no rewrite). The rule is removed
+               before the next row, so the other cases run with the firewall off.
 
 The programs rewrite packets, so a repeat count > 1 would feed a rewritten packet back
 in; like Katran's tester, each measurement is a run with repeat=1 on a fresh copy, and
@@ -38,10 +44,14 @@ from scapy.layers.l2 import Ether
 from dpd import bpfsys
 from dpd.abi import BPF_DIR
 from dpd.loader import Settings
-from xlbcore.service import EndpointSpec, Mode, Proto, ServiceSpec
+from xlbcore.firewall import Action, RuleMatch, RuleProto, RuleSpec
+from xlbcore.service import Algorithm, EndpointSpec, Mode, Proto, ServiceSpec
 
 CLIENT = "198.18.0.2"
 FNAT_VIP = "198.19.255.200"  # the full-NAT service (outside the DNAT services' VIPs)
+MAGLEV_VIP = "198.19.255.201"  # the Maglev service
+PASS_DST = "198.18.7.2"  # no service there: the pass flow's destination
+EXTRA_SERVICES = 2  # the full-NAT and Maglev services beside the measured ones
 SNAT = "198.18.9.1"
 VIP_BASE = (198 << 24) | (19 << 16)  # 198.19.0.0/16, one VIP per service
 
@@ -93,6 +103,9 @@ class Row:
     new_flow: float
     fullnat_established: float = 0.0
     fullnat_new: float = 0.0
+    maglev_established: float = 0.0
+    maglev_new: float = 0.0
+    pass_established: float = 0.0
 
 
 @contextlib.contextmanager
@@ -119,8 +132,8 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
     top = max(services_counts)
     bcc_floor = None
     rows = []
-    with loaded_node("xlb-bench-", name="bench", max_services=max(top + 1, 16),  # + full-NAT
-                     max_backends=max(4 * (top + 1), 64), ct_size=1 << 20,
+    with loaded_node("xlb-bench-", name="bench", max_services=max(top + EXTRA_SERVICES, 16),
+                     max_backends=max(4 * (top + EXTRA_SERVICES), 64), ct_size=1 << 20,
                      redirect=False) as node:
         try:
             bcc_floor, ffd = floor_fd()
@@ -128,7 +141,9 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
             have = 0
             eps = tuple(EndpointSpec(f"198.18.{1 + j}.2", 8080) for j in range(4))
             node.put_services([ServiceSpec(FNAT_VIP, 80, Proto.TCP, mode=Mode.FULLNAT,
-                                           endpoints=eps, snat_addr=SNAT)])
+                                           endpoints=eps, snat_addr=SNAT),
+                               ServiceSpec(MAGLEV_VIP, 80, Proto.TCP, Algorithm.MAGLEV,
+                                           endpoints=eps)])
             for count in sorted(services_counts):
                 batch = [ServiceSpec(vip(i), 80, Proto.TCP, endpoints=eps)
                          for i in range(have, count)]
@@ -146,7 +161,12 @@ def measure(services_counts: list[int], runs: int) -> list[Row]:
                 fnew = [pkt(FNAT_VIP, 1024 + i) for i in range(min(runs, 60000))]
                 t_fnew = mean_ns(fd, fnew, min(runs, len(fnew)))
                 t_fest = _established_ns(node, fd, FNAT_VIP, runs)
-                rows.append(Row(count, t_floor, t_pass, t_est, t_new, t_fest, t_fnew))
+                mnew = [pkt(MAGLEV_VIP, 1024 + i) for i in range(min(runs, 60000))]
+                t_mnew = mean_ns(fd, mnew, min(runs, len(mnew)))
+                t_mest = _established_ns(node, fd, MAGLEV_VIP, runs)
+                t_pest = _pass_flow_ns(node, fd, runs)
+                rows.append(Row(count, t_floor, t_pass, t_est, t_new, t_fest, t_fnew,
+                                t_mest, t_mnew, t_pest))
         finally:
             if bcc_floor is not None:
                 bcc_floor.cleanup()  # type: ignore[attr-defined]
@@ -172,6 +192,29 @@ def _established_ns(node: object, fd: int, target: str, runs: int, sport: int = 
     if raw is None or ct.val.unpack(raw)["state"] != ct.states.est:
         raise RuntimeError("the benchmark's flow did not become established")
     return mean_ns(fd, [pkt(target, sport, "PA", b"x" * 64)], runs)
+
+
+def _pass_flow_ns(node: object, fd: int, runs: int, sport: int = 64000) -> float:
+    """With an ALLOW rule for the client in place, open a TCP flow to PASS_DST (SYN judged
+    and tracked as a pass flow, SYN-ACK, ACK), time its data packets, remove the rule."""
+    fw = node.firewall  # type: ignore[attr-defined]
+    match = RuleMatch(src=f"{CLIENT}/32", protocol=RuleProto.TCP)
+    fw.put([("bench-allow", RuleSpec(100, match, Action.ALLOW))])
+    try:
+        bpfsys.prog_test_run(fd, pkt(PASS_DST, sport, "S"))
+        bpfsys.prog_test_run(fd, bytes(Ether(dst="00:00:00:00:00:00")
+                                       / IP(src=PASS_DST, dst=CLIENT)
+                                       / TCP(sport=80, dport=sport, flags="SA", seq=0, ack=1)))
+        bpfsys.prog_test_run(fd, pkt(PASS_DST, sport, "A"))
+        ct = node.conntrack  # type: ignore[attr-defined]
+        raw = ct.map.get(ct.key.pack(saddr=socket.inet_aton(CLIENT),
+                                     daddr=socket.inet_aton(PASS_DST), sport=sport, dport=80,
+                                     proto=6))
+        if raw is None or ct.val.unpack(raw)["state"] != ct.states.est:
+            raise RuntimeError("the benchmark's pass flow did not become established")
+        return mean_ns(fd, [pkt(PASS_DST, sport, "PA", b"x" * 64)], runs)
+    finally:
+        fw.delete(["bench-allow"])
 
 
 def conntrack_scale(counts: list[int], runs: int) -> list[dict[str, float]]:
@@ -209,12 +252,19 @@ def fill_conntrack(node: object, count: int) -> None:
 
 def table(rows: list[Row]) -> str:
     lines = ["| services | floor (parse only) | pass (no VIP) | established | new flow | "
-             "established / floor | full-NAT established | full-NAT new flow |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "established / floor | full-NAT established | full-NAT new flow | "
+             "Maglev established | Maglev new flow | pass flow established |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ns(x: float) -> str:  # 0: not measured (a result recorded before the column)
+        return f"{x:.0f}" if x else "-"
+
     for r in rows:
         lines.append(f"| {r.services:,} | {r.floor:.0f} | {r.pass_:.0f} | {r.established:.0f} "
                      f"| {r.new_flow:.0f} | {r.established / r.floor:.2f} "
-                     f"| {r.fullnat_established:.0f} | {r.fullnat_new:.0f} |")
+                     f"| {ns(r.fullnat_established)} | {ns(r.fullnat_new)} "
+                     f"| {ns(r.maglev_established)} | {ns(r.maglev_new)} "
+                     f"| {ns(r.pass_established)} |")
     return "\n".join(lines)
 
 
