@@ -25,7 +25,7 @@ from bench.services import filler_services
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
 # the maps a service's endpoints and selection tables live in (those that exist)
-SERVICE_MAPS = ("nat_v4_map", "ep_map", "slot_map", "maglev_v4_map", "svc_cfg_map")
+SERVICE_MAPS = ("nat_v4_map", "ep_map", "slot_map", "ep6_map", "maglev_v4_map", "svc_cfg_map")
 
 
 def map_bytes(path: str) -> int:

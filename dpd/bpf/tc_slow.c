@@ -112,10 +112,14 @@ static __always_inline int xlb_ct_reclaim(struct xlb_ct_key *rk)
  * by a bare ACK; UDP): both conntrack entries, flagged XLB_CTF_PASS and rewriting
  * nothing (the "NAT" address and port are the destination's own), so that its later
  * packets and its replies take the fast path unjudged (a POLICE or MIRROR rule's ORIG
- * entry keeps the rule: fw). A flow that cannot be tracked (an entry of another flow in
- * the way, a martian source) is passed, judged per packet. */
-static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *p,
-                                          int first_frag, struct xlb_fw_res *fw)
+ * entry keeps the rule: fw). A martian source is passed untracked, judged per packet.
+ * A REPLY key held by a live flow is refused as a service flow's is (drop_ct_clash): the
+ * client ip:port is in a VIP flow to this very endpoint ip:port (DNAT keeps the client's
+ * port), so the endpoint's answers could not be told apart: passed untracked, they would
+ * be taken for the VIP flow's and rewritten to come from the VIP. Returns the packet's
+ * TC action when it ends here (refused), else -1. */
+static __always_inline int xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *p,
+                                         int first_frag, struct xlb_fw_res *fw)
 {
     int midstream = 0;
     if (p->proto == IPPROTO_TCP) {
@@ -123,10 +127,10 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
         if (c == XLB_TCP_ACK)
             midstream = 1;
         else if (c != XLB_TCP_SYN)
-            return;
+            return -1;
     }
     if (xlb_martian(p->saddr))
-        return;
+        return -1;
     struct xlb_ct_key k;
     struct xlb_ct_val v = {};
     xlb_ct_key_of(&k, p);
@@ -143,8 +147,10 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
     rk.daddr = p->saddr;
     rk.dport = p->sport;
     rk.proto = p->proto;
-    if (ct_v4_map.insert(&rk, &v))
-        return;
+    if (ct_v4_map.insert(&rk, &v) && (xlb_ct_reclaim(&rk) || ct_v4_map.insert(&rk, &v))) {
+        xlb_count_drop(skb->ingress_ifindex, XLB_STAT_DROP_CT_CLASH);
+        return TC_ACT_SHOT;
+    }
     v.dir = XLB_DIR_ORIG;
     if (p->proto == IPPROTO_TCP) {
         v.seq_end = xlb_seq_end(p);
@@ -155,11 +161,12 @@ static __always_inline void xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt 
     v.fw_arg = fw->target;
     if (ct_v4_map.insert(&k, &v)) {
         ct_v4_map.delete(&rk);
-        return;
+        return -1;
     }
     xlb_count(XLB_STAT_FW_PASS_FLOW);
     if (first_frag)
         xlb_frag_record(p, &k);
+    return -1;
 }
 
 /* The source a rewritten packet of a service takes (full-NAT's SNAT address, IP-in-IP's
@@ -188,8 +195,11 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     if (!svc)
         svc = xlb_svc_range(&nk); /* a port-range or any-port service: nk becomes its key */
     if (!svc) {
-        if (judged)
-            xlb_pass_flow(skb, p, first_frag, &fw);
+        if (judged) {
+            int refused = xlb_pass_flow(skb, p, first_frag, &fw);
+            if (refused >= 0)
+                return refused;
+        }
         xlb_count(XLB_STAT_PASS);
         return TC_ACT_OK;
     }
