@@ -217,6 +217,29 @@ def test_vip_flows_are_judged_then_balanced_with_their_interface_recorded(fw):
     assert stat(fw, "new_flow") == 1 and stat(fw, "fw_pass_flow") == 0
 
 
+def test_a_flow_sharing_a_vip_flows_reply_key_is_refused_not_passed_to_be_mistranslated(fw):
+    """The client's port in a UDP flow through the VIP to EP1:8080, then the same port
+    straight to EP1:8080: EP1 could not tell the two apart (DNAT keeps the client's
+    port), so the direct flow is refused as a clashing service flow is; passed untracked,
+    EP1's answer to it would be rewritten to come from the VIP."""
+    fw.put_services([ServiceSpec(VIP, 53, Proto.UDP, endpoints=(EndpointSpec(EP1, 8080),))])
+    fw.firewall.put([rule("other", src="203.0.113.0/24")])  # the firewall is on
+    assert send(fw, udp(CLIENT, VIP, 40000, 53)) == TC_ACT_OK
+    assert send(fw, udp(EP1, CLIENT, 8080, 40000), IF_B) == TC_ACT_OK  # established
+    clashes, flows = stat(fw, "drop_ct_clash"), fw.conntrack.count()
+    assert send(fw, udp(CLIENT, EP1, 40000, 8080)) == TC_ACT_SHOT
+    assert stat(fw, "drop_ct_clash") == clashes + 1 and stat(fw, "fw_pass_flow") == 0
+    assert fw.conntrack.count() == flows
+    # the VIP flow goes on: EP1's answers still come back from the VIP
+    out = bpfsys.prog_test_run(fw.dp.fast_fd, udp(EP1, CLIENT, 8080, 40000),
+                               ingress_ifindex=IF_B)
+    reply = Ether(out.data)
+    assert (reply[IP].src, reply[UDP].sport) == (VIP, 53)
+    # another client port straight to EP1 is a flow of its own, tracked
+    assert send(fw, udp(CLIENT, EP1, 40001, 8080)) == TC_ACT_OK
+    assert stat(fw, "fw_pass_flow") == 1
+
+
 def test_icmp_is_judged_by_protocol_and_errors_of_a_flow_pass(fw):
     fw.firewall.put([rule("no-icmp", protocol=RuleProto.ICMP)])
     assert send(fw, ping(CLIENT, SERVER)) == TC_ACT_SHOT

@@ -133,8 +133,8 @@ def add_client_address(topo: Any, address: str) -> None:
 
 
 def reach(lab: Lab, source: str) -> dict[str, int]:
-    """Errors of TCP and UDP from `source` to the VIP (80/tcp, 53/udp) and to a backend
-    directly (8080), three tries each."""
+    """Errors of TCP and UDP from `source` to the VIP (80/tcp, 53/udp) and to the first
+    backend directly (8080, no VIP endpoint: see put_vip_services), three tries each."""
     from lab.client import run_tcp_who, run_udp_who
 
     be = lab.topo.backend_ips[0]
@@ -149,11 +149,14 @@ def reach(lab: Lab, source: str) -> dict[str, int]:
 
 
 def put_vip_services(lab: Lab) -> None:
-    """VIP 80/tcp and 53/udp onto every backend's 8080 (what `reach` tries)."""
+    """VIP 80/tcp and 53/udp onto the backends' 8080 but the first's, which `reach` tries
+    directly: a client port in a VIP flow to an endpoint and then straight to that same
+    endpoint ip:port is one tuple to the endpoint, refused by the datapath (drop_ct_clash),
+    so that ports the client picks at random cannot make reach() fail."""
     from xlb.dpd.v1 import datapath_pb2 as pb
     from xlb.types.v1 import types_pb2 as tpb
 
-    eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips]
+    eps = [tpb.Endpoint(address=ip, port=8080) for ip in lab.topo.backend_ips[1:]]
     lab.stub.PutServices(pb.PutServicesRequest(services=[
         pb.Service(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP, endpoints=eps),
         pb.Service(vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP, endpoints=eps)]), timeout=10)
