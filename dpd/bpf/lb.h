@@ -166,7 +166,9 @@ static __always_inline void xlb_lc_opened(__u8 algo, __u32 stat_id)
 }
 
 /* The endpoint index for a new flow of any address family, or -1 when no endpoint
- * takes new flows. flow_hash: of the flow's 5-tuple; src_hash: of the client address;
+ * takes new flows. flow_hash: of the flow's 5-tuple (used by hash, Maglev and
+ * force_hash); src_hash: of the client address (source hash): a caller may leave the
+ * one its service's algorithm does not use 0 (xlb_select does);
  * client: the persistence key's client (an IPv4 address, or a fold of a longer one).
  * A flow picked up mid-stream (force_hash) goes by its hash whatever the algorithm, and
  * neither follows nor moves the client's persistence. */
@@ -202,8 +204,13 @@ static __always_inline int xlb_select_idx(struct xlb_nat_val *svc, __u32 flow_ha
 static __always_inline struct xlb_ep *xlb_select(struct xlb_nat_val *svc, struct xlb_pkt *p,
                                                 int force_hash)
 {
-    int idx = xlb_select_idx(svc, xlb_flow_hash(p), xlb_mix(p->saddr ^ 0x9e3779b9), p->saddr,
-                             force_hash);
+    __u8 algo = svc->algo;
+    __u32 fh = 0, sh = 0;
+    if (force_hash || algo == XLB_ALGO_HASH || algo == XLB_ALGO_MAGLEV)
+        fh = xlb_flow_hash(p);
+    else if (algo == XLB_ALGO_SOURCE_HASH)
+        sh = xlb_mix(p->saddr ^ 0x9e3779b9);
+    int idx = xlb_select_idx(svc, fh, sh, p->saddr, force_hash);
     if (idx < 0)
         return NULL;
     return xlb_ep_at(svc, idx);
