@@ -12,8 +12,10 @@ private bpffs mount, nothing attached; root) and each round, on new maps:
   value encoding, index, VIP counts, the map writes); parse and put run as dpd's
   PutServices runs them for a bulk write (cyclic GC paused, the heap frozen after);
 - write: the map writes alone: the same keys and values (read back from nat_v4_map
-  and vip_v4_map), written with one ``put_batch_raw`` each into the emptied maps
-  (keys and values already joined into the arrays the kernel takes);
+  and vip_v4_map, and from the ep_map and slot_map runs the services hold), written
+  with one ``put_batch_raw`` each (nat_v4_map and vip_v4_map emptied first; the arrays
+  are written over: the same copy as into unused entries), keys and values already
+  joined into the arrays the kernel takes;
 - bookkeeping: put - write (dpd's own Python per service);
 - re-put: the same services again (nothing changes), then with 1 % of them changed;
 - restore: a new ServiceTable over the same maps (what a restarted dpd reads back).
@@ -148,9 +150,16 @@ def one_round(dps: Datapaths, raw: bytes) -> dict[str, float]:
         keys, values = zip(*m.items(), strict=True)
         m.delete_batch(list(keys))
         written.append((m, b"".join(keys), b"".join(values)))
+    entries = [e for _, e in table.entries()]
+    ep_runs = [(e.ep_base, len(e.ep_ids)) for e in entries]
+    slot_runs = [(e.slot_base, table._rows.chunks(e.n_slots)) for e in entries]
+    for m, held in ((table.ep_map, ep_runs), (table.slot_map, slot_runs)):
+        index = [i.to_bytes(4, "little") for base, n in held for i in range(base, base + n)]
+        rows = [m.get(k) or b"" for k in index]
+        written.append((m, b"".join(index), b"".join(rows)))
     t0 = time.process_time()
-    for m, keys, values in written:
-        m.put_batch_raw(keys, values)
+    for m, raw_keys, raw_values in written:
+        m.put_batch_raw(raw_keys, raw_values)
     out["write"] = ms(t0)
     out["bookkeeping"] = out["put"] - out["write"]
     t0 = time.process_time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 from xlbcore.errors import Exhausted
 
@@ -63,6 +64,18 @@ class Extents:
 
     def reserve(self, sizes: Sequence[int]) -> list[int]:
         """Starts of runs of each of `sizes`, all or none (Exhausted: none held)."""
+        if sizes and self._lens and min(sizes) > 0:
+            total = sum(sizes)
+            if self._lens[0] >= total:
+                # the first free run holds them all: where first fit puts each one by
+                # one (back to back from its start), in one step
+                start = self._starts[0]
+                if self._lens[0] == total:
+                    del self._starts[0], self._lens[0]
+                else:
+                    self._starts[0] = start + total
+                    self._lens[0] -= total
+                return list(accumulate(sizes[:-1], initial=start))
         out: list[int] = []
         try:
             for n in sizes:
