@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from policyd.etcd_store import SNAPSHOT_EVERY
 from policyd.reconciler import ReconcilerSettings
 from policyd.server import DEFAULT_LISTEN, PolicydConfig, PolicyServer, StartupError
 from xlbcore.daemon import STOP_LIMIT, StopSignals
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ha.add_argument("--lease-ttl", type=int, default=2, metavar="S",
                     help="seconds of the leader's etcd lease: a dead leader is replaced "
                     "within about this (default 2)")
+    ha.add_argument("--snapshot-every", type=int, default=SNAPSHOT_EVERY, metavar="N",
+                    help="log entries between the leader's snapshots of the store in etcd "
+                    f"(the log before the previous one is deleted; default {SNAPSHOT_EVERY})")
     p.add_argument(
         "--resync-interval",
         type=_positive,
@@ -189,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                            interceptors=(exporter.rpc,) if exporter else (), **trust,
                            store=args.store, replica=args.replica_name,
                            advertise=args.advertise, lease_ttl=max(1, args.lease_ttl),
+                           snapshot_every=max(1, args.snapshot_every),
                            on_leadership_lost=leadership_lost)
     server = None
     if not stop.requested():

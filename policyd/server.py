@@ -24,7 +24,7 @@ import structlog
 
 from policyd.defaults import DEFAULT_LISTEN
 from policyd.etcd import Etcd
-from policyd.etcd_store import EtcdStore
+from policyd.etcd_store import SNAPSHOT_EVERY, EtcdStore
 from policyd.ha import Election, FollowerInterceptor
 from policyd.ha_status import ReplicaStatus, StatusMirror, StatusPublisher
 from policyd.nodeclient import node_channels
@@ -71,6 +71,7 @@ class PolicydConfig:
     replica: str = ""
     advertise: str = ""
     lease_ttl: int = 2
+    snapshot_every: int = SNAPSHOT_EVERY  # log entries between the leader's snapshots
     on_leadership_lost: Callable[[], None] | None = None
 
 
@@ -94,8 +95,9 @@ class PolicyServer:
     def start(self) -> PolicyServer:
         where = self.config.store or self.config.db_path
         try:
-            self.store = (EtcdStore(Etcd(self.config.store)) if self.config.store
-                          else Store(self.config.db_path))
+            self.store = (EtcdStore(Etcd(self.config.store),
+                                    snapshot_every=self.config.snapshot_every)
+                          if self.config.store else Store(self.config.db_path))
         except Exception as exc:
             raise StartupError(f"store {where}: {exc}") from exc
         store = self.store
