@@ -239,7 +239,7 @@ class NodeCollector(Collector):
 
         ct = GaugeMetricFamily(f"{PREFIX}_conntrack_entries", "conntrack entries (two per "
                                "flow) by protocol and state", labels=["node", "protocol", "state"])
-        for proto in (Proto.TCP, Proto.UDP):
+        for proto in Proto:  # tcp, udp, sctp
             for number, state in self._states.items():
                 if number:
                     ct.add_metric([name, proto.name.lower(), state],

@@ -189,6 +189,19 @@ def test_map_fill_and_conntrack_by_state(node, exporter):
     assert value(s, "xlb_dpd_map_entries", node="mem", map="nat_v4_map", type="hash") == 1
 
 
+def test_sctp_flows_are_counted_under_their_protocol(node, exporter):
+    abi = node.dp.abi
+    key, val = abi.structs["xlb_ct_key"].codec, abi.structs["xlb_ct_val"].codec
+    k = key.pack(saddr=socket.inet_aton("198.18.0.2"), daddr=socket.inet_aton("198.19.0.1"),
+                 sport=5000, dport=38412, proto=int(Proto.SCTP))
+    node.dp.maps["ct_v4_map"].put(k, val.pack(state=abi.const("XLB_CT_CLOSED"),
+                                              dir=abi.const("XLB_DIR_ORIG")))
+    s = get(exporter)
+    assert value(s, "xlb_dpd_conntrack_entries", node="mem", protocol="sctp",
+                 state="closed") == 1
+    assert value(s, "xlb_dpd_conntrack_entries", node="mem", protocol="sctp", state="new") == 0
+
+
 def test_rpc_counts_and_latencies_by_method_and_code(node, sockdir):
     e = Exporter("unix:" + str(sockdir / "metrics.sock"))
     server = serve(node, f"unix:{sockdir}/dpd.sock", exporter=e)
