@@ -245,7 +245,8 @@ class EtcdStore(Store):
             return
         try:
             self.write_snapshot()
-        except EtcdError as exc:  # the write itself is committed; the next one tries again
+        except UnavailableError as exc:  # etcd away, or no longer the leader: the write
+            # itself is committed (the caller must hear so); the next write tries again
             log.warning("store.snapshot_failed", error=str(exc)[:200])
 
     # -- the log --------------------------------------------------------------------

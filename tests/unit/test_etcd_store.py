@@ -4,6 +4,7 @@ never both commit on the same state, a fenced-off replica writes nothing."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 
@@ -245,3 +246,26 @@ def test_a_replica_behind_the_compacted_log_must_start_again(etcd_url, prefix):
         b.follow()  # b applied nothing: its next entry (1) is gone
         wait_until(lambda: restarts == [True])
         assert b.applied == 0 and b.list_services() == []
+
+
+def test_a_failed_snapshot_does_not_fail_the_committed_write(etcd_url, prefix):
+    etcd = Etcd(etcd_url)
+    fence_key = prefix + b"leader"
+    with EtcdStore(Etcd(etcd_url), prefix, snapshot_every=2) as a:
+        a.set_fence([compare_created(fence_key, etcd.put(fence_key, b"a"))])
+        txn = a.etcd.txn
+
+        def refuse_snapshots(compare, success, failure=None):
+            if any(b"snapshot" in base64.b64decode(op.get("request_put", {}).get("key", ""))
+                   for op in success):
+                return False, {}  # as when the fence no longer holds
+            return txn(compare, success, failure)
+
+        a.etcd.txn = refuse_snapshots
+        a.apply_service("s0", spec(port=1000))
+        a.apply_service("s1", spec(port=1001))  # committed; its snapshot refused
+        assert (a.applied, a.snapshot_index) == (2, 0)
+        assert etcd.get(prefix + b"snapshot") is None
+        a.etcd.txn = txn
+        a.apply_service("s2", spec(port=1002))  # the next write snapshots
+        assert a.snapshot_index == 3 and etcd.get(prefix + b"snapshot") is not None
