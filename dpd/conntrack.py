@@ -1,4 +1,4 @@
-"""Conntrack: read back, flush, and age ct_v4_map.
+"""Conntrack: read back, flush, and age ct_v4_map and ct_v6_map (IPv6 services' flows).
 
 ct_v4_map is an LRU hash, so a full table evicts the least recently used flows rather
 than refusing new ones (docs/conntrack.md says why); aging removes finished and idle
@@ -6,7 +6,10 @@ flows before that happens, each by the timeouts of its service (a service's
 ConntrackTimeouts over the node's defaults, xlb-dpd --ct-timeout).
 A flow's two entries (ORIG and REPLY) age together: the flow is idle for as long as
 its most recently used direction. Entries are decoded by field name with the ABI's
-struct xlb_ct_key / xlb_ct_val; the table works on the map seam (dpd/maps.py).
+struct xlb_ct_key / xlb_ct_val (IPv6: xlb_ct6_key / xlb_ct6_val, whose embedded IPv4
+value `c` carries the state machine, read as IPv4's with the 16-byte addresses put in its
+place: one code path for both families, addresses as raw bytes of 4 or 16); the table
+works on the map seam (dpd/maps.py).
 """
 
 from __future__ import annotations
@@ -23,11 +26,23 @@ import structlog
 from dpd.abi import Abi
 from dpd.loader import Datapath
 from xlbcore.errors import ValidationError, quote
-from xlbcore.service import CT_TIMEOUT_FIELDS, CtTimeoutsSpec, Proto, ServiceKey, is_range
+from xlbcore.service import (
+    CT_TIMEOUT_FIELDS,
+    CtTimeoutsSpec,
+    Proto,
+    ServiceKey,
+    address_bytes,
+    is_range,
+)
 
 log = structlog.get_logger("dpd.conntrack")
 
 SECOND = 1_000_000_000
+
+
+def _ntop(raw: bytes) -> str:
+    """An address's text from its 4 or 16 bytes."""
+    return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,10 @@ class Conntrack:
         `range_last`: (vip, first port, proto) of a port-range service -> its last port
         (a flow's entry records the range's nat_v4_map key: vip, first port, range 1)."""
         self.map = dp.maps["ct_v4_map"]
+        self.map6 = dp.maps["ct_v6_map"]
+        self.key6 = dp.abi.structs["xlb_ct6_key"].codec
+        self.val6 = dp.abi.structs["xlb_ct6_val"].codec
+        self._key4_size = dp.abi.structs["xlb_ct_key"].size
         self.per_service = per_service
         self.least_conn = least_conn
         self.range_last = range_last
@@ -167,17 +186,42 @@ class Conntrack:
         self._thread: threading.Thread | None = None
 
     def _decoded(self) -> list[tuple[bytes, dict[str, Any], dict[str, Any]]]:
-        return [(k, self.key.unpack(k), self.val.unpack(v)) for k, v in self.map.items()]
+        """Every entry of both maps: (raw key, key, value) decoded, IPv6's as IPv4's
+        (_value6)."""
+        out = [(k, self.key.unpack(k), self.val.unpack(v)) for k, v in self.map.items()]
+        unkey, unval = self.key6.unpack, self.val6.unpack
+        out.extend([(k, unkey(k), self._value6(unval(v))) for k, v in self.map6.items()])
+        return out
+
+    @staticmethod
+    def _value6(v: dict[str, Any]) -> dict[str, Any]:
+        """A decoded struct xlb_ct6_val as an IPv4 value: its `c` with the 16-byte
+        addresses and the IPv6 service key (range 0: IPv6 services have none) in place."""
+        c = v["c"]
+        c["nat_addr"], c["nat2_addr"] = v["nat_addr"], v["nat2_addr"]
+        c["svc"] = {**v["svc"], "range": 0}
+        return c
+
+    def _delete(self, raws: list[bytes]) -> int:
+        """Delete entries of either map by their raw keys (the maps' keys differ in
+        length)."""
+        four = self._key4_size
+        v6 = [k for k in raws if len(k) != four]
+        if not v6:
+            return self.map.delete_batch(raws)
+        n = self.map6.delete_batch(v6)
+        return n + self.map.delete_batch([k for k in raws if len(k) == four])
 
     def peer_key(self, k: dict[str, Any], v: dict[str, Any]) -> bytes:
         """The other direction's key, from an entry's decoded key and value (full-NAT:
         the SNAT address and port stand for the client's, nat2_*)."""
         fnat = v["flags"] & self.fnat
+        pack = self.key6.pack if len(k["saddr"]) == 16 else self.key.pack
         if v["dir"] == self.states.orig:  # reply: endpoint -> client (SNAT address)
-            return self.key.pack(saddr=v["nat_addr"], sport=v["nat_port"],
+            return pack(saddr=v["nat_addr"], sport=v["nat_port"],
                                  daddr=v["nat2_addr"] if fnat else k["saddr"],
                                  dport=v["nat2_port"] if fnat else k["sport"], proto=k["proto"])
-        return self.key.pack(saddr=v["nat2_addr"] if fnat else k["daddr"],
+        return pack(saddr=v["nat2_addr"] if fnat else k["daddr"],
                              sport=v["nat2_port"] if fnat else k["dport"],
                              daddr=v["nat_addr"], dport=v["nat_port"],
                              proto=k["proto"])  # original: client -> VIP
@@ -185,11 +229,11 @@ class Conntrack:
     def _matcher(self, f: CtFilter) -> Callable[[dict[str, Any], dict[str, Any]], bool]:
         """A test of one decoded entry (both of a flow's entries answer alike)."""
         orig = self.states.orig
-        svc_key = (socket.inet_aton(f.service.vip), f.service.port, int(f.service.proto),
+        svc_key = (address_bytes(f.service.vip), f.service.port, int(f.service.proto),
                    int(is_range(f.service.port, f.service.port_last))) \
             if f.service is not None else None
-        ep = socket.inet_aton(f.endpoint) if f.endpoint else None
-        client = socket.inet_aton(f.client) if f.client else None
+        ep = address_bytes(f.endpoint) if f.endpoint else None
+        client = address_bytes(f.client) if f.client else None
 
         def match(k: dict[str, Any], v: dict[str, Any]) -> bool:
             if f.state and v["state"] != f.state:
@@ -219,33 +263,33 @@ class Conntrack:
                 continue
             svc = v["svc"]
             out.append(CtEntry(
-                Proto(k["proto"]), socket.inet_ntoa(k["saddr"]), k["sport"],
-                socket.inet_ntoa(k["daddr"]), k["dport"], v["dir"], v["state"],
-                socket.inet_ntoa(v["nat_addr"]), v["nat_port"],
+                Proto(k["proto"]), _ntop(k["saddr"]), k["sport"],
+                _ntop(k["daddr"]), k["dport"], v["dir"], v["state"],
+                _ntop(v["nat_addr"]), v["nat_port"],
                 self._service(svc) if svc["proto"] else None,
                 max(0, now - v["last_ns"]),
-                socket.inet_ntoa(v["nat2_addr"]) if v["flags"] & self.nat2 else "",
+                _ntop(v["nat2_addr"]) if v["flags"] & self.nat2 else "",
                 v["nat2_port"] if v["flags"] & self.fnat else 0,
             ))
         return out
 
     def _service(self, svc: dict[str, Any]) -> ServiceKey:
         """The service of a flow's entry (its xlb_nat_key)."""
-        vip, proto = socket.inet_ntoa(svc["vip"]), Proto(svc["proto"])
+        vip, proto = _ntop(svc["vip"]), Proto(svc["proto"])
         last = self.range_last(vip, svc["port"], proto) if svc["range"] else 0
         return ServiceKey(vip, svc["port"], proto, last)
 
     def count(self) -> int:
-        return self.map.count()
+        return self.map.count() + self.map6.count()
 
     def flush(self, match: CtFilter | None = None) -> int:
         """Remove the entries of every flow `match` matches (all without it)."""
         if match is None:
-            doomed = [k for k, _ in self.map.items()]
+            doomed = [k for k, _ in self.map.items()] + [k for k, _ in self.map6.items()]
         else:
             test = self._matcher(match)
             doomed = [raw for raw, k, v in self._decoded() if test(k, v)]
-        n = self.map.delete_batch(doomed)
+        n = self._delete(doomed)
         self.counters.flushed += (n + 1) // 2
         return n
 
@@ -281,7 +325,7 @@ class Conntrack:
                                                self.states, t):
                 doomed.append(raw)
                 flows += 1
-        removed = self.map.delete_batch(doomed) if doomed else 0
+        removed = self._delete(doomed) if doomed else 0
         if lc:
             self._recount(lc, before, items, set(doomed))
         if removed:

@@ -48,6 +48,9 @@ def check_size(size: int) -> int:
 
 
 def _identity(address: str, port: int) -> bytes:
+    """An endpoint's bytes: its address (4 bytes, IPv6 16) and port."""
+    if ":" in address:
+        return socket.inet_pton(socket.AF_INET6, address) + port.to_bytes(2, "big")
     return socket.inet_aton(address) + port.to_bytes(2, "big")
 
 

@@ -25,7 +25,7 @@ from xlbcore.service import (
     ServiceKey,
     fill_service,
     fill_service_key,
-    parse_ipv4,
+    parse_ip,
     parse_port,
     parse_service_key,
     parse_services,
@@ -55,12 +55,12 @@ def _ct_filter(request: Any) -> CtFilter | None:
     """The filter fields of a List/FlushConntrackRequest; None when none is set."""
     service = (parse_service_key(request.service, "service")
                if request.HasField("service") else None)
-    endpoint = parse_ipv4(request.endpoint_address, "endpoint_address", unicast=False) \
+    endpoint = parse_ip(request.endpoint_address, "endpoint_address", unicast=False) \
         if request.endpoint_address else ""
     if request.endpoint_port and not endpoint:
         raise ValidationError("endpoint_port: needs endpoint_address")
     port = parse_port(request.endpoint_port, "endpoint_port") if request.endpoint_port else 0
-    client = parse_ipv4(request.client_address, "client_address", unicast=False) \
+    client = parse_ip(request.client_address, "client_address", unicast=False) \
         if request.client_address else ""
     state = request.state
     if state not in pb.ConntrackState.values():

@@ -86,7 +86,30 @@ class ServiceKey:
     port_last: int = 0  # a range's last port (> port); 0: one port, or any-port
 
     def __str__(self) -> str:
-        return f"{self.proto.name.lower()}://{self.vip}:{ports_text(self.port, self.port_last)}"
+        return f"{self.proto.name.lower()}://{host_text(self.vip)}:" \
+            f"{ports_text(self.port, self.port_last)}"
+
+
+def is_v6(address: str) -> bool:
+    """An IPv6 address (the canonical text parse_ip gives; "" is neither)."""
+    return ":" in address
+
+
+def host_text(address: str) -> str:
+    """An address as it goes before ":port": IPv6 in brackets ([2001:db8::1])."""
+    return f"[{address}]" if ":" in address else address
+
+
+def address_bytes(address: str) -> bytes:
+    """The 4 or 16 bytes (network order) of a canonical IPv4 or IPv6 address."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+
+
+def fold6(packed: bytes) -> bytes:
+    """The datapath's 32-bit fold of a 16-byte IPv6 address (its four words XORed: what
+    an IPv6 endpoint's xlb_ep.addr holds, svc6.h xlb_fold6)."""
+    n = int.from_bytes(packed, "big")
+    return ((n >> 96) ^ (n >> 64) ^ (n >> 32) ^ n).to_bytes(16, "big")[12:]
 
 
 def ports_text(port: int, port_last: int) -> str:
@@ -166,7 +189,7 @@ class EndpointColumns(NamedTuple):
     """A service's endpoints column by column, in endpoint order: what dpd writes to
     the datapath for them, without reading every endpoint again."""
 
-    addresses: bytes  # 4 bytes each, network order (socket.inet_aton)
+    addresses: bytes  # 4 bytes each, network order (socket.inet_aton; IPv6: fold6)
     ports: tuple[int, ...]
     weights: tuple[int, ...]
 
@@ -201,6 +224,10 @@ class ServiceSpec:
         """The endpoints as columns, made once (parse_services makes them as it reads
         a message, while the addresses are at hand)."""
         eps = self.endpoints
+        if is_v6(self.vip):  # xlb_ep.addr of an IPv6 endpoint: its fold (ep6_map: whole)
+            return EndpointColumns(b"".join([fold6(address_bytes(ep.address)) for ep in eps]),
+                                   tuple([ep.port for ep in eps]),
+                                   tuple([ep.weight for ep in eps]))
         return EndpointColumns(b"".join([socket.inet_aton(ep.address) for ep in eps]),
                                tuple([ep.port for ep in eps]), tuple([ep.weight for ep in eps]))
 
@@ -225,6 +252,53 @@ def parse_ipv4(value: str, field: str, *, unicast: bool = True) -> str:
     if unicast and (n == 0 or top == 127 or 224 <= top <= 239 or n == 0xFFFFFFFF):
         raise ValidationError(f"{field}: {text} is not a usable unicast address")
     return text
+
+
+@functools.lru_cache(maxsize=65536)
+def _ipv6(value: str) -> tuple[str, bytes] | None:
+    """(canonical RFC 5952 text, 16 bytes) or None."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, value)
+    except (OSError, TypeError, ValueError):
+        return None
+    return socket.inet_ntop(socket.AF_INET6, packed), packed
+
+
+def parse_ipv6(value: str, field: str, *, unicast: bool = True) -> str:
+    """Return the canonical IPv6 text or raise ValidationError naming `field`. Unicast:
+    not ::, ::1, multicast (ff00::/8) nor IPv4-mapped (::ffff:0:0/96: give the IPv4
+    address itself)."""
+    parsed = _ipv6(value.strip()) if isinstance(value, str) else None
+    if parsed is None:
+        raise ValidationError(f"{field}: {quote(value)} is not an IPv6 address")
+    text, packed = parsed
+    if unicast:
+        if packed[0] == 0xFF or packed in (bytes(16), bytes(15) + b"\x01"):
+            raise ValidationError(f"{field}: {text} is not a usable unicast address")
+        if packed[:12] == bytes(10) + b"\xff\xff":
+            raise ValidationError(f"{field}: {text} is an IPv4-mapped address; give the "
+                                  "IPv4 address itself")
+    return text
+
+
+def parse_ip(value: str, field: str, *, unicast: bool = True) -> str:
+    """An IPv4 or IPv6 address, canonical; else ValidationError naming `field`."""
+    if isinstance(value, str) and ":" in value:
+        return parse_ipv6(value, field, unicast=unicast)
+    parsed = _ipv4(value.strip()) if isinstance(value, str) else None
+    if parsed is None:
+        raise ValidationError(f"{field}: {quote(value)} is not an IPv4 or IPv6 address")
+    return parse_ipv4(value, field, unicast=unicast)
+
+
+def check_family(address: str, vip: str, field: str) -> str:
+    """`address` (canonical) when of `vip`'s family, else ValidationError naming `field`."""
+    if is_v6(address) != is_v6(vip):
+        fam, vfam = ("IPv6", "IPv4") if is_v6(address) else ("IPv4", "IPv6")
+        raise ValidationError(f"{field}: {quote(address)} is {fam} but the vip "
+                              f"{quote(vip)} is {vfam}; a service's endpoints and "
+                              "addresses are of its vip's family")
+    return address
 
 
 def parse_port(value: int, field: str) -> int:
@@ -274,9 +348,10 @@ class _EndpointMsg(TypingProtocol):
 
 
 def parse_endpoints(msgs: Any, field: str = "endpoints",
-                    keep_port: bool = False) -> tuple[EndpointSpec, ...]:
+                    keep_port: bool = False, vip: str = "") -> tuple[EndpointSpec, ...]:
     """`keep_port`: port 0 is allowed (a port-range or any-port service's endpoint that
-    keeps the client's destination port)."""
+    keeps the client's destination port). `vip`: the service's; every endpoint address
+    must be of its family (IPv4 when not given)."""
     eps: list[EndpointSpec] = []
     for i, ep in enumerate(msgs):
         where = f"{field}[{i}]"
@@ -289,7 +364,8 @@ def parse_endpoints(msgs: Any, field: str = "endpoints",
                 f"{where}.priority: {priority} is out of range 0..{MAX_PRIORITY}")
         eps.append(
             EndpointSpec(
-                parse_ipv4(ep.address, f"{where}.address"),
+                check_family(parse_ip(ep.address, f"{where}.address"), vip,
+                             f"{where}.address"),
                 0 if keep_port and ep.port == 0 else parse_port(ep.port, f"{where}.port"),
                 weight,
                 priority,
@@ -302,7 +378,8 @@ def parse_endpoints(msgs: Any, field: str = "endpoints",
     seen: set[tuple[str, int]] = set()
     for ep_spec in eps:
         if (ep_spec.address, ep_spec.port) in seen:
-            raise ValidationError(f"{field}: {ep_spec.address}:{ep_spec.port} is listed twice")
+            raise ValidationError(f"{field}: {host_text(ep_spec.address)}:{ep_spec.port} is "
+                                  "listed twice")
         seen.add((ep_spec.address, ep_spec.port))
     return tuple(sorted(eps))
 
@@ -412,8 +489,13 @@ def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
     one)."""
     prefix = f"{field}." if field else ""
     port, last = parse_ports(msg.port, getattr(msg, "port_last", 0), prefix)
+    vip = parse_ip(msg.vip, f"{prefix}vip")
+    if is_v6(vip) and is_range(port, last):
+        field_name = "port_last" if last else "port"
+        raise ValidationError(f"{prefix}{field_name}: an IPv6 service has one port (1..65535); "
+                              "port ranges and any-port are IPv4 only")
     return ServiceKey(
-        parse_ipv4(msg.vip, f"{prefix}vip"),
+        vip,
         port,
         parse_proto(msg.protocol, f"{prefix}protocol"),
         last,
@@ -421,7 +503,7 @@ def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
 
 
 def parse_snat(msg: Any, mode: Mode, port: int, endpoints: tuple[EndpointSpec, ...],
-               prefix: str, ranged: bool = False) -> str:
+               prefix: str, ranged: bool = False, vip: str = "") -> str:
     """The SNAT address of a service in `mode` ("" when unset), and the mode's rules on
     the endpoints (DSR does not rewrite ports: each endpoint's port is the service's;
     a port-range or any-port service's (`ranged`): 0, the client's port)."""
@@ -439,7 +521,8 @@ def parse_snat(msg: Any, mode: Mode, port: int, endpoints: tuple[EndpointSpec, .
     if mode not in (Mode.FULLNAT, Mode.DSR_IPIP):
         raise ValidationError(f"{prefix}snat_address: {quote(value)} is set, but only "
                               "MODE_FULLNAT and MODE_DSR_IPIP use one")
-    return parse_ipv4(value, f"{prefix}snat_address")
+    return check_family(parse_ip(value, f"{prefix}snat_address"), vip,
+                        f"{prefix}snat_address")
 
 
 def parse_persistence(value: int, field: str) -> int:
@@ -455,7 +538,8 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
     key = parse_service_key(msg, field)
     mode = parse_mode(msg.mode, f"{prefix}mode")
     ranged = is_range(key.port, key.port_last)
-    endpoints = parse_endpoints(msg.endpoints, f"{prefix}endpoints", keep_port=ranged)
+    endpoints = parse_endpoints(msg.endpoints, f"{prefix}endpoints", keep_port=ranged,
+                                vip=key.vip)
     health = parse_health(msg.health, f"{prefix}health") if msg.HasField("health") else None
     if health is not None and health.kind != HealthKind.ICMP and not health.port \
             and any(not ep.port for ep in endpoints):
@@ -468,7 +552,7 @@ def parse_service(msg: Any, field: str = "") -> ServiceSpec:
         algorithm=parse_algorithm(msg.algorithm),
         mode=mode,
         endpoints=endpoints,
-        snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix, ranged),
+        snat_addr=parse_snat(msg, mode, key.port, endpoints, prefix, ranged, key.vip),
         persistence_s=parse_persistence(msg.persistence_timeout_s,
                                         f"{prefix}persistence_timeout_s"),
         health=health,
