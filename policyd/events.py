@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from policyd.nodeclient import open_channel
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import Exhausted, NotFoundError, ValidationError, quote
@@ -143,7 +142,7 @@ class NodeEventsRpcs:
                                 "close one first")
             NodeEventsRpcs._event_watchers += 1
         # the reconciler's factory: the nodes' TLS, as reconciling dials them
-        factory = getattr(self._reconciler, "_channel_factory", open_channel)
+        factory = self._reconciler.channel_factory
         merged = Merged([(n, nodes[n]) for n in wanted], kinds, factory)
         try:
             while context.is_active():

@@ -57,6 +57,11 @@ class Reconciler:
     def settings(self) -> ReconcilerSettings:
         return self._settings
 
+    @property
+    def channel_factory(self) -> Callable[[str], grpc.Channel]:
+        """How the nodes are dialled (their TLS): for whatever else talks to them."""
+        return self._channel_factory
+
     def start(self) -> None:
         self.refresh_nodes()
 
