@@ -142,7 +142,7 @@ def _measure(topo: Topology, target: Target, cfg: Config, rnd: int, services: in
         if warm.requests == 0 or warm.errors:
             raise RuntimeError(f"{target.name}: warm-up through {urls} failed: {warm}")
     out = []
-    for metric in METRICS:
+    for metric in METRICS if target.variant_of is None else ("CRR",):
         res: WrkResult = run_wrk_multi(topo, urls, cfg.duration, connections=cfg.connections,
                                        close=(metric == "CRR"))
         if res.errors:
@@ -164,6 +164,8 @@ def traffic_phase(topo: Topology, cfg: Config, backends: list[Endpoint]) -> list
         for services in scales:
             block: list[Sample] = []
             for name in order:
+                if cfg.quick and TARGETS[name].variant_of and services != scales[-1]:
+                    continue  # quick: a variant's row at the larger scale only
                 target = TARGETS[name]()
                 try:
                     target.setup(topo, services, topo.vip, cfg.port, backends)

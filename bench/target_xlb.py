@@ -23,8 +23,8 @@ BIG = [("grpc.max_receive_message_length", 64 << 20),
        ("grpc.max_send_message_length", 64 << 20)]
 
 
-def dpd_service(s: ServiceSpec, algorithm: int = tpb.ALGORITHM_ROUND_ROBIN,
-                mode: int = tpb.MODE_DNAT, snat: str = "") -> dpb.Service:
+def dpd_service(s: ServiceSpec, algorithm: tpb.Algorithm = tpb.ALGORITHM_ROUND_ROBIN,
+                mode: tpb.Mode = tpb.MODE_DNAT, snat: str = "") -> dpb.Service:
     return dpb.Service(
         vip=s.vip, port=s.port, algorithm=algorithm, mode=mode, snat_address=snat,
         protocol=tpb.PROTOCOL_TCP if s.proto == "tcp" else tpb.PROTOCOL_UDP,
@@ -53,8 +53,8 @@ class XlbTarget(Target):
     """PutServices straight into the node's dpd."""
 
     name = "xlb"
-    algorithm: int = tpb.ALGORITHM_ROUND_ROBIN
-    mode: int = tpb.MODE_DNAT
+    algorithm: tpb.Algorithm = tpb.ALGORITHM_ROUND_ROBIN
+    mode: tpb.Mode = tpb.MODE_DNAT
     snat: str = ""
 
     def __init__(self) -> None:
@@ -89,6 +89,7 @@ class XlbMaglevTarget(XlbTarget):
     name = "xlb-maglev"
     algorithm = tpb.ALGORITHM_MAGLEV
     control_plane = False  # traffic only: the CRR row with Maglev
+    variant_of = "xlb"
 
 
 @register
@@ -101,6 +102,7 @@ class XlbFullnatTarget(XlbTarget):
     mode = tpb.MODE_FULLNAT
     snat = "198.18.99.1"
     control_plane = False  # traffic only: the CRR row with full-NAT
+    variant_of = "xlb"
 
 
 @register

@@ -47,6 +47,10 @@ class Target(ABC):
     control_plane: ClassVar[bool] = True
     #: whether the traffic phase measures this target
     traffic: ClassVar[bool] = True
+    #: a variant of another target (e.g. "xlb" with every service in Maglev): the table
+    #: shows its CRR row beside that target's, so only CRR is measured, and a quick run
+    #: measures it only at the larger scale (the one its row is about)
+    variant_of: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.topo: Topology | None = None
