@@ -23,6 +23,8 @@ with an RST: no TIME_WAIT); HTTP: a connect, ``GET path HTTP/1.0``, the status l
 UDP: a connected datagram socket, the request, a reply starting with the expected bytes
 (an ICMP port unreachable fails it at once); ICMP: one raw socket for every echo (dpd
 is root), or an unprivileged ICMP datagram socket where ping_group_range allows.
+IPv6 endpoints get the same probes over AF_INET6 sockets; their echo is ICMPv6's (one
+more shared socket, the kernel computing the ICMPv6 checksum).
 """
 
 from __future__ import annotations
@@ -151,8 +153,12 @@ class _Probe:
             self.sock = None
 
 
-def _rst_socket(kind: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _rst_socket(kind: int, address: str) -> socket.socket:
+    s = socket.socket(_family(address), kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     if kind == socket.SOCK_STREAM:  # close with an RST: no TIME_WAIT per probe
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return s
@@ -167,11 +173,12 @@ class _TcpProbe(_Probe):
         self.http = spec.kind == HealthKind.HTTP
         self.buf = b""
         self.sent = False
-        self.sock = _rst_socket(socket.SOCK_STREAM)
+        self.sock = _rst_socket(socket.SOCK_STREAM, address)
         err = self.sock.connect_ex((address, port))
         if err not in (0, errno.EINPROGRESS):
             raise OSError(err, os.strerror(err))
-        self.request = (f"GET {spec.http_path} HTTP/1.0\r\nHost: {address}\r\n"
+        host = f"[{address}]" if ":" in address else address
+        self.request = (f"GET {spec.http_path} HTTP/1.0\r\nHost: {host}\r\n"
                         "User-Agent: xlb-health\r\nConnection: close\r\n\r\n").encode()
         self.status = spec.http_status
 
@@ -212,7 +219,7 @@ class _UdpProbe(_Probe):
         super().__init__(target, deadline)
         address, port, spec = target.key
         self.expect = spec.udp_expect
-        self.sock = _rst_socket(socket.SOCK_DGRAM)
+        self.sock = _rst_socket(socket.SOCK_DGRAM, address)
         self.sock.connect((address, port))
         self.sock.send(spec.udp_request)
 
@@ -242,14 +249,19 @@ def _checksum(data: bytes) -> int:
 
 class _Pinger:
     """One ICMP socket for every echo probe: raw (root) or an unprivileged datagram
-    socket; replies are matched to probes by (address, sequence)."""
+    socket; replies are matched to probes by (address, sequence). `v6`: ICMPv6 (echo
+    request 128, reply 129; the kernel fills the checksum, no IP header is read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, v6: bool = False) -> None:
+        family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                         else (socket.AF_INET, socket.IPPROTO_ICMP))
+        self.v6 = v6
+        self.request, self.reply = (128, 129) if v6 else (8, 0)
         try:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            self.sock = socket.socket(family, socket.SOCK_RAW, proto)
             self.raw = True
         except PermissionError:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            self.sock = socket.socket(family, socket.SOCK_DGRAM, proto)
             self.raw = False
         self.sock.setblocking(False)
         self.ident = random.getrandbits(16)
@@ -259,10 +271,10 @@ class _Pinger:
     def send(self, probe: _IcmpProbe, address: str) -> None:
         self.seq = (self.seq + 1) & 0xFFFF
         payload = b"xlb-health" + struct.pack("!Q", probe.seq)
-        head = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq)
-        csum = _checksum(head + payload)
-        self.sock.sendto(struct.pack("!BBHHH", 8, 0, csum, self.ident, self.seq) + payload,
-                         (address, 0))
+        head = struct.pack("!BBHHH", self.request, 0, 0, self.ident, self.seq)
+        csum = 0 if self.v6 else _checksum(head + payload)  # ICMPv6: the kernel's
+        self.sock.sendto(struct.pack("!BBHHH", self.request, 0, csum, self.ident, self.seq)
+                         + payload, (address, 0))
         probe.key = (address, self.seq)
         self.pending[probe.key] = probe
 
@@ -271,14 +283,15 @@ class _Pinger:
         out: list[_IcmpProbe] = []
         while True:
             try:
-                data, (src, _) = self.sock.recvfrom(2048)
+                data, peer = self.sock.recvfrom(2048)
+                src = peer[0]
             except (BlockingIOError, InterruptedError):
                 return out
             except OSError:
                 return out
-            if self.raw:
+            if self.raw and not self.v6:
                 data = data[(data[0] & 0x0F) * 4:]
-            if len(data) < 8 or data[0] != 0:  # echo replies only
+            if len(data) < 8 or data[0] != self.reply:  # echo replies only
                 continue
             ident, seq = struct.unpack("!HH", data[4:8])
             if self.raw and ident != self.ident:
@@ -327,7 +340,7 @@ class HealthMonitor:
         self._inflight = 0
         self._dirty: set[ServiceKey] = set()
         self._sel: selectors.BaseSelector | None = None
-        self._pinger: _Pinger | None = None
+        self._pingers: dict[bool, _Pinger] = {}  # IPv6?  -> its echo socket
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -523,8 +536,8 @@ class HealthMonitor:
             for _, _, p in self._deadlines:
                 self._end(p)
             self._deadlines.clear()
-        if self._pinger is not None:
-            self._pinger.close()
+        for pinger in self._pingers.values():
+            pinger.close()
         if self._sel is not None:
             self._sel.close()
         self._wake_r.close()
@@ -608,11 +621,13 @@ class HealthMonitor:
         probe: _Probe
         try:
             if spec.kind == HealthKind.ICMP:
-                if self._pinger is None:
-                    self._pinger = _Pinger()
-                    self._sel.register(self._pinger.sock, selectors.EVENT_READ, self._pinger)
+                v6 = ":" in address
+                pinger = self._pingers.get(v6)
+                if pinger is None:
+                    pinger = self._pingers[v6] = _Pinger(v6)
+                    self._sel.register(pinger.sock, selectors.EVENT_READ, pinger)
                 probe = _IcmpProbe(t, deadline)
-                self._pinger.send(probe, address)
+                pinger.send(probe, address)
             elif spec.kind == HealthKind.UDP:
                 probe = _UdpProbe(t, deadline)
                 self._sel.register(probe.sock, selectors.EVENT_READ, probe)  # type: ignore[arg-type]
@@ -634,8 +649,9 @@ class HealthMonitor:
         if p.target.probe is p:
             p.target.probe = None
         if isinstance(p, _IcmpProbe):
-            if self._pinger is not None:
-                self._pinger.forget(p)
+            pinger = self._pingers.get(":" in p.target.key[0])
+            if pinger is not None:
+                pinger.forget(p)
         elif p.sock is not None:
             if self._sel is not None:
                 try:

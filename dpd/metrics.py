@@ -32,14 +32,15 @@ from dpd.maps import Map, percpu_stride
 from dpd.node import Node
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlbcore.metrics import MetricsServer, RpcMetrics, family_header, labels_text, start_metrics
-from xlbcore.service import Proto, ServiceSpec
+from xlbcore.service import Proto, ServiceSpec, host_text
 
 PREFIX = "xlb_dpd"
 
 
 def service_label(spec: ServiceSpec) -> str:
-    """``VIP:PORT/PROTO``: the service label's value."""
-    return f"{spec.vip}:{spec.port}/{Proto(spec.proto).name.lower()}"
+    """``VIP:PORT/PROTO``: the service label's value (an IPv6 VIP in brackets:
+    ``[2001:db8::10]:80/tcp``)."""
+    return f"{host_text(spec.vip)}:{spec.port}/{Proto(spec.proto).name.lower()}"
 
 
 def _state_names() -> dict[int, str]:
@@ -114,7 +115,7 @@ class ServiceFamilies:
         sp, sb, ep, eb = self.names
         svc = "{" + labels_text(node=node, service=service) + "} "
         eps = ["{" + labels_text(node=node, service=service,
-                                 endpoint=f"{e.address}:{e.port}") + "} "
+                                 endpoint=f"{host_text(e.address)}:{e.port}") + "} "
                for e in spec.endpoints]
         return _Rendered(ident, sp + svc, sb + svc, [ep + x for x in eps],
                          [eb + x for x in eps], svc_id, ep_ids)
@@ -189,11 +190,17 @@ class NodeCollector(Collector):
                               if f.name == "state")
         self._proto_at = next(f.offset for f in ct["xlb_ct_key"].fields
                               if f.name == "proto")
+        # ct_v6_map: the value's state is its embedded IPv4 value's (`c`, at offset 0)
+        self._state6_at = ct["xlb_ct6_val"].field("c").offset + self._state_at
+        self._proto6_at = ct["xlb_ct6_key"].field("proto").offset
 
-    def conntrack_by_state(self) -> Tally[tuple[int, int]]:
-        """(protocol number, state number) -> entries (two per flow: both directions)."""
-        s, p = self._state_at, self._proto_at
-        m = self.node.conntrack.map
+    def conntrack_by_state(self, v6: bool = False) -> Tally[tuple[int, int]]:
+        """(protocol number, state number) -> entries (two per flow: both directions) of
+        ct_v4_map (`v6`: of ct_v6_map)."""
+        if v6:
+            s, p, m = self._state6_at, self._proto6_at, self.node.conntrack.map6
+        else:
+            s, p, m = self._state_at, self._proto_at, self.node.conntrack.map
         if not isinstance(getattr(m, "fd", None), int):
             return Tally((k[p], v[s]) for k, v in m.items())
         tally: Tally[tuple[int, int]] = Tally()
@@ -202,11 +209,14 @@ class NodeCollector(Collector):
             tally.update(zip(keys[p:n * ks:ks], values[s:n * vs:vs], strict=True))
         return tally
 
-    def map_fill(self, conntrack: int) -> list[tuple[str, str, int, int]]:
+    def map_fill(self, conntrack: int, conntrack6: int = -1) -> list[tuple[str, str, int, int]]:
         """(name, type, max_entries, used) as Node.maps() gives them, with ct_v4_map's
-        count taken from the conntrack tally (`conntrack`) rather than read again."""
-        return [(m.name, m.type, m.max_entries, m.used)
-                for m in self.node.maps(used={"ct_v4_map": conntrack})]
+        count taken from the conntrack tally (`conntrack`) rather than read again (and
+        ct_v6_map's: `conntrack6`, when given)."""
+        used = {"ct_v4_map": conntrack}
+        if conntrack6 >= 0:
+            used["ct_v6_map"] = conntrack6
+        return [(m.name, m.type, m.max_entries, m.used) for m in self.node.maps(used=used)]
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         n = self.node
@@ -231,14 +241,18 @@ class NodeCollector(Collector):
         size = GaugeMetricFamily(f"{PREFIX}_map_max_entries", "the map's capacity",
                                  labels=["node", "map", "type"])
         tally = self.conntrack_by_state()
-        for map_name, kind, max_entries, fill in self.map_fill(sum(tally.values())):
+        tally6 = self.conntrack_by_state(v6=True)
+        for map_name, kind, max_entries, fill in self.map_fill(sum(tally.values()),
+                                                                sum(tally6.values())):
             used.add_metric([name, map_name, kind], fill)
             size.add_metric([name, map_name, kind], max_entries)
         yield used
         yield size
+        tally.update(tally6)  # both families' flows
 
         ct = GaugeMetricFamily(f"{PREFIX}_conntrack_entries", "conntrack entries (two per "
-                               "flow) by protocol and state", labels=["node", "protocol", "state"])
+                               "flow, IPv4 and IPv6) by protocol and state",
+                               labels=["node", "protocol", "state"])
         for proto in Proto:  # tcp, udp, sctp
             for number, state in self._states.items():
                 if number:

@@ -230,8 +230,8 @@ class Node:
         for name, m in sorted(self.dp.maps.items()):
             if name in known:
                 used_now = known[name]
-            elif name == "nat_v4_map":
-                used_now = self.services.count()
+            elif name == "nat_v4_map":  # the services less the IPv6 ones (nat_v6_map's)
+                used_now = self.services.count() - self.dp.maps["nat_v6_map"].count()
             elif m.spec.type in ("hash", "lru_hash", "lpm_trie", "percpu_hash"):
                 used_now = m.count()
             else:

@@ -13,21 +13,22 @@ import grpc
 from policyd.cli_objects import enum_name, next_hops, rule_match, table
 from xlb.dpd.v1 import datapath_pb2, datapath_pb2_grpc
 from xlb.types.v1 import types_pb2
-from xlbcore.service import ports_text
+from xlbcore.service import host_text, ports_text
 
 VIEWS = ("services", "conntrack", "stats", "interfaces", "rules", "routes", "policers")
 
 
 def _key(key: Any) -> str:
     proto = enum_name(key.protocol, types_pb2.Protocol, "PROTOCOL_")
-    return f"{key.vip}:{ports_text(key.port, key.port_last)}/{proto}"
+    return f"{host_text(key.vip)}:{ports_text(key.port, key.port_last)}/{proto}"
 
 
 def services(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for s in stub.ListServices(datapath_pb2.ListServicesRequest(), timeout=args.rpc_timeout):
-        eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
-        rows.append([f"{s.vip}:{ports_text(s.port, s.port_last)}",
+        eps = ",".join(f"{host_text(e.address)}:{e.port}@{e.weight or 1}"
+                       for e in s.endpoints)
+        rows.append([f"{host_text(s.vip)}:{ports_text(s.port, s.port_last)}",
                      enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
                      enum_name(s.algorithm, types_pb2.Algorithm, "ALGORITHM_"),
                      enum_name(s.mode, types_pb2.Mode, "MODE_"), eps or "-"])
@@ -38,10 +39,10 @@ def conntrack(stub: Any, args: argparse.Namespace) -> str:
     rows = []
     for e in stub.ListConntrack(datapath_pb2.ListConntrackRequest(), timeout=args.rpc_timeout):
         rows.append([enum_name(e.protocol, types_pb2.Protocol, "PROTOCOL_"),
-                     f"{e.src}:{e.src_port}", f"{e.dst}:{e.dst_port}",
+                     f"{host_text(e.src)}:{e.src_port}", f"{host_text(e.dst)}:{e.dst_port}",
                      enum_name(e.direction, datapath_pb2.Direction, "DIRECTION_"),
                      enum_name(e.state, datapath_pb2.ConntrackState, "CONNTRACK_STATE_"),
-                     f"{e.nat_address}:{e.nat_port}" if e.nat_address else "-",
+                     f"{host_text(e.nat_address)}:{e.nat_port}" if e.nat_address else "-",
                      _key(e.service) if e.service.vip else "-",
                      f"{e.idle_ns / 1e9:.1f}s"])
     return table(["PROTO", "SOURCE", "DESTINATION", "DIRECTION", "STATE", "NAT", "SERVICE",
@@ -55,7 +56,8 @@ def stats(stub: Any, args: argparse.Namespace) -> str:
         c = s.counters
         rows.append([_key(s.service), "", c.packets, c.bytes])
         for e in s.endpoints:
-            rows.append(["", f"{e.endpoint.address}:{e.endpoint.port}", e.counters.packets,
+            rows.append(["", f"{host_text(e.endpoint.address)}:{e.endpoint.port}",
+                         e.counters.packets,
                          e.counters.bytes])
     out = table(["SERVICE", "ENDPOINT", "PACKETS", "BYTES"], rows) if rows else "no services"
     counters = [[name, value] for name, value in sorted(reply.global_counters.items())

@@ -44,7 +44,7 @@ from google.protobuf.message import Message
 from policyd.client import PolicyClient
 from xlb.policy.v1 import policy_pb2
 from xlbcore.errors import brief, quote
-from xlbcore.service import ports_text
+from xlbcore.service import host_text, ports_text
 
 API_VERSION = "xlb.policy/v1"
 # apply -f's order (policers before the rules that may name them)
@@ -375,7 +375,8 @@ def _services(objects: Sequence[Any], wide: bool) -> tuple[list[str], list[list[
         headers += ["ALGORITHM", "NODE-SELECTOR", "REVISION", "UPDATED"]
     rows = []
     for s in objects:
-        eps = ",".join(f"{e.address}:{e.port}@{e.weight or 1}" for e in s.endpoints)
+        eps = ",".join(f"{host_text(e.address)}:{e.port}@{e.weight or 1}"
+                       for e in s.endpoints)
         row = [s.name, s.vip, ports_text(s.port, s.port_last),
                enum_name(s.protocol, types_pb2.Protocol, "PROTOCOL_"),
                eps or "-", s.generation]

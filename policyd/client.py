@@ -44,7 +44,7 @@ ALGORITHMS = {
 
 def parse_endpoint(text: str) -> types_pb2.Endpoint:
     """``ADDRESS:PORT[@WEIGHT][,priority=N]`` -> Endpoint (the server validates the
-    values)."""
+    values); an IPv6 address in brackets: ``[2001:db8::2]:8080``."""
     text, *options = text.split(",")
     priority = None
     for opt in options:
@@ -56,6 +56,11 @@ def parse_endpoint(text: str) -> types_pb2.Endpoint:
     address, sep, port = where.rpartition(":")
     if not sep or not address or not port.isdigit():
         raise ValueError(f"endpoint {quote(text)}: use ADDRESS:PORT or ADDRESS:PORT@WEIGHT")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    elif ":" in address:
+        raise ValueError(f"endpoint {quote(text)}: an IPv6 address goes in brackets, "
+                         "[ADDRESS]:PORT")
     ep = types_pb2.Endpoint(address=address, port=int(port))
     if weight:
         if not weight.isdigit():
