@@ -494,10 +494,14 @@ def parse_service_key(msg: Any, field: str = "") -> ServiceKey:
         field_name = "port_last" if last else "port"
         raise ValidationError(f"{prefix}{field_name}: an IPv6 service has one port (1..65535); "
                               "port ranges and any-port are IPv4 only")
+    proto = parse_proto(msg.protocol, f"{prefix}protocol")
+    if is_v6(vip) and proto == Proto.SCTP:
+        raise ValidationError(f"{prefix}protocol: PROTOCOL_SCTP services are IPv4 only; an "
+                              "IPv6 service is PROTOCOL_TCP or PROTOCOL_UDP")
     return ServiceKey(
         vip,
         port,
-        parse_proto(msg.protocol, f"{prefix}protocol"),
+        proto,
         last,
     )
 

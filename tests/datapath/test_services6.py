@@ -241,3 +241,15 @@ def test_a_restarted_dpd_reads_its_v6_services_back_from_the_pins(loaded, api, n
         assert node.dp.maps["nat_v6_map"].count() == 0
     finally:
         again.close()
+
+
+def test_least_connections_on_v6_counts_ct_v6_map_flows(api, node):
+    api.PutServices(pb.PutServicesRequest(services=[
+        service((EPA, 8080), (EPB, 8080), algorithm=tpb.ALGORITHM_LEAST_CONNECTIONS)]))
+    firsts = [syn(node, 46000 + i)[1][IPv6].dst for i in range(4)]
+    assert sorted(firsts) == [EPA, EPA, EPB, EPB]  # each new flow to the least loaded
+    api.FlushConntrack(pb.FlushConntrackRequest(endpoint_address=EPA))
+    # the sweep recounts each endpoint's live flows from ct_v6_map: EPA has none left
+    Conntrack(node.dp, clock=node.conntrack.clock,
+              least_conn=node.services.lc_stat_ids).age_once()
+    assert [syn(node, 46100 + i)[1][IPv6].dst for i in range(2)] == [EPA, EPA]

@@ -77,6 +77,8 @@ def test_every_mode_takes_an_ipv6_service_in_canonical_form(mode, snat, port):
     (msg((EPA, 8080), port=8000, port_last=8099), "services[0].port_last",
      "an IPv6 service has one port"),
     (msg((EPA, 0), port=0), "services[0].port", "an IPv6 service has one port"),
+    (msg((EPA, 8080), protocol=tpb.PROTOCOL_SCTP), "services[0].protocol",
+     "PROTOCOL_SCTP services are IPv4 only"),
     (msg((EPA, 8080), vip="::1"), "services[0].vip", "not a usable unicast address"),
     (msg((EPA, 8080), vip="ff02::1"), "services[0].vip", "not a usable unicast address"),
     (msg(("::ffff:198.18.1.2", 8080)), "services[0].endpoints[0].address", "IPv4-mapped"),
