@@ -23,12 +23,12 @@ RANGE_PORTS = (8000, 8042, 8099)  # first, inside, last of 8000-8099
 OUTSIDE = (7999, 8100)
 
 
-def start_port_servers(lab: Lab, ports: tuple[int, ...]) -> None:
-    """A TCP and UDP server on each of `ports` in every backend (ended by the lab)."""
+def start_port_servers(topo: Any, ports: tuple[int, ...]) -> None:
+    """A TCP and UDP server on each of `ports` in every backend of the Topology `topo`,
+    named ``be{i}:{port}`` (ended by its cleanup)."""
     from lab import netns
     from lab.servers import wait_listening
 
-    topo = lab.topo
     started = []
     for port in ports:
         for i, ns in enumerate(topo.backend_ns, start=1):
@@ -72,7 +72,7 @@ def service(vip: str, port: int, last: int, proto: str, *eps: tuple[str, int]) -
 def test_ranges_fixed_ports_and_any_port_over_real_sockets():
     with open_lab(prefix="xrg") as lab:
         be1, be2 = lab.topo.backend_ips
-        start_port_servers(lab, RANGE_PORTS + OUTSIDE)
+        start_port_servers(lab.topo, RANGE_PORTS + OUTSIDE)
         for proto in ("tcp", "udp"):
             put(lab,
                 service(VIP, 8000, 8099, proto, (be1, 0), (be2, 0)),     # kept port
@@ -123,7 +123,7 @@ def test_the_dpd_examples_of_the_docs_work_as_written():
     assert [c[-1].rsplit("/", 1)[1] for c in commands] == [
         "PutServices", "PutServices", "ListServices", "DeleteServices"]
     with open_lab(prefix="xrd") as lab:
-        start_port_servers(lab, (8042, 9001))
+        start_port_servers(lab.topo, (8042, 9001))
         outs = []
         for argv in commands:
             argv = [GRPCURL if a == "grpcurl" else lab.dpd.socket if a == "/run/xlb/dpd.sock"
