@@ -34,21 +34,33 @@ _ADDRESSES, _PORTS, _WEIGHTS = (attrgetter("addresses"), attrgetter("ports"),
 
 
 class SlotTables:
-    """Slot tables by weight tuple (np.uint16 arrays of endpoint indexes), cached.
-    Bounded: past `limit` tuples the cache starts over."""
+    """Slot tables by weight tuple (np.uint16 arrays of endpoint indexes), cached, each
+    also zero-padded to whole `chunk`s (as slot_map holds it). Bounded: past `limit`
+    tuples the cache starts over."""
 
-    def __init__(self, size: int, limit: int = 4096) -> None:
+    def __init__(self, size: int, chunk: int = 1, limit: int = 4096) -> None:
         self.size = size
+        self.chunk = chunk
         self.limit = limit
         self._tables: dict[tuple[int, ...], np.ndarray] = {}
+        self._padded: dict[tuple[int, ...], np.ndarray] = {}
 
     def get(self, weights: tuple[int, ...]) -> np.ndarray:
         t = self._tables.get(weights)
         if t is None:
             if len(self._tables) >= self.limit:
                 self._tables.clear()
-            t = self._tables[weights] = np.array(build_slots(weights, self.size), np.uint16)
+                self._padded.clear()
+            table = build_slots(weights, self.size)
+            padded = np.zeros(-(-len(table) // self.chunk) * self.chunk, np.uint16)
+            padded[:len(table)] = table
+            self._padded[weights] = padded
+            t = self._tables[weights] = padded[:len(table)]
         return t
+
+    def padded(self, weights: tuple[int, ...]) -> np.ndarray:
+        """The table of `weights` (got before) padded to whole chunks."""
+        return self._padded[weights]
 
     def table(self, weights: tuple[int, ...]) -> bytes:
         """One weight tuple's slot table as bytes (2 per slot, little-endian)."""
@@ -105,7 +117,7 @@ class EndpointRows:
         self.ep_dtype = ep.dtype
         self.slot_dtype = slots.dtype
         self.chunk = slots.field("ep").count
-        self.tables = SlotTables(max_slots)
+        self.tables = SlotTables(max_slots, self.chunk)
 
     def chunks(self, n_slots: int) -> int:
         """slot_map entries a table of `n_slots` slots takes."""
@@ -132,11 +144,11 @@ class EndpointRows:
         out["prio"] = np.fromiter(chain.from_iterable(prios), np.uint8, m)
         return out
 
-    def slots(self, tables: Sequence[np.ndarray]) -> np.ndarray:
-        """The xlb_slots rows of the services' slot tables, each padded to whole
-        entries, joined."""
+    def slots(self, weights: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """The xlb_slots rows of the slot tables of `weights` (each got from `tables`
+        before), padded to whole entries, joined."""
         chunk = self.chunk
-        padded = [np.pad(t, (0, -len(t) % chunk)) for t in tables]
+        padded = list(map(self.tables.padded, weights))
         flat = np.concatenate(padded) if padded else np.zeros(0, np.uint16)
         out = np.zeros(len(flat) // chunk, self.slot_dtype)
         out["ep"] = flat.reshape(-1, chunk)

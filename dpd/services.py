@@ -454,7 +454,7 @@ class ServiceTable:
                 rows6 = b"".join([address_bytes(ep.address) for i in six
                                   for ep in specs[i].endpoints])
                 self.ep6_map.put_batch_raw(keys6.data, rows6)
-            srows = self._rows.slots(tables)
+            srows = self._rows.slots(weights)
             skeys = runs(slot_base, chunks)
             for i in range(0, len(srows), 65536):
                 self.slot_map.put_batch_raw(skeys[i:i + 65536].data, srows[i:i + 65536].data)

@@ -219,7 +219,7 @@ def test_batch_encoder_writes_what_the_codec_packs_for_random_services():
     endpoints out of selection (health), SNAT addresses, persistence, rewrites of what
     is held, and the services a restart reads back."""
     rng = random.Random(11)
-    t = ServiceTable(MemoryDatapath(Settings(name="m", max_services=1024,
+    t = ServiceTable(MemoryDatapath(Settings(name="m", max_services=2048,
                                              max_backends=262144, ct_size=64)),
                      maglev_size=251)
     for round_ in range(4):
