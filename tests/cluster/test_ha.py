@@ -25,6 +25,7 @@ from lab.client import run_tcp_who
 from policyd.etcd import Etcd
 from tests.cluster.conftest import VIP, open_cluster, wait_until
 from tests.etcd_server import run_etcd
+from tests.unit.test_policyd_ha import same_status
 from xlb.dpd.v1 import datapath_pb2 as dpb
 from xlb.dpd.v1 import datapath_pb2_grpc
 from xlb.policy.v1 import policy_pb2 as ppb
@@ -173,11 +174,10 @@ def test_leader_killed_under_churn_follower_takes_over_without_losing_acks():
 
             wait_until(synced, 30, "node1 SYNCED at the latest revision on the new leader")
             # the other replica, a follower, answers the node's status as the leader does
-            wait_until(lambda: other.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"),
-                                                   timeout=5)
-                       == stub.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"),
-                                             timeout=5),
-                       10, "the follower to serve the new leader's status of node1")
+            wait_until(lambda: same_status(
+                other.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"), timeout=5),
+                stub.GetSyncStatus(ppb.GetSyncStatusRequest(node="node1"), timeout=5)),
+                10, "the follower to serve the new leader's status of node1")
             with grpc.insecure_channel(c.nodes["node1"].address) as ch:
                 on_node = {(s.vip, s.port) for s in datapath_pb2_grpc.DatapathStub(ch)
                            .ListServices(dpb.ListServicesRequest(), timeout=5)}
