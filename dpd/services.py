@@ -90,6 +90,14 @@ _ENDPOINTS, _ALGORITHM = attrgetter("endpoints"), attrgetter("algorithm")
 _WEIGHT = attrgetter("weight")
 _HEALTH, _CT_TIMEOUTS = attrgetter("health"), attrgetter("ct_timeouts")
 _GROUPED = attrgetter("grouped")
+_CONFIGURED = attrgetter("columns.weights")  # a spec's configured weights, read in C
+
+
+def _any_range(items: Sequence[ServiceKey | ServiceSpec],
+               ports: Sequence[int] | None = None) -> bool:
+    """Some of `items` is a port-range or any-port service (is_range), found in C."""
+    return 0 in (ports if ports is not None else map(_PORT, items)) \
+        or any(map(_LAST, items))
 _IS_MAGLEV = Algorithm.MAGLEV.__eq__
 # what a nat_v4_map value takes from a spec (columns: its endpoints column by column)
 _VALUE_FIELDS = attrgetter("algorithm", "mode", "persistence_s", "snat_addr", "columns")
@@ -126,6 +134,9 @@ class _Entry(NamedTuple):
         """(endpoint address, port) -> its ep_stats_map slot."""
         return {(ep.address, ep.port): i
                 for ep, i in zip(self.spec.endpoints, self.ep_ids, strict=True)}
+
+
+_EP_BASE, _SLOT_BASE, _N_SLOTS = map(_Entry._fields.index, ("ep_base", "slot_base", "n_slots"))
 
 
 def _entries(specs: Iterable[ServiceSpec], svc_ids: Iterable[int],
@@ -253,9 +264,10 @@ class ServiceTable:
         if _v6_in(items):
             return list(map(self.key_bytes, items))
         ports = list(map(_PORT, items))
+        ranged = (map(is_range, ports, map(_LAST, items)) if _any_range(items, ports)
+                  else repeat(False))
         return list(map(self._key.pack, map(socket.inet_aton, map(_VIP, items)),
-                        map(socket.htons, ports), map(_PROTO, items),
-                        map(is_range, ports, map(_LAST, items))))
+                        map(socket.htons, ports), map(_PROTO, items), ranged))
 
     # -- port-range and any-port services (range_v4_map) ------------------------------
 
@@ -424,11 +436,16 @@ class ServiceTable:
             return []
         down = self._down
         specs = list(map(_SPEC, entries))
-        weights = [self._effective(e) if e.svc_id in down or e.spec.grouped
-                   else e.spec.columns.weights for e in entries]
+        grouped = any(map(_GROUPED, specs))
+        if down or grouped:
+            weights = [self._effective(e) if e.svc_id in down or e.spec.grouped
+                       else e.spec.columns.weights for e in entries]
+        else:  # the configured weights of each
+            weights = list(map(_CONFIGURED, specs))
         tables = list(map(self._rows.tables.get, weights))
         counts = list(map(len, map(_ENDPOINTS, specs)))
-        chunks = list(map(self._rows.chunks, map(len, tables)))
+        n_slots = np.fromiter(map(len, tables), np.intp, len(tables))
+        chunks = (-(-n_slots // self._rows.chunk)).tolist()  # _rows.chunks of each
         ep_base = self.ep_space.reserve(counts)
         try:
             slot_base = self.slot_space.reserve(chunks)
@@ -436,11 +453,15 @@ class ServiceTable:
             self.ep_space.free(zip(ep_base, counts, strict=True))
             raise
         try:
-            prios = [tuple(ep.priority for ep in s.endpoints) if s.grouped else (0,) * n
-                     for s, n in zip(specs, counts, strict=True)]
-            gone = [down.get(e.svc_id) if e.spec.health is not None else None for e in entries]
-            downs = [tuple((ep.address, ep.port) in out for ep in s.endpoints) if out
-                     else (0,) * n for s, n, out in zip(specs, counts, gone, strict=True)]
+            zeros = list(map((0,).__mul__, counts))  # a 0 for each endpoint
+            prios = [tuple(ep.priority for ep in s.endpoints) if s.grouped else z
+                     for s, z in zip(specs, zeros, strict=True)] if grouped else zeros
+            downs = zeros
+            if down and any(map(_HEALTH, specs)):
+                gone = [down.get(e.svc_id) if e.spec.health is not None else None
+                        for e in entries]
+                downs = [tuple((ep.address, ep.port) in out for ep in s.endpoints) if out
+                         else z for s, z, out in zip(specs, zeros, gone, strict=True)]
             rows = self._rows.eps([s.columns for s in specs],
                                   chain.from_iterable(e.ep_ids for e in entries), weights, prios,
                                   downs, self._ep_down)
@@ -462,8 +483,11 @@ class ServiceTable:
             self.ep_space.free(zip(ep_base, counts, strict=True))
             self.slot_space.free(zip(slot_base, chunks, strict=True))
             raise
-        return [e._replace(ep_base=b, slot_base=s, n_slots=len(t))
-                for e, b, s, t in zip(entries, ep_base, slot_base, tables, strict=True)]
+        # each entry with its runs: made column by column (no _replace per entry)
+        columns: list[Sequence[object]] = list(zip(*entries, strict=True))
+        columns[_EP_BASE], columns[_SLOT_BASE], columns[_N_SLOTS] = \
+            ep_base, slot_base, n_slots.tolist()
+        return list(map(tuple.__new__, repeat(_Entry), zip(*columns, strict=True)))
 
     def _unplace(self, entries: Iterable[_Entry]) -> None:
         """Free the runs of `entries` (no service points at them any more)."""
@@ -644,6 +668,7 @@ class ServiceTable:
                                 f"datapath holds at most {max_eps}")
             if any(map(_LAST, specs)):
                 self._check_ranges(specs)
+            any_range = _any_range(specs)
             if specs:
                 self.generation += 1  # every write call, also when nothing changes
             index = self._index
@@ -667,7 +692,8 @@ class ServiceTable:
                 counts = list(map(len, map(_ENDPOINTS, batch.values())))
             new_eps = sum(counts) if new_svcs == len(old) else sum(
                 compress(counts, map(is_, old, repeat(None))))
-            for spec, prev in zip(batch.values(), old, strict=True):
+            for spec, prev in zip(batch.values(), old, strict=True) \
+                    if new_svcs != len(old) else ():  # some replace a service
                 if prev is not None:
                     have = prev.stat_ids
                     new_eps += sum([(ep.address, ep.port) not in have
@@ -697,7 +723,8 @@ class ServiceTable:
                 if plan:
                     self._write_nat(keys, plan)
                 ranged = [e.spec for e, p in zip(plan, old, strict=True)
-                          if p is None and is_range(e.spec.port, e.spec.port_last)]
+                          if p is None and is_range(e.spec.port, e.spec.port_last)] \
+                    if any_range else []
                 if ranged:
                     self._write_ranges(ranged)  # after their services: all or none
                 self._write_cfg(plan, old)
@@ -723,10 +750,11 @@ class ServiceTable:
             self._unplace([p for p in old if p is not None])  # the replaced sets
             self.stat_ids.release(freed)
             index.update(zip(keys, plan, strict=True))
-            for e in plan:
+            for e in plan if any_range else ():
                 if is_range(e.spec.port, e.spec.port_last):
                     self._range_first[(e.spec.vip, e.spec.port, e.spec.proto)] = e
-            self._count_vips([k for k, p in zip(keys, old, strict=True) if p is None], +1)
+            self._count_vips(keys if new_svcs == len(old)
+                             else list(compress(keys, map(is_, old, repeat(None)))), +1)
             return len(specs)
 
     @staticmethod
