@@ -188,6 +188,7 @@ RULE_PROTOCOLS = {
     "udp": types_pb2.PROTOCOL_UDP,
     "icmp": types_pb2.PROTOCOL_ICMP,
     "icmpv6": types_pb2.PROTOCOL_ICMPV6,
+    "sctp": types_pb2.PROTOCOL_SCTP,
 }
 ACTIONS = {
     "allow": types_pb2.FIREWALL_ACTION_ALLOW,

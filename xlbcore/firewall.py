@@ -50,6 +50,7 @@ class RuleProto(enum.IntEnum):
     TCP = 6
     UDP = 17
     ICMPV6 = 58
+    SCTP = 132
 
 
 _API_PROTO: dict[int, RuleProto] = {
@@ -58,7 +59,10 @@ _API_PROTO: dict[int, RuleProto] = {
     types_pb2.PROTOCOL_UDP: RuleProto.UDP,
     types_pb2.PROTOCOL_ICMP: RuleProto.ICMP,
     types_pb2.PROTOCOL_ICMPV6: RuleProto.ICMPV6,
+    types_pb2.PROTOCOL_SCTP: RuleProto.SCTP,
 }
+# protocols whose rules may match ports (the datapath keys their packets by ports)
+PORT_PROTOS = (RuleProto.TCP, RuleProto.UDP, RuleProto.SCTP)
 _PROTO_API: dict[RuleProto, int] = {v: k for k, v in _API_PROTO.items()}
 
 
@@ -164,7 +168,8 @@ def parse_rule_proto(api_value: int, field: str) -> RuleProto:
     except KeyError:
         raise ValidationError(
             f"{field}: unknown protocol {api_value}; use PROTOCOL_TCP, PROTOCOL_UDP,"
-            " PROTOCOL_ICMP, PROTOCOL_ICMPV6 or leave it unset for any") from None
+            " PROTOCOL_SCTP, PROTOCOL_ICMP, PROTOCOL_ICMPV6 or leave it unset for any"
+        ) from None
 
 
 def parse_port_range(msg: Any, present: bool, field: str) -> PortRange | None:
@@ -196,10 +201,11 @@ def parse_match(msg: Any, field: str = "match") -> RuleMatch:
                               " PROTOCOL_ICMP")
     src_ports = parse_port_range(msg.src_ports, msg.HasField("src_ports"), f"{field}.src_ports")
     dst_ports = parse_port_range(msg.dst_ports, msg.HasField("dst_ports"), f"{field}.dst_ports")
-    if (src_ports or dst_ports) and protocol not in (RuleProto.TCP, RuleProto.UDP):
+    if (src_ports or dst_ports) and protocol not in PORT_PROTOS:
         which = "src_ports" if src_ports else "dst_ports"
         raise ValidationError(
-            f"{field}.{which}: ports can only be matched with PROTOCOL_TCP or PROTOCOL_UDP")
+            f"{field}.{which}: ports can only be matched with PROTOCOL_TCP, PROTOCOL_UDP or"
+            " PROTOCOL_SCTP")
     in_interface = parse_ifname(msg.in_interface, f"{field}.in_interface") \
         if msg.in_interface else ""
     return RuleMatch(src, dst, protocol, src_ports, dst_ports, in_interface)

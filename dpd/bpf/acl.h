@@ -205,8 +205,8 @@ static __always_inline int xlb_fw_judge(struct __sk_buff *skb, struct xlb_acl_cf
 #define IPPROTO_ICMPV6 58
 #endif
 
-/* An IPv6 packet's firewall key: the fixed header, and the ports of TCP and UDP or the
- * type of ICMPv6 right after it. A packet with extension headers is judged with the
+/* An IPv6 packet's firewall key: the fixed header, and the ports of TCP, UDP and SCTP or
+ * the type of ICMPv6 right after it. A packet with extension headers is judged with the
  * extension header as its protocol and ports 0 (rules match it by addresses only).
  * XLB_P_OK, XLB_P_ND (neighbour discovery: passed unjudged) or XLB_P_BAD. */
 static __always_inline int xlb_parse_v6(struct __sk_buff *skb, struct xlb_acl_key *k)
@@ -222,8 +222,8 @@ static __always_inline int xlb_parse_v6(struct __sk_buff *skb, struct xlb_acl_ke
     __builtin_memcpy(k->src, &ip6->saddr, 16);
     __builtin_memcpy(k->dst, &ip6->daddr, 16);
     void *l4 = (void *)(ip6 + 1);
-    if (k->proto == IPPROTO_TCP || k->proto == IPPROTO_UDP) {
-        __be16 *ports = l4;
+    if (k->proto == IPPROTO_TCP || k->proto == IPPROTO_UDP || k->proto == IPPROTO_SCTP) {
+        __be16 *ports = l4; /* SCTP's common header starts with them too */
         if ((void *)(ports + 2) > data_end)
             return XLB_P_BAD;
         k->sport = ports[0];
@@ -238,7 +238,7 @@ static __always_inline int xlb_parse_v6(struct __sk_buff *skb, struct xlb_acl_ke
     return XLB_P_OK;
 }
 
-/* The key of an IPv4 packet as parsed (ports 0 unless TCP/UDP with its L4 header). */
+/* The key of an IPv4 packet as parsed (ports 0 unless TCP/UDP/SCTP with its L4 header). */
 static __always_inline void xlb_acl_key_v4(struct xlb_acl_key *k, struct xlb_pkt *p,
                                            int ports)
 {

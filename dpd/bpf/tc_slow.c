@@ -109,8 +109,9 @@ static __always_inline int xlb_ct_reclaim(struct xlb_ct_key *rk)
 }
 
 /* A flow the firewall allowed that no service carries (TCP opened by a SYN, or picked up
- * by a bare ACK; UDP): both conntrack entries, flagged XLB_CTF_PASS and rewriting
- * nothing (the "NAT" address and port are the destination's own), so that its later
+ * by a bare ACK; UDP; SCTP opened by an INIT, its other chunks judged per packet): both
+ * conntrack entries, flagged XLB_CTF_PASS and rewriting nothing (the "NAT" address and
+ * port are the destination's own), so that its later
  * packets and its replies take the fast path unjudged (a POLICE or MIRROR rule's ORIG
  * entry keeps the rule: fw). A martian source is passed untracked, judged per packet.
  * A REPLY key held by a live flow is refused as a service flow's is (drop_ct_clash): the
@@ -128,6 +129,8 @@ static __always_inline int xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *
             midstream = 1;
         else if (c != XLB_TCP_SYN)
             return -1;
+    } else if (p->proto == IPPROTO_SCTP && p->tcp_flags != XLB_SCTP_INIT) {
+        return -1; /* as a service's: only an INIT opens an SCTP flow (the rest: per packet) */
     }
     if (xlb_martian(p->saddr))
         return -1;

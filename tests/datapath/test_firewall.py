@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -23,10 +24,17 @@ from tests.datapath.packets import (
     EP1,
     MAC_C,
     MAC_L,
+    SCTP_COOKIE_ECHO,
+    SCTP_DATA,
+    SCTP_INIT_ACK,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     VIP,
+    crc32c,
+    sctp,
+    sctp_chunk,
+    sctp_init,
     tcp,
     udp,
 )
@@ -265,6 +273,44 @@ def test_later_fragments_follow_the_flow_or_are_judged_by_addresses(fw):
     assert send(fw, bytes(Ether(src=MAC_C, dst=MAC_L) / lone)) == TC_ACT_SHOT
 
 
+def test_sctp_rules_match_port_ranges_and_only_an_init_opens_a_pass_flow(fw):
+    """A DROP rule on SCTP to ports 38400-38499 (and nothing else: TCP and UDP to the
+    same port, SCTP to the next port are not its); an allowed INIT opens a pass flow whose
+    INIT ACK and DATA take the fast path unjudged; a DATA or COOKIE ECHO of no flow is
+    judged alone and opens nothing."""
+    fw.firewall.put([rule("no-ngap", protocol=RuleProto.SCTP, dst_ports=PortRange(38400, 38499)),
+                     rule("other", src="203.0.113.0/24")])
+    init = sctp_init(0x11112222)
+    for port in (38400, 38412, 38499):
+        assert send(fw, sctp(CLIENT, SERVER, 5000, port, init)) == TC_ACT_SHOT, port
+    assert rule_packets(fw)["no-ngap"] == 3 and fw.conntrack.count() == 0
+    assert send(fw, tcp(CLIENT, SERVER, 5000, 38412)) == TC_ACT_OK
+    assert send(fw, udp(CLIENT, SERVER, 5000, 38412)) == TC_ACT_OK
+    fw.flush_conntrack()
+    passed = stat(fw, "fw_pass_flow")
+    lone = sctp_chunk(SCTP_DATA, struct.pack("!IHHI", 1, 0, 0, 46) + b"data", flags=3)
+    assert send(fw, sctp(CLIENT, SERVER, 5000, 38500, lone, vtag=7)) == TC_ACT_OK
+    echo = sctp_chunk(SCTP_COOKIE_ECHO, b"cookie!!")
+    assert send(fw, sctp(CLIENT, SERVER, 5000, 38500, echo, vtag=7)) == TC_ACT_OK
+    assert fw.conntrack.count() == 0 and stat(fw, "fw_pass_flow") == passed
+    assert stat(fw, "fw_eval") == 3 + 2 + 2
+    assert send(fw, sctp(CLIENT, SERVER, 5000, 38500, init)) == TC_ACT_OK
+    assert stat(fw, "fw_pass_flow") == passed + 1 and fw.conntrack.count() == 2
+    ack = sctp_chunk(SCTP_INIT_ACK, struct.pack("!IIHHI", 0x33334444, 65536, 10, 10, 1))
+    assert send(fw, sctp(SERVER, CLIENT, 38500, 5000, ack, vtag=0x11112222), IF_B) == TC_ACT_OK
+    assert {e.state for e in fw.list_conntrack()} == {3}
+    evals = stat(fw, "fw_eval")
+    assert send(fw, sctp(CLIENT, SERVER, 5000, 38500, lone, vtag=0x33334444)) == TC_ACT_OK
+    assert send(fw, sctp(SERVER, CLIENT, 38500, 5000, lone, vtag=0x11112222), IF_B) == TC_ACT_OK
+    assert stat(fw, "fw_eval") == evals and fw.conntrack.count() == 2
+    # IPv6: judged per packet by its ports too
+    v6 = IPv6(src="2001:db8::1", dst="2001:db8::2", nh=132)
+    assert send(fw, bytes(Ether(src=MAC_C, dst=MAC_L) / v6 / sctp_l4(5000, 38412, init))) == \
+        TC_ACT_SHOT
+    assert send(fw, bytes(Ether(src=MAC_C, dst=MAC_L) / v6 / sctp_l4(5000, 38500, init))) == \
+        TC_ACT_OK
+
+
 def test_redirect_sends_the_packet_out_of_the_interface(fw):
     fw.firewall.put([rule("mirror", 5, Action.REDIRECT, redirect="lo", dst=SERVER)])
     assert send(fw, udp(CLIENT, SERVER, 5000, 53)) == TC_ACT_REDIRECT
@@ -287,8 +333,9 @@ def rule_set(draw: st.DrawFn) -> list[tuple[str, RuleSpec]]:
         v6 = draw(st.integers(0, 3)) == 0
         pool = PREFIXES6 if v6 else PREFIXES
         proto = draw(st.sampled_from([RuleProto.ANY, RuleProto.TCP, RuleProto.UDP,
+                                      RuleProto.SCTP,
                                       RuleProto.ICMPV6 if v6 else RuleProto.ICMP]))
-        ports = proto in (RuleProto.TCP, RuleProto.UDP)
+        ports = proto in (RuleProto.TCP, RuleProto.UDP, RuleProto.SCTP)
         action = draw(st.sampled_from([Action.ALLOW, Action.DROP, Action.DROP,
                                        Action.REDIRECT]))
         match = RuleMatch(draw(st.sampled_from(pool)), draw(st.sampled_from(pool)), proto,
@@ -304,8 +351,17 @@ ADDRS = ["198.18.1.7", "198.18.1.200", "198.18.0.9", "198.19.3.3", "203.0.113.1"
 ADDRS6 = ["2001:db8::1", "2001:db8:1::5", "2001:db9::1"]
 
 
+def sctp_l4(sport: int, dport: int, chunks: bytes) -> bytes:
+    """An SCTP packet (verification tag 0, CRC32c right) as an IP payload."""
+    common = struct.pack("!HHI", sport, dport, 0)
+    return common + struct.pack("<I", crc32c(common + b"\0\0\0\0" + chunks)) + chunks
+
+
 def frame_of(pkt: tuple[str, str, str, int, int]) -> bytes:
     kind, src, dst, sport, dport = pkt
+    if kind == "sctp":  # an INIT: IPv4 opens a pass flow by it, IPv6 is judged per packet
+        l3 = IPv6(src=src, dst=dst, nh=132) if ":" in src else IP(src=src, dst=dst, proto=132)
+        return bytes(Ether(src=MAC_C, dst=MAC_L) / l3 / sctp_l4(sport, dport, sctp_init()))
     l3 = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
     l4 = {"tcp": TCP(sport=sport, dport=dport, flags="S"), "udp": UDP(sport=sport, dport=dport),
           "icmp": ICMP()}[kind]
@@ -330,14 +386,14 @@ def test_kernel_verdicts_match_the_model(fw, rules, drop_intf, seed):
     for _ in range(25):
         v6 = rng.random() < 0.3
         pool = ADDRS6 if v6 else ADDRS
-        kind = rng.choice(["tcp", "udp"] if v6 else ["tcp", "udp", "icmp"])
+        kind = rng.choice(["tcp", "udp", "sctp"] if v6 else ["tcp", "udp", "sctp", "icmp"])
         ports = (rng.choice([22, 80, 1023, 1500, 40000]), rng.choice([22, 23, 80, 999, 1000,
                                                                        2000, 65535]))
         if kind == "icmp":
             ports = (0, 0)
         pkt = (kind, rng.choice(pool), rng.choice(pool), *ports)
         ifindex = rng.choice([IF_A, IF_B])
-        proto = {"tcp": 6, "udp": 17, "icmp": 1}[kind]
+        proto = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1}[kind]
         model = table.judge(Packet.of(pkt[1], pkt[2], proto, pkt[3], pkt[4], ifindex))
         got = send(fw, frame_of(pkt), ifindex)
         fw.flush_conntrack()  # every packet a new flow

@@ -38,7 +38,7 @@ from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.errors import Exhausted, ValidationError
 from xlbcore.firewall import Action, PortRange, RuleMatch, RuleProto, RuleSpec
 
-TCP, UDP, ICMP = 6, 17, 1
+TCP, UDP, ICMP, SCTP = 6, 17, 1, 132
 
 
 def rule(name: str, priority: int = 100, action: Action = Action.DROP, **match: object
@@ -141,8 +141,9 @@ def rule_sets(draw: st.DrawFn) -> list[BoundRule]:
         v6 = draw(st.booleans())
         pool = PREFIXES_V6 if v6 else PREFIXES_V4
         proto = draw(st.sampled_from([RuleProto.ANY, RuleProto.TCP, RuleProto.UDP,
+                                      RuleProto.SCTP,
                                       RuleProto.ICMPV6 if v6 else RuleProto.ICMP]))
-        ports = proto in (RuleProto.TCP, RuleProto.UDP)
+        ports = proto in (RuleProto.TCP, RuleProto.UDP, RuleProto.SCTP)
         m = RuleMatch(draw(st.sampled_from(pool)), draw(st.sampled_from(pool)), proto,
                       draw(st.sampled_from(RANGES)) if ports else None,
                       draw(st.sampled_from(RANGES)) if ports else None)
@@ -158,8 +159,8 @@ def packets_for(rules: list[BoundRule], rng: random.Random, n: int) -> list[Pack
     out = []
     for _ in range(n):
         pool = addrs6 if rng.random() < 0.4 else addrs4
-        proto = rng.choice([TCP, UDP, ICMP if pool is addrs4 else 58])
-        ports = proto in (TCP, UDP)
+        proto = rng.choice([TCP, UDP, SCTP, ICMP if pool is addrs4 else 58])
+        ports = proto in (TCP, UDP, SCTP)
         out.append(Packet.of(rng.choice(pool), rng.choice(pool), proto,
                              rng.choice([7, 22, 80, 1500, 40000]) if ports else 0,
                              rng.choice([7, 23, 80, 1000, 2000, 2001, 65535]) if ports else 0,
@@ -380,6 +381,12 @@ def test_api_put_list_delete_and_stats(stub):
     (api_rule("a", action=tpb.FIREWALL_ACTION_DROP, match={
         "dst_ports": tpb.PortRange(first=80, last=80)}), "rules[0].spec.match.dst_ports"),
     (api_rule("a", action=tpb.FIREWALL_ACTION_DROP, match={
+        "protocol": tpb.PROTOCOL_ICMP, "src_ports": tpb.PortRange(first=80, last=80)}),
+     "rules[0].spec.match.src_ports: ports can only be matched with PROTOCOL_TCP, "
+     "PROTOCOL_UDP or PROTOCOL_SCTP"),
+    (api_rule("a", action=tpb.FIREWALL_ACTION_DROP, match={"protocol": 99}),
+     "rules[0].spec.match.protocol: unknown protocol 99"),
+    (api_rule("a", action=tpb.FIREWALL_ACTION_DROP, match={
         "src": "198.18.0.0/16", "dst": "2001:db8::/32"}), "rules[0].spec.match.dst"),
     (api_rule("a", action=tpb.FIREWALL_ACTION_DROP, match={"in_interface": "nope0"}),
      "rules[0].spec.match.in_interface"),
@@ -397,6 +404,24 @@ def test_api_refuses_bad_rules_naming_the_field(stub, bad, field):
     assert err.value.details().startswith(field), err.value.details()
     assert len(err.value.details()) < 300
     assert node.firewall.count() == 0
+
+
+def test_api_takes_sctp_rules_with_port_ranges(stub):
+    """PROTOCOL_SCTP with port ranges is put, listed back as put and decides SCTP packets
+    by their ports (the model the datapath is compared with), not TCP's."""
+    node, api = stub
+    rule = api_rule("no-ngap", priority=10, action=tpb.FIREWALL_ACTION_DROP,
+                    match={"protocol": tpb.PROTOCOL_SCTP, "dst": "198.19.0.0/16",
+                           "src_ports": tpb.PortRange(first=1024, last=65535),
+                           "dst_ports": tpb.PortRange(first=38400, last=38499)})
+    api.PutFirewallRules(pb.PutFirewallRulesRequest(rules=[rule]), timeout=5)
+    listed = list(api.ListFirewallRules(pb.ListFirewallRulesRequest(), timeout=5))
+    assert [r.spec for r in listed] == [rule.spec]
+    judge = node.firewall.judge
+    assert judge(Packet.of("198.18.0.1", "198.19.0.10", SCTP, 5000, 38412)).drops
+    assert not judge(Packet.of("198.18.0.1", "198.19.0.10", SCTP, 5000, 38500)).drops
+    assert not judge(Packet.of("198.18.0.1", "198.19.0.10", SCTP, 1023, 38412)).drops
+    assert not judge(Packet.of("198.18.0.1", "198.19.0.10", TCP, 5000, 38412)).drops
 
 
 def test_api_duplicate_names_and_exhaustion(stub):

@@ -216,6 +216,16 @@ def test_xlbctl_firewall_and_route(capsys, policyd):
     assert listed == [rule]
     rc, out, _ = run(capsys, server, "firewall", "delete", "no-telnet")
     assert rc == 0 and out == {"deleted": "no-telnet"}
+    # docs/firewall.md: an SCTP rule by port range
+    rc, rule, _ = run(capsys, server, "firewall", "apply", "--name", "no-ngap", "--priority",
+                      "100", "--action", "drop", "--protocol", "sctp", "--dst-ports",
+                      "38400-38499")
+    assert rc == 0 and rule["spec"]["match"]["protocol"] == "PROTOCOL_SCTP"
+    assert rule["spec"]["match"]["dst_ports"] == {"first": 38400, "last": 38499}
+    rc, _, err = run(capsys, server, "firewall", "apply", "--name", "bad", "--priority", "1",
+                     "--action", "drop", "--protocol", "icmp", "--dst-ports", "80")
+    assert rc == 1 and "INVALID_ARGUMENT" in err and "PROTOCOL_SCTP" in err, err
+    assert run(capsys, server, "firewall", "delete", "no-ngap")[0] == 0
 
     rc, route, _ = run(capsys, server, "route", "apply", "--name", "via-a", "--prefix",
                        "198.19.0.0/16", "--next-hop", "198.18.1.1",
