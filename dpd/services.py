@@ -237,12 +237,15 @@ class ServiceTable:
         self.generation = 0
         self.instance_id = os.urandom(8).hex()
         self._sorted: tuple[int, list[bytes]] | None = None
-        # vip_v4_map: VIP -> how many services it carries (the datapath answers ICMP echo
-        # to a VIP); made to match the services at start, then kept by every write
+        # vip_v4_map, vip_v6_map: VIP -> how many services it carries (the datapath
+        # answers ICMP and ICMPv6 echo to a VIP); made to match the services at start,
+        # then kept by every write (one tally: 4- and 16-byte keys)
         self.vips = dp.maps["vip_v4_map"]
+        self.vips6 = dp.maps["vip_v6_map"]
         self._vip_count: Tally[bytes] = Tally()
         self._count_vips(list(entries), +1)
-        self.vips.delete_batch([v for v, _ in self.vips.items() if v not in self._vip_count])
+        for vmap in (self.vips, self.vips6):
+            vmap.delete_batch([v for v, _ in vmap.items() if v not in self._vip_count])
         # Maglev tables no service points at (a dpd stopped between two writes)
         live = {self._maglev_key(e) for e in entries.values()
                 if e.spec.algorithm == Algorithm.MAGLEV}
@@ -631,31 +634,34 @@ class ServiceTable:
 
     # -- writing -----------------------------------------------------------------------
 
-    def _write_vips(self, vips: list[bytes]) -> None:
-        """Write the counts of `vips` (deleting those that carry no service any more)."""
+    def _write_vips(self, vips: list[bytes], vmap: Map) -> None:
+        """Write the counts of `vips` into `vmap` (deleting those that carry no service
+        any more)."""
         counts = self._vip_count
         held = list(map(counts.get, vips))
         if held.count(0):  # some carry no service any more
             gone = [v for v, n in zip(vips, held, strict=True) if not n]
             for v in gone:
                 del counts[v]
-            self.vips.delete_batch(gone)
+            vmap.delete_batch(gone)
             vips, held = list(compress(vips, held)), list(filter(None, held))
-        # vip_v4_map values: each a __u32, the VIP's service count
-        self.vips.put_batch_raw(b"".join(vips), struct.pack(f"<{len(held)}I", *held))
+        # vip_v4_map and vip_v6_map values: each a __u32, the VIP's service count
+        vmap.put_batch_raw(b"".join(vips), struct.pack(f"<{len(held)}I", *held))
 
     def _count_vips(self, keys: list[bytes], step: int) -> None:
         """Count the services of `keys` (nat_v4_map keys: the VIP is the first 4 bytes;
-        IPv6 services' keys are left out: vip_v4_map is IPv4's)."""
+        nat_v6_map keys: the first 16, counted into vip_v6_map)."""
+        vips6: list[bytes] = []
         if len(set(map(len, keys))) > 1 or (keys and len(keys[0]) != self._key4_size):
+            vips6 = [k[:16] for k in keys if len(k) != self._key4_size]
             keys = [k for k in keys if len(k) == self._key4_size]
-        vips = list(map(_VIP_OF_KEY, keys))
-        if step > 0:
-            self._vip_count.update(vips)  # counted in C
-        else:
-            self._vip_count.subtract(vips)
-        if vips:
-            self._write_vips(list(dict.fromkeys(vips)))
+        for vips, vmap in ((list(map(_VIP_OF_KEY, keys)), self.vips), (vips6, self.vips6)):
+            if step > 0:
+                self._vip_count.update(vips)  # counted in C
+            else:
+                self._vip_count.subtract(vips)
+            if vips:
+                self._write_vips(list(dict.fromkeys(vips)), vmap)
 
     def put(self, specs: list[ServiceSpec]) -> int:
         """Upsert all of `specs` or none. Raises Exhausted when there is no room."""

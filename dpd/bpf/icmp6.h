@@ -19,9 +19,10 @@
  * at least its ports, from the quoted packet's destination side to its source (the outer
  * destination is the quoted source), and whose reversed quoted tuple is the key of a
  * tracked flow's entry (the entry for the other direction, whose rewrite is the
- * translation). Anything else (echo requests to a VIP included, neighbour discovery,
- * errors quoting no flow or a quote with an extension header) goes on to the IPv6 slow
- * path untouched: the firewall judges it, the stack gets it.
+ * translation). Anything else (echo requests, neighbour discovery, errors quoting no
+ * flow or a quote with an extension header) goes on to the IPv6 slow path untouched: the
+ * firewall judges it, then an echo request to a VIP is answered (svc6.h xlb_echo6) and
+ * the stack gets the rest.
  *
  * Checksums: IPv6 has no header checksum; the quoted TCP or UDP checksum (when the quote
  * holds it; a UDP 0 stays) follows the quoted addresses and ports, and the ICMPv6

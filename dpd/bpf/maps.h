@@ -67,6 +67,10 @@ BPF_TABLE_PINNED("lpm_trie", struct xlb_range_key, struct xlb_range_val, range_v
 /* VIP -> how many services it carries: the datapath answers ICMP echo to a VIP. */
 BPF_TABLE_PINNED("hash", __be32, u32, vip_v4_map, XLB_MAX_SERVICES, XLB_PIN(vip_v4_map),
                  BPF_F_NO_PREALLOC);
+/* IPv6 VIP (struct xlb_ep6: the address alone) -> how many services it carries: the
+ * datapath answers ICMPv6 echo to a VIP. */
+BPF_TABLE_PINNED("hash", struct xlb_ep6, u32, vip_v6_map, XLB_MAX_SERVICES, XLB_PIN(vip_v6_map),
+                 BPF_F_NO_PREALLOC);
 /* svc_id * 2 + (XLB_SVC_MAGLEV_B of the service's flags) -> its Maglev table: two
  * per service while dpd replaces one (make-before-break), one otherwise. */
 BPF_TABLE_PINNED("hash", u32, struct xlb_maglev, maglev_v4_map, XLB_MAGLEV_TABLES,

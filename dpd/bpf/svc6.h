@@ -17,6 +17,7 @@
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmpv6.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -608,6 +609,42 @@ static __always_inline int xlb_new_flow6(struct __sk_buff *skb, struct xlb_pkt6 
     return -1;
 }
 
+/* An ICMPv6 echo request (type 128, code 0) to a VIP (an address in vip_v6_map, which
+ * dpd keeps as services come and go) turned into its reply in place and sent back out of
+ * the interface it came in on, as a host answers for its own address (IPv4: icmp.h): MACs
+ * and addresses swapped, hop limit XLB_ICMP_REPLY_TTL, type 129. The ICMPv6 checksum
+ * covers a pseudo header of both addresses, whose sum the swap keeps: only the type word
+ * changes it (RFC 1624), and the message's sum with its checksum stays what it was (a
+ * CHECKSUM_COMPLETE skb's csum holds). No state, no endpoint. -1 for anything else (other
+ * ICMPv6 messages, echo to other addresses, from a martian source). */
+static __always_inline int xlb_echo6(struct __sk_buff *skb, struct xlb_pkt6 *p)
+{
+    void *data = xlb_data(skb);
+    void *data_end = xlb_data_end(skb);
+    struct ethhdr *eth = data;
+    struct ipv6hdr *ip6 = data + XLB_L3_OFF;
+    __u8 *ic = data + XLB_L4_OFF6; /* type, code, checksum (2), identifier, sequence */
+    if ((void *)(ic + 8) > data_end || p->b.l4_len < 8 || ic[0] != ICMPV6_ECHO_REQUEST ||
+        ic[1] != 0)
+        return -1;
+    if (!vip_v6_map.lookup((struct xlb_ep6 *)p->daddr) || xlb_martian6(p->saddr))
+        return -1;
+    __u8 mac[ETH_ALEN];
+    __builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+    __builtin_memcpy(&ip6->saddr, p->daddr, 16);
+    __builtin_memcpy(&ip6->daddr, p->saddr, 16);
+    ip6->hop_limit = XLB_ICMP_REPLY_TTL;
+    __u16 *sum = (__u16 *)(ic + 2);
+    __u32 from = bpf_htons(ICMPV6_ECHO_REQUEST << 8);
+    __u32 to = bpf_htons(ICMPV6_ECHO_REPLY << 8);
+    ic[0] = ICMPV6_ECHO_REPLY;
+    *sum = ~xlb_fold((__u16)~*sum + (~from & 0xffff) + to);
+    xlb_count(XLB_STAT_ICMP_ECHO_REPLY);
+    return bpf_redirect(skb->ifindex, 0);
+}
+
 /* tc_packet_func_slow's IPv6 part: conntrack steps of tracked flows (handshakes,
  * teardowns, new SYNs on closed tuples), the firewall for what has no entry (per packet:
  * flows of no service are not tracked), then the service lookup of a new flow. */
@@ -653,6 +690,11 @@ static __always_inline int xlb_v6_slow(struct __sk_buff *skb)
                 if (fw == XLB_FW_REDIRECT)
                     return bpf_redirect(redirect, 0);
             }
+        }
+        if (rc == XLB_P_ICMP) { /* errors about flows were translated before (icmp6.h) */
+            int act = xlb_echo6(skb, &p);
+            if (act >= 0)
+                return act;
         }
         if (rc == XLB_P6_EXT) {
             xlb_count(XLB_STAT_PASS_V6_EXT);

@@ -3,8 +3,8 @@
 exceeded quoting a DNAT66 or full-NAT66 flow are translated (the quote and the outer
 addresses become what the other side knows; the ICMPv6 checksum over its pseudo header
 and the quoted L4 checksum stay right), an error to the VIP about a DSR flow goes on to
-its endpoint, and errors quoting no flow, bogus quotes, echo requests and neighbour
-discovery pass untouched."""
+its endpoint, and errors quoting no flow, bogus quotes, echo requests to no VIP and
+neighbour discovery pass untouched (echo to a VIP: test_services6)."""
 
 from __future__ import annotations
 
@@ -213,8 +213,8 @@ def test_errors_quoting_no_flow_or_bogus_quotes_pass_untouched(node6):
     short = bytearray(error6(ROUTER6, CLIENT6, good))
     short[18:20] = struct.pack("!H", 8 + 40 + 2)
     cases.append(bytes(short))
-    cases.append(bytes(Ether(src=MAC_C, dst=MAC_L) / IPv6(src=CLIENT6, dst=VIP6)
-                       / ICMPv6EchoRequest(id=7, seq=1, data=b"ping")))  # echo to a VIP
+    cases.append(bytes(Ether(src=MAC_C, dst=MAC_L) / IPv6(src=CLIENT6, dst=EP6A)
+                       / ICMPv6EchoRequest(id=7, seq=1, data=b"ping")))  # echo to no VIP
     cases.append(bytes(Ether(src=MAC_C, dst=MAC_L) / IPv6(src=CLIENT6, dst="ff02::1:ff00:10")
                        / ICMPv6ND_NS(tgt=VIP6)))
     before = sorted(map(repr, ct6(node6)))

@@ -7,6 +7,7 @@ its IPv6 services back."""
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,11 +17,20 @@ from typing import Any
 import grpc
 import pytest
 from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import Ether
 
 from dpd.conntrack import SECOND, Conntrack
 from dpd.servicer import DatapathServicer
-from tests.datapath.packets import FORWARDED, TC_ACT_OK, run
+from tests.datapath.packets import (
+    FORWARDED,
+    MAC_C,
+    MAC_L,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    run,
+    sum16,
+)
 from tests.datapath.test_nat6 import ABI, l4_ok, tcp6, udp6
 from tests.unit.conftest import serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
@@ -253,3 +263,49 @@ def test_least_connections_on_v6_counts_ct_v6_map_flows(api, node):
     Conntrack(node.dp, clock=node.conntrack.clock,
               least_conn=node.services.lc_stat_ids).age_once()
     assert [syn(node, 46100 + i)[1][IPv6].dst for i in range(2)] == [EPA, EPA]
+
+
+def echo6(dst: str, src: str = CLIENT) -> bytes:
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IPv6(src=src, dst=dst, hlim=5)
+                 / ICMPv6EchoRequest(id=77, seq=5, data=b"ping6-payload"))
+
+
+def test_echo_to_a_v6_vip_is_answered_with_a_valid_checksum(api, node):
+    """vip_v6_map follows the services written through the API: an echo request to a VIP
+    comes back as its reply (out of the interface it came in on) while at least one
+    service holds the VIP; to any other address, or once the VIP's last service is gone,
+    it passes untouched."""
+    tcp, udp = service((EPA, 8080)), service((EPA, 5353), port=53, proto=tpb.PROTOCOL_UDP)
+    api.PutServices(pb.PutServicesRequest(services=[tcp, udp]))
+    before = node.global_stats()["icmp_echo_reply"].packets
+    verdict, out = run(node, echo6(VIP))
+    assert verdict == TC_ACT_REDIRECT
+    assert (out[Ether].src, out[Ether].dst) == (MAC_L, MAC_C)
+    assert (out[IPv6].src, out[IPv6].dst, out[IPv6].hlim) == (
+        VIP, CLIENT, C("XLB_ICMP_REPLY_TTL"))
+    reply = out[ICMPv6EchoReply]
+    assert (reply.type, reply.code, reply.id, reply.seq, reply.data) == (
+        129, 0, 77, 5, b"ping6-payload")
+    # the ICMPv6 checksum over the message and its pseudo header (RFC 8200 8.1) ...
+    frame = bytes(out)
+    plen = struct.unpack("!H", frame[18:20])[0]
+    pseudo = frame[22:54] + struct.pack("!I", plen) + b"\0\0\0\x3a"
+    assert sum16(pseudo + frame[54:54 + plen]) == 0xffff
+    # ... as scapy computes it afresh
+    fresh = Ether(frame)
+    del fresh[ICMPv6EchoReply].cksum
+    assert Ether(bytes(fresh))[ICMPv6EchoReply].cksum == reply.cksum
+    assert node.global_stats()["icmp_echo_reply"].packets == before + 1
+    assert node.list_conntrack() == []  # no state, no endpoint involved
+    for other in (echo6(EPA), echo6("2001:db8:ff::11"), echo6(VIP, src="ff02::1")):
+        verdict, out = run(node, other)  # no VIP, a multicast source
+        assert verdict == TC_ACT_OK and bytes(out) == other
+    # one VIP of two services: deleting one keeps it answered, deleting both stops it
+    api.DeleteServices(pb.DeleteServicesRequest(keys=[
+        tpb.ServiceKey(vip=VIP, port=80, protocol=tpb.PROTOCOL_TCP)]))
+    assert run(node, echo6(VIP))[0] == TC_ACT_REDIRECT
+    api.DeleteServices(pb.DeleteServicesRequest(keys=[
+        tpb.ServiceKey(vip=VIP, port=53, protocol=tpb.PROTOCOL_UDP)]))
+    verdict, out = run(node, echo6(VIP))
+    assert verdict == TC_ACT_OK and bytes(out) == echo6(VIP)
+    assert node.global_stats()["icmp_echo_reply"].packets == before + 2

@@ -146,6 +146,31 @@ def test_the_table_writes_what_the_codecs_pack_and_a_restart_reads_it_back():
     assert dp.maps["nat_v6_map"].count() == 0 and len(again.specs()) == 1
 
 
+def test_vip_v6_map_counts_the_services_of_each_v6_vip():
+    """vip_v6_map (the datapath answers ICMPv6 echo to its addresses) follows the IPv6
+    services of each VIP as vip_v4_map follows the IPv4 ones, also in a mixed batch; a
+    restarted dpd makes it match its services again (a stale entry goes)."""
+    dp = MemoryDatapath(settings())
+    t = ServiceTable(dp)
+    v6, v4 = dp.maps["vip_v6_map"], dp.maps["vip_v4_map"]
+
+    def counts() -> dict[str, int]:
+        return {socket.inet_ntop(socket.AF_INET6, k): int.from_bytes(v, "little")
+                for k, v in v6.items()}
+
+    other = "2001:db8:ff::20"
+    a, b, c = spec6(1), spec6(1, port=443), spec6(1, vip=other)
+    four = ServiceSpec("198.19.0.10", 80, Proto.TCP, endpoints=(EndpointSpec("198.18.1.2", 80),))
+    t.put([a, b, c, four])
+    assert counts() == {VIP: 2, other: 1} and v4.count() == 1
+    t.delete([a.key, c.key])
+    assert counts() == {VIP: 1}
+    v6.put(socket.inet_pton(socket.AF_INET6, other), (1).to_bytes(4, "little"))  # stale
+    ServiceTable(dp)
+    assert counts() == {VIP: 1} and v4.count() == 1
+    t.delete([b.key])
+    assert counts() == {}
+
 def test_fold6_is_the_xor_of_the_four_words():
     packed = socket.inet_pton(socket.AF_INET6, "2001:db8:1:2:3:4:5:6")
     words = [int.from_bytes(packed[i:i + 4], "big") for i in range(0, 16, 4)]
