@@ -2,8 +2,8 @@
 from the client namespace to an IPv6 VIP through xlb-dpd in DNAT, full-NAT, one-arm
 full-NAT and DSR (L2 and ip6ip6), each checking which backend answered, the peer the
 backend saw and that the client's peer was the VIP; path MTU discovery through the VIP
-(a router with a smaller MTU behind the node: its packet too big is translated); the
-page's grpcurl examples as written."""
+(a router with a smaller MTU behind the node: its packet too big is translated); ping6
+of the VIP answered by the datapath; the page's grpcurl examples as written."""
 
 from __future__ import annotations
 
@@ -140,6 +140,23 @@ def test_dnat_tcp_and_udp_through_an_ipv6_vip():
         assert got == {(VIP6, 80, TCP), (VIP6, 53, UDP)}
         c = counters(lab)
         assert c["new_flow"] >= 40 and c["drop_ct_clash"] == 0, c
+        # ping6 of the VIP: answered by the datapath (no namespace holds the address),
+        # while a service holds it
+        before = counters(lab)["icmp_echo_reply"]
+        assert ping6(lab, VIP6, 3) == 3
+        assert counters(lab)["icmp_echo_reply"] - before == 3
+        lab.stub.DeleteServices(pb.DeleteServicesRequest(keys=[
+            tpb.ServiceKey(vip=VIP6, port=p, protocol=proto)
+            for p, proto in ((80, TCP), (53, UDP))]), timeout=10)
+        assert ping6(lab, VIP6, 2) == 0
+
+
+def ping6(lab: Lab, dst: str, count: int) -> int:
+    """Echo replies the client gets from `dst`."""
+    res = netns.run(lab.topo.client_ns, ["ping", "-6", "-n", "-c", str(count), "-i", "0.2",
+                                         "-W", "1", dst], check=False, timeout=30)
+    got = [line for line in res.stdout.splitlines() if "received" in line]
+    return int(got[0].split(",")[1].split()[0]) if got else 0
 
 
 def test_fullnat_where_the_backends_have_no_route_to_the_client():
