@@ -102,7 +102,7 @@ _TCP_FLAGS = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 
 def decode_headers(raw: bytes, into: Any) -> None:
     """Fill a PacketHeaders message from an Ethernet frame's first bytes (VLAN tags,
-    IPv4, IPv6 fixed header, TCP/UDP ports and flags, ICMP type and code); stops quietly
+    IPv4, IPv6 fixed header, TCP/UDP/SCTP ports, TCP flags, ICMP type and code); stops quietly
     where the bytes end."""
     off = 12
     if len(raw) < off + 2:
@@ -131,7 +131,7 @@ def decode_headers(raw: bytes, into: Any) -> None:
     else:
         return
     into.ip_protocol = proto
-    if proto_l4 in (6, 17) and len(raw) >= l4 + 4:
+    if proto_l4 in (6, 17, 132) and len(raw) >= l4 + 4:  # SCTP's common header: ports first
         into.src_port = int.from_bytes(raw[l4:l4 + 2], "big")
         into.dst_port = int.from_bytes(raw[l4 + 2:l4 + 4], "big")
         if proto_l4 == 6 and len(raw) >= l4 + 14:

@@ -15,7 +15,7 @@ from xlb.types.v1 import types_pb2 as tpb
 
 KINDS = {"trap": tpb.EVENT_KIND_TRAP, "flow-refused": tpb.EVENT_KIND_FLOW_REFUSED,
          "policer-drop": tpb.EVENT_KIND_POLICER_DROP, "health": tpb.EVENT_KIND_HEALTH}
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 
 def add_events_parser(sub: Any) -> None:

@@ -12,7 +12,8 @@ import pytest
 from dpd import bpfsys
 from dpd.firewall import StaticLinks
 from dpd.policers import PolicerSpec
-from tests.datapath.packets import TC_ACT_OK, VIP, tcp, udp
+from policyd import cli_events
+from tests.datapath.packets import TC_ACT_OK, VIP, sctp, sctp_init, tcp, udp
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore.firewall import Action, PortRange, RuleMatch, RuleProto, RuleSpec
 
@@ -101,3 +102,30 @@ def test_policer_drops_give_one_event_a_second(ev):
         hub.unsubscribe(sub)
     assert e is not None and e.policer == "ev-slow"
     assert e.interface == f"ifindex {IF_A}" and 1 <= e.count <= 5
+
+
+def test_a_trapped_sctp_packet_shows_its_ports(ev):
+    """A TRAP rule on SCTP to a port: the INIT is trapped (SCTP named, its ports decoded)
+    and goes on as allowed; SCTP to another port is not trapped."""
+    hub = ev.events.hub
+    ev.firewall.put([("trap-ngap", RuleSpec(
+        100, RuleMatch(protocol=RuleProto.SCTP, dst_ports=PortRange(38412, 38412)),
+        Action.TRAP))])
+    sub = hub.subscribe([tpb.EVENT_KIND_TRAP])
+    try:
+        pkt = sctp("198.18.0.2", SERVER, 40020, 38412, sctp_init())
+        other = sctp("198.18.0.2", SERVER, 40021, 38413, sctp_init())
+        for p in (pkt, other):
+            res = bpfsys.prog_test_run(ev.dp.fast_fd, p, ingress_ifindex=IF_A)
+            assert res.retval == TC_ACT_OK
+        e = hub.next(sub, 5.0)
+        assert hub.next(sub, 0.3) is None  # the other port's was not trapped
+    finally:
+        hub.unsubscribe(sub)
+        ev.flush_conntrack()
+    assert e is not None and e.reason == "trap-ngap" and e.raw == pkt
+    h = e.packet
+    assert (h.src, h.dst, h.ip_protocol, h.src_port, h.dst_port, list(h.tcp_flags)) == (
+        "198.18.0.2", SERVER, 132, 40020, 38412, [])
+    assert cli_events.line(e).endswith(
+        f" TRAP ifindex {IF_A} trap-ngap SCTP 198.18.0.2:40020 -> {SERVER}:38412 len {len(pkt)}")

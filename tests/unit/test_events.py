@@ -13,6 +13,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from dpd.events import EventHub, EventReader, Names, TooManyWatchers, decode_headers
+from policyd import cli_events
 from xlb.types.v1 import types_pb2 as tpb
 
 TRAP, HEALTH, DROPPED = tpb.EVENT_KIND_TRAP, tpb.EVENT_KIND_HEALTH, tpb.EVENT_KIND_DROPPED
@@ -90,6 +91,20 @@ def test_decode_headers():
     decode_headers(bytes(Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2")
                          / UDP(sport=5, dport=53)), h)
     assert (h.src, h.dst, h.ip_protocol, h.dst_port) == ("2001:db8::1", "2001:db8::2", 17, 53)
+    sctp_init = bytes.fromhex("1388960c 00000000 00000000 01000014 1234abcd 00010000 000a000a"
+                              "00000001")
+    h = tpb.PacketHeaders()
+    decode_headers(bytes(Ether() / IP(src="198.18.0.2", dst="198.18.1.2", proto=132)
+                         / sctp_init), h)
+    assert (h.ip_protocol, h.src_port, h.dst_port, list(h.tcp_flags)) == (132, 5000, 38412, [])
+    h = tpb.PacketHeaders()
+    decode_headers(bytes(Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2", nh=132)
+                         / sctp_init), h)
+    assert (h.ip_protocol, h.src_port, h.dst_port) == (132, 5000, 38412)
+    e = tpb.Event(kind=tpb.EVENT_KIND_TRAP, node="n1", interface="eth0", reason="trap-ngap",
+                  packet=h, packet_length=82)
+    assert cli_events.line(e).endswith(
+        " n1 TRAP eth0 trap-ngap SCTP [2001:db8::1]:5000 -> [2001:db8::2]:38412 len 82")
     h = tpb.PacketHeaders()
     decode_headers(bytes(Ether() / IP(src="198.18.0.2", dst="198.18.1.2"))[:20], h)  # cut
     assert h.src == ""
