@@ -15,8 +15,9 @@
  *
  * The quoted tuple, reversed, is the key of the flow's other entry (REPLY for the first
  * case, ORIG for the second), whose rewrite is the translation. Checksums: the outer IP
- * header, the quoted IP header, the quoted L4 checksum when the quote holds it, and
- * the ICMP checksum over every changed word (RFC 1624).
+ * header, the quoted IP header, the quoted L4 checksum when the quote holds it (SCTP's
+ * CRC32c: updated for the ports' change by the quoted length, sctp.h), and the ICMP
+ * checksum over every changed word (RFC 1624).
  *
  * An echo request to a VIP (an address in vip_v4_map, which dpd keeps as services
  * come and go) is answered here, out of the interface it came in on, as a host would
@@ -34,6 +35,7 @@
 #include "fwd.h"
 #include "nat.h"
 #include "parse.h"
+#include "sctp.h"
 #include "stats.h"
 
 /* Replace one 16-bit word under checksum `*sum` (covering it); returns the ICMP delta
@@ -83,6 +85,12 @@ static __always_inline int xlb_icmp_echo_reply(struct __sk_buff *skb)
     return bpf_redirect(skb->ifindex, 0);
 }
 
+/* The protocols whose quoted packets have their ports where TCP's are (and flows). */
+static __always_inline int xlb_icmp_quotes_ports(__u8 proto)
+{
+    return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
 /* Whether an ICMP error quotes a tracked flow (the quoted tuple, reversed, is the key of
  * the flow's entry for the other direction): such errors belong to a flow the firewall
  * already allowed, and are not judged again (as conntrack's RELATED). */
@@ -98,7 +106,7 @@ static __always_inline int xlb_icmp_related(struct __sk_buff *skb)
     if (ic->type != ICMP_DEST_UNREACH && ic->type != ICMP_TIME_EXCEEDED &&
         ic->type != ICMP_PARAMETERPROB)
         return 0;
-    if (*(__u8 *)in != 0x45 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP) ||
+    if (*(__u8 *)in != 0x45 || !xlb_icmp_quotes_ports(in->protocol) ||
         (in->frag_off & bpf_htons(0x1fff)))
         return 0;
     struct xlb_ct_key k = {};
@@ -132,9 +140,9 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
     if (ic->type != ICMP_DEST_UNREACH && ic->type != ICMP_TIME_EXCEEDED &&
         ic->type != ICMP_PARAMETERPROB)
         return xlb_icmp_pass();
-    /* a quote with ports: IPv4 without options, TCP or UDP, not a later fragment;
+    /* a quote with ports: IPv4 without options, TCP, UDP or SCTP, not a later fragment;
      * and an error goes to the source of the packet it quotes */
-    if (*(__u8 *)in != 0x45 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP) ||
+    if (*(__u8 *)in != 0x45 || !xlb_icmp_quotes_ports(in->protocol) ||
         (in->frag_off & bpf_htons(0x1fff)) || in->saddr != ip->daddr)
         return xlb_icmp_pass();
 
@@ -184,6 +192,7 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
                 no_s = n_d;
         }
     }
+    __u32 old4 = *(__u32 *)ports; /* SCTP's CRC update: the port bytes as one word */
     in->saddr = n_s;
     in->daddr = n_d;
     ports[0] = n_sp;
@@ -199,12 +208,13 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
     __u32 icmp_delta = addr_delta + port_delta;
     icmp_delta += xlb_csum_fix(&in->check, addr_delta);
 
-    /* the quoted L4 checksum, when the quote holds it (UDP: unless 0, "none") */
+    /* the quoted L4 checksum, when the quote holds it (UDP: unless 0, "none"; SCTP: its
+     * CRC32c) */
     if (in->protocol == IPPROTO_TCP) {
         __u16 *cs = (void *)ports + offsetof(struct tcphdr, check);
         if ((void *)(cs + 1) <= data_end)
             icmp_delta += xlb_csum_fix(cs, addr_delta + port_delta);
-    } else {
+    } else if (in->protocol == IPPROTO_UDP) {
         __u16 *cs = (void *)ports + offsetof(struct udphdr, check);
         if ((void *)(cs + 1) <= data_end && *cs) {
             __u16 old = *cs;
@@ -213,6 +223,20 @@ static __always_inline int xlb_icmp(struct __sk_buff *skb, struct xlb_pkt *p)
                 new = 0xffff;
             *cs = new;
             icmp_delta += (~old & 0xffff) + new;
+        }
+    } else if (in->protocol == IPPROTO_SCTP) {
+        /* the quoted CRC32c, when the quote holds it: the update for the ports' change
+         * needs the quoted SCTP packet's length (its IP header says it), not its bytes,
+         * so a truncated quote gets it too. Not for a quoted first fragment (its
+         * length is not the SCTP packet's; nat.h changes no port of those). */
+        __u8 *sh = (void *)ports;
+        __u32 *crc = (void *)(sh + XLB_SCTP_CSUM_OFF);
+        __u32 tot = bpf_ntohs(in->tot_len);
+        if ((void *)(crc + 1) <= data_end && !(in->frag_off & bpf_htons(0x2000)) &&
+            tot >= sizeof(*in) + 16 && tot <= 0xffff) {
+            __u32 old = *crc;
+            xlb_sctp_crc_ports(sh, old4, *(__u32 *)ports, tot - sizeof(*in));
+            icmp_delta += xlb_delta4(old, *crc);
         }
     }
     xlb_csum_fix(&ic->checksum, icmp_delta);

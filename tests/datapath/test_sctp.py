@@ -9,13 +9,17 @@ import random
 import struct
 
 import pytest
-from scapy.layers.inet import IP
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
 from dpd import abi
 from tests.datapath.packets import (
     CLIENT,
     EP1,
     FORWARDED,
+    MAC_C,
+    MAC_L,
     SCTP_ABORT,
     SCTP_COOKIE_ECHO,
     SCTP_DATA,
@@ -252,3 +256,72 @@ def test_ethernet_padding_is_not_counted_in_the_crc(node):
     assert verdict in FORWARDED and sctp_fields(bytes(out))[1] == 9000
     assert sctp_crc_ok(bytes(out))
 
+
+
+ROUTER = "198.18.3.1"
+
+
+def frag_needed(src: str, dst: str, quote: bytes, mtu: int = 1280) -> bytes:
+    """ICMP fragmentation needed (3/4) from `src` to `dst` quoting `quote` (IP onwards)."""
+    return bytes(Ether(src=MAC_C, dst=MAC_L) / IP(src=src, dst=dst)
+                 / ICMP(type=3, code=4, nexthopmtu=mtu) / Raw(quote))
+
+
+def icmp_sums_ok(frame: bytes) -> bool:
+    """The outer IP, ICMP (over the whole message) and quoted IP checksums are right."""
+    return (sum16(frame[14:34]) == 0xFFFF and sum16(frame[34:]) == 0xFFFF
+            and sum16(frame[42:62]) == 0xFFFF)
+
+
+@pytest.mark.parametrize("reporter", ["router", "endpoint"])
+@pytest.mark.parametrize("quoted", [None, 8, 12, 100])  # SCTP bytes quoted (None: all)
+def test_frag_needed_quoting_a_dnated_packet_reaches_the_client_as_its_own(node, reporter,
+                                                                           quoted):
+    """Path MTU discovery through DNAT with the endpoint on another port: a router (or
+    the endpoint) reports a client packet as it left the node (client:5013 -> EP1:9000);
+    the client gets it about the packet it sent (-> VIP:PORT): the quoted SCTP bytes as
+    the client sent them, its CRC32c included (updated by the quoted length even when the
+    quote is cut short), and every checksum around them right."""
+    node.put_services([svc(9000)])
+    open_flow(node, 5013)
+    sent = sctp(CLIENT, VIP, 5013, PORT, data(2, 1300), vtag=S_TAG)
+    verdict, out = run(node, sent)
+    assert verdict in FORWARDED and sctp_fields(bytes(out))[:2] == (5013, 9000)
+    inner = bytes(out)[14:]
+    quote = inner if quoted is None else inner[:20 + quoted]
+    src = ROUTER if reporter == "router" else EP1
+    verdict, out = run(node, frag_needed(src, CLIENT, quote))
+    assert verdict in FORWARDED
+    frame = bytes(out)
+    assert (out[IP].src, out[IP].dst) == (ROUTER if reporter == "router" else VIP, CLIENT)
+    assert out[ICMP].type == 3 and out[ICMP].code == 4 and out[ICMP].nexthopmtu == 1280
+    assert icmp_sums_ok(frame)
+    q = IP(frame[42:62])
+    assert (q.src, q.dst, q.proto) == (CLIENT, VIP, 132)
+    want = sent[34:] if quoted is None else sent[34:34 + quoted]
+    assert frame[62:] == want
+    assert node.global_stats()["icmp_nat"].packets == 1
+
+
+def test_fullnat_frag_needed_from_the_client_reaches_the_endpoint_about_its_packet(node):
+    """The other way in full-NAT: the client reports the endpoint's packet as it reached
+    it (VIP:PORT -> client:5014); the endpoint gets it from the SNAT address about the
+    packet it sent (EP1:9000 -> SNAT:port), its CRC32c as it sent it."""
+    node.put_services([svc(9000, Mode.FULLNAT)])
+    _, out = run(node, sctp(CLIENT, VIP, 5014, PORT, sctp_init(C_TAG)))
+    snat_port = sctp_fields(bytes(out))[0]
+    ack = sctp_chunk(SCTP_INIT_ACK, struct.pack("!IIHHI", S_TAG, 65536, 10, 10, 1))
+    run(node, sctp(EP1, SNAT, 9000, snat_port, ack, vtag=C_TAG))
+    sent = sctp(EP1, SNAT, 9000, snat_port, data(5, 1300), vtag=C_TAG)
+    verdict, out = run(node, sent)
+    assert verdict in FORWARDED and sctp_fields(bytes(out))[:2] == (PORT, 5014)
+    for quoted in (None, 40):
+        inner = bytes(out)[14:]
+        quote = inner if quoted is None else inner[:20 + quoted]
+        verdict, err = run(node, frag_needed(CLIENT, VIP, quote))
+        assert verdict in FORWARDED
+        frame = bytes(err)
+        assert (err[IP].src, err[IP].dst) == (SNAT, EP1) and icmp_sums_ok(frame)
+        q = IP(frame[42:62])
+        assert (q.src, q.dst) == (EP1, SNAT)
+        assert frame[62:] == (sent[34:] if quoted is None else sent[34:34 + quoted])
