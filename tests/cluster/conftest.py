@@ -77,11 +77,13 @@ class Cluster:
 @contextlib.contextmanager
 def open_cluster(nodes: int = 2, resync: float = 1.0, policyd_args: list[str] | None = None,
                  prefix: str | None = None, udp_port: int | None = None,
-                 workdir_prefix: str = "xlb-cluster-") -> Iterator[Cluster]:
+                 workdir_prefix: str = "xlb-cluster-",
+                 disable_ipv6: bool = True) -> Iterator[Cluster]:
     """policyd (`resync` s, `policyd_args`) and `nodes` nodes, each a Topology (namespaces
     named `prefix` and 4 random hex digits, or the default) with test servers on its two
     backends (8080, UDP on `udp_port`) and a dpd registered with policyd. The logs are
-    dumped (shown by pytest only when the test failed) and everything removed afterwards."""
+    dumped (shown by pytest only when the test failed) and everything removed afterwards.
+    `disable_ipv6`: as Topology's (False leaves IPv6 on in the nodes' namespaces)."""
     require_root()
     from lab.daemons import Dpd, Policyd
     from lab.servers import start_backends
@@ -98,7 +100,7 @@ def open_cluster(nodes: int = 2, resync: float = 1.0, policyd_args: list[str] | 
         channel = grpc.insecure_channel(policyd.address)
         c = Cluster(workdir, policyd, policy_pb2_grpc.PolicyStub(channel))
         for i in range(1, nodes + 1):
-            topo = Topology(backends=2, vip=VIP,
+            topo = Topology(backends=2, vip=VIP, disable_ipv6=disable_ipv6,
                             prefix=None if prefix is None else prefix + secrets.token_hex(2))
             c.topos.append(topo)
             c.procs.append(start_backends(topo, port=8080, udp_port=udp_port))

@@ -74,16 +74,16 @@ def ipv6_links(topo: Any) -> None:
             _route(ns, "default", "via", f"2001:db8:3{i}::1")
 
 
-def start_servers(topo: Any, namespaces: list[str]) -> None:
-    """lab.peer6's server (TCP and UDP on [::]:8080) in each namespace, named be1..."""
+def start_servers(topo: Any, namespaces: list[str], port: int = 8080) -> None:
+    """lab.peer6's server (TCP and UDP on [::]:port) in each namespace, named be1..."""
     from lab.servers import wait_listening
 
     for i, ns in enumerate(namespaces, start=1):
         proc = topo.popen(ns, [sys.executable, "-m", "lab.peer6", "serve", "--name", f"be{i}",
-                               "--port", "8080"], env=netns.python_env(),
+                               "--port", str(port)], env=netns.python_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(topo, ns, 8080, "tcp", proc, what=f"be{i}")
-        wait_listening(topo, ns, 8080, "udp", proc, what=f"be{i}")
+        wait_listening(topo, ns, port, "tcp", proc, what=f"be{i}")
+        wait_listening(topo, ns, port, "udp", proc, what=f"be{i}")
 
 
 def lab6(**topo: Any) -> contextlib.AbstractContextManager[Lab]:
