@@ -147,6 +147,9 @@ static __always_inline int xlb_ct_step_pv(struct xlb_pkt *p, struct xlb_ct_val *
     __u32 fins = v->flags & XLB_CTF_FINS;
 
     if (p->proto == IPPROTO_SCTP) {
+        int bad = xlb_sctp_tags(p, v, pv); /* verification tags */
+        if (bad)
+            return bad;
         next = xlb_sctp_next(st, p->tcp_flags, v->dir, v->flags); /* by its first chunk */
     } else if (p->proto != IPPROTO_TCP) {
         /* a reply establishes; a DSR flow sees none: its second packet does */

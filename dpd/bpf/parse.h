@@ -30,6 +30,8 @@
 #define XLB_SCTP_INIT XLB_TCP_SYN /* INIT with verification tag 0: opens a flow */
 #define XLB_SCTP_SHUT XLB_TCP_FIN /* SHUTDOWN, SHUTDOWN ACK */
 #define XLB_SCTP_END XLB_TCP_RST  /* ABORT, SHUTDOWN COMPLETE */
+#define XLB_SCTP_TBIT XLB_TCP_PSH /* with END: its T bit (the sender's own tag, RFC 9260 8.5.1) */
+#define XLB_SCTP_INIT_ACK XLB_TCP_ACK /* INIT ACK: its initiate tag is learned (sctp.h) */
 
 #define XLB_PACKET_OTHERHOST 3 /* skb->pkt_type: PACKET_OTHERHOST of linux/if_packet.h */
 
@@ -179,11 +181,17 @@ static __always_inline int xlb_parse(struct __sk_buff *skb, struct xlb_pkt *p)
             return XLB_P_BAD;
         p->sport = *(__be16 *)sh;
         p->dport = *(__be16 *)(sh + 2);
+        p->seq = bpf_ntohl(*(__be32 *)(sh + 4)); /* the verification tag */
+        p->ack_seq = 0; /* INIT, INIT ACK: the initiate tag */
         __u8 chunk = sh[12];
+        if ((chunk == 1 || chunk == 2) && (void *)(sh + 20) <= data_end && p->l4_len >= 20)
+            p->ack_seq = bpf_ntohl(*(__be32 *)(sh + 16));
         if (chunk == 1) /* INIT: alone in its packet, with verification tag 0 */
             p->tcp_flags = *(__u32 *)(sh + 4) == 0 ? XLB_SCTP_INIT : 0;
+        else if (chunk == 2)
+            p->tcp_flags = XLB_SCTP_INIT_ACK;
         else if (chunk == 6 || chunk == 14) /* ABORT, SHUTDOWN COMPLETE */
-            p->tcp_flags = XLB_SCTP_END;
+            p->tcp_flags = XLB_SCTP_END | ((sh[13] & 1) ? XLB_SCTP_TBIT : 0);
         else if (chunk == 7 || chunk == 8) /* SHUTDOWN, SHUTDOWN ACK */
             p->tcp_flags = XLB_SCTP_SHUT;
         return p->frag ? XLB_P_FRAG : XLB_P_OK;

@@ -89,6 +89,39 @@ static __always_inline void xlb_sctp_crc_ports(__u8 *sh, __u32 old4, __u32 new4,
     *crc ^= xlb_le32(xlb_crc32c_shift(xlb_le32(old4 ^ new4), n));
 }
 
+/* Verification tags (RFC 9260 8.5.1). An SCTP flow's conntrack entries keep, in seq_end
+ * (with XLB_CTF_SEQ; TCP's field, unused by SCTP: the value does not grow), the tag the
+ * packets of their direction carry: the REPLY entry the client's INIT's initiate tag
+ * (xlb_new_flow), the ORIG entry the endpoint's INIT ACK's (only from an INIT ACK that
+ * carries the client's tag). An ABORT or SHUTDOWN COMPLETE must carry its direction's
+ * tag, or with the T bit set the other direction's (the sender's own): otherwise it is
+ * dropped (XLB_STAT_DROP_RST_WINDOW: SCTP's RST) and the flow's state is kept. A tag not
+ * learned (yet) is not checked (DSR flows see no INIT ACK). An INIT (re)opening a flow
+ * that is not established learns the client's tag again. `v`: the entry the packet hit,
+ * `pv`: its peer (may be NULL). Returns 0 or the drop reason. */
+static __always_inline int xlb_sctp_tags(struct xlb_pkt *p, struct xlb_ct_val *v,
+                                         struct xlb_ct_val *pv)
+{
+    __u8 f = p->tcp_flags;
+    if (f & XLB_SCTP_END) {
+        struct xlb_ct_val *t = (f & XLB_SCTP_TBIT) ? pv : v;
+        if (t && (t->flags & XLB_CTF_SEQ) && t->seq_end != p->seq)
+            return XLB_STAT_DROP_RST_WINDOW;
+        return 0;
+    }
+    if (!pv)
+        return 0;
+    if ((f & XLB_SCTP_INIT) && v->state != XLB_CT_EST) {
+        pv->seq_end = p->ack_seq; /* the answers carry the initiator's tag */
+        pv->flags |= XLB_CTF_SEQ;
+        v->flags &= ~XLB_CTF_SEQ; /* the other's comes with its INIT ACK */
+    } else if ((f & XLB_SCTP_INIT_ACK) && (!(v->flags & XLB_CTF_SEQ) || v->seq_end == p->seq)) {
+        pv->seq_end = p->ack_seq;
+        pv->flags |= XLB_CTF_SEQ;
+    }
+    return 0;
+}
+
 /* The conntrack state an SCTP packet moves its flow to, from the first chunk as parse.h
  * flagged it (XLB_SCTP_*): INIT (re)opens a closed or closing flow, SHUTDOWN and
  * SHUTDOWN ACK close it (CLOSING), ABORT and SHUTDOWN COMPLETE end it (CLOSED: aged in

@@ -144,6 +144,10 @@ static __always_inline int xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *
     v.flags = XLB_CTF_PASS;
     v.last_ns = bpf_ktime_get_coarse_ns();
     v.in_ifindex = skb->ingress_ifindex;
+    if (p->proto == IPPROTO_SCTP) { /* the answers carry the INIT's initiate tag (sctp.h) */
+        v.seq_end = p->ack_seq;
+        v.flags |= XLB_CTF_SEQ;
+    }
     struct xlb_ct_key rk = {};
     rk.saddr = p->daddr;
     rk.sport = p->dport;
@@ -158,6 +162,8 @@ static __always_inline int xlb_pass_flow(struct __sk_buff *skb, struct xlb_pkt *
     if (p->proto == IPPROTO_TCP) {
         v.seq_end = xlb_seq_end(p);
         v.flags |= XLB_CTF_SEQ;
+    } else {
+        v.flags &= ~XLB_CTF_SEQ; /* SCTP: the tag comes with the INIT ACK */
     }
     v.flags |= fw->ctf;
     v.fw_rule = fw->rule_id;
@@ -292,6 +298,10 @@ static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p
     rv.nat_addr = nk.vip;
     rv.nat_port = p->dport; /* the service port the client used (a range's: its own) */
     rv.dir = XLB_DIR_REPLY;
+    if (p->proto == IPPROTO_SCTP) { /* the answers carry the INIT's initiate tag (sctp.h) */
+        rv.seq_end = p->ack_seq;
+        rv.flags |= XLB_CTF_SEQ;
+    }
     if (p->proto == IPPROTO_TCP) {
         v.seq_end = xlb_seq_end(p);
         v.flags = XLB_CTF_SEQ;

@@ -27,6 +27,7 @@ from tests.datapath.packets import (
     SCTP_INIT_ACK,
     SCTP_SHUTDOWN_COMPLETE,
     TC_ACT_OK,
+    TC_ACT_SHOT,
     VIP,
     crc32c,
     run,
@@ -325,3 +326,65 @@ def test_fullnat_frag_needed_from_the_client_reaches_the_endpoint_about_its_pack
         q = IP(frame[42:62])
         assert (q.src, q.dst) == (EP1, SNAT)
         assert frame[62:] == (sent[34:] if quoted is None else sent[34:34 + quoted])
+
+
+def abort(src: str, dst: str, sport: int, dport: int, vtag: int, t_bit: bool = False,
+          ctype: int = SCTP_ABORT) -> bytes:
+    return sctp(src, dst, sport, dport, sctp_chunk(ctype, flags=1 if t_bit else 0), vtag=vtag)
+
+
+@pytest.mark.parametrize("ctype", [SCTP_ABORT, SCTP_SHUTDOWN_COMPLETE])
+def test_an_abort_with_a_wrong_verification_tag_is_dropped_and_the_flow_kept(node, ctype):
+    """RFC 9260 8.5.1: an ABORT (or SHUTDOWN COMPLETE) carries the receiver's tag, or with
+    the T bit the sender's own. Forged ones with any other tag, from either side, are
+    dropped and leave the flow established; its data goes on on the fast path."""
+    node.put_services([svc(9000)])
+    open_flow(node, 5020)
+    drops = node.global_stats()["drop_rst_window"].packets
+    forged = [abort(CLIENT, VIP, 5020, PORT, 0xDEAD0001, ctype=ctype),
+              abort(CLIENT, VIP, 5020, PORT, C_TAG, ctype=ctype),  # the T bit's tag, no T bit
+              abort(CLIENT, VIP, 5020, PORT, S_TAG, t_bit=True, ctype=ctype),
+              abort(EP1, CLIENT, 9000, 5020, S_TAG, ctype=ctype),
+              abort(EP1, CLIENT, 9000, 5020, 0, t_bit=True, ctype=ctype)]
+    for pkt in forged:
+        verdict, _ = run(node, pkt)
+        assert verdict == TC_ACT_SHOT
+        assert {e.state for e in node.list_conntrack()} == {EST}
+    assert node.global_stats()["drop_rst_window"].packets == drops + len(forged)
+    verdict, out = run(node, sctp(CLIENT, VIP, 5020, PORT, data(3, 10), vtag=S_TAG))
+    assert verdict in FORWARDED and out[IP].dst == EP1
+    # the right tags close it: the receiver's, or the sender's own with the T bit
+    verdict, _ = run(node, abort(EP1, CLIENT, 9000, 5020, S_TAG, t_bit=True, ctype=ctype))
+    assert verdict in FORWARDED
+    assert {e.state for e in node.list_conntrack()} == {CLOSED}
+
+
+def test_an_abort_with_the_receivers_tag_closes_from_either_side(node):
+    node.put_services([svc(9000)])
+    open_flow(node, 5021)
+    verdict, _ = run(node, abort(EP1, CLIENT, 9000, 5021, C_TAG))
+    assert verdict in FORWARDED and {e.state for e in node.list_conntrack()} == {CLOSED}
+    run(node, sctp(CLIENT, VIP, 5021, PORT, sctp_init(C_TAG + 1)))  # a new association
+    # the old association's tag (the endpoint's tag is not known until its INIT ACK, so
+    # only a T-bit ABORT, carrying the client's new tag, is checked)
+    verdict, _ = run(node, abort(CLIENT, VIP, 5021, PORT, C_TAG, t_bit=True))
+    assert verdict == TC_ACT_SHOT and {e.state for e in node.list_conntrack()} == {NEW}
+    # before the INIT ACK the client's ABORT can only carry its own tag (T bit)
+    verdict, _ = run(node, abort(CLIENT, VIP, 5021, PORT, C_TAG + 1, t_bit=True))
+    assert verdict in FORWARDED and {e.state for e in node.list_conntrack()} == {CLOSED}
+
+
+def test_an_init_ack_with_a_wrong_tag_teaches_nothing(node):
+    """A forged INIT ACK (not carrying the client's tag) cannot set the tag a forged ABORT
+    would then carry."""
+    node.put_services([svc(9000)])
+    run(node, sctp(CLIENT, VIP, 5022, PORT, sctp_init(C_TAG)))
+    forged = sctp_chunk(SCTP_INIT_ACK, struct.pack("!IIHHI", 0xBAD, 65536, 10, 10, 1))
+    run(node, sctp(EP1, CLIENT, 9000, 5022, forged, vtag=0x1))
+    ack = sctp_chunk(SCTP_INIT_ACK, struct.pack("!IIHHI", S_TAG, 65536, 10, 10, 1))
+    verdict, _ = run(node, sctp(EP1, CLIENT, 9000, 5022, ack, vtag=C_TAG))
+    assert verdict in FORWARDED and {e.state for e in node.list_conntrack()} == {EST}
+    verdict, _ = run(node, abort(CLIENT, VIP, 5022, PORT, 0xBAD))
+    assert verdict == TC_ACT_SHOT and {e.state for e in node.list_conntrack()} == {EST}
+    verdict, _ = run(node, abort(CLIENT, VIP, 5022, PORT, S_TAG))
+    assert verdict in FORWARDED and {e.state for e in node.list_conntrack()} == {CLOSED}
