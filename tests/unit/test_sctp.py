@@ -129,7 +129,12 @@ def test_the_examples_in_docs_sctp_work_as_written(capsys, policyd, fake_node):
     from xlbcore.service import parse_services
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "sctp.md").read_text()
-    (body,) = re.findall(r"-d '(\{.*?\})' \\", text, re.S)
+    body, fw_body = re.findall(r"-d '(\{.*?\})' \\", text, re.S)
+    from xlbcore.firewall import RuleProto, parse_rule
+    (fw_rule,) = json_format.Parse(fw_body, pb.PutFirewallRulesRequest()).rules
+    fw_spec = parse_rule(fw_rule.spec)
+    assert (fw_spec.match.protocol, str(fw_spec.match.dst_ports)) == (RuleProto.SCTP, "38412")
+    (fw_line,) = re.findall(r"^xlbctl firewall apply .*?(?<!\\)\n", text, re.S | re.M)
     specs = parse_services(json_format.Parse(body, pb.PutServicesRequest()).services)
     assert [(s.port, s.proto, len(s.endpoints)) for s in specs] == [(38412, Proto.SCTP, 2)]
     (line,) = re.findall(r"^xlbctl service apply .*?(?<!\\)\n", text, re.S | re.M)
@@ -144,3 +149,10 @@ def test_the_examples_in_docs_sctp_work_as_written(capsys, policyd, fake_node):
     got = list(node.datapath.ListServices(pb.ListServicesRequest(), None))
     assert [(s.port, s.protocol, len(s.endpoints)) for s in got] == [
         (38412, tpb.PROTOCOL_SCTP, 2)]
+    fw_argv = shlex.split(fw_line.replace("\\\n", " "))
+    assert cli.main(["--server", server.address, *fw_argv[1:]]) == 0
+    assert cli.main(["--server", server.address, "status", "a", "--wait",
+                     "--timeout", "10"]) == 0
+    rules = node.datapath.node.firewall.rules()
+    assert [(r.name, r.spec.match.protocol) for r in rules] == [
+        ("ngap-only-from-ran", RuleProto.SCTP)]
