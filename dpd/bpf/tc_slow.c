@@ -190,7 +190,8 @@ static __always_inline __be32 xlb_svc_source(struct __sk_buff *skb, struct xlb_n
 
 static __always_inline int xlb_new_flow(struct __sk_buff *skb, struct xlb_pkt *p, int first_frag)
 {
-    /* the firewall first (when on): drop and redirect end here */
+    /* the firewall first (when on): drop and redirect end here; police and mirror act on
+     * this packet, and the flow's ORIG entry keeps them (fw) for its later packets */
     int judged;
     struct xlb_fw_res fw = {};
     int act = xlb_fw_v4_res(skb, p, 1, &judged, &fw);

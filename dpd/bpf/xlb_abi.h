@@ -319,7 +319,7 @@ struct xlb_cfg {
  * side: dpd writes the staged one whole, then flips acl_cfg.gen, then clears the old. */
 #define XLB_ACL_TUPLES 64 /* lookup shapes per rule set */
 
-/* actions (values match the API's FirewallAction); 4.. are kept for trap, mirror, police */
+/* actions (values match the API's FirewallAction) */
 #define XLB_ACT_ALLOW 1
 #define XLB_ACT_DROP 2
 #define XLB_ACT_REDIRECT 3
