@@ -7,24 +7,50 @@ it, and the old run is freed after, so a run is never rewritten while a service 
 First fit over the free runs kept sorted by start, neighbours merged when freed: a table
 filled and emptied in any order ends as one free run again. Allocation of n entries when
 no free run holds n raises Exhausted, and `reserve` takes several runs all or none.
+
+A freed run is quarantined for `grace_s` (GRACE_S) before it can be handed out again: a
+slow-path packet on another CPU that read a service's old nat value just before the
+flip may still be reading the old run (its selection in lb.h), and must not find it
+rewritten for another service. A BPF program runs to its end under RCU with migration
+disabled and never sleeps; a TC run takes microseconds, so 5 ms is over a thousand times
+a run (and more than the firewall's 2 ms for its old generation: the endpoint runs are
+read a little later in a packet's path). Allocation takes back the runs whose grace has
+passed; one that fits only with runs still in their grace waits for them (at most
+grace_s) rather than fail. Runs given back that no service ever pointed at (`discard`)
+are free at once. A restarted dpd starts with nothing quarantined: it was down for far
+longer than the grace.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 
 from xlbcore.errors import Exhausted
 
+GRACE_S = 0.005  # a freed run's quarantine: a TC program's run is microseconds
+
 
 class Extents:
     def __init__(self, size: int, used: Iterable[tuple[int, int]] = (),
-                 what: str = "entries") -> None:
+                 what: str = "entries", grace_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """`size` entries; `used`: (start, length) runs already held (a restarted dpd's
-        services), which must not overlap."""
+        services), which must not overlap. `grace_s`: a freed run's quarantine (None:
+        GRACE_S; 0: none); `clock` and `sleep` measure and wait it out."""
         self.size = size
         self.what = what
+        self.grace_s = GRACE_S if grace_s is None else grace_s
+        self.clock = clock
+        self.sleep = sleep
+        self.waits = 0  # allocations that waited for quarantined runs
+        # freed runs in their grace, oldest first: (reusable from, runs)
+        self._pending: deque[tuple[float, list[tuple[int, int]]]] = deque()
+        self._quarantined = 0  # entries in _pending
         self._starts: list[int] = []  # free runs, sorted by start
         self._lens: list[int] = []
         at = 0
@@ -40,14 +66,64 @@ class Extents:
             self._lens.append(size - at)
 
     def free_entries(self) -> int:
-        return sum(self._lens)
+        """Entries no one holds: free, or freed and still in their grace."""
+        return sum(self._lens) + self._quarantined
+
+    def quarantined(self) -> int:
+        """Entries freed and still in their grace (after taking back the due ones)."""
+        self._reclaim()
+        return self._quarantined
 
     def largest(self) -> int:
+        """The longest run that can be handed out now."""
+        self._reclaim()
         return max(self._lens, default=0)
+
+    def _reclaim(self, now: float | None = None) -> None:
+        """Make the quarantined runs whose grace has passed (by `now`) free."""
+        pending = self._pending
+        if pending:
+            if now is None:
+                now = self.clock()
+            while pending and pending[0][0] <= now:
+                runs = pending.popleft()[1]
+                self._quarantined -= sum(n for _, n in runs)
+                self.discard(runs)
+
+    def _wait(self) -> bool:
+        """Wait out the grace of the oldest quarantined runs and make them free; False
+        when none are quarantined."""
+        if not self._pending:
+            return False
+        due = self._pending[0][0]
+        delay = due - self.clock()
+        if delay > 0:
+            self.sleep(delay)
+        self.waits += 1
+        self._reclaim(max(due, self.clock()))
+        return True
 
     def alloc(self, n: int) -> int:
         """The start of a free run of `n` entries (n > 0), now held; Exhausted when no
-        free run is that long."""
+        free run is that long, also once the quarantined runs are free."""
+        self._reclaim()
+        while True:
+            start = self._alloc(n)
+            if start is not None:
+                return start
+            if self.free_entries() < n or not self._wait():
+                raise self._exhausted(n)
+
+    def _exhausted(self, n: int) -> Exhausted:
+        largest = self.largest()
+        grace = (f", {self._quarantined} of them freed less than "
+                 f"{self.grace_s * 1000:g} ms ago") if self._quarantined else ""
+        return Exhausted(f"{self.what}: no room for {n} consecutive entries "
+                         f"({self.free_entries()} free of {self.size}{grace}, largest free "
+                         f"run {largest})")
+
+    def _alloc(self, n: int) -> int | None:
+        """First fit of `n` among the free runs, None when none is that long."""
         lens = self._lens
         for i, have in enumerate(lens):
             if have >= n:
@@ -58,12 +134,20 @@ class Extents:
                     self._starts[i] = start + n
                     lens[i] = have - n
                 return start
-        raise Exhausted(f"{self.what}: no room for {n} consecutive entries "
-                        f"({self.free_entries()} free of {self.size}, largest free run "
-                        f"{self.largest()})")
+        return None
 
     def reserve(self, sizes: Sequence[int]) -> list[int]:
-        """Starts of runs of each of `sizes`, all or none (Exhausted: none held)."""
+        """Starts of runs of each of `sizes`, all or none (Exhausted: none held, also
+        once the quarantined runs are free)."""
+        self._reclaim()
+        while True:
+            try:
+                return self._reserve(sizes)
+            except Exhausted:
+                if self.free_entries() < sum(sizes) or not self._wait():
+                    raise
+
+    def _reserve(self, sizes: Sequence[int]) -> list[int]:
         if sizes and self._lens and min(sizes) > 0:
             total = sum(sizes)
             if self._lens[0] >= total:
@@ -77,16 +161,29 @@ class Extents:
                     self._lens[0] -= total
                 return list(accumulate(sizes[:-1], initial=start))
         out: list[int] = []
-        try:
-            for n in sizes:
-                out.append(self.alloc(n) if n > 0 else 0)
-        except Exhausted:
-            self.free(list(zip(out, sizes, strict=False)))
-            raise
+        for n in sizes:
+            at = self._alloc(n) if n > 0 else 0
+            if at is None:
+                self.discard(list(zip(out, sizes, strict=False)))
+                raise self._exhausted(n)
+            out.append(at)
         return out
 
     def free(self, runs: Iterable[tuple[int, int]]) -> None:
-        """Give back runs (start, length) held by alloc; length 0 is nothing."""
+        """Give back runs (start, length) held by alloc that a service may have pointed
+        at until now: reusable once the grace has passed. Length 0 is nothing. A run
+        freed twice is found when its grace ends (ValueError)."""
+        if not self.grace_s:
+            self.discard(runs)
+            return
+        held = [(s, n) for s, n in runs if n > 0]
+        if held:
+            self._pending.append((self.clock() + self.grace_s, held))
+            self._quarantined += sum(n for _, n in held)
+
+    def discard(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Give back runs (start, length) held by alloc that no service ever pointed at
+        (or whose grace has passed): free at once. Length 0 is nothing."""
         starts, lens = self._starts, self._lens
         for start, n in runs:
             if n <= 0:

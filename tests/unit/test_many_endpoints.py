@@ -90,7 +90,7 @@ def test_policyd_takes_1024_endpoints_and_refuses_1025(policyd, client_for):
 
 
 def test_extents_first_fit_merge_on_free_and_all_or_nothing():
-    x = Extents(16)
+    x = Extents(16, grace_s=0)
     a, b, c = x.alloc(4), x.alloc(4), x.alloc(4)
     assert (a, b, c) == (0, 4, 8) and x.free_entries() == 4
     x.free([(b, 4)])
