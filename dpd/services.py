@@ -453,7 +453,7 @@ class ServiceTable:
         try:
             slot_base = self.slot_space.reserve(chunks)
         except Exhausted:
-            self.ep_space.free(zip(ep_base, counts, strict=True))
+            self.ep_space.discard(zip(ep_base, counts, strict=True))
             raise
         try:
             zeros = list(map((0,).__mul__, counts))  # a 0 for each endpoint
@@ -483,8 +483,8 @@ class ServiceTable:
             for i in range(0, len(srows), 65536):
                 self.slot_map.put_batch_raw(skeys[i:i + 65536].data, srows[i:i + 65536].data)
         except Exception:
-            self.ep_space.free(zip(ep_base, counts, strict=True))
-            self.slot_space.free(zip(slot_base, chunks, strict=True))
+            self.ep_space.discard(zip(ep_base, counts, strict=True))
+            self.slot_space.discard(zip(slot_base, chunks, strict=True))
             raise
         # each entry with its runs: made column by column (no _replace per entry)
         columns: list[Sequence[object]] = list(zip(*entries, strict=True))
@@ -493,7 +493,8 @@ class ServiceTable:
         return list(map(tuple.__new__, repeat(_Entry), zip(*columns, strict=True)))
 
     def _unplace(self, entries: Iterable[_Entry]) -> None:
-        """Free the runs of `entries` (no service points at them any more)."""
+        """Free the runs of `entries` (no service points at them any more; reusable
+        after the allocator's grace: a packet may still be reading them)."""
         entries = list(entries)
         self.ep_space.free([(e.ep_base, len(e.ep_ids)) for e in entries])
         self.slot_space.free([(e.slot_base, self._rows.chunks(e.n_slots)) for e in entries])

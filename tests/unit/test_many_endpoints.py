@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from dpd.extents import Extents
+from dpd.services import ServiceTable
 from tests.unit.conftest import MemoryDatapathServicer, serve_datapath
 from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
@@ -74,6 +75,46 @@ def test_a_full_endpoint_map_is_resource_exhausted_and_the_service_stays(dpd):
                      timeout=10)
     assert {e.weight for s in stub.ListServices(pb.ListServicesRequest(), timeout=10)
             if s.vip == vips[0] for e in s.endpoints} == {2}
+
+
+def test_a_replaced_set_is_not_reused_within_its_grace_and_space_in_grace_waits(dpd):
+    """A changed endpoint set's old run is not handed to the next write during its grace
+    (a packet may still read it); a put that fits only there waits, never
+    RESOURCE_EXHAUSTED; a restarted dpd holds nothing in quarantine."""
+    servicer, stub = dpd
+    table = servicer.node.services
+    now = [1000.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    for space in (table.ep_space, table.slot_space):  # a clock that stands still
+        space.clock, space.sleep = (lambda: now[0]), sleep
+    vips = [f"198.19.0.{10 + i}" for i in range(4)]
+    stub.PutServices(pb.PutServicesRequest(services=[svc(1024, v) for v in vips[:2]]
+                                           + [svc(512, vips[2])]), timeout=10)
+    (first,) = [e for _, e in table.entries() if e.spec.vip == vips[0]]
+    old_run = range(first.ep_base, first.ep_base + 1024)
+    stub.PutServices(pb.PutServicesRequest(services=[svc(1024, vips[0], weight=2)]),
+                     timeout=10)  # onto the last free 1,024: the old run in its grace
+    assert table.ep_space.quarantined() == 1024
+    stub.PutServices(pb.PutServicesRequest(services=[svc(4, vips[3])]), timeout=10)
+    (small,) = [e for _, e in table.entries() if e.spec.vip == vips[3]]
+    assert small.ep_base not in old_run and slept == []  # first fit would be old_run[0]
+    # 1,024 more fit only in the run still in its grace: the put waits, then takes it
+    stub.PutServices(pb.PutServicesRequest(services=[svc(1024, vips[2])]), timeout=10)
+    assert slept == [pytest.approx(0.005)]
+    (third,) = [e for _, e in table.entries() if e.spec.vip == vips[2]]
+    assert third.ep_base == old_run[0]
+    assert sorted(len(s.endpoints) for s in
+                  stub.ListServices(pb.ListServicesRequest(), timeout=10)) == [4, 1024, 1024, 1024]
+    # the 512 run just freed is in its grace; a table read back from the maps is not
+    assert table.ep_space.quarantined() == 512
+    again = ServiceTable(servicer.node.dp)
+    assert again.ep_space.quarantined() == 0 and again.slot_space.quarantined() == 0
+    assert again.ep_space.free_entries() == table.ep_space.free_entries()
 
 
 def test_policyd_takes_1024_endpoints_and_refuses_1025(policyd, client_for):
