@@ -13,6 +13,7 @@ from dpd import attach, bpfsys, maglev, routes, xdp
 from dpd import policers as polx
 from dpd.attach import Attachment
 from dpd.blocklist import Blocklist
+from dpd.bulkput import Bulk
 from dpd.conntrack import Conntrack, CtEntry, CtFilter, Timeouts
 from dpd.events import NodeEvents
 from dpd.firewall import FirewallTable, Links, StaticLinks
@@ -160,6 +161,16 @@ class Node:
         n = self.services.put(specs)
         self.health.update(specs)
         log.debug("services_put", count=n)
+        return n
+
+    def put_services_bulk(self, bulk: Bulk) -> int | None:
+        """A batch of new plain services (dpd/bulkput.py) written as columns; None when
+        put_services must do it (nothing done)."""
+        if self.health.checked():
+            return None  # health.update must see the services: put_services
+        n = self.services.put_bulk(bulk)
+        if n is not None:
+            log.debug("services_put", count=n)
         return n
 
     def delete_services(self, keys: list[ServiceKey]) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 
 from dpd.blocklist_rpcs import BlocklistRpcs, parse_xdp_mode
+from dpd.bulkput import parse_bulk
 from dpd.conntrack import CtFilter
 from dpd.event_rpcs import EventRpcs
 from dpd.firewall_rpcs import FirewallRpcs
@@ -124,8 +125,11 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, PolicerRpcs, Even
         # and the heap frozen after it, out of later full passes, which otherwise stall
         # every call for a while (~0.4 s with 250,000 services).
         with gcpause.paused(len(request.services) >= BULK, freeze=True):
-            specs = parse_services(request.services, "services")
-            written = self.node.put_services(specs)
+            bulk = parse_bulk(request.services)  # plain new services: as columns
+            written = self.node.put_services_bulk(bulk) if bulk is not None else None
+            if written is None:
+                specs = parse_services(request.services, "services")
+                written = self.node.put_services(specs)
         return pb.PutServicesResponse(written=written, datapath_id=self.node.datapath_id,
                                       generation=self.node.services.generation,
                                       instance_id=self.node.instance_id)

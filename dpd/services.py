@@ -58,6 +58,7 @@ import numpy as np
 import structlog
 
 from dpd import maglev
+from dpd.bulkput import Bulk
 from dpd.extents import Extents
 from dpd.ids import IdPool
 from dpd.loader import Datapath
@@ -147,6 +148,29 @@ def _entries(specs: Iterable[ServiceSpec], svc_ids: Iterable[int],
     return list(map(tuple.__new__, repeat(_Entry), rows))
 
 
+class _BulkPut(NamedTuple):
+    """A bulk put (ServiceTable.put_bulk) as written: the batch's columns, its
+    nat_v4_map keys and, per service, its ids and runs (its endpoints' stat ids flat,
+    split by the batch's bounds)."""
+
+    bulk: Bulk
+    keys: list[bytes]
+    svc_ids: list[int]
+    stat_ids: list[int]
+    ep_base: list[int]
+    slot_base: list[int]
+    n_slots: list[int]
+
+    def entries(self) -> list[_Entry]:
+        """Its services as the table's entries (made now: their ServiceSpecs too)."""
+        bounds = self.bulk.bounds
+        pool = tuple(self.stat_ids)
+        ep_ids = map(pool.__getitem__, map(slice, bounds[:-1], bounds[1:]))
+        rows = zip(self.bulk.specs(), self.svc_ids, ep_ids, repeat(0), self.ep_base,
+                   self.slot_base, self.n_slots, strict=False)
+        return list(map(tuple.__new__, repeat(_Entry), rows))
+
+
 @dataclass(frozen=True)
 class Counter:
     packets: int = 0
@@ -229,7 +253,11 @@ class ServiceTable:
             assume_dirty=dp.reused,
         )
         # nat_v4_map key bytes -> entry
-        self._index: dict[bytes, _Entry] = entries
+        self._held: dict[bytes, _Entry] = entries
+        # bulk puts kept as their columns (dpd/bulkput.py), made into entries of _held
+        # when anything but put_bulk or summary reads the table (_index)
+        self._bulk: list[_BulkPut] = []
+        self._bulk_keys: set[bytes] = set()
         # (vip, first port, proto) -> entry, of the port-range and any-port services
         self._range_first: dict[tuple[str, int, Proto], _Entry] = {
             (e.spec.vip, e.spec.port, e.spec.proto): e for e in entries.values()
@@ -618,7 +646,7 @@ class ServiceTable:
     def summary(self) -> tuple[int, int]:
         """(generation, services), read together."""
         with self._lock:
-            return self.generation, len(self._index)
+            return self.generation, len(self._held) + len(self._bulk_keys)
 
     def page(self, after: ServiceKey | None, limit: int) -> tuple[int, list[ServiceSpec], bool]:
         """(generation, up to `limit` specs with keys after `after` in key order, more
@@ -663,6 +691,98 @@ class ServiceTable:
                 self._vip_count.subtract(vips)
             if vips:
                 self._write_vips(list(dict.fromkeys(vips)), vmap)
+
+    @property
+    def _index(self) -> dict[bytes, _Entry]:
+        """nat_v4_map (and nat_v6_map) key bytes -> entry, every service (the bulk puts
+        kept as columns made into entries first). Read under the lock."""
+        if self._bulk:
+            for b in self._bulk:
+                self._held.update(zip(b.keys, b.entries(), strict=True))
+            self._bulk.clear()
+            self._bulk_keys.clear()
+        return self._held
+
+    def put_bulk(self, bulk: Bulk) -> int | None:
+        """Write a batch of new plain services (dpd/bulkput.py) as put would, all or
+        none, keeping it as columns (no ServiceSpec made until something reads the
+        table); None, with nothing done, when put must do it (a key the table holds,
+        more endpoints than the datapath takes). Raises Exhausted when there is no room."""
+        n = len(bulk)
+        with self._lock, gcpause.paused(n >= BULK):
+            if not n or max(bulk.counts) > self.max_eps:
+                return None
+            keys = list(map(self._key.pack, bulk.vip_bytes, map(socket.htons, bulk.ports),
+                            bulk.protos, repeat(0)))
+            if any(map(self._held.__contains__, keys)) or not self._bulk_keys.isdisjoint(keys):
+                return None
+            self.generation += 1
+            total = bulk.bounds[-1]
+            try:
+                svc_ids = self.svc_ids.reserve(n, "services")
+                stat_pool = self.stat_ids.reserve(total, "endpoints")
+            except Exhausted:
+                self.svc_ids.rollback()
+                self.stat_ids.rollback()
+                raise
+            rows = self._rows
+            weights = bulk.weight_tuples()
+            n_slots = np.fromiter(map(len, map(rows.tables.get, weights)), np.intp, n)
+            chunks = (-(-n_slots // rows.chunk)).tolist()
+            ep_base: list[int] = []
+            slot_base: list[int] = []
+            try:
+                dirty_eps = self.stat_ids.take_dirty(stat_pool)
+                self.ep_stats.zero(dirty_eps)
+                self.ep_conn.zero(dirty_eps)
+                fresh_svc = self.svc_ids.take_dirty(svc_ids)
+                self.svc_stats.zero(fresh_svc)
+                self.rr.zero(fresh_svc)
+                ep_base = self.ep_space.reserve(bulk.counts)
+                slot_base = self.slot_space.reserve(chunks)
+                eps = np.zeros(total, rows.ep_dtype)
+                w = np.asarray(bulk.ep_weights, np.uint16)
+                eps["addr"] = bulk.ep_addrs
+                eps["port"] = bulk.ep_ports
+                eps["weight"] = w
+                eps["stat_id"] = stat_pool
+                eps["flags"] = (w > 0).astype(np.uint8)  # XLB_EP_LIVE is 1
+                ekeys = runs(ep_base, bulk.counts)
+                for i in range(0, total, 65536):
+                    self.ep_map.put_batch_raw(ekeys[i:i + 65536].data, eps[i:i + 65536].data)
+                srows = rows.slots(weights)
+                skeys = runs(slot_base, chunks)
+                for i in range(0, len(srows), 65536):
+                    self.slot_map.put_batch_raw(skeys[i:i + 65536].data,
+                                                srows[i:i + 65536].data)
+                head: dict[str, Sequence[int] | np.ndarray] = {
+                        "svc_id": svc_ids, "algo": bulk.algos, "mode": [int(Mode.DNAT)] * n,
+                        "flags": [0] * n, "n_eps": bulk.counts, "n_slots": n_slots,
+                        "persist_s": bulk.persist, "snat_addr": [0] * n, "ep_base": ep_base,
+                        "slot_base": slot_base}
+                for i in range(0, n, CHUNK):
+                    part = {f: c[i:i + CHUNK] for f, c in head.items()}
+                    self.nat.put_batch_raw(b"".join(keys[i:i + CHUNK]),
+                                           self._values_of.build(part).data)
+            except Exception as err:
+                self.nat.delete_batch(keys)  # no service points at the runs, then they go
+                if ep_base:
+                    self.ep_space.free(zip(ep_base, bulk.counts, strict=True))
+                if slot_base:
+                    self.slot_space.free(zip(slot_base, chunks, strict=True))
+                self.svc_ids.rollback()
+                self.stat_ids.rollback()
+                log.warning("services_rolled_back", count=n)
+                if isinstance(err, MapFull):
+                    raise Exhausted(f"nat_v4_map has no room: {err.strerror}") from err
+                raise
+            self.svc_ids.commit()
+            self.stat_ids.commit()
+            self._bulk.append(_BulkPut(bulk, keys, svc_ids, stat_pool, ep_base, slot_base,
+                                       n_slots.tolist()))
+            self._bulk_keys.update(keys)
+            self._count_vips(keys, +1)
+            return n
 
     def put(self, specs: list[ServiceSpec]) -> int:
         """Upsert all of `specs` or none. Raises Exhausted when there is no room."""
@@ -897,13 +1017,19 @@ class ServiceTable:
         """svc_id -> the ep_conn_map slots of its endpoints, for the least-connections
         services (whose active flows dpd's conntrack sweep recounts)."""
         with self._lock:
-            return {e.svc_id: list(e.ep_ids) for e in self._index.values()
-                    if e.spec.algorithm == Algorithm.LEAST_CONNECTIONS}
+            out = {e.svc_id: list(e.ep_ids) for e in self._held.values()
+                   if e.spec.algorithm == Algorithm.LEAST_CONNECTIONS}
+            lc = int(Algorithm.LEAST_CONNECTIONS)
+            for b in self._bulk:  # read from the columns (they stay columns)
+                bounds = b.bulk.bounds
+                for i in compress(range(len(b.svc_ids)), map(lc.__eq__, b.bulk.algos)):
+                    out[b.svc_ids[i]] = b.stat_ids[bounds[i]:bounds[i + 1]]
+            return out
 
     def ct_timeouts(self) -> dict[int, CtTimeoutsSpec]:
         """svc_id -> its conntrack timeouts, for the services that set them."""
         with self._lock:
-            return {e.svc_id: t for e in self._index.values()
+            return {e.svc_id: t for e in self._held.values()  # a bulk put sets none
                     if (t := e.spec.ct_timeouts) is not None}
 
     def down(self, key: ServiceKey) -> frozenset[tuple[str, int]]:
