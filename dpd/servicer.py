@@ -127,8 +127,9 @@ class DatapathServicer(FirewallRpcs, RouteRpcs, BlocklistRpcs, PolicerRpcs, Even
         with gcpause.paused(len(request.services) >= BULK, freeze=True):
             bulk = parse_bulk(request.services)  # plain new services: as columns
             written = self.node.put_services_bulk(bulk) if bulk is not None else None
-            if written is None:
-                specs = parse_services(request.services, "services")
+            if written is None:  # the full way (bulk.specs(): parse_services' specs)
+                specs = bulk.specs() if bulk is not None \
+                    else parse_services(request.services, "services")
                 written = self.node.put_services(specs)
         return pb.PutServicesResponse(written=written, datapath_id=self.node.datapath_id,
                                       generation=self.node.services.generation,

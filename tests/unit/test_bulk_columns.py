@@ -85,7 +85,7 @@ def put_fast(t: ServiceTable, msgs: list[pb.Service]) -> tuple[int, bool]:
     n = t.put_bulk(bulk) if bulk is not None else None
     if n is not None:
         return n, True
-    return t.put(parse_services(msgs, "services")), False
+    return t.put(bulk.specs() if bulk is not None else parse_services(msgs, "services")), False
 
 
 def maps_bytes(dp: MemoryDatapath) -> dict[str, list[tuple[bytes, bytes]]]:
