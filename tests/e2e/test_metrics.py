@@ -65,7 +65,7 @@ def test_real_traffic_moves_service_and_endpoint_counters(metered):
 
     ct = {lbls: v for (name, lbls), v in s.items() if name == "xlb_dpd_conntrack_entries"}
     assert sum(ct.values()) >= 20  # 20 flows, two entries each, unless aged meanwhile
-    assert {dict(lbls)["protocol"] for lbls in ct} == {"tcp", "udp"}  # decoded, not numbers
+    assert {dict(lbls)["protocol"] for lbls in ct} == {"tcp", "udp", "sctp"}  # not numbers
     assert sum(v for lbls, v in ct.items() if dict(lbls)["protocol"] == "tcp") >= 20
     fill = s[("xlb_dpd_map_entries",
               frozenset(node | {("map", "ct_v4_map"), ("type", "lru_hash")}))]

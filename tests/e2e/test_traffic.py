@@ -149,7 +149,8 @@ def test_dpd_sigterm_restart_keeps_services_and_flows(lab):
     [
         (lambda s: setattr(s, "vip", "0.0.0.0"), grpc.StatusCode.INVALID_ARGUMENT, "vip"),
         (lambda s: setattr(s, "vip", "not-an-ip"), grpc.StatusCode.INVALID_ARGUMENT, "vip"),
-        (lambda s: setattr(s, "port", 0), grpc.StatusCode.INVALID_ARGUMENT, "port"),
+        (lambda s: setattr(s, "port", 70000), grpc.StatusCode.INVALID_ARGUMENT, "port"),
+        (lambda s: setattr(s, "port_last", 5), grpc.StatusCode.INVALID_ARGUMENT, "port_last"),
         (lambda s: s.ClearField("endpoints"), grpc.StatusCode.INVALID_ARGUMENT, "endpoint"),
         (lambda s: setattr(s, "protocol", 0), grpc.StatusCode.INVALID_ARGUMENT, "protocol"),
         (lambda s: setattr(s, "protocol", 9), grpc.StatusCode.INVALID_ARGUMENT, "protocol"),
