@@ -48,8 +48,9 @@ from xlbcore.firewall import Action, RuleMatch, RuleProto, RuleSpec
 from xlbcore.service import Algorithm, EndpointSpec, Mode, Proto, ServiceSpec
 
 CLIENT = "198.18.0.2"
-FNAT_VIP = "198.19.255.200"  # the full-NAT service (outside the DNAT services' VIPs)
-MAGLEV_VIP = "198.19.255.201"  # the Maglev service
+FNAT_VIP = "198.18.250.1"  # the full-NAT service (outside the DNAT services' VIPs, which
+# run from 198.19.0.1 up, past 198.19.255.255 at 100,000 services)
+MAGLEV_VIP = "198.18.250.2"  # the Maglev service
 PASS_DST = "198.18.7.2"  # no service there: the pass flow's destination
 EXTRA_SERVICES = 2  # the full-NAT and Maglev services beside the measured ones
 SNAT = "198.18.9.1"
