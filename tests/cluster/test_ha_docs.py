@@ -18,7 +18,7 @@ import pytest
 
 from lab import netns
 from lab.topology import Topology
-from tests.unit.test_policers_docs import commands as split_commands
+from tests.docs_examples import commands as split_commands
 from tests.unit.test_policyd_grpcurl import grpcurl  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.root

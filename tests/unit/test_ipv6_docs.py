@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from policyd import cli
-from tests.unit.test_policers_docs import commands
+from tests.docs_examples import commands, doc_section, fenced
 from tests.unit.test_policyd_grpcurl import grpcurl  # noqa: F401 (fixture)
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "ipv6.md"
 SOCKET = "/run/xlb/policyd.sock"
 DPD_SOCKET = "unix:/run/xlb/dpd.sock"
 VIP = "2001:db8:ff::10"
@@ -26,13 +24,11 @@ EP1, EP2 = "2001:db8:11::2", "2001:db8:12::2"
 
 
 def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Through policyd")
-    return text[start:text.index("\n## ", start + 1)]
+    return doc_section("ipv6.md")
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", section(), re.S)
+    return fenced(section(), lang)
 
 
 def test_the_grpcurl_commands_work_as_written(grpcurl, policyd, fake_node,  # noqa: F811

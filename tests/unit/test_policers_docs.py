@@ -7,45 +7,23 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 from pathlib import Path
 
 from policyd import cli
+from tests.docs_examples import commands, doc_section, fenced
 from tests.unit.test_policyd_grpcurl import grpcurl  # noqa: F401 (fixture)
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "policers.md"
 SOCKET = "/run/xlb/policyd.sock"
 DPD_SOCKET = "unix:/run/xlb/dpd.sock"
 
 
 def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Through policyd")
-    return text[start:text.index("\n## ", start + 1)]
+    return doc_section("policers.md")
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", section(), re.S)
-
-
-def commands(block: str) -> list[list[str]]:
-    """Each command of a sh block: continued lines joined, a quoted argument may span
-    lines, comment lines and trailing comments dropped."""
-    out, pending = [], ""
-    for line in block.replace("\\\n", " ").splitlines():
-        if not pending:
-            line = line.split(" # ")[0].strip()
-            if not line or line.startswith("#"):
-                continue
-        pending = f"{pending}\n{line}" if pending else line
-        try:
-            argv = shlex.split(pending)
-        except ValueError:  # a quoted argument goes on on the next line
-            continue
-        pending = ""
-        out.append(argv)
-    return out
+    return fenced(section(), lang)
 
 
 def test_the_grpcurl_commands_work_as_written(grpcurl, policyd):  # noqa: F811

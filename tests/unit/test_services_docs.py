@@ -12,22 +12,19 @@ import subprocess
 from pathlib import Path
 
 from policyd import cli
-from tests.unit.test_policers_docs import commands
+from tests.docs_examples import commands, doc_section, fenced
 from tests.unit.test_policyd_grpcurl import grpcurl  # noqa: F401 (fixture)
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "services.md"
 SOCKET = "/run/xlb/policyd.sock"
 DPD_SOCKET = "unix:/run/xlb/dpd.sock"
 
 
 def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Through policyd")
-    return text[start:]
+    return doc_section("services.md")
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", section(), re.S)
+    return fenced(section(), lang)
 
 
 def test_the_grpcurl_commands_work_as_written(grpcurl, policyd):  # noqa: F811

@@ -6,48 +6,29 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 from pathlib import Path
 
 from policyd import cli
+from tests.docs_examples import commands, doc_section, fenced
 from tests.unit.test_policyd_grpcurl import grpcurl  # noqa: F401 (fixture)
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "xdp.md"
 SOCKET = "/run/xlb/policyd.sock"
 
 
 def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Through policyd")
-    return text[start:text.index("\n## ", start + 1)]
+    return doc_section("xdp.md")
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", section(), re.S)
-
-
-def lines(block: str) -> list[list[str]]:
-    """Each command of a sh block (continuations joined, comments dropped)."""
-    text = re.sub(r"\\\n\s*", " ", block)
-    out, pending = [], ""
-    for line in text.splitlines():
-        if not pending:
-            line = line.split(" # ")[0].strip()
-            if not line:
-                continue
-        pending += line + "\n"
-        if pending.count("'") % 2 == 0:
-            out.append(shlex.split(pending))
-            pending = ""
-    return out
+    return fenced(section(), lang)
 
 
 def test_the_grpcurl_commands_work_as_written(grpcurl, policyd):  # noqa: F811
     server = policyd()
     socket = server.address.removeprefix("unix:")
     (xlbctl_block, _grpcurl_block) = blocks("sh")
-    cmds = lines(_grpcurl_block)
+    cmds = commands(_grpcurl_block)
     assert [c[-1].rsplit("/", 1)[1] for c in cmds] == [
         "ApplyBlocklist", "ApplyBlocklists", "ListBlocklists", "ApplyMirror", "GetMirror",
         "DeleteBlocklists", "DeleteMirror"]
@@ -73,7 +54,7 @@ def test_the_xlbctl_lines_and_yaml_work_as_written(capsys, policyd, tmp_path, mo
     with cli.PolicyClient(server.address) as client:  # a node, for status's table
         client.register_node("node1", f"unix:{tmp_path}/none.sock")
     (xlbctl_block, _grpcurl_block) = blocks("sh")
-    for argv in lines(xlbctl_block):
+    for argv in commands(xlbctl_block):
         assert argv[0] == "xlbctl"
         redirect = argv.index(">") if ">" in argv else None
         args = argv[1:redirect] if redirect else argv[1:]
