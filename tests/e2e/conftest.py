@@ -8,14 +8,11 @@ is its default."""
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -164,19 +161,8 @@ def put_vip_services(lab: Lab) -> None:
 
 def doc_grpcurl_commands(doc: str, target: str = "/run/xlb/dpd.sock") -> list[list[str]]:
     """The grpcurl commands of a page of docs/ that call `target` (dpd's socket; the
-    policyd examples are run by unit tests), as argument lists: its sh blocks, continued
-    lines joined, a quoted argument (a JSON body) may span lines."""
-    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
-    out = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        pending = ""
-        for line in block.replace("\\\n", " ").splitlines():
-            pending = f"{pending}\n{line}" if pending else line
-            try:
-                argv = shlex.split(pending)
-            except ValueError:  # a quoted argument goes on on the next line
-                continue
-            pending = ""
-            if argv and argv[0] == "grpcurl" and target in argv:
-                out.append(argv)
-    return out
+    policyd examples are run by unit tests), as argument lists (tests.docs_examples)."""
+    from tests.docs_examples import DOCS, commands, fenced
+
+    return [argv for block in fenced((DOCS / doc).read_text(), "sh") for argv in commands(block)
+            if argv[0] == "grpcurl" and target in argv]
