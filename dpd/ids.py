@@ -1,10 +1,23 @@
-"""Index allocation for per-service and per-endpoint counter slots (pure Python)."""
+"""Index allocation for per-service and per-endpoint counter slots (no root, no maps).
+
+The pool is a bitmap (numpy bools), so a bulk write's reservation of tens of thousands
+of ids is a few array operations, not a Python step (or a set insertion) per id."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from xlbcore.errors import Exhausted
+
+
+def _as_ids(ids: Iterable[int]) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.intp, copy=False)
+    if isinstance(ids, range):
+        return np.arange(ids.start, ids.stop, ids.step, dtype=np.intp)
+    return np.fromiter(ids, np.intp)
 
 
 class IdPool:
@@ -16,63 +29,70 @@ class IdPool:
 
     def __init__(self, size: int, used: Iterable[int] = (), assume_dirty: bool = False) -> None:
         self.size = size
-        self._used = set(used)
+        self._used = np.zeros(size, bool)
+        self._used[_as_ids(used)] = True
+        self._n_used = int(np.count_nonzero(self._used))
         self._next = 0
-        self._pending: list[int] = []
-        self._dirty: set[int] = set()
-        self._assume_dirty = assume_dirty
-        self._clean: set[int] = set()
+        self._pending: list[np.ndarray] = []
+        # dirty: its slot holds counts (released, or never zeroed when assume_dirty)
+        self._dirty = np.full(size, assume_dirty, bool)
+        self._n_dirty = size if assume_dirty else 0  # an upper bound: 0 means none
 
     def take_dirty(self, ids: Iterable[int]) -> list[int]:
         """Those of `ids` whose slots must be zeroed; they count as clean afterwards."""
-        if not self._dirty and not self._assume_dirty:
+        if not self._n_dirty:
             return []
-        out = [i for i in ids
-               if i in self._dirty or (self._assume_dirty and i not in self._clean)]
-        self._dirty.difference_update(out)
-        if self._assume_dirty:
-            self._clean.update(out)
-        return out
+        arr = _as_ids(ids)
+        out = np.unique(arr[self._dirty[arr]])  # each once: the count stays a bound
+        self._dirty[out] = False
+        self._n_dirty -= len(out)
+        return out.tolist()
 
     @property
     def free(self) -> int:
-        return self.size - len(self._used)
+        return self.size - self._n_used
 
     def in_use(self) -> int:
-        return len(self._used)
+        return self._n_used
 
     def reserve(self, count: int, what: str) -> list[int]:
+        """`count` free ids (the next ones from where the last reservation ended,
+        wrapping), held until commit() or rollback(); Exhausted when there are fewer."""
+        return self.reserve_array(count, what).tolist()
+
+    def reserve_array(self, count: int, what: str) -> np.ndarray:
+        """reserve, as an array of ids (np.intp)."""
         if count > self.free:
             raise Exhausted(
                 f"{what}: {count} more needed, {self.free} of {self.size} free"
             )
         start = self._next
-        if start + count <= self.size and self._used.isdisjoint(range(start, start + count)):
-            # the common case, a run of free ids: no Python step per id
-            out = list(range(start, start + count))
-            self._used.update(out)
-            self._next = (start + count) % self.size
-            self._pending.extend(out)
-            return out
-        out = []
-        while len(out) < count:
-            i = self._next
-            self._next = (self._next + 1) % self.size
-            if i not in self._used:
-                self._used.add(i)
-                out.append(i)
-        self._pending.extend(out)
+        if start + count <= self.size and not self._used[start:start + count].any():
+            out = np.arange(start, start + count, dtype=np.intp)  # a run of free ids
+        else:
+            free = np.flatnonzero(~self._used)
+            at = int(np.searchsorted(free, start))
+            out = np.concatenate((free[at:], free[:at]))[:count]
+        if count:
+            self._used[out] = True
+            self._n_used += count
+            self._next = (int(out[-1]) + 1) % self.size
+            self._pending.append(out)
         return out
 
     def commit(self) -> None:
         self._pending.clear()
 
     def rollback(self) -> None:
-        for i in self._pending:
-            self._used.discard(i)
+        for ids in self._pending:
+            self._used[ids] = False
+            self._n_used -= len(ids)
         self._pending.clear()
 
     def release(self, ids: Iterable[int]) -> None:
-        for i in ids:
-            self._used.discard(i)
-            self._dirty.add(i)
+        arr = np.unique(_as_ids(ids))
+        held = arr[self._used[arr]]
+        self._used[held] = False
+        self._n_used -= len(held)
+        self._dirty[arr] = True
+        self._n_dirty += len(arr)

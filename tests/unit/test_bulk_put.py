@@ -294,3 +294,17 @@ def test_gc_pause_nests_and_restores():
     gc.unfreeze()
     with gcpause.paused(active=False):
         assert gc.isenabled()
+
+
+def test_id_pool_counts_and_rolls_back_scattered_reservations():
+    pool = IdPool(6, used=[1, 3], assume_dirty=True)
+    assert (pool.in_use(), pool.free) == (2, 4)
+    ids = pool.reserve(3, "x")  # not a run: 0, 2, 4
+    assert ids == [0, 2, 4] and pool.free == 1
+    pool.rollback()
+    assert pool.free == 4 and pool.reserve(4, "x") == [5, 0, 2, 4]  # on from where it was
+    pool.commit()
+    assert sorted(pool.take_dirty([5, 0, 2])) == [0, 2, 5]  # a reused map's: zero once
+    assert pool.take_dirty([0, 2, 5]) == []
+    pool.release([0, 0, 4])  # each counted once
+    assert pool.in_use() == 4 and pool.take_dirty([0, 4]) == [0, 4]
