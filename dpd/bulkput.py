@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate, chain, repeat
 from operator import attrgetter, methodcaller
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dpd.natbatch import group
 from xlbcore.service import (
     _ALGORITHMS,
     _API_PROTO,
@@ -68,39 +70,58 @@ class Bulk:
     ep_texts: tuple[str, ...]  # canonical text, in the request's order
     order: np.ndarray  # ep_texts[order]: in the services' endpoint order
     ep_addrs: np.ndarray  # '>u4', in endpoint order (as all below)
-    ep_ports: tuple[int, ...]
-    ep_weights: tuple[int, ...]
+    ep_ports: np.ndarray  # uint16
+    ep_weights: np.ndarray  # uint16
 
     def __len__(self) -> int:
         return len(self.vips)
 
-    def weight_tuples(self) -> list[tuple[int, ...]]:
-        """Each service's endpoint weights (what its slot table is built from)."""
-        return list(map(self.ep_weights.__getitem__,
-                        map(slice, self.bounds[:-1], self.bounds[1:])))
+    def patterns(self) -> tuple[list[tuple[int, ...]], np.ndarray]:
+        """The distinct weight tuples of the services (what slot tables are built
+        from) and each service's index in them. When every service's endpoints share
+        one weight (the usual batch), found without a tuple per service."""
+        w = self.ep_weights
+        counts = np.asarray(self.counts, np.intp)
+        first = w[self.bounds[:-1]]
+        if (w == np.repeat(first, counts)).all():
+            code = counts * 65536 + first
+            if (code == code[0]).all():  # one tuple for all
+                codes, which = code[:1], np.zeros(len(code), np.intp)
+            else:
+                codes, which = np.unique(code, return_inverse=True)
+            return [(int(c) & 0xFFFF,) * (int(c) >> 16) for c in codes], which.ravel()
+        flat = tuple(w.tolist())
+        return group(list(map(flat.__getitem__, map(slice, self.bounds[:-1],
+                                                     self.bounds[1:]))))
 
     def specs(self) -> list[ServiceSpec]:
         """The ServiceSpecs parse_services gives for this batch (with their endpoint
-        columns and `grouped` made, as its fast path makes them)."""
-        out = []
+        columns and `grouped` made, as its fast path makes them), built column by
+        column: no Python step per service or endpoint."""
         b = self.bounds
-        addrs = list(map(self.ep_texts.__getitem__, self.order.tolist()))
+        per = list(map(slice, b[:-1], b[1:]))  # each service's part of the flat columns
+        addrs = map(self.ep_texts.__getitem__, self.order.tolist())
+        ports, weights = tuple(self.ep_ports.tolist()), tuple(self.ep_weights.tolist())
+        eps = tuple(map(EndpointSpec, addrs, ports, weights, repeat(0)))
         packed = self.ep_addrs.tobytes()
-        ports, weights = self.ep_ports, self.ep_weights
-        for i, (vip, port, proto, algo, persist) in enumerate(
-                zip(self.vips, self.ports, self.protos, self.algos, self.persist,
-                    strict=True)):
-            lo, hi = b[i], b[i + 1]
-            pp, ww = ports[lo:hi], weights[lo:hi]
-            spec = ServiceSpec(vip, port, Proto(proto), Algorithm(algo), Mode.DNAT,
-                               tuple(map(EndpointSpec, addrs[lo:hi], pp, ww, repeat(0))),
-                               persistence_s=persist)
-            made = spec.__dict__
-            made["columns"] = tuple.__new__(EndpointColumns,
-                                            (packed[4 * lo:4 * hi], pp, ww))
-            made["grouped"] = False
-            out.append(spec)
+        columns = map(tuple.__new__, repeat(EndpointColumns),
+                      zip(map(packed.__getitem__, map(slice, [4 * i for i in b[:-1]],
+                                                      [4 * i for i in b[1:]])),
+                          map(ports.__getitem__, per), map(weights.__getitem__, per),
+                          strict=True))
+        out = list(map(ServiceSpec, self.vips, self.ports, map(_PROTOS.__getitem__, self.protos),
+                       map(_ALGOS.__getitem__, self.algos), repeat(Mode.DNAT),
+                       map(eps.__getitem__, per), repeat(None), repeat(None), repeat(""),
+                       self.persist))
+        # the cached properties parse_services' fast path fills in, filled in the same
+        made = map(dict, zip(zip(repeat("columns"), columns), repeat(("grouped", False))))
+        deque(map(dict.update, map(_DICT, out), made), maxlen=0)
         return out
+
+
+_PROTOS = {int(p): p for p in Proto}
+_ALGOS = {int(a): a for a in Algorithm}
+_DICT = attrgetter("__dict__")
 
 
 def parse_bulk(msgs: Any) -> Bulk | None:
@@ -159,8 +180,8 @@ def parse_bulk(msgs: Any) -> Bulk | None:
                 persist=list(persist), counts=counts,
                 bounds=list(accumulate(counts, initial=0)),
                 ep_texts=addrs, order=order, ep_addrs=packed[order],
-                ep_ports=tuple(ps.tolist()),
-                ep_weights=tuple(np.asarray(weights_l, np.int64)[order].tolist()))
+                ep_ports=ps.astype(np.uint16),
+                ep_weights=np.asarray(weights_l, np.uint16)[order])
 
 
 def _ipv4s(addrs: tuple[str, ...]) -> np.ndarray | None:

@@ -9,9 +9,9 @@ structured dtypes dpd/abi.py derives from xlb_abi.h (nothing here restates a lay
   service, from each service's endpoint columns (ServiceSpec.columns: address bytes,
   ports, weights; made once, when the request is parsed): the addresses joined go in
   through one '>u4' view, the other fields as numpy columns;
-- slot_map rows (struct xlb_slots, EndpointRows.slots): each service's slot table
+- slot_map rows (struct xlb_slots, EndpointRows.slot_rows): each service's slot table
   (2-byte endpoint indexes, cached by weight tuple), padded to whole XLB_SLOT_CHUNK
-  entries, joined.
+  entries, joined; built per distinct weight tuple of the batch and gathered.
 
 No Python step runs per endpoint or field; per service, a few C calls through map().
 """
@@ -85,7 +85,8 @@ class NatValues:
     def build(self, head: Mapping[str, Any]) -> np.ndarray:
         """The values of a batch, in one array of the layout's dtype (up to CHUNK: the
         kept buffer, valid until the next call). `head`: every field (checked) as a
-        column numpy can assign (a list of ints, an array), all of one length."""
+        column numpy can assign (a list of ints, an array), all of one length, or one
+        int for every value."""
         if head.keys() != self.head:
             raise KeyError(f"struct {self.layout.name}: fields {sorted(head)}, "
                            f"the layout has {sorted(self.head)}")
@@ -100,7 +101,8 @@ class NatValues:
         return out
 
 
-def runs(starts: Sequence[int], counts: Sequence[int]) -> np.ndarray:
+def runs(starts: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray
+         ) -> np.ndarray:
     """The indexes start, start + 1, ..., start + count - 1 of each run, joined (u32)."""
     per = np.asarray(counts, np.intp)
     total = int(per.sum())
@@ -144,12 +146,29 @@ class EndpointRows:
         out["prio"] = np.fromiter(chain.from_iterable(prios), np.uint8, m)
         return out
 
-    def slots(self, weights: Sequence[tuple[int, ...]]) -> np.ndarray:
-        """The xlb_slots rows of the slot tables of `weights` (each got from `tables`
-        before), padded to whole entries, joined."""
+    def slot_rows(self, patterns: Sequence[tuple[int, ...]], which: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The slot tables of a batch of services whose weight tuples are
+        `patterns[which[i]]` (few distinct tuples, many services: each table is built or
+        looked up once): (each service's slots, each one's slot_map entries, the xlb_slots
+        rows of all, padded to whole entries, joined in service order)."""
         chunk = self.chunk
-        padded = list(map(self.tables.padded, weights))
-        flat = np.concatenate(padded) if padded else np.zeros(0, np.uint16)
-        out = np.zeros(len(flat) // chunk, self.slot_dtype)
-        out["ep"] = flat.reshape(-1, chunk)
-        return out
+        padded = []
+        lens = np.zeros(len(patterns), np.intp)
+        for i, p in enumerate(patterns):
+            lens[i] = len(self.tables.get(p))
+            padded.append(self.tables.padded(p))
+        per = np.fromiter(map(len, padded), np.intp, len(padded)) // chunk
+        flat = (np.concatenate(padded) if padded else np.zeros(0, np.uint16)).reshape(-1, chunk)
+        chunks = per[which]
+        out = np.zeros(int(chunks.sum()), self.slot_dtype)
+        out["ep"] = flat[runs((np.cumsum(per) - per)[which], chunks)]
+        return lens[which], chunks, out
+
+
+def group(items: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """(the distinct tuples of `items` in first-seen order, each item's index in them),
+    hashed in C."""
+    distinct = list(dict.fromkeys(items))
+    index = {t: i for i, t in enumerate(distinct)}
+    return distinct, np.fromiter(map(index.__getitem__, items), np.intp, len(items))

@@ -63,7 +63,7 @@ from dpd.extents import Extents
 from dpd.ids import IdPool
 from dpd.loader import Datapath
 from dpd.maps import Map, MapFull
-from dpd.natbatch import CHUNK, EndpointRows, NatValues, runs
+from dpd.natbatch import CHUNK, EndpointRows, NatValues, group, runs
 from xlbcore import gcpause
 from xlbcore.errors import Exhausted
 from xlbcore.service import (
@@ -155,19 +155,20 @@ class _BulkPut(NamedTuple):
 
     bulk: Bulk
     keys: list[bytes]
-    svc_ids: list[int]
-    stat_ids: list[int]
-    ep_base: list[int]
-    slot_base: list[int]
-    n_slots: list[int]
+    svc_ids: np.ndarray
+    stat_ids: np.ndarray
+    ep_base: np.ndarray
+    slot_base: np.ndarray
+    n_slots: np.ndarray
 
     def entries(self) -> list[_Entry]:
         """Its services as the table's entries (made now: their ServiceSpecs too)."""
         bounds = self.bulk.bounds
-        pool = tuple(self.stat_ids)
+        pool = tuple(self.stat_ids.tolist())
         ep_ids = map(pool.__getitem__, map(slice, bounds[:-1], bounds[1:]))
-        rows = zip(self.bulk.specs(), self.svc_ids, ep_ids, repeat(0), self.ep_base,
-                   self.slot_base, self.n_slots, strict=False)
+        rows = zip(self.bulk.specs(), self.svc_ids.tolist(), ep_ids, repeat(0),
+                   self.ep_base.tolist(), self.slot_base.tolist(), self.n_slots.tolist(),
+                   strict=False)
         return list(map(tuple.__new__, repeat(_Entry), rows))
 
 
@@ -207,6 +208,7 @@ class ServiceTable:
         # call, no Python call per field.
         key = abi.structs["xlb_nat_key"].codec
         self._key = key.wire_struct(("vip", "port", "proto", "range"))
+        self._key_dtype = abi.structs["xlb_nat_key"].dtype
         self.ranges = dp.maps["range_v4_map"]
         self._range_key = abi.structs["xlb_range_key"].codec.wire_struct(
             ("prefixlen", "vip", "proto", "port"))
@@ -473,10 +475,9 @@ class ServiceTable:
                        else e.spec.columns.weights for e in entries]
         else:  # the configured weights of each
             weights = list(map(_CONFIGURED, specs))
-        tables = list(map(self._rows.tables.get, weights))
         counts = list(map(len, map(_ENDPOINTS, specs)))
-        n_slots = np.fromiter(map(len, tables), np.intp, len(tables))
-        chunks = (-(-n_slots // self._rows.chunk)).tolist()  # _rows.chunks of each
+        n_slots, chunk_arr, srows = self._rows.slot_rows(*group(weights))
+        chunks = chunk_arr.tolist()  # _rows.chunks of each
         ep_base = self.ep_space.reserve(counts)
         try:
             slot_base = self.slot_space.reserve(chunks)
@@ -506,7 +507,6 @@ class ServiceTable:
                 rows6 = b"".join([address_bytes(ep.address) for i in six
                                   for ep in specs[i].endpoints])
                 self.ep6_map.put_batch_raw(keys6.data, rows6)
-            srows = self._rows.slots(weights)
             skeys = runs(slot_base, chunks)
             for i in range(0, len(srows), 65536):
                 self.slot_map.put_batch_raw(skeys[i:i + 65536].data, srows[i:i + 65536].data)
@@ -712,25 +712,26 @@ class ServiceTable:
         with self._lock, gcpause.paused(n >= BULK):
             if not n or max(bulk.counts) > self.max_eps:
                 return None
-            keys = list(map(self._key.pack, bulk.vip_bytes, map(socket.htons, bulk.ports),
-                            bulk.protos, repeat(0)))
+            karr = np.zeros(n, self._key_dtype)  # the nat_v4_map keys, column by column
+            karr["vip"] = np.frombuffer(b"".join(bulk.vip_bytes), ">u4")
+            karr["port"] = bulk.ports
+            karr["proto"] = bulk.protos
+            keys: list[bytes] = karr.view(f"V{karr.itemsize}").tolist()
             if any(map(self._held.__contains__, keys)) or not self._bulk_keys.isdisjoint(keys):
                 return None
             self.generation += 1
             total = bulk.bounds[-1]
             try:
-                svc_ids = self.svc_ids.reserve(n, "services")
-                stat_pool = self.stat_ids.reserve(total, "endpoints")
+                svc_ids = self.svc_ids.reserve_array(n, "services")
+                stat_pool = self.stat_ids.reserve_array(total, "endpoints")
             except Exhausted:
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 raise
             rows = self._rows
-            weights = bulk.weight_tuples()
-            n_slots = np.fromiter(map(len, map(rows.tables.get, weights)), np.intp, n)
-            chunks = (-(-n_slots // rows.chunk)).tolist()
-            ep_base: list[int] = []
-            slot_base: list[int] = []
+            n_slots, chunks, srows = rows.slot_rows(*bulk.patterns())
+            ep_base: np.ndarray | None = None
+            slot_base: np.ndarray | None = None
             try:
                 dirty_eps = self.stat_ids.take_dirty(stat_pool)
                 self.ep_stats.zero(dirty_eps)
@@ -738,38 +739,38 @@ class ServiceTable:
                 fresh_svc = self.svc_ids.take_dirty(svc_ids)
                 self.svc_stats.zero(fresh_svc)
                 self.rr.zero(fresh_svc)
-                ep_base = self.ep_space.reserve(bulk.counts)
-                slot_base = self.slot_space.reserve(chunks)
+                ep_base = self.ep_space.reserve_array(bulk.counts)
+                slot_base = self.slot_space.reserve_array(chunks)
                 eps = np.zeros(total, rows.ep_dtype)
-                w = np.asarray(bulk.ep_weights, np.uint16)
+                w = bulk.ep_weights
                 eps["addr"] = bulk.ep_addrs
                 eps["port"] = bulk.ep_ports
                 eps["weight"] = w
                 eps["stat_id"] = stat_pool
-                eps["flags"] = (w > 0).astype(np.uint8)  # XLB_EP_LIVE is 1
+                eps["flags"] = w > 0  # XLB_EP_LIVE is 1
                 ekeys = runs(ep_base, bulk.counts)
                 for i in range(0, total, 65536):
                     self.ep_map.put_batch_raw(ekeys[i:i + 65536].data, eps[i:i + 65536].data)
-                srows = rows.slots(weights)
                 skeys = runs(slot_base, chunks)
                 for i in range(0, len(srows), 65536):
                     self.slot_map.put_batch_raw(skeys[i:i + 65536].data,
                                                 srows[i:i + 65536].data)
-                head: dict[str, Sequence[int] | np.ndarray] = {
-                        "svc_id": svc_ids, "algo": bulk.algos, "mode": [int(Mode.DNAT)] * n,
-                        "flags": [0] * n, "n_eps": bulk.counts, "n_slots": n_slots,
-                        "persist_s": bulk.persist, "snat_addr": [0] * n, "ep_base": ep_base,
+                head: dict[str, Sequence[int] | np.ndarray | int] = {
+                        "svc_id": svc_ids, "algo": bulk.algos, "mode": int(Mode.DNAT),
+                        "flags": 0, "n_eps": bulk.counts, "n_slots": n_slots,
+                        "persist_s": bulk.persist, "snat_addr": 0, "ep_base": ep_base,
                         "slot_base": slot_base}
                 for i in range(0, n, CHUNK):
-                    part = {f: c[i:i + CHUNK] for f, c in head.items()}
+                    part = {f: c[i:i + CHUNK] if isinstance(c, Sequence | np.ndarray) else c
+                            for f, c in head.items()}
                     self.nat.put_batch_raw(b"".join(keys[i:i + CHUNK]),
                                            self._values_of.build(part).data)
             except Exception as err:
                 self.nat.delete_batch(keys)  # no service points at the runs, then they go
-                if ep_base:
-                    self.ep_space.free(zip(ep_base, bulk.counts, strict=True))
-                if slot_base:
-                    self.slot_space.free(zip(slot_base, chunks, strict=True))
+                if ep_base is not None:
+                    self.ep_space.free(zip(ep_base.tolist(), bulk.counts, strict=True))
+                if slot_base is not None:
+                    self.slot_space.free(zip(slot_base.tolist(), chunks.tolist(), strict=True))
                 self.svc_ids.rollback()
                 self.stat_ids.rollback()
                 log.warning("services_rolled_back", count=n)
@@ -779,7 +780,7 @@ class ServiceTable:
             self.svc_ids.commit()
             self.stat_ids.commit()
             self._bulk.append(_BulkPut(bulk, keys, svc_ids, stat_pool, ep_base, slot_base,
-                                       n_slots.tolist()))
+                                       n_slots))
             self._bulk_keys.update(keys)
             self._count_vips(keys, +1)
             return n
@@ -1023,7 +1024,7 @@ class ServiceTable:
             for b in self._bulk:  # read from the columns (they stay columns)
                 bounds = b.bulk.bounds
                 for i in compress(range(len(b.svc_ids)), map(lc.__eq__, b.bulk.algos)):
-                    out[b.svc_ids[i]] = b.stat_ids[bounds[i]:bounds[i + 1]]
+                    out[int(b.svc_ids[i])] = b.stat_ids[bounds[i]:bounds[i + 1]].tolist()
             return out
 
     def ct_timeouts(self) -> dict[int, CtTimeoutsSpec]:

@@ -183,3 +183,23 @@ def test_a_held_key_goes_the_full_way() -> None:
     a.put(parse_services(msgs, "services"))
     assert put_fast(b, msgs) == (20, False)
     same(da, a, db, b)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batches_of_one_weight_per_service_write_what_the_full_path_writes(seed: int) -> None:
+    """The usual batch (each service's endpoints of one weight) finds its slot tables
+    without a weight tuple per service: one table for all, or a few by count and weight."""
+    rng = random.Random(500 + seed)
+    da, a, db, b = tables()
+    msgs = batch(rng, rng.choice([1, 40, 120]))
+    one = seed % 2 == 0  # every service alike (count and weight), or a few kinds
+    for m in msgs:
+        w = 1 if one else rng.choice([0, 1, 5, 1000])
+        del m.endpoints[(2 if one else rng.choice([1, 2, 3])):]
+        for ep in m.endpoints:
+            ep.address = ep.address.strip()
+            ep.weight = w
+    a.put(parse_services(msgs, "services"))
+    n, fast = put_fast(b, msgs)
+    assert fast and n == len(msgs)
+    same(da, a, db, b)
