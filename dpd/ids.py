@@ -35,7 +35,7 @@ class IdPool:
         self._next = 0
         self._pending: list[np.ndarray] = []
         # dirty: its slot holds counts (released, or never zeroed when assume_dirty)
-        self._dirty = np.full(size, assume_dirty, bool)
+        self._dirty = (np.ones if assume_dirty else np.zeros)(size, bool)  # zeros: calloc
         self._n_dirty = size if assume_dirty else 0  # an upper bound: 0 means none
 
     def take_dirty(self, ids: Iterable[int]) -> list[int]:
