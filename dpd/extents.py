@@ -154,31 +154,27 @@ class Extents:
         run is placed without a Python step per run."""
         per = np.asarray(sizes, np.int64)
         self._reclaim()
-        if len(per) and self._lens and per.min() > 0:
-            total = int(per.sum())
-            if self._lens[0] >= total:
-                start = self._starts[0]
-                if self._lens[0] == total:
-                    del self._starts[0], self._lens[0]
-                else:
-                    self._starts[0] = start + total
-                    self._lens[0] -= total
-                return start + np.cumsum(per) - per
+        if len(per) and per.min() > 0 and (start := self._take_first(int(per.sum()))) is not None:
+            return start + np.cumsum(per) - per
         return np.asarray(self.reserve(per.tolist()), np.int64)
 
+    def _take_first(self, total: int) -> int | None:
+        """The start of `total` entries taken from the first free run when it holds
+        them (where first fit puts a batch's runs one by one: back to back from its
+        start, so the batch is placed in one step); None when it does not."""
+        if not self._lens or self._lens[0] < total:
+            return None
+        start = self._starts[0]
+        if self._lens[0] == total:
+            del self._starts[0], self._lens[0]
+        else:
+            self._starts[0] = start + total
+            self._lens[0] -= total
+        return start
+
     def _reserve(self, sizes: Sequence[int]) -> list[int]:
-        if sizes and self._lens and min(sizes) > 0:
-            total = sum(sizes)
-            if self._lens[0] >= total:
-                # the first free run holds them all: where first fit puts each one by
-                # one (back to back from its start), in one step
-                start = self._starts[0]
-                if self._lens[0] == total:
-                    del self._starts[0], self._lens[0]
-                else:
-                    self._starts[0] = start + total
-                    self._lens[0] -= total
-                return list(accumulate(sizes[:-1], initial=start))
+        if sizes and min(sizes) > 0 and (start := self._take_first(sum(sizes))) is not None:
+            return list(accumulate(sizes[:-1], initial=start))
         out: list[int] = []
         for n in sizes:
             at = self._alloc(n) if n > 0 else 0
