@@ -36,29 +36,29 @@ How it works:
   snapshot interval behind) cannot catch up in place: ``Compacted``, and ``on_compacted``
   runs (xlb-policyd exits 1 and its supervisor starts it again, from the snapshot).
 
-Arguments are pickled, and read back with an unpickler that only builds classes of
-policyd, xlbcore and the standard library's ipaddress and enum: the log is not a way to
-run code. Every replica must run the same policyd version (the log holds method calls).
+An entry is JSON: the write's name, its time and its arguments as data (strings,
+integers, lists, tuples, sets, maps, and specs as the protobuf messages the SQLite
+store keeps them as, base64). Reading one back runs no code of the entry's choosing: it
+names one of the Store's write methods and holds nothing but those values, each spec
+validated again as a request's would be. Every replica must run the same policyd
+version (the log holds method calls).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import enum
 import functools
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -71,8 +71,8 @@ from policyd.etcd import (
     op_put,
     prefix_end,
 )
-from policyd.store import Store
-from xlbcore.errors import UnavailableError, XlbError
+from policyd.store import SPEC_MESSAGES, Store
+from xlbcore.errors import UnavailableError, XlbError, quote
 
 log = structlog.get_logger()
 
@@ -97,47 +97,67 @@ class _Behind(XlbError):
     """The next log index is taken: catch up and run the write again."""
 
 
-_SAFE_BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset", "int", "str", "bytes",
-                            "bool", "float", "complex", "bytearray", "slice", "range"})
-_SAFE_MODULES = ("policyd", "xlbcore", "ipaddress", "enum")
+_KIND_OF = {cls: kind for kind, (cls, *_) in SPEC_MESSAGES.items()}
 
 
-def _enum_member(cls: Any, name: str) -> Any:
-    """What pickle's ``getattr(EnumClass, name)`` may do in a log entry: name a member."""
-    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str):
-        return cls[name]
-    raise pickle.UnpicklingError("log entry: getattr on something other than an enum")
+def _data(value: Any) -> Any:
+    """`value` (a write's argument) as JSON data; TypeError for what a log entry does not
+    hold."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is list:
+        return [_data(v) for v in value]
+    if isinstance(value, tuple):
+        return {"tuple": [_data(v) for v in value]}
+    if isinstance(value, set | frozenset):
+        return {"set": [_data(v) for v in value]}
+    if isinstance(value, Mapping):
+        return {"map": [[_data(k), _data(v)] for k, v in value.items()]}
+    kind = _KIND_OF.get(type(value))
+    if kind is None:
+        raise TypeError(f"log entry: a {type(value).__name__} cannot be written")
+    message, fill = SPEC_MESSAGES[kind][1], SPEC_MESSAGES[kind][3]
+    blob = fill(message(), value).SerializeToString(deterministic=True)
+    return {"spec": kind, "message": base64.b64encode(blob).decode("ascii")}
 
 
-class _Unpickler(pickle.Unpickler):
-    """Builds only classes defined in policyd, xlbcore, ipaddress or enum, plain builtin
-    containers and enum members."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "builtins" and name == "getattr":
-            return _enum_member
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return super().find_class(module, name)
-        if module.split(".")[0] in _SAFE_MODULES:
-            found = super().find_class(module, name)
-            if isinstance(found, type) and found.__module__.split(".")[0] in _SAFE_MODULES:
-                return found
-        raise pickle.UnpicklingError(f"log entry names {module}.{name}: not allowed")
+def _value(data: Any) -> Any:
+    """What _data made `data` from; ValueError (or ValidationError, a spec that does
+    not parse) for anything else."""
+    if data is None or type(data) in (bool, int, str):
+        return data
+    if type(data) is list:
+        return [_value(v) for v in data]
+    if type(data) is dict:
+        if data.keys() == {"tuple"} and type(data["tuple"]) is list:
+            return tuple(_value(v) for v in data["tuple"])
+        if data.keys() == {"set"} and type(data["set"]) is list:
+            return frozenset(_value(v) for v in data["set"])
+        if data.keys() == {"map"} and type(data["map"]) is list:
+            return {_value(k): _value(v) for k, v in data["map"]}
+        kind = data.get("spec")
+        if data.keys() == {"spec", "message"} and kind in SPEC_MESSAGES:
+            message, parse = SPEC_MESSAGES[kind][1], SPEC_MESSAGES[kind][2]
+            return parse(message.FromString(base64.b64decode(data["message"], validate=True)))
+    raise ValueError(f"log entry: {quote(json.dumps(data))} is not an argument")
 
 
 def encode_entry(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], now: int) -> bytes:
-    blob = pickle.dumps((args, kwargs), protocol=4)
-    return json.dumps({"op": op, "time_ns": now,
-                       "args": base64.b64encode(blob).decode("ascii")}).encode()
+    return json.dumps({"op": op, "time_ns": now, "args": [_data(a) for a in args],
+                       "kwargs": {k: _data(v) for k, v in kwargs.items()}}).encode()
 
 
 def decode_entry(data: bytes) -> tuple[str, tuple[Any, ...], dict[str, Any], int]:
     entry = json.loads(data)
     op = entry["op"]
     if not (isinstance(op, str) and op in _WRITES):
-        raise ValueError(f"log entry: unknown operation {op[:40]!r}")
-    args, kwargs = _Unpickler(io.BytesIO(base64.b64decode(entry["args"]))).load()
-    return op, tuple(args), dict(kwargs), int(entry["time_ns"])
+        raise ValueError(f"log entry: unknown operation {quote(str(op))}")
+    args, kwargs = entry["args"], entry.get("kwargs")
+    if type(args) is not list or type(kwargs) is not dict:
+        raise ValueError("log entry: its arguments are not a list and a map (an entry "
+                         "of an older policyd: every replica must run the same version)")
+    return op, tuple(map(_value, args)), {str(k): _value(v) for k, v in kwargs.items()}, \
+        int(entry["time_ns"])
 
 
 _WRITES: dict[str, Callable[..., Any]] = {

@@ -281,6 +281,19 @@ class BatchResult:
     changed: int  # services written or deleted (0: nothing changed, no bump)
 
 
+# Each kind of object's spec: its class, the message it is stored as (SQLite, and the
+# etcd log's entries), and the functions between the two. parse(fill(message, spec))
+# gives the spec back.
+SPEC_MESSAGES: dict[str, tuple[type, Any, Callable[[Any], Any], Callable[[Any, Any], Any]]] = {
+    "service": (ServiceSpec, policy_pb2.Service, parse_service, fill_service),
+    "firewall_rule": (RuleSpec, types_pb2.FirewallRuleSpec, parse_rule, fill_rule),
+    "route": (RouteSpec, types_pb2.RouteSpec, parse_route, fill_route),
+    "blocklist": (BlocklistSpec, policy_pb2.BlocklistSpec, parse_blocklist, fill_blocklist),
+    "mirror": (MirrorSpec, policy_pb2.MirrorSpec, parse_mirror, fill_mirror),
+    "policer": (PolicerSpec, policy_pb2.PolicerSpec, parse_policer, fill_policer),
+}
+
+
 def encode_spec(name: str, spec: ServiceSpec) -> bytes:
     msg = fill_service(policy_pb2.Service(name=name), spec)
     return bytes(msg.SerializeToString(deterministic=True))
@@ -684,20 +697,20 @@ class Store:
             if stored.selector:
                 self._selected.add(stored.spec.key)
         self._rules: _Objects[RuleSpec] = _Objects(
-            "firewall rule", "firewall_rules", types_pb2.FirewallRuleSpec, parse_rule,
-            fill_rule, _rule_key, self._generation, "firewall_rule")
+            "firewall rule", "firewall_rules", *SPEC_MESSAGES["firewall_rule"][1:],
+            _rule_key, self._generation, "firewall_rule")
         self._routes: _Objects[RouteSpec] = _Objects(
-            "route", "routes", types_pb2.RouteSpec, parse_route, fill_route, _route_key,
-            self._generation, "route")
+            "route", "routes", *SPEC_MESSAGES["route"][1:], _route_key, self._generation,
+            "route")
         self._blocklists = _SharedObjects(
-            "blocklist", "blocklists", policy_pb2.BlocklistSpec, parse_blocklist,
-            fill_blocklist, blocklist_keys, self._generation, "blocklist")
+            "blocklist", "blocklists", *SPEC_MESSAGES["blocklist"][1:], blocklist_keys,
+            self._generation, "blocklist")
         self._mirrors: _Objects[MirrorSpec] = _Objects(
-            "mirror", "mirrors", policy_pb2.MirrorSpec, parse_mirror, fill_mirror,
-            mirror_key, self._generation, "mirror")
+            "mirror", "mirrors", *SPEC_MESSAGES["mirror"][1:], mirror_key, self._generation,
+            "mirror")
         self._policers: _Objects[PolicerSpec] = _Objects(
-            "policer", "policers", policy_pb2.PolicerSpec, parse_policer, fill_policer,
-            policer_key, self._generation, "policer")
+            "policer", "policers", *SPEC_MESSAGES["policer"][1:], policer_key,
+            self._generation, "policer")
         objects: _Objects[Any]
         for objects in (self._rules, self._routes, self._blocklists, self._mirrors,
                         self._policers):

@@ -5,6 +5,7 @@ never both commit on the same state, a fenced-off replica writes nothing."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -15,7 +16,7 @@ from policyd.etcd_store import EtcdStore, NotLeaderError, decode_entry, encode_e
 from policyd.store import GenerationConflict
 from tests.etcd_server import run_etcd
 from xlb.types.v1 import types_pb2
-from xlbcore.errors import ConflictError, UnavailableError
+from xlbcore.errors import ConflictError, UnavailableError, ValidationError
 from xlbcore.firewall import parse_rule
 from xlbcore.service import EndpointSpec, Proto, ServiceSpec
 
@@ -184,20 +185,44 @@ def test_etcd_down_is_unavailable_and_changes_nothing(etcd_url, prefix):
         assert [s.name for s in a.list_services()] == ["web"] and a.generation == 1
 
 
-def test_log_entries_build_only_allowed_classes():
-    good = encode_entry("apply_service", ("web", spec()), {}, 5)
-    assert decode_entry(good)[1][1] == spec()
-    import base64
-    import json
-    import pickle
+def test_log_entries_are_data_and_read_back_as_written():
+    rule = parse_rule(types_pb2.FirewallRuleSpec(priority=10,
+                                                 action=types_pb2.FIREWALL_ACTION_DROP))
+    args = ([("r1", rule), ("r2", rule)],)
+    kwargs = {"field": "rules", "flush": frozenset({"r1"}),
+              "selectors": {"r1": (("zone", "east"),)}, "expected": {"r1": 0, "r2": 4}}
+    raw = encode_entry("apply_rules", args, kwargs, 5)
+    assert b"pickle" not in raw and json.loads(raw)["op"] == "apply_rules"  # JSON
+    op, got_args, got_kwargs, now = decode_entry(raw)
+    assert (op, got_args, got_kwargs, now) == ("apply_rules", args, kwargs, 5)
+    assert decode_entry(encode_entry("apply_service", ("web", spec()), {}, 6))[1] == \
+        ("web", spec())
+    with pytest.raises(TypeError, match="Thread cannot be written"):
+        encode_entry("apply_service", (threading.Thread(),), {}, 5)
 
-    bad = json.loads(encode_entry("apply_service", (), {}, 5))
-    bad["args"] = base64.b64encode(pickle.dumps(((threading.Thread,), {}))).decode()
-    with pytest.raises(pickle.UnpicklingError):
-        decode_entry(json.dumps(bad).encode())
-    bad["op"] = "close"
-    with pytest.raises(ValueError):
-        decode_entry(json.dumps(bad).encode())
+
+@pytest.mark.parametrize("entry, error", [
+    ({"op": "close", "time_ns": 5, "args": [], "kwargs": {}}, "unknown operation 'close'"),
+    ({"op": "apply_service", "time_ns": 5, "args": "gASVAAAA", "kwargs": {}},
+     "older policyd"),  # an entry of the pickling policyd
+    ({"op": "apply_service", "time_ns": 5, "args": [{"class": "threading.Thread"}],
+      "kwargs": {}}, "is not an argument"),
+    ({"op": "apply_service", "time_ns": 5, "args": [{"spec": "thread", "message": ""}],
+      "kwargs": {}}, "is not an argument"),
+])
+def test_log_entries_that_are_not_writes_are_refused(entry, error):
+    with pytest.raises(ValueError, match=error):
+        decode_entry(json.dumps(entry).encode())
+
+
+def test_a_log_entry_spec_is_validated_again():
+    bad = types_pb2.FirewallRuleSpec(priority=10, action=types_pb2.FIREWALL_ACTION_DROP)
+    bad.match.src = "not-a-cidr"
+    entry = {"op": "apply_rules", "time_ns": 5, "kwargs": {},
+             "args": [[{"tuple": ["r1", {"spec": "firewall_rule", "message": base64.b64encode(
+                 bad.SerializeToString()).decode()}]}]]}
+    with pytest.raises(ValidationError):
+        decode_entry(json.dumps(entry).encode())
 
 
 def log_indexes(url: str, prefix: bytes) -> list[int]:
