@@ -8,32 +8,28 @@ First fit over the free runs kept sorted by start, neighbours merged when freed:
 filled and emptied in any order ends as one free run again. Allocation of n entries when
 no free run holds n raises Exhausted, and `reserve` takes several runs all or none.
 
-A freed run is quarantined for `grace_s` (GRACE_S) before it can be handed out again: a
-slow-path packet on another CPU that read a service's old nat value just before the
-flip may still be reading the old run (its selection in lb.h), and must not find it
-rewritten for another service. A BPF program runs to its end under RCU with migration
-disabled and never sleeps; a TC run takes microseconds, so 5 ms is over a thousand times
-a run (and more than the firewall's 2 ms for its old generation: the endpoint runs are
-read a little later in a packet's path). Allocation takes back the runs whose grace has
-passed; one that fits only with runs still in their grace waits for them (at most
-grace_s) rather than fail. Runs given back that no service ever pointed at (`discard`)
-are free at once. A restarted dpd starts with nothing quarantined: it was down for far
-longer than the grace.
+A freed run is quarantined for `grace_s` (dpd/grace.py, 5 ms) before it can be handed
+out again: a slow-path packet on another CPU that read a service's old nat value just
+before the flip may still be reading the old run (its selection in lb.h), and must not
+find it rewritten for another service (5 ms is also more than the firewall's 2 ms for
+its old generation: the endpoint runs are read a little later in a packet's path).
+Allocation takes back the runs whose grace has passed; one that fits only with runs
+still in their grace waits for them (at most grace_s) rather than fail. Runs given back
+that no service ever pointed at (`discard`) are free at once. A restarted dpd starts
+with nothing quarantined: it was down for far longer than the grace.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 
 import numpy as np
 
+from dpd.grace import Quarantine
 from xlbcore.errors import Exhausted
-
-GRACE_S = 0.005  # a freed run's quarantine: a TC program's run is microseconds
 
 
 class Extents:
@@ -43,16 +39,12 @@ class Extents:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         """`size` entries; `used`: (start, length) runs already held (a restarted dpd's
         services), which must not overlap. `grace_s`: a freed run's quarantine (None:
-        GRACE_S; 0: none); `clock` and `sleep` measure and wait it out."""
+        dpd.grace.GRACE_S; 0: none); `clock` and `sleep` measure and wait it out."""
         self.size = size
         self.what = what
-        self.grace_s = GRACE_S if grace_s is None else grace_s
-        self.clock = clock
-        self.sleep = sleep
-        self.waits = 0  # allocations that waited for quarantined runs
-        # freed runs in their grace, oldest first: (reusable from, runs)
-        self._pending: deque[tuple[float, list[tuple[int, int]]]] = deque()
-        self._quarantined = 0  # entries in _pending
+        # freed runs in their grace, each batch with its entries (`grace_s`, `clock`,
+        # `sleep` and `waits` are the quarantine's)
+        self.quarantine: Quarantine[list[tuple[int, int]]] = Quarantine(grace_s, clock, sleep)
         self._starts: list[int] = []  # free runs, sorted by start
         self._lens: list[int] = []
         at = 0
@@ -69,41 +61,30 @@ class Extents:
 
     def free_entries(self) -> int:
         """Entries no one holds: free, or freed and still in their grace."""
-        return sum(self._lens) + self._quarantined
+        return sum(self._lens) + self.quarantine.held
 
     def quarantined(self) -> int:
         """Entries freed and still in their grace (after taking back the due ones)."""
         self._reclaim()
-        return self._quarantined
+        return self.quarantine.held
 
     def largest(self) -> int:
         """The longest run that can be handed out now."""
         self._reclaim()
         return max(self._lens, default=0)
 
-    def _reclaim(self, now: float | None = None) -> None:
-        """Make the quarantined runs whose grace has passed (by `now`) free."""
-        pending = self._pending
-        if pending:
-            if now is None:
-                now = self.clock()
-            while pending and pending[0][0] <= now:
-                runs = pending.popleft()[1]
-                self._quarantined -= sum(n for _, n in runs)
-                self.discard(runs)
+    def _reclaim(self) -> None:
+        """Make the quarantined runs whose grace has passed free."""
+        for runs in self.quarantine.due():
+            self.discard(runs)
 
     def _wait(self) -> bool:
         """Wait out the grace of the oldest quarantined runs and make them free; False
         when none are quarantined."""
-        if not self._pending:
-            return False
-        due = self._pending[0][0]
-        delay = due - self.clock()
-        if delay > 0:
-            self.sleep(delay)
-        self.waits += 1
-        self._reclaim(max(due, self.clock()))
-        return True
+        due = self.quarantine.wait()
+        for runs in due or ():
+            self.discard(runs)
+        return due is not None
 
     def alloc(self, n: int) -> int:
         """The start of a free run of `n` entries (n > 0), now held; Exhausted when no
@@ -118,8 +99,8 @@ class Extents:
 
     def _exhausted(self, n: int) -> Exhausted:
         largest = self.largest()
-        grace = (f", {self._quarantined} of them freed less than "
-                 f"{self.grace_s * 1000:g} ms ago") if self._quarantined else ""
+        grace = (f", {self.quarantine.held} of them freed less than "
+                 f"{self.quarantine.grace_s * 1000:g} ms ago") if self.quarantine.held else ""
         return Exhausted(f"{self.what}: no room for {n} consecutive entries "
                          f"({self.free_entries()} free of {self.size}{grace}, largest free "
                          f"run {largest})")
@@ -188,13 +169,12 @@ class Extents:
         """Give back runs (start, length) held by alloc that a service may have pointed
         at until now: reusable once the grace has passed. Length 0 is nothing. A run
         freed twice is found when its grace ends (ValueError)."""
-        if not self.grace_s:
+        if not self.quarantine.grace_s:
             self.discard(runs)
             return
         held = [(s, n) for s, n in runs if n > 0]
         if held:
-            self._pending.append((self.clock() + self.grace_s, held))
-            self._quarantined += sum(n for _, n in held)
+            self.quarantine.add(held, sum(n for _, n in held))
 
     def discard(self, runs: Iterable[tuple[int, int]]) -> None:
         """Give back runs (start, length) held by alloc that no service ever pointed at

@@ -75,7 +75,9 @@ def tables() -> tuple[MemoryDatapath, ServiceTable, MemoryDatapath, ServiceTable
     a, b = MemoryDatapath(s), MemoryDatapath(s)
     ta, tb = ServiceTable(a), ServiceTable(b)
     for t in (ta, tb):  # freed runs reusable at once: where runs go is not a matter of time
-        t.ep_space.grace_s = t.slot_space.grace_s = 0
+        for q in (t.ep_space.quarantine, t.slot_space.quarantine, t.svc_ids.quarantine,
+                  t.stat_ids.quarantine):
+            q.grace_s = 0
     return a, ta, b, tb
 
 

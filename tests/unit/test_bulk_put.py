@@ -23,7 +23,7 @@ from xlb.dpd.v1 import datapath_pb2 as pb
 from xlb.types.v1 import types_pb2 as tpb
 from xlbcore import gcpause
 from xlbcore import service as service_module
-from xlbcore.errors import ValidationError
+from xlbcore.errors import Exhausted, ValidationError
 from xlbcore.service import (
     Algorithm,
     EndpointSpec,
@@ -308,3 +308,26 @@ def test_id_pool_counts_and_rolls_back_scattered_reservations():
     assert pool.take_dirty([0, 2, 5]) == []
     pool.release([0, 0, 4])  # each counted once
     assert pool.in_use() == 4 and pool.take_dirty([0, 4]) == [0, 4]
+
+
+def test_a_released_id_rests_for_its_grace_and_a_reservation_that_needs_it_waits():
+    now, slept = [100.0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    pool = IdPool(4, grace_s=0.005, clock=lambda: now[0], sleep=sleep)
+    ids = pool.reserve(4, "x")
+    pool.commit()
+    pool.release([ids[1]])  # a packet may still count against its slots
+    assert (pool.in_use(), pool.free) == (3, 1)
+    now[0] += 0.002
+    with pytest.raises(Exhausted):
+        pool.reserve(2, "x")  # waiting would not help: refused at once
+    assert slept == []
+    assert pool.reserve(1, "x") == [ids[1]] and slept == [pytest.approx(0.003)]
+    pool.commit()
+    pool.release(ids[2:])
+    now[0] += 0.005  # their grace has passed: free without a wait
+    assert sorted(pool.reserve(2, "x")) == ids[2:] and len(slept) == 1

@@ -98,7 +98,7 @@ def test_a_freed_run_is_not_handed_out_before_the_grace_and_is_after() -> None:
     clock.now += 0.0001
     assert ext.quarantined() == 0
     assert ext.alloc(3) == 0 and ext.reserve([1]) == [3]  # the grace has passed
-    assert clock.slept == [] and ext.waits == 0
+    assert clock.slept == [] and ext.quarantine.waits == 0
 
 
 def test_a_freed_batch_waits_in_the_bulk_path_too() -> None:
@@ -119,10 +119,10 @@ def test_an_allocation_that_needs_quarantined_space_waits_rather_than_fails() ->
     ext.free([(a, 8)])
     clock.now += 0.002
     assert ext.alloc(8) == 0  # only after the rest of the grace
-    assert clock.slept == [pytest.approx(0.003)] and ext.waits == 1
+    assert clock.slept == [pytest.approx(0.003)] and ext.quarantine.waits == 1
     ext.free([(0, 8)])
     assert ext.reserve([2, 6]) == [0, 2]  # reserve too
-    assert clock.slept[1:] == [pytest.approx(0.005)] and ext.waits == 2
+    assert clock.slept[1:] == [pytest.approx(0.005)] and ext.quarantine.waits == 2
 
 
 def test_the_wait_is_for_the_oldest_runs_that_make_room_only() -> None:

@@ -91,7 +91,7 @@ def test_a_replaced_set_is_not_reused_within_its_grace_and_space_in_grace_waits(
         now[0] += s
 
     for space in (table.ep_space, table.slot_space):  # a clock that stands still
-        space.clock, space.sleep = (lambda: now[0]), sleep
+        space.quarantine.clock, space.quarantine.sleep = (lambda: now[0]), sleep
     vips = [f"198.19.0.{10 + i}" for i in range(4)]
     stub.PutServices(pb.PutServicesRequest(services=[svc(1024, v) for v in vips[:2]]
                                            + [svc(512, vips[2])]), timeout=10)
