@@ -62,6 +62,26 @@ static __always_inline __u16 xlb_ip_csum(struct iphdr *ip)
     return ~xlb_fold(s);
 }
 
+/* The end of a forward once the FIB answered (rc: SUCCESS or NO_NEIGH), for either
+ * family: counted as `stat`, then handed to the neighbour subsystem when the FIB knows
+ * no neighbour yet (bpf_redirect_neigh: `nh` the next hop, of `nh_len` bytes, or NULL
+ * for the FIB's), else sent out with the FIB's MACs. */
+static __always_inline int xlb_fib_out(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+                                       int rc, void *nh, int nh_len, __u32 stat)
+{
+    xlb_count(stat);
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        return xlb_redirect_neigh(fib->ifindex, nh, nh_len, 0);
+    void *data = xlb_data(skb);
+    void *data_end = xlb_data_end(skb);
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return TC_ACT_SHOT;
+    __builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+    return bpf_redirect(fib->ifindex, 0);
+}
+
 /* DSR: the packet goes to endpoint `ep` unchanged. L2 (ipip 0): only the MACs change
  * (and the TTL): the endpoint must be on a link of the node (the FIB's next hop is the
  * endpoint itself) and holds the VIP on a loopback. IP-in-IP: an outer IPv4 header
@@ -122,17 +142,7 @@ static __always_inline int xlb_dsr_out(struct __sk_buff *skb, struct xlb_pkt *p,
         ip->ttl = p->ttl - 1;
         xlb_ip_csum_add(ip, (~from & 0xffff) + to);
     }
-    xlb_count(XLB_STAT_DSR);
-    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        return xlb_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-    void *data = xlb_data(skb);
-    void *data_end = xlb_data_end(skb);
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return TC_ACT_SHOT;
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    return bpf_redirect(fib.ifindex, 0);
+    return xlb_fib_out(skb, &fib, rc, &nh, sizeof(nh), XLB_STAT_DSR);
 }
 
 static __always_inline int xlb_forward(struct __sk_buff *skb, struct xlb_pkt *p)
@@ -170,12 +180,7 @@ static __always_inline int xlb_forward(struct __sk_buff *skb, struct xlb_pkt *p)
     ip->ttl = p->ttl - 1;
     xlb_ip_csum_add(ip, (~from & 0xffff) + to);
 
-    xlb_count(XLB_STAT_REDIRECT);
-    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        return xlb_redirect_neigh(fib.ifindex, NULL, 0, 0);
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    return bpf_redirect(fib.ifindex, 0);
+    return xlb_fib_out(skb, &fib, rc, NULL, 0, XLB_STAT_REDIRECT);
 
 stack:
     xlb_count(XLB_STAT_TO_STACK);

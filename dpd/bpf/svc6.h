@@ -346,12 +346,7 @@ static __always_inline int xlb_forward6(struct __sk_buff *skb, struct xlb_pkt6 *
     if ((void *)(ip6 + 1) > data_end)
         goto stack;
     ip6->hop_limit = p->b.ttl - 1;
-    xlb_count(XLB_STAT_REDIRECT);
-    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        return xlb_redirect_neigh(fib.ifindex, NULL, 0, 0);
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    return bpf_redirect(fib.ifindex, 0);
+    return xlb_fib_out(skb, &fib, rc, NULL, 0, XLB_STAT_REDIRECT);
 stack:
     xlb_count(XLB_STAT_TO_STACK);
     return TC_ACT_OK;
@@ -406,17 +401,7 @@ static __always_inline int xlb_dsr6_out(struct __sk_buff *skb, struct xlb_pkt6 *
             return TC_ACT_SHOT;
         ip6->hop_limit = p->b.ttl - 1;
     }
-    xlb_count(XLB_STAT_DSR);
-    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        return xlb_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-    void *data = xlb_data(skb);
-    void *data_end = xlb_data_end(skb);
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return TC_ACT_SHOT;
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    return bpf_redirect(fib.ifindex, 0);
+    return xlb_fib_out(skb, &fib, rc, &nh, sizeof(nh), XLB_STAT_DSR);
 }
 
 /* Rewrite and send a packet of the tracked flow of entry `v`, by its mode. */
