@@ -35,6 +35,20 @@ static __always_inline void xlb_ip_csum_add(struct iphdr *ip, __u32 delta)
     ip->check = ~xlb_fold((__u16)~ip->check + delta);
 }
 
+/* Both addresses become (s, d), in the IP header (its checksum adjusted) and in `p`;
+ * returns their delta, which an L4 checksum takes as the pseudo header's. */
+static __always_inline __u32 xlb_set_addrs(struct iphdr *ip, struct xlb_pkt *p, __be32 s,
+                                           __be32 d)
+{
+    __u32 delta = xlb_delta4(ip->saddr, s) + xlb_delta4(ip->daddr, d);
+    ip->saddr = s;
+    ip->daddr = d;
+    p->saddr = s;
+    p->daddr = d;
+    xlb_ip_csum_add(ip, delta);
+    return delta;
+}
+
 /* A later fragment (no L4 header): only the address and the IP checksum change; the
  * L4 checksum, in the first fragment, was adjusted for the whole datagram there. */
 static __always_inline int xlb_nat_l3(struct __sk_buff *skb, struct xlb_pkt *p, __u8 dir,
@@ -69,14 +83,10 @@ static __always_inline int xlb_nat_l3_full(struct __sk_buff *skb, struct xlb_pkt
     struct iphdr *ip = data + XLB_L3_OFF;
     if ((void *)(ip + 1) > data_end)
         return -1;
-    __be32 new_s = dir == XLB_DIR_ORIG ? b : a;
-    __be32 new_d = dir == XLB_DIR_ORIG ? a : b;
-    __u32 delta = xlb_delta4(ip->saddr, new_s) + xlb_delta4(ip->daddr, new_d);
-    ip->saddr = new_s;
-    ip->daddr = new_d;
-    p->saddr = new_s;
-    p->daddr = new_d;
-    xlb_ip_csum_add(ip, delta);
+    if (dir == XLB_DIR_ORIG)
+        xlb_set_addrs(ip, p, b, a);
+    else
+        xlb_set_addrs(ip, p, a, b);
     return 0;
 }
 
@@ -100,17 +110,12 @@ static __always_inline int xlb_nat_sctp(struct __sk_buff *skb, struct xlb_pkt *p
         new4 = ((__u32)sp << 16) | dp;
     if (old4 != new4 && p->frag)
         return -1;
-    __u32 delta = xlb_delta4(ip->saddr, s) + xlb_delta4(ip->daddr, d);
+    xlb_set_addrs(ip, p, s, d);
     xlb_sctp_crc_ports(sh, old4, new4, p->l4_len);
-    ip->saddr = s;
-    ip->daddr = d;
     ports[0] = sp;
     ports[1] = dp;
-    p->saddr = s;
-    p->daddr = d;
     p->sport = sp;
     p->dport = dp;
-    xlb_ip_csum_add(ip, delta);
     return 0;
 }
 
@@ -137,17 +142,12 @@ static __always_inline int xlb_nat_full(struct __sk_buff *skb, struct xlb_pkt *p
     __be16 new_dp = dir == XLB_DIR_ORIG ? port : port2;
     if (p->proto == IPPROTO_SCTP)
         return xlb_nat_sctp(skb, p, new_s, new_d, new_sp, new_dp);
-    __u32 adelta = xlb_delta4(ip->saddr, new_s) + xlb_delta4(ip->daddr, new_d);
     __u32 pdelta = (~ports[0] & 0xffff) + new_sp + (~ports[1] & 0xffff) + new_dp;
-    ip->saddr = new_s;
-    ip->daddr = new_d;
+    __u32 adelta = xlb_set_addrs(ip, p, new_s, new_d);
     ports[0] = new_sp;
     ports[1] = new_dp;
-    p->saddr = new_s;
-    p->daddr = new_d;
     p->sport = new_sp;
     p->dport = new_dp;
-    xlb_ip_csum_add(ip, adelta);
 
     if (p->proto == IPPROTO_TCP) {
         csum_off = l4_off + offsetof(struct tcphdr, check);
