@@ -10,16 +10,22 @@ of its parent NIC (offloaded tags included), a bridge or tunnel is rarely where 
 balancer's traffic enters; name any of them with `--attach auto,NAME` when it is.
 
 How: a netlink socket subscribed to link events is opened first, then the links present
-are attached, so an interface created meanwhile is not missed; a thread then attaches
-every eligible link that appears (RTM_NEWLINK for an index not seen), detaches one that
-stops being eligible (enslaved later) and forgets one that goes (RTM_DELLINK: the kernel
-removed its filter with it). The thread wakes every POLL seconds to see whether it should
-stop, so `stop()` returns within the daemon's bounded stop.
+are attached, so an interface created meanwhile is not missed. A thread then waits for
+link events on that socket and, for each burst of them, reads every link again: it
+attaches every eligible link not seen before, detaches one that stopped being eligible
+(enslaved later) and forgets one that is gone (the kernel removed its filter with it).
+The events only wake it: what it acts on is the kernel's list of links, so an event that
+arrived with another (a veth pair's two links), or that the socket lost (ENOBUFS), is
+not missed. (pyroute2's own event reader queues the datagrams it reads beyond the one it
+returns, where a select() on its socket no longer sees them.) The thread wakes every
+POLL seconds to see whether it should stop, so `stop()` returns within the daemon's
+bounded stop.
 """
 
 from __future__ import annotations
 
 import select
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +35,8 @@ import structlog
 log = structlog.get_logger("dpd.autoattach")
 
 ARPHRD_ETHER = 1
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 0x1
 IFF_LOOPBACK = 0x8
 KINDS = (None, "veth", "bond")  # None: a physical NIC (no IFLA_LINKINFO kind)
 MASTER_KINDS_SKIPPED = ("bond", "bridge", "team")
@@ -58,7 +66,7 @@ class AutoAttacher:
         self._detach = detach
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._lock = threading.Lock()  # _consider runs in start() and in the thread
+        self._lock = threading.Lock()  # _sync runs in start() and in the thread
         self._thread: threading.Thread | None = None
         self.attached: dict[int, str] = {}  # ifindex -> name, what this attacher attached
 
@@ -81,21 +89,12 @@ class AutoAttacher:
         if not self._ready.wait(5.0):
             raise RuntimeError("--attach auto: the link monitor did not start")
         with IPRoute() as ipr:
-            for link in ipr.get_links():
-                self._consider(ipr, link)
+            self._sync(ipr)
         return sorted(self.attached.values())
-
-    def _consider(self, ipr: Any, msg: Any) -> None:
-        with self._lock:
-            self._consider_locked(ipr, msg)
 
     def _consider_locked(self, ipr: Any, msg: Any) -> None:
         index = int(msg["index"])
         name = str(msg.get_attr("IFLA_IFNAME"))
-        if msg["event"] == "RTM_DELLINK":
-            if self.attached.pop(index, None) is not None:
-                log.info("interface_gone", interface=name, ifindex=index)
-            return
         ok = self._eligible(ipr, msg)
         if index in self.attached:
             if not ok:
@@ -118,40 +117,48 @@ class AutoAttacher:
 
     def _run(self) -> None:
         from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-        with IPRoute() as mon, IPRoute() as ipr:
-            mon.bind(groups=RTMGRP_LINK)
+        events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                               NETLINK_ROUTE)
+        with events, IPRoute() as ipr:
+            events.bind((0, RTMGRP_LINK))
             self._ready.set()
             while not self._stop.is_set():
                 try:
-                    ready, _, _ = select.select([mon.fileno()], [], [], POLL)
+                    ready, _, _ = select.select([events], [], [], POLL)
                     if not ready or self._stop.is_set():
                         continue
-                    for msg in mon.get():
-                        if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
-                            self._consider(ipr, msg)
+                    _drain(events)
+                    self._sync(ipr)
                 except Exception:  # noqa: BLE001 - a monitor that dies silently is worse
                     if self._stop.is_set():
                         break
-                    log.exception("autoattach_error")  # e.g. ENOBUFS: events were lost
+                    log.exception("autoattach_error")
                     self._stop.wait(POLL)
-                    self._resync(ipr)
 
-    def _resync(self, ipr: Any) -> None:
-        """Look at every link again (after lost events)."""
-        try:
-            links = ipr.get_links()
-        except Exception:  # noqa: BLE001
-            log.exception("autoattach_resync_failed")
-            return
+    def _sync(self, ipr: Any) -> None:
+        """Look at every link: attach the new eligible ones, forget those gone."""
+        links = ipr.get_links()
         present = {int(link["index"]) for link in links}
-        for index in [i for i in self.attached if i not in present]:
-            self.attached.pop(index)
-        for link in links:
-            self._consider(ipr, link)
+        with self._lock:
+            for index in [i for i in self.attached if i not in present]:
+                log.info("interface_gone", interface=self.attached.pop(index), ifindex=index)
+            for link in links:
+                self._consider_locked(ipr, link)
 
     def stop(self, timeout: float = 2 * POLL) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read every event waiting on `sock` (a burst wakes one look at the links)."""
+    while True:
+        try:
+            if not sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError as e:  # ENOBUFS: events were lost; the look at the links covers it
+            log.info("autoattach_events_lost", error=str(e))

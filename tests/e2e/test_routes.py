@@ -131,11 +131,15 @@ def test_attach_auto_takes_the_veths_and_follows_new_ones(lab: Lab) -> None:
         return {i.name for i in lab.stub.ListInterfaces(pb.ListInterfacesRequest(), timeout=5)}
 
     assert names() == {"c0", "b1", "b2"}  # not lo
+    # two veth pairs at once: four links whose events arrive together
     lab.ip("link", "add", "rtnew0", "type", "veth", "peer", "name", "rtnew1")
-    wait_until(lambda: names() == {"c0", "b1", "b2", "rtnew0", "rtnew1"}, 5)
-    assert names() == {"c0", "b1", "b2", "rtnew0", "rtnew1"}
+    lab.ip("link", "add", "rtnew2", "type", "veth", "peer", "name", "rtnew3")
+    want = {"c0", "b1", "b2", "rtnew0", "rtnew1", "rtnew2", "rtnew3"}
+    wait_until(lambda: names() == want, 5)
+    assert names() == want
     lab.ip("link", "add", "rtbr0", "type", "bridge")  # not physical-like: left alone
     lab.ip("link", "del", "rtnew0")
+    lab.ip("link", "del", "rtnew2")
     wait_until(lambda: names() == {"c0", "b1", "b2"}, 5)
     assert names() == {"c0", "b1", "b2"}
     assert "interface_gone" in lab.dpd.log_text()
