@@ -25,22 +25,29 @@ TRAP, POLICER_DROP = tpb.EVENT_KIND_TRAP, tpb.EVENT_KIND_POLICER_DROP
 CLIENT, BE1 = "198.18.0.2", "198.18.1.2"  # each topology's client and first backend
 PORT = 5353  # trapped; nothing listens there
 
-# datagrams "<tag> <i>" to dst:port, each from a new socket: each a new flow, judged
-# (and trapped) by the firewall
+# datagrams "<tag> <i>" to dst:port, each from its own source port (first, first + 1,
+# ...): each a new flow, judged (and trapped) by the firewall. A trap rule traps a flow's
+# opening packet only, so a datagram from a source port an earlier one used (its pass
+# flow still tracked) would not be trapped: the ports are never reused in a test run.
 SEND = """
 import socket, sys
 dst, port, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-n, size = int(sys.argv[4]), int(sys.argv[5])
+n, size, first = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 for i in range(n):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("", first + i))
         s.sendto(("%s %d " % (tag, i)).encode().ljust(size, b"."), (dst, port))
 """
+_next_sport = [20000]  # the next unused source port (below the ephemeral range)
 
 
 def send(cluster, node: int, tag: str, count: int, port: int = PORT, size: int = 0) -> None:
     topo = cluster.topos[node - 1]
+    first = _next_sport[0]
+    _next_sport[0] += count
+    assert _next_sport[0] < 32768, "source ports would meet the ephemeral range"
     topo.run(topo.client_ns, [sys.executable, "-c", SEND, BE1, str(port), tag, str(count),
-                              str(size)], env=netns.python_env())
+                              str(size), str(first)], env=netns.python_env())
 
 
 def payload(ev: tpb.Event) -> str:
