@@ -703,6 +703,29 @@ class ServiceTable:
             self._bulk_keys.clear()
         return self._held
 
+    def _reserve_ids(self, services: int, endpoints: int) -> tuple[np.ndarray, np.ndarray]:
+        """Counter ids for `services` new services and `endpoints` new endpoints, held
+        until commit() or rollback() of both pools; Exhausted, with nothing held, when
+        either pool is short."""
+        try:
+            return (self.svc_ids.reserve_array(services, "services"),
+                    self.stat_ids.reserve_array(endpoints, "endpoints"))
+        except Exhausted:
+            self.svc_ids.rollback()
+            self.stat_ids.rollback()
+            raise
+
+    def _zero_reused(self, svc_ids: np.ndarray, stat_ids: np.ndarray) -> None:
+        """Zero the counter slots of the reserved ids that held counts before (a reused
+        id's service and endpoint counters, round-robin position, least connections'
+        active flows)."""
+        dirty_eps = self.stat_ids.take_dirty(stat_ids)
+        self.ep_stats.zero(dirty_eps)
+        self.ep_conn.zero(dirty_eps)
+        fresh_svc = self.svc_ids.take_dirty(svc_ids)
+        self.svc_stats.zero(fresh_svc)
+        self.rr.zero(fresh_svc)
+
     def put_bulk(self, bulk: Bulk) -> int | None:
         """Write a batch of new plain services (dpd/bulkput.py) as put would, all or
         none, keeping it as columns (no ServiceSpec made until something reads the
@@ -721,24 +744,13 @@ class ServiceTable:
                 return None
             self.generation += 1
             total = bulk.bounds[-1]
-            try:
-                svc_ids = self.svc_ids.reserve_array(n, "services")
-                stat_pool = self.stat_ids.reserve_array(total, "endpoints")
-            except Exhausted:
-                self.svc_ids.rollback()
-                self.stat_ids.rollback()
-                raise
+            svc_ids, stat_pool = self._reserve_ids(n, total)
             rows = self._rows
             n_slots, chunks, srows = rows.slot_rows(*bulk.patterns())
             ep_base: np.ndarray | None = None
             slot_base: np.ndarray | None = None
             try:
-                dirty_eps = self.stat_ids.take_dirty(stat_pool)
-                self.ep_stats.zero(dirty_eps)
-                self.ep_conn.zero(dirty_eps)
-                fresh_svc = self.svc_ids.take_dirty(svc_ids)
-                self.svc_stats.zero(fresh_svc)
-                self.rr.zero(fresh_svc)
+                self._zero_reused(svc_ids, stat_pool)
                 ep_base = self.ep_space.reserve_array(bulk.counts)
                 slot_base = self.slot_space.reserve_array(chunks)
                 eps = np.zeros(total, rows.ep_dtype)
@@ -826,23 +838,13 @@ class ServiceTable:
                     have = prev.stat_ids
                     new_eps += sum([(ep.address, ep.port) not in have
                                     for ep in spec.endpoints])
-            try:
-                svc_ids = self.svc_ids.reserve(new_svcs, "services")
-                stat_pool = self.stat_ids.reserve(new_eps, "endpoints")
-            except Exhausted:
-                self.svc_ids.rollback()
-                self.stat_ids.rollback()
-                raise
+            svc_arr, stat_arr = self._reserve_ids(new_svcs, new_eps)
+            svc_ids, stat_pool = svc_arr.tolist(), stat_arr.tolist()
             plan, freed = self._plan(list(batch.values()), counts, old, svc_ids, stat_pool)
             tables = list(compress(plan, map(_IS_MAGLEV, map(_ALGORITHM, batch.values()))))
             placed: list[_Entry] = []
             try:
-                dirty_eps = self.stat_ids.take_dirty(stat_pool)
-                self.ep_stats.zero(dirty_eps)
-                self.ep_conn.zero(dirty_eps)  # least connections' active flows
-                fresh_svc = self.svc_ids.take_dirty(svc_ids)
-                self.svc_stats.zero(fresh_svc)
-                self.rr.zero(fresh_svc)
+                self._zero_reused(svc_arr, stat_arr)
                 plan = placed = self._place(plan)  # the new endpoint sets, not used yet
                 for i in range(0, len(tables), 256):  # 32 KiB values: bounded batches
                     part = tables[i:i + 256]
